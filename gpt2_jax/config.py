@@ -1,0 +1,235 @@
+"""Frozen configs for the model and for training, presets, and type-checked --key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+ACTIVATIONS = ("gelu_tanh", "gelu_exact")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a GPT-2 model."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024  # the context length
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    qkv_bias: bool = True
+    lm_head_bias: bool = False
+    tie_embeddings: bool = True
+    bias: bool = True  # biases of the other Linear layers and LayerNorms (nanoGPT's bias=False turns them off)
+    activation: str = "gelu_tanh"
+    layer_norm_eps: float = 1e-5
+    # Rows of the token table (and logits columns computed) rounded up to a multiple of this for speed.
+    # The model always returns vocab_size logits, so padded entries are never sampled nor in the loss.
+    pad_vocab_to: int = 1
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    # Blocks are stacked and run by lax.scan (one compiled block); unroll > 1 unrolls that many per iteration.
+    scan_unroll: int = 1
+    remat: bool = False  # recompute each block's activations in the backward pass
+
+    def __post_init__(self):
+        _check_types(self)
+        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_to", "scan_unroll")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be > 0; got {self.layer_norm_eps}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}; got {getattr(self, name)!r}")
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ConfigError("lm_head_bias needs an untied head (tie_embeddings=False)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini) with field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(cls(**PRESETS[name]), **overrides)
+
+    @classmethod
+    def from_reference_json(cls, path: str | Path, **overrides) -> "ModelConfig":
+        """Map the reference PyTorch GPT-2's JSON config (emb_dim, n_heads, ...) onto a ModelConfig."""
+        raw = json.loads(Path(path).read_text())
+        return cls.from_reference_dict(raw, **overrides)
+
+    @classmethod
+    def from_reference_dict(cls, raw: dict, **overrides) -> "ModelConfig":
+        """The same mapping from an already-parsed dict."""
+        keys = {"vocab_size": "vocab_size", "context_length": "block_size", "emb_dim": "n_embd",
+                "n_heads": "n_head", "n_layers": "n_layer", "drop_rate": "dropout", "qkv_bias": "qkv_bias"}
+        missing = [k for k in keys if k not in raw]
+        if missing:
+            raise ConfigError(f"reference config lacks keys {missing}; it needs {list(keys)}")
+        fields = {ours: raw[theirs] for theirs, ours in keys.items()}
+        # The reference model has an untied head whose bias follows qkv_bias, and GELU(tanh).
+        fields.update(tie_embeddings=False, lm_head_bias=bool(raw["qkv_bias"]))
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # For tests: every feature, almost no compute.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
+    # The default of train.py: trains on Shakespeare on 2 CPU cores in about ten minutes.
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What train.py does: data, optimisation, evaluation and checkpoints (nanoGPT's names where they exist)."""
+
+    out_dir: str = "out"
+    data: str = ""  # a prepared shard directory or a nanoGPT train.bin/val.bin directory; "" = bundled Shakespeare
+    init_from: str = "scratch"  # scratch | resume | a checkpoint or weights path
+    seed: int = 1337
+    max_iters: int = 2000
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    label_smoothing: float = 0.0
+    ignore_index: int = -100
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    keep_checkpoints: int = 3
+    num_samples: int = 3  # samples printed at the end of training
+    sample_tokens: int = 200
+
+    def __post_init__(self):
+        _check_types(self)
+        positive = ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                    "log_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters", "num_samples", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"lr_schedule must be cosine, linear or constant; got {self.lr_schedule!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            raise ConfigError(f"learning_rate must be > 0 and min_lr >= 0; got {self.learning_rate}, {self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("grad_clip and weight_decay must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_types(cfg) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+            ok = True
+        if not ok:
+            raise ConfigError(f"{type(cfg).__name__}.{f.name} must be {hint.__name__}; got {value!r}")
+
+
+def replace(cfg, **overrides):
+    """dataclasses.replace that names unknown keys instead of raising a TypeError."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown {type(cfg).__name__} key(s) {unknown}; known keys: {sorted(names)}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def parse_value(cls, key: str, text: str):
+    """Turn the text of a --key=value flag into the type of cls's field `key`."""
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        raise ConfigError(f"unknown {cls.__name__} key {key!r}")
+    hint = hints[key]
+    if hint is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} takes true or false; got {text!r}")
+    try:
+        return hint(text)
+    except ValueError:
+        raise ConfigError(f"--{key} must be {hint.__name__}; got {text!r}") from None
+
+
+def parse_overrides(args: list[str], *classes) -> tuple[list[dict], list[str]]:
+    """Split --key=value flags among the dataclasses that own each key.
+
+    Returns one dict of typed values per class and the positional (non-flag) arguments. A key owned by
+    several classes goes to the first. An unknown key is an error that lists the known ones.
+    """
+    found: list[dict] = [{} for _ in classes]
+    positional = []
+    for arg in args:
+        if not arg.startswith("--"):
+            positional.append(arg)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            raise ConfigError(f"flag {arg!r} must be written --{key}=VALUE")
+        for i, cls in enumerate(classes):
+            if key in {f.name for f in dataclasses.fields(cls)}:
+                found[i][key] = parse_value(cls, key, text)
+                break
+        else:
+            known = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
+            raise ConfigError(f"unknown flag --{key}; known flags: {', '.join(known)}")
+    return found, positional
+
+

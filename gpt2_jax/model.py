@@ -1,0 +1,258 @@
+"""GPT-2 as pure Flax Linen modules.
+
+Parameter layout (names follow Hugging Face's GPT-2 so the key maps stay readable):
+  wte [Vp, C]  wpe [T, C]                          ln_f.weight/bias [C]      lm_head.weight [Vp, C] (untied only)
+  h.ln_1/ln_2.weight/bias [L, C]
+  h.attn.c_attn.weight [L, 3, H, D, C]  .bias [L, 3, H, D]     h.attn.c_proj.weight [L, C, H, D]  .bias [L, C]
+  h.mlp.c_fc.weight [L, 4C, C]  .bias [L, 4C]                   h.mlp.c_proj.weight [L, C, 4C]     .bias [L, C]
+Matrices are stored [out, in] like torch.nn.Linear: on XLA CPU x @ W.T with W [out, in] is the faster GEMM for
+the skinny matrices of decoding. Blocks are stacked on a leading L axis and run by lax.scan. Every parameter
+carries logical axis names (vocab, embed, heads, head_dim, mlp, layers) that sharding.py maps onto a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_jax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for B rows and S slots; `index` is how many slots are filled."""
+
+    k: jax.Array  # [L, B, S, H, D]
+    v: jax.Array  # [L, B, S, H, D]
+    index: jax.Array  # int32 scalar
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for batch_size rows of up to max_len tokens (max_len <= block_size)."""
+    if max_len > config.block_size:
+        raise ValueError(f"cache length {max_len} exceeds block_size {config.block_size}")
+    shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
+    dtype = dtype or config.dtype
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
+
+
+def _normal(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _const(value: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.constant(value), axes)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm: biased variance of (x - mean), computed in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        c = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.layer_norm_eps)
+        y = y * self.param("weight", _const(1.0, ("embed",)), (c,), cfg.param_dtype)
+        if cfg.bias:
+            y = y + self.param("bias", _const(0.0, ("embed",)), (c,), cfg.param_dtype)
+        return y.astype(cfg.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + b with W stored [*out, *in] (torch layout, possibly with split head axes)."""
+
+    config: ModelConfig
+    out_shape: tuple[int, ...]
+    out_axes: tuple[str | None, ...]
+    in_axes: tuple[str | None, ...]
+    std: float = 0.02
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        n_in = len(self.in_axes)
+        in_shape = x.shape[x.ndim - n_in:]
+        w = self.param("weight", _normal(self.std, self.out_axes + self.in_axes),
+                       self.out_shape + in_shape, cfg.param_dtype)
+        # Contract the trailing n_in axes of x with the trailing n_in axes of W.
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(len(self.out_shape), w.ndim)))
+        y = jax.lax.dot_general(x.astype(cfg.dtype), w.astype(cfg.dtype), (contract, ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", _const(0.0, self.out_axes), self.out_shape, cfg.param_dtype).astype(cfg.dtype)
+        return y
+
+
+class CausalSelfAttention(nn.Module):
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTC, mask_BTS, layer_cache, cache_index):
+        cfg = self.config
+        H, D = cfg.n_head, cfg.head_dim
+        qkv = Linear(cfg, (3, H, D), (None, "heads", "head_dim"), ("embed",), use_bias=cfg.qkv_bias,
+                     name="c_attn")(x_BTC)
+        q_BTHD, k_BTHD, v_BTHD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        new_cache = None
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            start = (0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTHD.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTHD.astype(v_cache.dtype), start)
+            new_cache = (k_cache, v_cache)
+            k_BTHD, v_BTHD = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
+        scores_BHTS = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BTHD, preferred_element_type=jnp.float32)
+        scores_BHTS = scores_BHTS * (1.0 / math.sqrt(D))
+        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+        probs_BHTS = nn.Dropout(cfg.dropout)(probs_BHTS, deterministic=self.deterministic)
+        y_BTHD = jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(cfg.dtype), v_BTHD)
+        std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        y_BTC = Linear(cfg, (cfg.n_embd,), ("embed",), ("heads", "head_dim"), std=std, use_bias=cfg.bias,
+                       name="c_proj")(y_BTHD)
+        return y_BTC, new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTC):
+        cfg = self.config
+        h = Linear(cfg, (4 * cfg.n_embd,), ("mlp",), ("embed",), use_bias=cfg.bias, name="c_fc")(x_BTC)
+        h = jax.nn.gelu(h, approximate=cfg.activation == "gelu_tanh")
+        std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        h = Linear(cfg, (cfg.n_embd,), ("embed",), ("mlp",), std=std, use_bias=cfg.bias, name="c_proj")(h)
+        return nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; the scan carry is the residual stream."""
+
+    config: ModelConfig
+    deterministic: bool = True
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTC, layer_cache, mask_BTS, cache_index):
+        cfg = self.config
+        a, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
+            LayerNorm(cfg, name="ln_1")(x_BTC), mask_BTS, layer_cache, cache_index)
+        x_BTC = x_BTC + nn.Dropout(cfg.dropout)(a, deterministic=self.deterministic)
+        x_BTC = x_BTC + MLP(cfg, self.deterministic, name="mlp")(LayerNorm(cfg, name="ln_2")(x_BTC))
+        return x_BTC, (new_cache, x_BTC if self.return_hidden else None)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model: tokens [B, T] -> float32 logits [B, T, vocab_size]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, deterministic: bool = True, positions=None, attn_mask=None,
+                 cache: KVCache | None = None, return_hidden: bool = False):
+        """Forward pass.
+
+        positions [B, T]: position ids (default 0..T-1, or cache.index.. with a cache).
+        attn_mask [B, S]: which key slots are real tokens (S = T, or the cache length); False = padding.
+        cache: a KVCache; the new keys and values are written at cache.index and (logits, cache) is returned.
+        return_hidden: also return the residual stream after each block, [L, B, T, C].
+        """
+        cfg = self.config
+        validate_tokens(tokens, cfg, cache)
+        if not deterministic and cfg.dropout > 0 and not self.has_rng("dropout"):
+            raise ValueError("deterministic=False with dropout > 0 needs a 'dropout' rng: "
+                             "apply(..., rngs={'dropout': key})")
+        B, T = tokens.shape
+        start = cache.index if cache is not None else 0
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        S = cache.k.shape[2] if cache is not None else T
+        mask_BTS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
+        mask_BTS = jnp.broadcast_to(mask_BTS, (B, T, S))
+        if attn_mask is not None:
+            mask_BTS = mask_BTS & attn_mask.astype(bool)[:, None, :]
+
+        Vp = cfg.padded_vocab_size
+        wte = self.param("wte", _normal(0.02, ("vocab", "embed")), (Vp, cfg.n_embd), cfg.param_dtype)
+        wpe = self.param("wpe", _normal(0.02, (None, "embed")), (cfg.block_size, cfg.n_embd), cfg.param_dtype)
+        x_BTC = (jnp.take(wte, tokens, axis=0) + jnp.take(wpe, positions, axis=0)).astype(cfg.dtype)
+        x_BTC = nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic)
+
+        block = Block
+        if cfg.remat:
+            block = nn.remat(Block, prevent_cse=False)
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=cfg.n_layer,
+            unroll=cfg.scan_unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, return_hidden, name="h")
+        layer_caches = (cache.k, cache.v) if cache is not None else None
+        x_BTC, (new_kv, hidden_LBTC) = blocks(x_BTC, layer_caches, mask_BTS, start)
+
+        x_BTC = LayerNorm(cfg, name="ln_f")(x_BTC)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btc,vc->btv", x_BTC, wte.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = Linear(cfg, (Vp,), ("vocab",), ("embed",), use_bias=cfg.lm_head_bias, name="lm_head")(x_BTC)
+        logits = logits.astype(jnp.float32)
+        if Vp != cfg.vocab_size:
+            logits = logits[..., : cfg.vocab_size]
+        out = (logits,)
+        if cache is not None:
+            out += (KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + T),)
+        if return_hidden:
+            out += (hidden_LBTC,)
+        return out[0] if len(out) == 1 else out
+
+
+def validate_tokens(tokens, config: ModelConfig, cache: KVCache | None = None) -> None:
+    """Raise a ValueError for token arrays the model cannot take (XLA's gather would silently clamp them)."""
+    dtype = getattr(tokens, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array; got {type(tokens).__name__} of dtype {dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, time]; got shape {tuple(tokens.shape)}")
+    limit = cache.k.shape[2] if cache is not None else config.block_size
+    if tokens.shape[1] > limit:
+        what = "the cache length" if cache is not None else "block_size"
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds {what} {limit}")
+    if isinstance(tokens, jax.core.Tracer):
+        return  # values are only known outside jit; callers that jit validate their inputs first
+    values = np.asarray(tokens)
+    if values.size and (values.min() < 0 or values.max() >= config.vocab_size):
+        bad = values[(values < 0) | (values >= config.vocab_size)]
+        raise ValueError(f"token id {int(bad.flat[0])} is outside [0, {config.vocab_size}) "
+                         f"({bad.size} such ids)")
+
+
+def init_params(config: ModelConfig, rng, batch_size: int = 1):
+    """Freshly initialised parameters as a plain pytree (logical-axis boxes removed)."""
+    tokens = jnp.zeros((batch_size, 1), jnp.int32)
+    return nn.unbox(GPT2(config).init(rng, tokens)["params"])
+
+
+def logical_axes(config: ModelConfig):
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs shaped like the params."""
+    boxed = jax.eval_shape(lambda: GPT2(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.get_partition_spec(boxed["params"])
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -1,0 +1,176 @@
+"""The Flax GPT-2 against transformers' GPT2LMHeadModel (torch, fp32) with the same random weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2, count_params, init_params
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """A randomly initialised transformers GPT-2 of cfg's shape, with non-trivial LayerNorms and biases."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():  # GPT-2's init leaves biases at 0 and LayerNorms at 1: perturb them so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def params_from_hf(model, cfg: ModelConfig):
+    """Copy a transformers GPT-2's weights into our layout: Conv1D is [in, out], ours is [out, in]."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    L, H, D, C = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.n_embd
+
+    def stack(suffix, fn=lambda a: a):
+        return jnp.asarray(np.stack([fn(sd[f"transformer.h.{i}.{suffix}"]) for i in range(L)]))
+
+    return {
+        "wte": jnp.asarray(sd["transformer.wte.weight"]),
+        "wpe": jnp.asarray(sd["transformer.wpe.weight"]),
+        "ln_f": {"weight": jnp.asarray(sd["transformer.ln_f.weight"]), "bias": jnp.asarray(sd["transformer.ln_f.bias"])},
+        "h": {
+            "ln_1": {"weight": stack("ln_1.weight"), "bias": stack("ln_1.bias")},
+            "ln_2": {"weight": stack("ln_2.weight"), "bias": stack("ln_2.bias")},
+            "attn": {
+                "c_attn": {"weight": stack("attn.c_attn.weight", lambda w: w.T.reshape(3, H, D, C)),
+                           "bias": stack("attn.c_attn.bias", lambda b: b.reshape(3, H, D))},
+                "c_proj": {"weight": stack("attn.c_proj.weight", lambda w: w.T.reshape(C, H, D)),
+                           "bias": stack("attn.c_proj.bias")},
+            },
+            "mlp": {
+                "c_fc": {"weight": stack("mlp.c_fc.weight", lambda w: w.T), "bias": stack("mlp.c_fc.bias")},
+                "c_proj": {"weight": stack("mlp.c_proj.weight", lambda w: w.T), "bias": stack("mlp.c_proj.bias")},
+            },
+        },
+    }
+
+
+def max_logit_diff(cfg, tokens, seed=0):
+    model = hf_model(cfg, seed)
+    params = params_from_hf(model, cfg)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(GPT2(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    return float(np.abs(ours - ref).max())
+
+
+def test_logits_match_transformers_tiny():
+    cfg = ModelConfig.from_preset("tiny")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, cfg.block_size))
+    assert max_logit_diff(cfg, tokens) <= 1e-5
+
+
+def test_logits_match_transformers_gpt2_shape():
+    cfg = ModelConfig.from_preset("gpt2")
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 24))
+    assert max_logit_diff(cfg, tokens) <= 1e-4
+
+
+def test_gpt2_preset_has_124m_params():
+    cfg = ModelConfig.from_preset("gpt2")
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    assert count_params(shapes) == 124_439_808
+
+
+def test_init_statistics_follow_gpt2():
+    cfg = ModelConfig.from_preset("tiny", n_layer=8, n_embd=128)
+    p = init_params(cfg, jax.random.PRNGKey(0))
+    assert abs(float(jnp.std(p["wte"])) - 0.02) < 1e-3
+    assert abs(float(jnp.std(p["h"]["mlp"]["c_fc"]["weight"])) - 0.02) < 1e-3
+    resid_std = 0.02 / np.sqrt(2 * cfg.n_layer)
+    assert abs(float(jnp.std(p["h"]["mlp"]["c_proj"]["weight"])) - resid_std) < 0.05 * resid_std
+    assert abs(float(jnp.std(p["h"]["attn"]["c_proj"]["weight"])) - resid_std) < 0.05 * resid_std
+    assert float(jnp.abs(p["h"]["attn"]["c_attn"]["bias"]).max()) == 0.0
+    assert bool(jnp.all(p["h"]["ln_1"]["weight"] == 1.0))
+    # Each layer draws its own weights.
+    assert not np.allclose(p["h"]["mlp"]["c_fc"]["weight"][0], p["h"]["mlp"]["c_fc"]["weight"][1])
+
+
+def test_erf_gelu_matches_torch_exact_gelu():
+    cfg = ModelConfig.from_preset("tiny", activation="gelu_exact")
+    model = hf_model(cfg)
+    model.config.activation_function = "gelu"
+    for block in model.transformer.h:
+        block.mlp.act = torch.nn.GELU()
+        with torch.no_grad():  # pre-activations of order 1, where the two GELUs differ by up to ~1e-3
+            block.mlp.c_fc.weight.mul_(20.0)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    ours = GPT2(cfg).apply({"params": params_from_hf(model, cfg)}, jnp.asarray(tokens))
+    err_exact = np.abs(np.asarray(ours) - ref).max()
+    assert err_exact <= 1e-5
+    tanh_cfg = ModelConfig.from_preset("tiny")
+    other = GPT2(tanh_cfg).apply({"params": params_from_hf(model, cfg)}, jnp.asarray(tokens))
+    assert np.abs(np.asarray(other) - ref).max() > 10 * err_exact
+
+
+def test_causality():
+    cfg = ModelConfig.from_preset("tiny")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 20))
+    base = np.asarray(GPT2(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    for t in (0, 7, 19):
+        changed = tokens.copy()
+        changed[0, t] = (changed[0, t] + 1) % cfg.vocab_size
+        out = np.asarray(GPT2(cfg).apply({"params": params}, jnp.asarray(changed)))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert np.abs(out[:, t] - base[:, t]).max() > 0
+
+
+def test_dropout_depends_on_rng_only_when_not_deterministic():
+    cfg = ModelConfig.from_preset("tiny", dropout=0.1)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 16)))
+    model = GPT2(cfg)
+    a = model.apply({"params": params}, tokens, deterministic=True)
+    b = model.apply({"params": params}, tokens, deterministic=True)
+    np.testing.assert_array_equal(a, b)
+    d1 = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    d1_again = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    d2 = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+    np.testing.assert_array_equal(d1, d1_again)
+    assert np.abs(np.asarray(d1) - np.asarray(d2)).max() > 1e-3
+    assert np.abs(np.asarray(d1) - np.asarray(a)).max() > 1e-3
+    with pytest.raises(ValueError, match="'dropout' rng"):
+        model.apply({"params": params}, tokens, deterministic=False)
+
+
+def test_padded_vocab_never_exposed():
+    cfg = ModelConfig.from_preset("tiny", vocab_size=50257, pad_vocab_to=64)
+    assert cfg.padded_vocab_size == 50304
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    assert params["wte"].shape == (50304, cfg.n_embd)
+    logits = GPT2(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
+    assert logits.shape == (1, 4, 50257)
+    # The padded rows do not change the function: dropping them gives the same logits.
+    unpadded = ModelConfig.from_preset("tiny")
+    trimmed = dict(params, wte=params["wte"][:50257])
+    ref = GPT2(unpadded).apply({"params": trimmed}, jnp.zeros((1, 4), jnp.int32))
+    np.testing.assert_allclose(logits, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (np.array([[1, 2, 50257]]), "token id 50257 is outside"),
+    (np.array([[-1, 2]]), "token id -1 is outside"),
+    (np.zeros((1, 65), np.int32), "sequence length 65 exceeds block_size 64"),
+    (np.zeros((1, 4), np.float32), "integer array"),
+    (np.zeros((4,), np.int32), r"shape \[batch, time\]"),
+])
+def test_bad_tokens_raise_before_compute(tokens, message):
+    cfg = ModelConfig.from_preset("tiny")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=message):
+        GPT2(cfg).apply({"params": params}, jnp.asarray(tokens))
