@@ -1,0 +1,211 @@
+"""Checkpoints as orbax CheckpointManager directories.
+
+A directory holds one subdirectory per saved step, each with up to three items:
+  params     the model parameters (a pytree in model.py's layout)
+  opt_state  the optimizer state (train.py checkpoints only; save_weights leaves it out)
+  meta       JSON: model and train config, step, rng, data position, git commit, val loss
+orbax writes a step into a temporary directory and renames it when complete, so a run killed during a save
+leaves the previous steps intact and the unfinished one is ignored.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+
+from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.model import init_params
+from gpt2_jax.training import TrainState, init_train_state
+
+FORMAT = "gpt2_jax"
+# ModelConfig fields that change the shape or storage dtype of a parameter; the others (dropout, compute dtype,
+# remat, scan_unroll, activation, layer_norm_eps) may differ between a checkpoint and the run that loads it.
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "qkv_bias", "lm_head_bias",
+                "tie_embeddings", "bias", "pad_vocab_to", "param_dtype")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, or does not fit the model asked for."""
+
+
+def is_checkpoint_dir(path) -> bool:
+    """True if path is a directory with at least one complete step saved by this module (or orbax)."""
+    return bool(_steps(Path(path)))
+
+
+def _steps(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.is_dir() and p.name.isdigit() and (p / "params").is_dir())
+
+
+def _handlers() -> dict:
+    return {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
+def _restore(directory: Path, step: int, **items):
+    """Restore the named items of one step directory (a plain Checkpointer: reading needs no manager)."""
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
+    return checkpointer.restore((directory / str(step)).absolute(), args=ocp.args.Composite(**items))
+
+
+def _item_metadata(directory: Path, step: int, item: str):
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
+    return checkpointer.metadata((directory / str(step)).absolute()).item_metadata[item]
+
+
+def _pick_step(directory: Path, step: int | None) -> int:
+    steps = _steps(directory)
+    if not steps:
+        raise CheckpointError(f"{directory} holds no complete checkpoint (no step directory with a 'params' item)")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"{directory} has no checkpoint of step {step}; it has steps {steps}")
+    return step
+
+
+def open_manager(directory, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    """A manager for train.py that keeps the last `keep` steps plus the one with the lowest val_loss."""
+    policy = AnyPreservationPolicy([
+        LatestN(n=keep),
+        BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=_handlers(), options=options)
+
+
+def git_commit() -> str | None:
+    """The commit of the repository this package lives in, with '-dirty' for local changes; None outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_train_state(manager: ocp.CheckpointManager, state: TrainState, meta: dict,
+                     val_loss: float | None = None) -> None:
+    """Start an asynchronous save of the full state at state.step (manager.wait_until_finished() completes it)."""
+    step = int(state.step)
+    meta = {"format": FORMAT, "step": step, "val_loss": val_loss, **meta}
+    args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                              opt_state=ocp.args.StandardSave(state.opt_state), meta=ocp.args.JsonSave(meta))
+    metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
+    manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def save_weights(directory, model_config: ModelConfig, params) -> None:
+    """Write params alone (no optimizer state) as a one-step checkpoint directory that load_weights reads."""
+    directory = Path(directory)
+    if _steps(directory):
+        raise CheckpointError(f"{directory} already holds a checkpoint; save weights into a new directory")
+    meta = {"format": FORMAT, "step": 0, "model_config": model_config.to_dict()}
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory.absolute(), item_handlers=_handlers(), options=options) as manager:
+        manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+
+
+def read_meta(directory, step: int | None = None) -> dict:
+    """The meta item of a step (the latest by default)."""
+    directory = Path(directory)
+    step = _pick_step(directory, step)
+    meta = _restore(directory, step, meta=ocp.args.JsonRestore())["meta"]
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise CheckpointError(f"{directory}/{step} has no gpt2_jax meta item with a model_config")
+    return meta
+
+
+def load_weights(directory, step: int | None = None, dtype=jnp.float32) -> tuple[ModelConfig, Any]:
+    """(ModelConfig, params) from a train.py out_dir (latest step unless given) or a save_weights directory."""
+    directory = Path(directory)
+    step = _pick_step(directory, step)
+    meta = read_meta(directory, step)
+    model_config = ModelConfig(**meta["model_config"])
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=sharding),
+                          _abstract_params(model_config))
+    _check_against_metadata(directory, step, "params", target)
+    params = _restore(directory, step, params=ocp.args.StandardRestore(target))["params"]
+    return model_config, params
+
+
+def _abstract_params(model_config: ModelConfig):
+    return jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
+
+
+def abstract_train_state(model_config: ModelConfig, train_config: TrainConfig, sharding=None) -> TrainState:
+    """The shapes, dtypes and shardings of a TrainState, without allocating it."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda: init_train_state(model_config, train_config, jax.random.PRNGKey(0)))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+
+
+def check_model_config(saved: dict, model_config: ModelConfig, where: str) -> None:
+    """Raise a ConfigError naming every shape field in which the run's model differs from the checkpoint's."""
+    ours = model_config.to_dict()
+    diffs = [f"{k}={saved.get(k)!r} (this run: {ours[k]!r})" for k in SHAPE_FIELDS if saved.get(k) != ours[k]]
+    if diffs:
+        raise ConfigError(f"checkpoint {where} was saved for another model: {', '.join(diffs)}")
+
+
+def restore_train_state(directory, model_config: ModelConfig, train_config: TrainConfig,
+                        step: int | None = None, sharding=None) -> tuple[TrainState, dict]:
+    """(TrainState, meta) of a train.py checkpoint (latest step unless given), checked against the configs."""
+    directory = Path(directory)
+    step = _pick_step(directory, step)
+    where = f"{directory}/{step}"
+    meta = read_meta(directory, step)
+    check_model_config(meta["model_config"], model_config, where)
+    if not (directory / str(step) / "opt_state").is_dir():
+        raise CheckpointError(f"{where} holds weights only (no optimizer state); it cannot be resumed, "
+                              f"but --init_from={directory} fine-tunes from it")
+    target = abstract_train_state(model_config, train_config, sharding)
+    _check_against_metadata(directory, step, "params", target.params)
+    _check_against_metadata(directory, step, "opt_state", target.opt_state)
+    restored = _restore(directory, step, params=ocp.args.StandardRestore(target.params),
+                        opt_state=ocp.args.StandardRestore(target.opt_state))
+    state = TrainState(step=jnp.asarray(meta["step"], jnp.int32), params=restored["params"],
+                       opt_state=restored["opt_state"])
+    return state, meta
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _check_against_metadata(directory: Path, step: int, item: str, target) -> None:
+    """Compare the saved tree's keys and shapes with the target's before orbax meets a mismatch mid-restore."""
+    where = f"{directory}/{step}"
+    saved = _flat_shapes(_item_metadata(directory, step, item))
+    wanted = _flat_shapes(target)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    hint = " (was the optimizer configured differently, e.g. grad_clip 0 vs > 0?)" if item == "opt_state" else ""
+    if missing or extra:
+        raise CheckpointError(f"{where}: {item} does not match this run{hint}: missing keys {missing[:5]}, "
+                              f"unexpected keys {extra[:5]}")
+    for key, shape in wanted.items():
+        if saved[key] != shape:
+            raise CheckpointError(f"{where}: {item} key '{key}' has shape {saved[key]}; expected {shape}")

@@ -1,0 +1,143 @@
+"""Checkpoints: weights round trip, full train state, keep policy, unfinished saves, and mismatch errors."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import checkpoint
+from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.model import init_params
+from gpt2_jax.training import init_train_state, make_train_step
+
+TINY = ModelConfig.from_preset("tiny")
+
+
+def assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+TRAIN = TrainConfig(warmup_iters=1)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.jit(init_params, static_argnums=0)(TINY, jax.random.PRNGKey(3))
+
+
+@pytest.fixture(scope="module")
+def state():
+    """A state two steps in, so its optimizer moments are non-zero and a restore that dropped them would show."""
+    state = jax.jit(init_train_state, static_argnums=(0, 1))(TINY, TRAIN, jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(TINY, TRAIN))
+    x = jax.random.randint(jax.random.PRNGKey(1), (1, 2, 16), 0, TINY.vocab_size)
+    for _ in range(2):
+        state, _ = step(state, x, jnp.roll(x, -1, axis=-1), jax.random.PRNGKey(2))
+    return state
+
+
+def save_state(directory, state, step=None, val_loss=None, keep=3):
+    manager = checkpoint.open_manager(directory, keep=keep)
+    if step is not None:
+        state = state.replace(step=jnp.int32(step))
+    checkpoint.save_train_state(manager, state, {"model_config": TINY.to_dict(), "rng": [0, 7]}, val_loss)
+    return manager
+
+
+def test_save_and_load_weights_round_trip(tmp_path, params):
+    checkpoint.save_weights(tmp_path / "w", TINY, params)
+    assert checkpoint.is_checkpoint_dir(tmp_path / "w")
+    assert not checkpoint.is_checkpoint_dir(tmp_path)
+    cfg, loaded = checkpoint.load_weights(tmp_path / "w")
+    assert cfg == TINY
+    assert_trees_equal(loaded, params)
+
+
+def test_load_weights_casts_to_the_requested_dtype(tmp_path, params):
+    checkpoint.save_weights(tmp_path / "w", TINY, params)
+    _, loaded = checkpoint.load_weights(tmp_path / "w", dtype=jnp.bfloat16)
+    expected = jax.tree.map(lambda p: np.asarray(p.astype(jnp.bfloat16)), params)
+    assert_trees_equal(loaded, expected)
+
+
+def test_save_weights_refuses_a_directory_that_already_holds_a_checkpoint(tmp_path, params):
+    checkpoint.save_weights(tmp_path / "w", TINY, params)
+    with pytest.raises(checkpoint.CheckpointError, match="already holds a checkpoint"):
+        checkpoint.save_weights(tmp_path / "w", TINY, params)
+
+
+def test_train_state_round_trip_and_load_weights_of_an_out_dir(tmp_path, state):
+    save_state(tmp_path, state, val_loss=5.0).wait_until_finished()
+    restored, meta = checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
+    assert int(restored.step) == 2 and meta["step"] == 2 and meta["rng"] == [0, 7] and meta["val_loss"] == 5.0
+    assert_trees_equal(restored.params, state.params)
+    assert_trees_equal(restored.opt_state, state.opt_state)
+    cfg, params = checkpoint.load_weights(tmp_path)
+    assert cfg == TINY
+    assert_trees_equal(params, state.params)
+
+
+def test_keeps_the_last_n_steps_and_the_best_val_loss(tmp_path, state):
+    manager = checkpoint.open_manager(tmp_path, keep=2)
+    val_losses = {10: 4.0, 20: 3.0, 30: 3.5, 40: None, 50: 3.2}  # None: a Ctrl-C save without an eval
+    for step, val in val_losses.items():
+        checkpoint.save_train_state(manager, state.replace(step=jnp.int32(step)),
+                                    {"model_config": TINY.to_dict()}, val_loss=val)
+    manager.wait_until_finished()
+    # The last two (40, 50) plus the lowest val loss (20 with 3.0).
+    assert checkpoint._steps(tmp_path) == [20, 40, 50]
+    assert checkpoint.read_meta(tmp_path, 20)["val_loss"] == 3.0
+
+
+def test_an_unfinished_save_is_ignored_and_then_removed(tmp_path, state):
+    save_state(tmp_path, state, step=5).wait_until_finished()
+    # What a process killed in the middle of saving step 7 leaves: orbax's temporary directory, never renamed.
+    unfinished = tmp_path / "7.orbax-checkpoint-tmp-1700000000000000"
+    shutil.copytree(tmp_path / "5", unfinished)
+    for f in unfinished.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0")
+    assert checkpoint._steps(tmp_path) == [5]
+    restored, meta = checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
+    assert meta["step"] == 5
+    assert_trees_equal(restored.params, state.params)
+    # The next run's manager removes the leftover before its first save.
+    save_state(tmp_path, state, step=6).wait_until_finished()
+    assert not unfinished.exists()
+    assert checkpoint._steps(tmp_path) == [5, 6]
+
+
+def test_another_model_config_is_a_clear_error(tmp_path, state):
+    save_state(tmp_path, state).wait_until_finished()
+    other = ModelConfig.from_preset("tiny", n_layer=3, n_embd=64)
+    with pytest.raises(ConfigError, match=r"n_layer=2 \(this run: 3\), n_embd=32 \(this run: 64\)"):
+        checkpoint.restore_train_state(tmp_path, other, TRAIN)
+    # Fields that do not change any parameter's shape may differ.
+    checkpoint.restore_train_state(tmp_path, ModelConfig.from_preset("tiny", dropout=0.1, remat=True), TRAIN)
+
+
+def test_a_differently_built_optimizer_state_is_a_clear_error(tmp_path, state):
+    save_state(tmp_path, state).wait_until_finished()
+    with pytest.raises(checkpoint.CheckpointError, match="opt_state does not match"):
+        checkpoint.restore_train_state(tmp_path, TINY, TrainConfig(grad_clip=0.0))
+
+
+def test_weights_only_directory_cannot_be_resumed(tmp_path, params):
+    checkpoint.save_weights(tmp_path, TINY, params)
+    with pytest.raises(checkpoint.CheckpointError, match="weights only"):
+        checkpoint.restore_train_state(tmp_path, TINY, TrainConfig())
+
+
+def test_missing_checkpoint_and_missing_step_are_named(tmp_path, params):
+    with pytest.raises(checkpoint.CheckpointError, match="holds no complete checkpoint"):
+        checkpoint.load_weights(tmp_path)
+    checkpoint.save_weights(tmp_path, TINY, params)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint of step 5; it has steps \[0\]"):
+        checkpoint.load_weights(tmp_path, step=5)
