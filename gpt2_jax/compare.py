@@ -1,0 +1,248 @@
+"""Run the same GPT-2 weights in PyTorch and in JAX on the same tokens and say where the two part.
+
+The torch side reads the weights file itself wherever it can: transformers' GPT2LMHeadModel.from_pretrained for
+the Hugging Face layout, torch_ref's ReferenceGPT or NanoGPT (load_state_dict with the file's own key names)
+for the reference and nanoGPT layouts. llm.c files and orbax directories have no torch reader: they are exported
+with convert.export_hf (export_reference for a model with an lm_head bias) and that export is loaded.
+
+Tolerance: the run is within tolerance when max |Δlogits| <= atol (default 1e-4, right for float32 weights at
+GPT-2 scale) and every block's residual stream is within atol * max(1, max |h|) of torch, the relative form
+because the residual stream of trained GPT-2 reaches magnitudes of thousands. The exit status is 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_jax import convert, weight_files
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2, count_params
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_STEPS = 8
+DEFAULT_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
+                "of foolishness, it was the epoch of belief, it was the epoch of incredulity.")
+
+
+def compare(src: str | Path, *, text: str | None = None, steps: int = DEFAULT_STEPS, atol: float = DEFAULT_ATOL,
+            against: str | Path | None = None, n_head: int | None = None) -> dict:
+    """Load src in JAX (float32) and in torch (or `against` in torch) and compare them on text's tokens."""
+    cfg, params = convert.load(src, jnp.float32, n_head=n_head)
+    with tempfile.TemporaryDirectory() as workdir:
+        model, blocks, torch_name = torch_model_for(against or src, Path(workdir), n_head=n_head)
+        tokens = text_tokens(cfg, text, steps)
+        report = compare_models(cfg, params, model, blocks, tokens, steps, atol)
+    return {"src": str(src), "torch_src": str(against or src), "torch_model": torch_name,
+            "n_params": count_params(params), **report}
+
+
+def text_tokens(cfg: ModelConfig, text: str | None, steps: int) -> np.ndarray:
+    """GPT-2 tokens of text (or of the file it names), cut to leave room for `steps` greedy tokens."""
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    if text is not None and Path(text).is_file():
+        text = Path(text).read_text()
+    tokens = np.asarray(get_tokenizer().encode(text if text is not None else DEFAULT_TEXT), np.int32)
+    room = cfg.block_size - steps
+    if room < 2:
+        raise ValueError(f"--steps {steps} leaves fewer than 2 tokens of context in block_size {cfg.block_size}")
+    tokens = tokens[-room:]
+    if tokens.size < 2:
+        raise ValueError("the text must encode to at least 2 tokens (the loss needs a next token)")
+    if tokens.max() >= cfg.vocab_size:
+        raise ValueError(f"the text encodes to token id {int(tokens.max())} but the model's vocab_size is "
+                         f"{cfg.vocab_size}")
+    return tokens
+
+
+def torch_model_for(path: str | Path, workdir: Path, n_head: int | None = None):
+    """(torch model in float32 eval mode, its blocks in order, a description) for a weights file or directory."""
+    import torch
+
+    from gpt2_jax import torch_ref
+
+    from gpt2_jax import checkpoint
+
+    path = Path(path)
+    if path.is_dir() and checkpoint.is_checkpoint_dir(path):  # orbax has no torch reader of its own
+        return _via_export(*convert.load(path), workdir)
+    ckpt = convert.inspect(path, n_head=n_head)
+    cfg = ckpt.config
+    if ckpt.layout == "llmc":
+        return _via_export(cfg, convert.params_from(ckpt), workdir)
+    if ckpt.layout == "hf":
+        return _transformers_model(path, cfg, workdir)
+    state = {k: torch.from_numpy(np.array(convert.to_numpy(v), np.float32)) for k, v in ckpt.arrays.items()}
+    if ckpt.layout == "reference":
+        model, name, buffer = torch_ref.ReferenceGPT(convert.reference_config(cfg)), "torch_ref.ReferenceGPT", \
+            convert.is_reference_buffer
+    else:
+        args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                    bias=cfg.bias, vocab_size=cfg.vocab_size)
+        model, name, buffer = torch_ref.NanoGPT(args), "torch_ref.NanoGPT", convert.is_hf_buffer
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing + unexpected if not buffer(k)]
+    if wrong:
+        raise ValueError(f"{path}: the torch model does not take tensors {wrong[:5]}")
+    return model.float().eval(), model.blocks(), name
+
+
+def _transformers_model(path: Path, cfg: ModelConfig, workdir: Path):
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if not path.is_dir():  # a bare weights file: give it the config.json that from_pretrained wants
+        name = "model.safetensors" if weight_files.sniff(path) == "safetensors" else "pytorch_model.bin"
+        (workdir / "hf").mkdir()
+        (workdir / "hf" / name).symlink_to(path.absolute())
+        (workdir / "hf" / "config.json").write_text(json.dumps(convert.hf_config(cfg)))
+        path = workdir / "hf"
+    model = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval(), list(model.transformer.h), "transformers.GPT2LMHeadModel"
+
+
+def _via_export(cfg: ModelConfig, params, workdir: Path):
+    """Files without a torch reader: export them to a layout that torch reads, then read that."""
+    if cfg.lm_head_bias:
+        convert.export_reference(cfg, params, workdir / "reference.pt")
+        model, blocks, name = torch_model_for(workdir / "reference.pt", workdir)
+    else:
+        convert.export_hf(cfg, params, workdir / "exported-hf")
+        model, blocks, name = _transformers_model(workdir / "exported-hf", cfg, workdir)
+    return model, blocks, name + " (after export)"
+
+
+def torch_forward(model, blocks, tokens_T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [T, V] and the residual stream after each block [L, T, C], caught with forward hooks."""
+    import torch
+
+    from gpt2_jax.torch_ref import causal_lm_logits
+
+    caught = []
+
+    def hook(module, inputs, output):
+        caught.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    handles = [block.register_forward_hook(hook) for block in blocks]
+    try:
+        with torch.no_grad():
+            logits = causal_lm_logits(model, torch.as_tensor(tokens_T, dtype=torch.long)[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits[0].numpy(), np.stack([h[0].float().numpy() for h in caught])
+
+
+def compare_models(cfg: ModelConfig, params, model, blocks, tokens_T: np.ndarray, steps: int = DEFAULT_STEPS,
+                   atol: float = DEFAULT_ATOL) -> dict:
+    """The comparison of a JAX model and a torch model on tokens_T; see the module docstring for tolerance."""
+    n = tokens_T.size
+    buffer = np.zeros(n + steps, np.int32)  # one length for every JAX call (one compile); causality makes the
+    buffer[:n] = tokens_T                   # positions after n irrelevant to the first n
+    logits_j, hidden_j = _jax_forward(cfg)(params, jnp.asarray(buffer[None]))
+    logits_j, hidden_j = np.asarray(logits_j[0, :n]), np.asarray(hidden_j[:, 0, :n])
+    logits_t, hidden_t = torch_forward(model, blocks, tokens_T)
+    if logits_j.shape != logits_t.shape or hidden_j.shape != hidden_t.shape:
+        raise ValueError(f"the models disagree on shapes: logits {logits_j.shape} (jax) vs {logits_t.shape} "
+                         f"(torch), residual {hidden_j.shape} vs {hidden_t.shape}")
+    diff = np.abs(logits_j - logits_t)
+    per_layer = np.abs(hidden_j - hidden_t).reshape(len(hidden_t), -1).max(axis=1)
+    scale = np.maximum(1.0, np.abs(hidden_t).reshape(len(hidden_t), -1).max(axis=1))
+    beyond = np.flatnonzero(per_layer > atol * scale)
+    agree = _greedy_agreement(cfg, params, model, buffer, n)
+    first_layer = int(beyond[0]) if beyond.size else None
+    return {
+        "max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+        "loss_jax": _loss(logits_j, tokens_T), "loss_torch": _loss(logits_t, tokens_T),
+        "per_layer_max_abs_diff": [float(d) for d in per_layer], "per_layer_max_abs": [float(s) for s in scale],
+        "first_layer_beyond_tolerance": first_layer, "greedy_agree_steps": agree, "greedy_steps": steps,
+        "n_tokens": int(n), "atol": atol,
+        "within_tolerance": bool(diff.max() <= atol and first_layer is None),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _jax_forward(cfg: ModelConfig):
+    return jax.jit(lambda params, tokens: GPT2(cfg).apply({"params": params}, tokens, return_hidden=True))
+
+
+def _loss(logits_TV: np.ndarray, tokens_T: np.ndarray) -> float:
+    """Mean next-token cross-entropy, in float64 so both sides are scored the same way."""
+    x = logits_TV[:-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(x)), tokens_T[1:]].mean())
+
+
+def _greedy_agreement(cfg: ModelConfig, params, model, buffer: np.ndarray, n: int) -> int:
+    """Decode greedily in each framework separately (full forwards) from buffer[:n]; steps until they disagree."""
+    import torch
+
+    from gpt2_jax.torch_ref import causal_lm_logits
+
+    buffer, steps = buffer.copy(), buffer.size - n
+    torch_tokens = torch.as_tensor(buffer[:n], dtype=torch.long)[None]
+    for s in range(steps):
+        logits = _jax_forward(cfg)(params, jnp.asarray(buffer[None]))[0]
+        buffer[n + s] = int(jnp.argmax(logits[0, n + s - 1]))
+        with torch.no_grad():
+            nxt = int(causal_lm_logits(model, torch_tokens)[0, -1].argmax())
+        torch_tokens = torch.cat([torch_tokens, torch.tensor([[nxt]])], dim=1)
+    agree = buffer[n:] == torch_tokens[0, n:].numpy()
+    return int(steps if agree.all() else np.argmin(agree))
+
+
+def format_report(report: dict) -> str:
+    lines = [f"jax: {report['src']} ({report['n_params']:,} parameters)",
+             f"torch: {report['torch_src']} as {report['torch_model']}",
+             f"tokens: {report['n_tokens']}",
+             f"max |Δlogits| {report['max_abs_logit_diff']:.3g}   mean |Δlogits| {report['mean_abs_logit_diff']:.3g}"
+             f"   (tolerance {report['atol']:g})",
+             f"loss: jax {report['loss_jax']:.6f}   torch {report['loss_torch']:.6f}",
+             "residual stream max |Δ| after each block (max |h|):"]
+    lines += [f"  block {i:3d}: {d:.3g} ({s:.3g})"
+              for i, (d, s) in enumerate(zip(report["per_layer_max_abs_diff"], report["per_layer_max_abs"]))]
+    first = report["first_layer_beyond_tolerance"]
+    lines.append(f"first block beyond tolerance: {'none' if first is None else first}")
+    lines.append(f"greedy decoding: {report['greedy_agree_steps']}/{report['greedy_steps']} steps agree")
+    lines.append("OK: within tolerance" if report["within_tolerance"] else "FAIL: beyond tolerance")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.compare", description=(
+        "Run SRC's weights in JAX and in PyTorch on the same tokens; exit 1 when they differ beyond tolerance."))
+    parser.add_argument("src", help="any weights file or directory that gpt2_jax.convert.load reads")
+    parser.add_argument("--text", default=None, help="the text (or a file of it) to run; a fixed sentence if absent")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="greedy decoding steps to compare")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |Δlogits| allowed (float32: 1e-4)")
+    parser.add_argument("--against", default=None, help="run this file in torch instead of SRC (e.g. the original "
+                                                        "of a converted checkpoint)")
+    parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.steps < 0 or args.atol <= 0:
+        parser.error("--steps must be >= 0 and --atol > 0")
+    try:
+        report = compare(args.src, text=args.text, steps=args.steps, atol=args.atol, against=args.against,
+                         n_head=args.n_head)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["within_tolerance"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Weight files at the byte level: safetensors and llm.c .bin read and written with numpy, torch files read safely.
+
+Readers return tensors lazily: safetensors and llm.c tensors are views of a read-only memory map, torch tensors
+come from torch.load(mmap=True) where the file allows it, so a converter touches one tensor at a time and the
+whole checkpoint is never copied into memory before conversion. torch is imported only to read torch files.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+LLMC_MAGIC = 20240326
+LLMC_DTYPES = {3: np.dtype(np.float32), 5: np.dtype(ml_dtypes.bfloat16)}  # llm.c file version -> weight dtype
+LLMC_HEADER_INTS = 256
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class WeightsError(ValueError):
+    """A weights file or directory that cannot be read or written; the message names what is wrong."""
+
+
+def sniff(path: str | Path) -> str:
+    """The kind of a weights file from its first bytes: "safetensors", "torch" or "llmc"."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a zip archive (torch.save) or a pickle stream
+        return "torch"
+    if len(head) >= 4 and int.from_bytes(head[:4], "little") == LLMC_MAGIC:
+        return "llmc"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    raise WeightsError(
+        f"{path} is not a weights file this converter reads (first bytes {head[:8].hex()}): expected safetensors, "
+        f"a PyTorch file (torch.save zip or pickle) or an llm.c .bin (magic {LLMC_MAGIC})")
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors of a .safetensors file as read-only memory-mapped arrays, and its __metadata__."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise WeightsError(f"{path} is truncated or not safetensors: header of {n} bytes, file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path} is not a safetensors file: its header is not JSON ({e})") from None
+    data_start, data_len = 8 + n, size - 8 - n
+    metadata = header.pop("__metadata__", {}) or {}
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) if data_len else None
+    tensors = {}
+    for name, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; "
+                               f"supported: {sorted(SAFETENSORS_DTYPES)}")
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
+        if end > data_len:
+            raise WeightsError(f"{path} is truncated: tensor {name!r} needs bytes [{start}, {end}) of the data "
+                               f"section, which holds {data_len}")
+        if end - start != int(np.prod(shape)) * dtype.itemsize:
+            raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} "
+                               f"spans {end - start} bytes")
+        tensors[name] = raw[start:end].view(dtype).reshape(shape) if end > start else np.zeros(shape, dtype)
+    return tensors, metadata
+
+
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, tuple, np.dtype, Callable[[], np.ndarray]]],
+                      metadata: dict | None = None) -> None:
+    """Write (name, shape, dtype, make_array) entries, building one array at a time."""
+    entries = list(tensors)
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, shape, dtype, _ in entries:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, shape, dtype, make in entries:
+            array = np.ascontiguousarray(make(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise WeightsError(f"tensor {name!r} has shape {array.shape}; its header says {tuple(shape)}")
+            f.write(array.tobytes())
+
+
+def read_torch(path: str | Path):
+    """torch.load(weights_only=True) with memory mapping where possible; unsafe pickles are refused."""
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"reading the PyTorch file {path} needs torch (pip install torch)") from None
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Weights only load failed" in text:
+            reason = next((line for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                          text.splitlines()[0])
+            raise WeightsError(
+                f"refusing to load {path}: it pickles Python objects other than tensors, and unpickling them "
+                f"could run code ({reason.strip()}). Nothing from it was executed. Re-save the weights from "
+                f"trusted code as a plain state_dict of tensors.") from None
+        raise WeightsError(f"{path} is truncated or not a PyTorch file: {text}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise WeightsError(f"{path} is truncated or not a PyTorch file: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'unexpected end of file'}") from None
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 becomes ml_dtypes.bfloat16 without a copy."""
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def llmc_shapes(block_size: int, vocab_padded: int, n_layer: int, n_embd: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of an llm.c GPT-2 file in file order, layer tensors stacked on a leading L axis."""
+    T, Vp, L, C = block_size, vocab_padded, n_layer, n_embd
+    return {
+        "wte": (Vp, C), "wpe": (T, C), "ln1w": (L, C), "ln1b": (L, C), "qkvw": (L, 3 * C, C), "qkvb": (L, 3 * C),
+        "attprojw": (L, C, C), "attprojb": (L, C), "ln2w": (L, C), "ln2b": (L, C), "fcw": (L, 4 * C, C),
+        "fcb": (L, 4 * C), "fcprojw": (L, C, 4 * C), "fcprojb": (L, C), "lnfw": (C,), "lnfb": (C,),
+    }
+
+
+def read_llmc(path: str | Path) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """Header fields and memory-mapped tensors of an llm.c GPT-2 .bin (version 3 fp32 or 5 bf16)."""
+    path = Path(path)
+    header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
+    if header.size < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
+        raise WeightsError(f"{path} is truncated or not an llm.c model file: the header needs "
+                           f"{LLMC_HEADER_INTS} int32 starting with magic {LLMC_MAGIC}")
+    version = int(header[1])
+    if version not in LLMC_DTYPES:
+        raise WeightsError(f"{path}: llm.c file version {version} is not supported; expected 3 (fp32) or 5 (bf16)")
+    fields = dict(zip(("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_padded"),
+                      (int(v) for v in header[2:8])), version=version)
+    if min(fields.values()) <= 0 or fields["vocab_padded"] < fields["vocab_size"]:
+        raise WeightsError(f"{path}: llm.c header has impossible sizes {fields}")
+    shapes = llmc_shapes(fields["block_size"], fields["vocab_padded"], fields["n_layer"], fields["n_embd"])
+    dtype = LLMC_DTYPES[version]
+    count = sum(int(np.prod(s)) for s in shapes.values())
+    have = path.stat().st_size - 4 * LLMC_HEADER_INTS
+    if have != count * dtype.itemsize:
+        state = "truncated" if have < count * dtype.itemsize else "longer than its header says"
+        raise WeightsError(f"{path} is {state}: the header promises {count * dtype.itemsize} bytes of weights "
+                           f"({count} {dtype.name} values), the file holds {have}")
+    flat = np.memmap(path, dtype=dtype, mode="r", offset=4 * LLMC_HEADER_INTS, shape=(count,))
+    tensors, offset = {}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape))
+        tensors[name] = flat[offset: offset + n].reshape(shape)
+        offset += n
+    return fields, tensors
+
+
+def write_llmc(path: str | Path, fields: dict[str, int], tensors: Iterable[tuple[str, Iterable[np.ndarray]]],
+               version: int = 3) -> None:
+    """Write an llm.c .bin: fields as read_llmc returns them, then each tensor as a sequence of chunks in order."""
+    if version not in LLMC_DTYPES:
+        raise WeightsError(f"llm.c version must be 3 (fp32) or 5 (bf16); got {version}")
+    dtype = LLMC_DTYPES[version]
+    header = np.zeros(LLMC_HEADER_INTS, "<i4")
+    header[:8] = [LLMC_MAGIC, version, fields["block_size"], fields["vocab_size"], fields["n_layer"],
+                  fields["n_head"], fields["n_embd"], fields["vocab_padded"]]
+    shapes = llmc_shapes(fields["block_size"], fields["vocab_padded"], fields["n_layer"], fields["n_embd"])
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        for (name, chunks), (expected, shape) in zip(tensors, shapes.items(), strict=True):
+            if name != expected:
+                raise WeightsError(f"llm.c tensors must come in file order: got {name!r} where {expected!r} goes")
+            written = 0
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=np.float32).astype(dtype)  # round to nearest even
+                f.write(chunk.tobytes())
+                written += chunk.size
+            if written != int(np.prod(shape)):
+                raise WeightsError(f"llm.c tensor {name!r} got {written} values; expected shape {shape}")

@@ -1,0 +1,74 @@
+"""compare: the same weights in JAX and PyTorch, a clean run and a run with one block perturbed."""
+
+import json
+
+import pytest
+
+from gpt2_jax import compare, convert
+from gpt2_jax.config import replace
+from gpt2_jax.tokenizer import get_tokenizer
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+VOCAB = 50257  # compare runs GPT-2 tokens of real text
+REQUIRED_KEYS = {"max_abs_logit_diff", "mean_abs_logit_diff", "loss_jax", "loss_torch", "per_layer_max_abs_diff",
+                 "greedy_agree_steps"}
+
+
+def test_json_report_on_hf_directory(random_hf, torch_logits, tmp_path, capsys):
+    model = random_hf(seed=20, vocab_size=VOCAB)
+    model.save_pretrained(tmp_path / "hf")
+    text = "The quick brown fox jumps over the lazy dog, and then it runs far away."
+    (tmp_path / "prompt.txt").write_text(text)
+    code = compare.main([str(tmp_path / "hf"), "--json", "--steps", "5", "--text", str(tmp_path / "prompt.txt")])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and REQUIRED_KEYS <= set(report)
+    assert report["max_abs_logit_diff"] <= 1e-4 and report["mean_abs_logit_diff"] <= report["max_abs_logit_diff"]
+    assert len(report["per_layer_max_abs_diff"]) == 2 and max(report["per_layer_max_abs_diff"]) <= 1e-4
+    assert report["first_layer_beyond_tolerance"] is None and report["greedy_agree_steps"] == 5
+    assert report["torch_model"] == "transformers.GPT2LMHeadModel"
+    tokens = get_tokenizer().encode(text)
+    logits = torch.from_numpy(torch_logits(model, [tokens])[0, :-1])
+    loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(tokens[1:])))
+    assert report["n_tokens"] == len(tokens)
+    assert abs(report["loss_torch"] - loss) < 1e-5 and abs(report["loss_jax"] - loss) < 1e-4
+
+
+def test_perturbed_block_is_named_and_exit_status_is_1(random_reference, tmp_path, capsys):
+    model, ref_cfg = random_reference(seed=21, vocab_size=VOCAB, n_layers=3)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps(ref_cfg))
+    state = model.state_dict()
+    state["trf_blocks.1.feedforward.layers.2.bias"] += 0.01  # shifts the residual stream from block 1 on
+    (tmp_path / "changed").mkdir()
+    torch.save(state, tmp_path / "changed" / "model.pt")
+    (tmp_path / "changed" / "model.json").write_text(json.dumps(ref_cfg))
+    report = compare.compare(tmp_path / "model.pt", against=tmp_path / "changed" / "model.pt", steps=2)
+    assert report["torch_model"] == "torch_ref.ReferenceGPT"
+    assert report["first_layer_beyond_tolerance"] == 1 and not report["within_tolerance"]
+    assert report["per_layer_max_abs_diff"][0] <= 1e-5
+    assert report["per_layer_max_abs_diff"][1] == pytest.approx(0.01, rel=1e-3)
+    assert compare.main([str(tmp_path / "model.pt"), "--against", str(tmp_path / "changed" / "model.pt"),
+                         "--steps", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "first block beyond tolerance: 1" in out and "FAIL" in out
+
+
+def test_nanogpt_llmc_and_orbax_are_within_tolerance(random_nanogpt, tmp_path):
+    model, args = random_nanogpt(seed=22, vocab_size=VOCAB, bias=False)
+    torch.save({"model": model.state_dict(), "model_args": args}, tmp_path / "ckpt.pt")
+    report = compare.compare(tmp_path / "ckpt.pt", steps=3)
+    assert report["torch_model"] == "torch_ref.NanoGPT"
+    assert report["within_tolerance"] and report["greedy_agree_steps"] == 3
+
+    cfg, params = convert.load(tmp_path / "ckpt.pt")
+    tanh_cfg = replace(cfg, activation="gelu_tanh")  # llm.c's GELU; the missing biases are written as zeros
+    convert.export_llmc(tanh_cfg, params, tmp_path / "model.bin")
+    report = compare.compare(tmp_path / "model.bin", steps=3)
+    assert report["torch_model"] == "transformers.GPT2LMHeadModel (after export)"
+    assert report["within_tolerance"] and report["greedy_agree_steps"] == 3
+
+    convert.save(tanh_cfg, params, tmp_path / "orbax")
+    report = compare.compare(tmp_path / "orbax", steps=3, against=tmp_path / "model.bin")
+    assert report["within_tolerance"] and report["max_abs_logit_diff"] <= 1e-5

@@ -1,0 +1,424 @@
+"""Weights in and out: every layout against the PyTorch model that wrote it, round trips, and malformed files."""
+
+import functools
+import json
+import pickle
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from gpt2_jax import convert
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2
+from gpt2_jax.weight_files import WeightsError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@functools.lru_cache(maxsize=None)
+def forward(cfg):
+    return jax.jit(lambda params, tokens: GPT2(cfg).apply({"params": params}, tokens))
+
+
+def jax_logits(cfg, params, tokens):
+    return np.asarray(forward(cfg)(params, jnp.asarray(tokens)))
+
+
+def tokens_for(vocab_size, shape=(2, 12), seed=0):
+    return np.random.default_rng(seed).integers(0, vocab_size, shape)
+
+
+def random_params(cfg, seed=0):
+    """Our init with noise on every leaf, so that zero biases and unit LayerNorms hide no mapping error."""
+    rng = np.random.default_rng(seed)
+    shapes = convert.param_shapes(cfg)
+    base = {k: np.ones(s, np.float32) if k.endswith("ln_1.weight") or k.endswith("ln_2.weight")
+            or k == "ln_f.weight" else np.zeros(s, np.float32) for k, s in shapes.items()}
+    return convert.unflatten({k: jnp.asarray(v + 0.05 * rng.standard_normal(v.shape, np.float32))
+                              for k, v in base.items()})
+
+
+def assert_same_params(a, b):
+    fa, fb = convert.flatten(a), convert.flatten(b)
+    assert sorted(fa) == sorted(fb)
+    for key in fa:
+        assert fa[key].dtype == fb[key].dtype, key
+        np.testing.assert_array_equal(np.asarray(fa[key]), np.asarray(fb[key]), err_msg=key)
+
+
+def save_safetensors(path, state):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def test_hf_directory_matches_transformers(random_hf, torch_logits, tmp_path):
+    model = random_hf(seed=1)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = convert.load(tmp_path / "hf")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size) == (2, 2, 32, 96, 32)
+    assert cfg.tie_embeddings and cfg.activation == "gelu_tanh" and "lm_head" not in params
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+
+
+def test_hf_bare_file_without_prefix_and_untied_head(random_hf, torch_logits, tmp_path):
+    model = random_hf(seed=2, tie=False, activation="gelu")
+    state = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()}
+    save_safetensors(tmp_path / "weights.safetensors", state)
+    (tmp_path / "config.json").write_text(json.dumps({"n_head": 2, "activation_function": "gelu",
+                                                         "tie_word_embeddings": False}))
+    cfg, params = convert.load(tmp_path / "weights.safetensors")
+    assert not cfg.tie_embeddings and cfg.activation == "gelu_exact" and "lm_head" in params
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+
+
+def test_hf_gpt2_shape_within_1e4(random_hf, torch_logits, tmp_path):
+    model = random_hf(seed=3, std=0.02, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+    model.save_pretrained(tmp_path / "gpt2")
+    cfg, params = convert.load(tmp_path / "gpt2")
+    assert cfg == ModelConfig.from_preset("gpt2")
+    tokens = tokens_for(50257, (1, 24), seed=3)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-4
+
+
+def test_fp16_pytorch_model_bin_loads_as_float32_and_bfloat16(random_hf, torch_logits, tmp_path):
+    model = random_hf(seed=4).half()
+    (tmp_path / "hf").mkdir()
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    model.config.to_json_file(tmp_path / "hf" / "config.json")
+    cfg, params = convert.load(tmp_path / "hf")
+    assert params["wte"].dtype == jnp.float32 and cfg.param_dtype == "float32"
+    np.testing.assert_array_equal(params["wte"], model.transformer.wte.weight.detach().float().numpy())
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model.float(), tokens)).max() <= 1e-5
+    cfg16, params16 = convert.load(tmp_path / "hf", jnp.bfloat16)
+    assert cfg16.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_bf16_safetensors_upcast_exactly(random_hf, tmp_path):
+    model = random_hf(seed=5).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    _, params = convert.load(tmp_path / "hf")
+    expected = model.transformer.h[1].mlp.c_fc.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(params["h"]["mlp"]["c_fc"]["weight"][1], expected)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_embeddings": False}, {"activation": "gelu_exact", "bias": False, "qkv_bias": False},
+    {"vocab_size": 90, "pad_vocab_to": 64}])
+def test_export_hf_reloads_in_transformers(overrides, torch_logits, tmp_path):
+    cfg = ModelConfig.from_preset("tiny", **{"vocab_size": 96, **overrides})
+    params = random_params(cfg)
+    convert.export_hf(cfg, params, tmp_path / "out")
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    assert model.config.tie_word_embeddings == cfg.tie_embeddings
+    tokens = tokens_for(cfg.vocab_size)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+
+
+def test_export_hf_refuses_lm_head_bias(tmp_path):
+    cfg = ModelConfig.from_preset("tiny", tie_embeddings=False, lm_head_bias=True)
+    with pytest.raises(WeightsError, match="no lm_head bias"):
+        convert.export_hf(cfg, random_params(cfg), tmp_path / "out")
+
+
+# ---------------------------------------------------------------- reference layout
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_reference_layout_matches_torch(qkv_bias, random_reference, torch_logits, tmp_path):
+    model, ref_cfg = random_reference(seed=6, qkv_bias=qkv_bias)
+    torch.save({"state_dict": model.state_dict(), "optimizer": torch.optim.AdamW(model.parameters()).state_dict()},
+               tmp_path / "ckpt.pth")
+    (tmp_path / "ckpt.json").write_text(json.dumps(ref_cfg))
+    cfg, params = convert.load(tmp_path / "ckpt.pth")
+    assert cfg.qkv_bias == cfg.lm_head_bias == qkv_bias and not cfg.tie_embeddings
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+
+
+def test_reference_gpt2_shape_within_1e4(random_reference, torch_logits, tmp_path):
+    model, _ = random_reference(seed=7, std=0.02, vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12,
+                                n_layers=12)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with pytest.warns(UserWarning, match="n_head"):  # no JSON beside: 12 heads from the width 768
+        cfg, params = convert.load(tmp_path / "model.pt")
+    assert cfg == ModelConfig.from_preset("gpt2", tie_embeddings=False, lm_head_bias=True)
+    tokens = tokens_for(50257, (1, 24), seed=7)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-4
+
+
+def test_reference_config_json_that_disagrees_warns(random_reference, tmp_path):
+    model, ref_cfg = random_reference(seed=8)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({**ref_cfg, "vocab_size": 50527}))
+    with pytest.warns(UserWarning, match="vocab_size=50527"):
+        cfg, _ = convert.load(tmp_path / "model.pt")
+    assert cfg.vocab_size == 96 and cfg.n_head == 2
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_jax_reference_jax_round_trip_is_bitwise(qkv_bias, torch_logits, tmp_path):
+    from gpt2_jax.torch_ref import ReferenceGPT
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=96, qkv_bias=qkv_bias, lm_head_bias=qkv_bias,
+                                  tie_embeddings=False)
+    params = random_params(cfg)
+    convert.export_reference(cfg, params, tmp_path / "ref.pt")
+    model = ReferenceGPT(json.loads((tmp_path / "ref.json").read_text()))
+    model.load_state_dict(torch.load(tmp_path / "ref.pt", weights_only=True), strict=True)
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model.eval(), tokens)).max() <= 1e-5
+    cfg2, params2 = convert.load(tmp_path / "ref.pt")
+    assert cfg2 == cfg
+    assert_same_params(params, params2)
+
+
+def test_export_reference_of_tied_biasless_model_is_the_same_function(torch_logits, tmp_path):
+    from gpt2_jax.torch_ref import ReferenceGPT
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=96, bias=False, qkv_bias=False)
+    params = random_params(cfg)
+    convert.export_reference(cfg, params, tmp_path / "ref.pt")
+    state = torch.load(tmp_path / "ref.pt", weights_only=True)
+    np.testing.assert_array_equal(state["out_head.weight"].numpy(), np.asarray(params["wte"]))
+    assert float(state["trf_blocks.0.norm_layer1.shift"].abs().max()) == 0.0
+    model = ReferenceGPT(json.loads((tmp_path / "ref.json").read_text()))
+    model.load_state_dict(state, strict=True)
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model.eval(), tokens)).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- nanoGPT
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nanogpt_checkpoint_matches_torch(bias, random_nanogpt, torch_logits, tmp_path):
+    model, args = random_nanogpt(seed=9, bias=bias, vocab_size=50304)
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # as saved from a torch.compile'd model
+    state.update({f"_orig_mod.transformer.h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 32, 32)) for i in range(2)})
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "model_args": args, "iter_num": 5,
+                "best_val_loss": torch.tensor(3.2), "config": {"dataset": "shakespeare", "compile": True}},
+               tmp_path / "ckpt.pt")
+    cfg, params = convert.load(tmp_path / "ckpt.pt")
+    assert (cfg.vocab_size, cfg.bias, cfg.qkv_bias, cfg.activation) == (50304, bias, bias, "gelu_exact")
+    tokens = tokens_for(50304)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+
+
+def test_nanogpt_head_that_is_not_tied_is_an_error(random_nanogpt, tmp_path):
+    model, args = random_nanogpt(seed=10)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] += 1.0
+    torch.save({"model": state, "model_args": args}, tmp_path / "ckpt.pt")
+    with pytest.raises(WeightsError, match="'lm_head.weight' must equal 'transformer.wte.weight'"):
+        convert.load(tmp_path / "ckpt.pt")
+
+
+# ---------------------------------------------------------------- llm.c
+
+
+def write_llmc_by_hand(path, model, args, vocab_padded, version=3):
+    """llm.c's own layout, written from a nanoGPT-shaped torch model without the converter."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    L = args["n_layer"]
+    header = np.zeros(256, np.int32)
+    header[:8] = [20240326, version, args["block_size"], args["vocab_size"], L, args["n_head"], args["n_embd"],
+                  vocab_padded]
+    wte = np.zeros((vocab_padded, args["n_embd"]), np.float32)
+    wte[: args["vocab_size"]] = sd["transformer.wte.weight"]
+    names = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+             "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+             "mlp.c_proj.bias"]
+    parts = [wte, sd["transformer.wpe.weight"]]
+    parts += [np.stack([sd[f"transformer.h.{i}.{n}"] for i in range(L)]) for n in names]
+    parts += [sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]]
+    dtype = np.float32 if version == 3 else ml_dtypes.bfloat16
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        for part in parts:
+            f.write(part.astype(dtype).tobytes())
+
+
+def test_llmc_file_matches_torch(random_nanogpt, torch_logits, tmp_path):
+    model, args = random_nanogpt(seed=11, approximate="tanh", vocab_size=90)
+    write_llmc_by_hand(tmp_path / "model.bin", model, args, vocab_padded=128)
+    cfg, params = convert.load(tmp_path / "model.bin")
+    assert (cfg.vocab_size, cfg.padded_vocab_size, cfg.activation) == (90, 128, "gelu_tanh")
+    tokens = tokens_for(90)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+    convert.export_llmc(cfg, params, tmp_path / "again.bin")  # llm.c -> JAX -> llm.c keeps every byte
+    assert (tmp_path / "again.bin").read_bytes() == (tmp_path / "model.bin").read_bytes()
+
+
+def test_llmc_fp32_round_trip_is_bitwise(tmp_path):
+    cfg = ModelConfig.from_preset("tiny", vocab_size=100, pad_vocab_to=128)
+    params = random_params(cfg)
+    convert.export_llmc(cfg, params, tmp_path / "m.bin")
+    header = np.fromfile(tmp_path / "m.bin", np.int32, 8)
+    assert header.tolist() == [20240326, 3, 64, 100, 2, 2, 32, 128]
+    cfg2, params2 = convert.load(tmp_path / "m.bin")
+    assert cfg2 == cfg
+    assert_same_params(params, params2)
+
+
+def test_llmc_bf16_round_trip_rounds_like_torch(tmp_path):
+    cfg = ModelConfig.from_preset("tiny", vocab_size=100)
+    params = random_params(cfg)
+    convert.export_llmc(cfg, params, tmp_path / "m.bin", dtype="bfloat16")
+    assert np.fromfile(tmp_path / "m.bin", np.int32, 2).tolist() == [20240326, 5]
+    cfg2, params2 = convert.load(tmp_path / "m.bin")
+    assert cfg2.padded_vocab_size == 128  # llm.c pads the token table; the extra rows are zeros
+    np.testing.assert_array_equal(params2["wte"][100:], 0.0)
+    w = np.asarray(params["h"]["mlp"]["c_fc"]["weight"])
+    expected = torch.tensor(w).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(params2["h"]["mlp"]["c_fc"]["weight"], expected)
+    tokens = tokens_for(100)
+    diff = np.abs(jax_logits(cfg, params, tokens) - jax_logits(cfg2, params2, tokens)).max()
+    assert 0 < diff < 0.05
+
+
+def test_llmc_export_needs_a_tied_tanh_model(tmp_path):
+    cfg = ModelConfig.from_preset("tiny", tie_embeddings=False)
+    with pytest.raises(WeightsError, match="llm.c needs tie_embeddings=True"):
+        convert.export_llmc(cfg, random_params(cfg), tmp_path / "m.bin")
+
+
+# ---------------------------------------------------------------- malformed input
+
+
+@pytest.fixture
+def hf_state(random_hf):
+    return {k: v.detach().clone() for k, v in random_hf(seed=12).state_dict().items()}
+
+
+def test_missing_tensor_is_named(hf_state, tmp_path):
+    del hf_state["transformer.h.1.mlp.c_fc.bias"]
+    save_safetensors(tmp_path / "m.safetensors", hf_state)
+    with pytest.raises(WeightsError, match=r"lacks tensor 'transformer.h.1.mlp.c_fc.bias' \(expected shape \(128,\)\)"):
+        convert.load(tmp_path / "m.safetensors", n_head=2)
+
+
+def test_extra_tensor_is_named(hf_state, tmp_path):
+    hf_state["transformer.h.0.attn.rotary"] = torch.zeros(3)
+    save_safetensors(tmp_path / "m.safetensors", hf_state)
+    with pytest.raises(WeightsError, match=r"tensor 'transformer.h.0.attn.rotary' of shape \(3,\)"):
+        convert.load(tmp_path / "m.safetensors", n_head=2)
+
+
+def test_wrong_shape_is_named(hf_state, tmp_path):
+    hf_state["transformer.h.1.mlp.c_proj.weight"] = torch.zeros(100, 32)
+    save_safetensors(tmp_path / "m.safetensors", hf_state)
+    with pytest.raises(WeightsError, match=r"'transformer.h.1.mlp.c_proj.weight' has shape \(100, 32\); "
+                                           r"expected \(128, 32\)"):
+        convert.load(tmp_path / "m.safetensors", n_head=2)
+
+
+def test_missing_reference_tensor_is_named(random_reference, tmp_path):
+    model, ref_cfg = random_reference(seed=13)
+    state = model.state_dict()
+    del state["trf_blocks.1.attention.W_Key.bias"]
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(WeightsError, match=r"lacks tensor 'trf_blocks.1.attention.W_Key.bias' \(expected shape \(32,\)"):
+        convert.load(tmp_path / "m.pt", n_head=2)
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_files_are_named(random_hf, hf_state, tmp_path):
+    save_safetensors(tmp_path / "m.safetensors", hf_state)
+    with pytest.raises(WeightsError, match="is truncated"):
+        convert.load(truncate(tmp_path / "m.safetensors"), n_head=2)
+    torch.save(hf_state, tmp_path / "m.pt")
+    with pytest.raises(WeightsError, match="truncated or not a PyTorch file"):
+        convert.load(truncate(tmp_path / "m.pt"), n_head=2)
+    torch.save(hf_state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(WeightsError, match="truncated or not a PyTorch file"):
+        convert.load(truncate(tmp_path / "legacy.pt"), n_head=2)
+    cfg = ModelConfig.from_preset("tiny")
+    convert.export_llmc(cfg, random_params(cfg), tmp_path / "m.bin")
+    with pytest.raises(WeightsError, match="is truncated: the header promises"):
+        convert.load(truncate(tmp_path / "m.bin"))
+
+
+def test_random_bytes_and_other_files_are_not_checkpoints(tmp_path):
+    (tmp_path / "noise.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(WeightsError, match="not a weights file this converter reads"):
+        convert.load(tmp_path / "noise.bin")
+    (tmp_path / "notes.txt").write_text("hello world, these are not weights")
+    with pytest.raises(WeightsError, match="not a weights file this converter reads"):
+        convert.load(tmp_path / "notes.txt")
+    torch.save({"step": 3, "lr": 0.1}, tmp_path / "scalars.pt")
+    with pytest.raises(WeightsError, match="'step' is a int, not a tensor"):
+        convert.load(tmp_path / "scalars.pt")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(WeightsError, match="does not look like a GPT-2 checkpoint"):
+        convert.load(tmp_path / "other.pt")
+
+
+class RunsCode:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused_without_running(writer, hf_state, tmp_path):
+    marker = tmp_path / "code-ran"
+    payload = {**hf_state, "transformer.h.0.attn.evil": RunsCode(marker)}
+    if writer == "torch.save":
+        torch.save(payload, tmp_path / "evil.pt")
+    else:
+        with open(tmp_path / "evil.pt", "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+    with pytest.raises(WeightsError, match="refusing to load .* could run code"):
+        convert.load(tmp_path / "evil.pt", n_head=2)
+    assert not marker.exists()
+
+
+def test_missing_pretrained_preset_explains_where_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors and config.json from https://huggingface.co/openai-community/gpt2-medium"):
+        convert.load("gpt2-medium")
+    assert convert.main(["gpt2", "out"]) == 2
+    assert "https://huggingface.co/openai-community/gpt2 " in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- command line and orbax
+
+
+def test_cli_converts_hf_to_orbax_and_reference(random_hf, tmp_path, capsys):
+    model = random_hf(seed=14)
+    model.save_pretrained(tmp_path / "hf")
+    assert convert.main([str(tmp_path / "hf"), str(tmp_path / "orbax")]) == 0
+    assert "n_layer=2 n_head=2 n_embd=32" in capsys.readouterr().out
+    cfg, params = convert.load(tmp_path / "hf")
+    cfg2, params2 = convert.load(tmp_path / "orbax")
+    assert cfg2 == cfg
+    assert_same_params(params, params2)
+    assert convert.main([str(tmp_path / "orbax"), str(tmp_path / "ref.pt"), "--to", "reference"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the JSON written beside gives n_head: no warning
+        cfg3, params3 = convert.load(tmp_path / "ref.pt")
+    tokens = tokens_for(96)
+    np.testing.assert_allclose(jax_logits(cfg3, params3, tokens), jax_logits(cfg, params, tokens), atol=1e-6)
