@@ -1,0 +1,302 @@
+"""Device meshes, the one logical-axis -> mesh-axis rules table, sharded state creation and multi-host input.
+
+A mesh always has the three axes (data, fsdp, tensor); an axis left out of `--mesh` has size 1.
+  data    batch split, parameters replicated (plain data parallelism)
+  fsdp    batch split AND parameters + optimizer state split on their embed dimension (ZeRO-3 style)
+  tensor  Megatron split: attention heads, MLP hidden units and vocabulary rows over devices
+A parameter dimension that the rule's mesh axes do not divide evenly is replicated instead (e.g. vocab 50257
+over tensor:2; use pad_vocab_to=128). `sharding_fallbacks` lists every such case.
+
+jit with NamedSharding replaces pmap: the same program runs on one device or a pod, and XLA inserts the
+collectives that the input and output shardings imply.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache, partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gpt2_jax.config import ModelConfig, TrainConfig
+from gpt2_jax.model import KVCache, init_params, logical_axes
+from gpt2_jax.optim import make_optimizer
+from gpt2_jax.training import TrainState, init_train_state, make_eval_step, make_train_step
+
+# Outermost first: data may cross hosts (slow links), tensor needs the fastest links, so it is innermost.
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# The one rules table: logical axis name -> mesh axes that split it (None = replicated).
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "embed": ("fsdp",),
+    "head_dim": None,
+    "layers": None,
+}
+
+
+def parse_mesh(spec: str) -> tuple[tuple[str, int], ...]:
+    """'data:4,fsdp:2' -> (('data', 4), ('fsdp', 2), ('tensor', 1)); one size may be -1 (= the remaining devices)."""
+    sizes = {name: 1 for name in MESH_AXES}
+    seen = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, colon, size = part.partition(":")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh axis {name!r} in {spec!r} is unknown; axes are {', '.join(MESH_AXES)}")
+        if name in seen:
+            raise ValueError(f"mesh axis {name!r} appears twice in {spec!r}")
+        try:
+            value = int(size)
+        except ValueError:
+            raise ValueError(f"mesh axis {name!r} in {spec!r} needs an integer size, written {name}:N") from None
+        if value == 0 or value < -1:
+            raise ValueError(f"mesh axis {name!r} has size {value}; sizes are positive (or -1 for the rest)")
+        seen.add(name)
+        sizes[name] = value
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may have size -1; got {spec!r}")
+    return tuple(sizes.items())
+
+
+def make_mesh(spec: str | Sequence[tuple[str, int]] | None = None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default all); default spec puts every device on data."""
+    devices = list(jax.devices() if devices is None else devices)
+    axes = parse_mesh(spec or "data:-1") if spec is None or isinstance(spec, str) else tuple(spec)
+    sizes = dict(axes)
+    known = math.prod(s for s in sizes.values() if s != -1)
+    for name, size in sizes.items():
+        if size == -1:
+            if len(devices) % known:
+                raise ValueError(f"mesh {spec!r}: {len(devices)} devices are not divisible by the fixed axes ({known})")
+            sizes[name] = len(devices) // known
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        axes_text = ",".join(f"{n}:{s}" for n, s in zip(MESH_AXES, shape))
+        raise ValueError(f"mesh {spec!r} ({axes_text}) needs {math.prod(shape)} devices "
+                         f"but there are {len(devices)}")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules=None) -> tuple[P, list[str]]:
+    """Map one PartitionSpec of logical names onto mesh axes; also return why a dimension stayed replicated."""
+    rules = RULES if rules is None else rules
+    out, notes, used = [], [], set()
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+        axes = tuple(a for a in (rules.get(name) or ()) if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if axes and dim % size:
+            notes.append(f"{name}={dim} is not divisible by {'*'.join(axes)}={size}")
+            axes = ()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out), notes
+
+
+def param_shardings(model_cfg: ModelConfig, mesh: Mesh, rules=None):
+    """A NamedSharding for every parameter, from model.logical_axes and the rules table."""
+    shapes = _param_shapes(model_cfg)
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_mesh_spec(spec, x.shape, mesh, rules)[0]),
+                        _logical_axes(model_cfg), shapes, is_leaf=lambda s: isinstance(s, P))
+
+
+def sharding_fallbacks(model_cfg: ModelConfig, mesh: Mesh, rules=None) -> list[str]:
+    """One line per parameter dimension that its rule could not split evenly and is therefore replicated."""
+    shapes = _param_shapes(model_cfg)
+    found = []
+
+    def visit(path, spec, x):
+        for note in logical_to_mesh_spec(spec, x.shape, mesh, rules)[1]:
+            found.append(f"{jax.tree_util.keystr(path, simple=True, separator='.')}: {note}; replicated")
+        return spec
+
+    jax.tree_util.tree_map_with_path(visit, _logical_axes(model_cfg), shapes, is_leaf=lambda s: isinstance(s, P))
+    return found
+
+
+def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules=None) -> TrainState:
+    """Shardings of a whole TrainState: optimizer moments mirror their parameter, scalars are replicated."""
+    abstract = _state_shapes(model_cfg, train_cfg)
+    params = param_shardings(model_cfg, mesh, rules)
+    opt = optax.tree_map_params(make_optimizer(train_cfg), lambda _, s: s, abstract.opt_state, params,
+                                transform_non_params=lambda _: replicated(mesh),
+                                is_leaf=lambda s: isinstance(s, NamedSharding))
+    return TrainState(step=replicated(mesh), params=params, opt_state=opt)
+
+
+def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules=None) -> TrainState:
+    """ShapeDtypeStructs with shardings: the target for an orbax restore onto this mesh (any saving mesh)."""
+    abstract = _state_shapes(model_cfg, train_cfg)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, state_shardings(model_cfg, train_cfg, mesh, rules))
+
+
+def create_sharded_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rng, params=None,
+                         rules=None) -> TrainState:
+    """A step-0 TrainState created directly in its shards: no device ever holds the whole model."""
+    shardings = state_shardings(model_cfg, train_cfg, mesh, rules)
+    if params is None:
+        init = jax.jit(partial(init_train_state, model_cfg, train_cfg), out_shardings=shardings)
+        return init(rng)
+    params = shard_params(model_cfg, params, mesh, rules)
+    init = jax.jit(lambda r, p: init_train_state(model_cfg, train_cfg, r, params=p),
+                   out_shardings=shardings, donate_argnums=1)
+    return init(rng, params)
+
+
+def shard_params(model_cfg: ModelConfig, params, mesh: Mesh, rules=None):
+    """Place loaded parameters (host arrays, identical on every process) onto the mesh by the rules."""
+    shapes = jax.tree.map(lambda x: tuple(x.shape), _param_shapes(model_cfg))
+    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if jax.tree.structure(got) != jax.tree.structure(shapes) or got != shapes:
+        raise ValueError(f"params do not match {model_cfg}: expected shapes {shapes}, got {got}")
+    return jax.device_put(params, param_shardings(model_cfg, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of x, y [A, B, T]: B split over data and fsdp, replicated over tensor."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+
+def check_batch_size(mesh: Mesh, batch_size: int) -> None:
+    """Raise unless batch_size splits evenly over the data and fsdp axes."""
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size % ways:
+        raise ValueError(f"batch_size {batch_size} must be divisible by data*fsdp = {ways} "
+                         f"(mesh {dict(mesh.shape)})")
+
+
+def cache_shardings(model_cfg: ModelConfig, mesh: Mesh, batch_size: int, max_len: int) -> KVCache:
+    """Shardings of a KVCache [L, B, S, H, D]: rows like the batch, heads like the attention weights."""
+    spec, _ = logical_to_mesh_spec(P("layers", "batch", None, "heads", "head_dim"),
+                                (model_cfg.n_layer, batch_size, max_len, model_cfg.n_head, model_cfg.head_dim), mesh)
+    kv = NamedSharding(mesh, spec)
+    return KVCache(k=kv, v=kv, index=replicated(mesh))
+
+
+def make_sharded_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules=None):
+    """jit(train_step) with state sharded by the rules, x/y by batch_sharding, and the state donated."""
+    state_sh = state_shardings(model_cfg, train_cfg, mesh, rules)
+    batch, rep = batch_sharding(mesh), replicated(mesh)
+    return jax.jit(make_train_step(model_cfg, train_cfg), in_shardings=(state_sh, batch, batch, rep),
+                   out_shardings=(state_sh, rep), donate_argnums=0)
+
+
+def make_sharded_eval_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules=None):
+    """jit(eval_step) for x, y [B, T] split over data and fsdp."""
+    params_sh = param_shardings(model_cfg, mesh, rules)
+    rows = NamedSharding(mesh, P(BATCH_AXES, None))
+    return jax.jit(make_eval_step(model_cfg, train_cfg), in_shardings=(params_sh, rows, rows),
+                   out_shardings=replicated(mesh))
+
+
+def tree_bytes_per_device(tree) -> int:
+    """Bytes of one device's shard of every leaf (the whole leaf where it has no sharding)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def state_bytes_per_device(state: TrainState) -> dict[str, int]:
+    """Per-device bytes of the parameters and of the optimizer state (arrays or abstract_state)."""
+    return {"params": tree_bytes_per_device(state.params), "opt_state": tree_bytes_per_device(state.opt_state)}
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a multi-process run; returns False (and does nothing) for a single process.
+
+    Values come from the arguments, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    coordinator_address="auto", or a SLURM job step of several tasks, lets JAX detect everything
+    (SLURM, Open MPI, Cloud TPU pods). Must run before anything touches a device.
+    """
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    slurm_tasks = _env_int("SLURM_NTASKS") or 0
+    # CPU processes exchange collectives through gloo; GPU and TPU use their own and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if address == "auto" or (address is None and num is None and pid is None and slurm_tasks > 1):
+        jax.distributed.initialize()
+        return True
+    if address is None and num is None and pid is None:
+        return False
+    missing = [n for n, v in (("coordinator_address", address), ("num_processes", num), ("process_id", pid))
+               if v is None]
+    if missing:
+        raise ValueError(f"multi-process run needs {', '.join(missing)} too (flags or JAX_COORDINATOR_ADDRESS, "
+                         "JAX_NUM_PROCESSES, JAX_PROCESS_ID), or coordinator_address=auto")
+    if not 0 <= pid < num:
+        raise ValueError(f"process_id {pid} must be in [0, num_processes={num})")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    return True
+
+
+def is_main_process() -> bool:
+    """True on the one process that prints, writes metrics and draws progress bars."""
+    return jax.process_index() == 0
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of each global batch [A, B, T] that this process reads (its devices' shards of B)."""
+    check_batch_size(mesh, batch_size)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((1, batch_size, 1))
+    rows = sorted({i for idx in index_map.values() for i in range(batch_size)[idx[1]]})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError(f"process {jax.process_index()} owns non-contiguous batch rows {rows}; "
+                         "order the mesh so that each host's devices are adjacent on data/fsdp")
+    return slice(rows[0], rows[-1] + 1)
+
+
+def host_local_to_global(local, mesh: Mesh, batch_size: int) -> jax.Array:
+    """This process's rows [A, b, T] (from process_batch_rows) -> the global array [A, batch_size, T]."""
+    rows = process_batch_rows(mesh, batch_size)
+    local = np.asarray(local)
+    if local.ndim != 3 or local.shape[1] != rows.stop - rows.start:
+        raise ValueError(f"process {jax.process_index()} must pass its rows {rows.start}:{rows.stop} as "
+                         f"[A, {rows.stop - rows.start}, T]; got shape {local.shape}")
+    global_shape = (local.shape[0], batch_size, local.shape[2])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local, global_shape)
+
+
+# Tracing a Flax init takes a noticeable fraction of a second; configs are frozen, so cache the shapes.
+@lru_cache(maxsize=16)
+def _param_shapes(model_cfg: ModelConfig):
+    return jax.eval_shape(partial(init_params, model_cfg), jax.random.PRNGKey(0))
+
+
+@lru_cache(maxsize=16)
+def _logical_axes(model_cfg: ModelConfig):
+    return logical_axes(model_cfg)
+
+
+@lru_cache(maxsize=16)
+def _state_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
+    return jax.eval_shape(partial(init_train_state, model_cfg, train_cfg), jax.random.PRNGKey(0))
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer; got {text!r}") from None

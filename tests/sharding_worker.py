@@ -1,0 +1,197 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices; writes its findings as JSON.
+
+    python tests/sharding_worker.py OUT.json
+
+The reference is the plain, unsharded path (init_train_state + jax.jit(make_train_step) on one device); each
+mesh runs the same five steps through gpt2_jax.sharding. The test compares the numbers. The "memory" section
+holds the per-device bytes of the real presets (computed from shapes, nothing allocated) quoted in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Before jax is imported: 8 CPU devices, and XLA's cheapest backend optimisation, which halves compile time
+# (the reference and the sharded runs share it, so the comparison is unaffected).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0")
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from gpt2_jax import sharding as sh  # noqa: E402
+from gpt2_jax.config import ModelConfig, TrainConfig  # noqa: E402
+from gpt2_jax.model import GPT2, init_cache  # noqa: E402
+from gpt2_jax.training import init_train_state, make_train_step  # noqa: E402
+
+MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
+STEPS, ACCUM, BATCH, SEQ = 5, 2, 8, 32
+PROMPTS = np.array([[464, 329, 318, 257], [40, 88, 284, 111]], np.int32)  # two 4-token prompts
+NEW_TOKENS = 12
+# pad_vocab_to=64 makes the vocabulary (50304 rows) divisible by every axis, so tensor really splits it;
+# dropout checks that the random masks do not depend on the sharding.
+MODEL = ModelConfig.from_preset("tiny", vocab_size=500, pad_vocab_to=64, dropout=0.1)
+# Adam's eps is 1e-6, not 1e-8: a weight whose gradient is ~1e-9 (a unit the batch barely uses) gets an update
+# of about lr * sign(g) when eps << |g|, and the sign of such a gradient is decided by float32 rounding, which
+# the all-reduce order changes. eps = 1e-6 keeps those updates small, so 1e-5 compares the real arithmetic.
+TRAIN = TrainConfig(batch_size=BATCH, gradient_accumulation_steps=ACCUM, warmup_iters=1, learning_rate=1e-3, eps=1e-6)
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, MODEL.vocab_size, size=(STEPS + 1, ACCUM, BATCH, SEQ + 1), dtype=np.int32)
+    return tokens[..., :-1], tokens[..., 1:]
+
+
+def greedy_full(params, prompts):
+    """Greedy decoding by re-running the whole sequence: the causal model ignores the zeros after `pos`."""
+    B, T0 = prompts.shape
+    model = GPT2(MODEL)
+
+    @jax.jit
+    def run(params, buf):
+        def body(pos, buf):
+            logits = model.apply({"params": params}, buf)
+            return buf.at[:, pos].set(jnp.argmax(logits[:, pos - 1], axis=-1).astype(buf.dtype))
+        return jax.lax.fori_loop(T0, T0 + NEW_TOKENS, body, buf)
+
+    buf = jnp.zeros((B, T0 + NEW_TOKENS), jnp.int32).at[:, :T0].set(prompts)
+    return np.asarray(run(params, buf))[:, T0:].tolist()
+
+
+def greedy_cached(params, prompts, mesh):
+    """Greedy decoding with a KV cache laid out by sh.cache_shardings: prefill, then one token per step."""
+    B, T0 = prompts.shape
+    model = GPT2(MODEL)
+    cache_sh = sh.cache_shardings(MODEL, mesh, B, T0 + NEW_TOKENS)
+
+    @jax.jit
+    def run(params, prompts, cache):
+        logits, cache = model.apply({"params": params}, prompts, cache=cache)
+        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+        def body(i, carry):
+            out, cache = carry
+            logits, cache = model.apply({"params": params}, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1),
+                                        cache=cache)
+            return out.at[:, i].set(jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)), cache
+
+        out = jnp.zeros((B, NEW_TOKENS), jnp.int32).at[:, 0].set(first)
+        return jax.lax.fori_loop(1, NEW_TOKENS, body, (out, cache))[0]
+
+    cache = jax.device_put(init_cache(MODEL, B, T0 + NEW_TOKENS), cache_sh)
+    prompts = jax.device_put(jnp.asarray(prompts), sh.replicated(mesh))
+    return np.asarray(run(params, prompts, cache)).tolist()
+
+
+def max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def specs_of(tree) -> list[str]:
+    return [str(x.sharding.spec) for x in jax.tree.leaves(tree)]
+
+
+def reference(x, y, rng):
+    state = init_train_state(MODEL, TRAIN, rng)
+    unsharded_bytes = sh.state_bytes_per_device(state)
+    step = jax.jit(make_train_step(MODEL, TRAIN))
+    losses = []
+    for i in range(STEPS):
+        state, metrics = step(state, x[i], y[i], rng)
+        losses.append(float(metrics["loss"]))
+    return state, losses, unsharded_bytes
+
+
+def run_mesh(spec, x, y, rng):
+    mesh = sh.make_mesh(spec)
+    state = sh.create_sharded_state(MODEL, TRAIN, mesh, rng)
+    created_bytes = sh.state_bytes_per_device(state)
+    step = sh.make_sharded_train_step(MODEL, TRAIN, mesh)
+    losses = []
+    for i in range(STEPS):
+        xs, ys = (sh.host_local_to_global(a[i], mesh, BATCH) for a in (x, y))
+        state, metrics = step(state, xs, ys, rng)
+        losses.append(float(metrics["loss"]))
+    expected = specs_of(sh.abstract_state(MODEL, TRAIN, mesh))
+    return mesh, state, {"losses": losses, "bytes": created_bytes,
+                         "abstract_bytes": sh.state_bytes_per_device(sh.abstract_state(MODEL, TRAIN, mesh)),
+                         "specs_kept": specs_of(state) == expected,
+                         "wte_spec": str(state.params["wte"].sharding.spec),
+                         "c_attn_spec": str(state.params["h"]["attn"]["c_attn"]["weight"].sharding.spec),
+                         "c_fc_spec": str(state.params["h"]["mlp"]["c_fc"]["weight"].sharding.spec),
+                         "mu_wte_spec": str(state.opt_state[1][0].mu["wte"].sharding.spec),
+                         "tokens": greedy_cached(state.params, PROMPTS, mesh)}
+
+
+def save_and_restore(state, x, y, rng, ref_next_loss, ref_next_params):
+    """Save a data:8 state with orbax, restore it onto fsdp:4 (4 of the 8 devices) and take one more step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with ocp.CheckpointManager(Path(tmp) / "ckpt") as mgr:
+            mgr.save(STEPS, args=ocp.args.StandardSave(state))
+            mgr.wait_until_finished()
+            mesh4 = sh.make_mesh("fsdp:4", devices=jax.devices()[:4])
+            target = sh.abstract_state(MODEL, TRAIN, mesh4)
+            restored = mgr.restore(STEPS, args=ocp.args.StandardRestore(target))
+    out = {"restored_equal": max_diff(restored, state) == 0.0,
+           "restored_devices": len(restored.params["wte"].sharding.device_set),
+           "restored_wte_spec": str(restored.params["wte"].sharding.spec),
+           "restored_mu_spec": str(restored.opt_state[1][0].mu["wte"].sharding.spec),
+           "restored_step": int(restored.step)}
+    step = sh.make_sharded_train_step(MODEL, TRAIN, mesh4)
+    xs, ys = (sh.host_local_to_global(a[STEPS], mesh4, BATCH) for a in (x, y))
+    restored, metrics = step(restored, xs, ys, rng)
+    out["resumed_loss"] = float(metrics["loss"])
+    out["resumed_loss_diff"] = abs(out["resumed_loss"] - ref_next_loss)
+    out["resumed_param_diff"] = max_diff(restored.params, ref_next_params)
+    return out
+
+
+def memory_table() -> dict:
+    """Per-device bytes of params and optimizer state for the real presets on several 8-device meshes."""
+    table = {}
+    for preset in ("gpt2", "gpt2-xl"):
+        cfg = ModelConfig.from_preset(preset)
+        table[preset] = {"n_params": sum(int(np.prod(a.shape)) for a in
+                                         jax.tree.leaves(sh.abstract_state(cfg, TRAIN, sh.make_mesh("data:8")).params))}
+        for spec in ("data:8", "fsdp:8", "data:2,fsdp:4", "fsdp:4,tensor:2"):
+            table[preset][spec] = sh.state_bytes_per_device(sh.abstract_state(cfg, TRAIN, sh.make_mesh(spec)))
+        table[preset]["fallbacks_fsdp:4,tensor:2"] = sh.sharding_fallbacks(cfg, sh.make_mesh("fsdp:4,tensor:2"))
+    return table
+
+
+def main(out_path: str) -> None:
+    assert len(jax.devices()) == 8, f"need 8 devices (XLA_FLAGS), got {len(jax.devices())}"
+    x, y = batches()
+    rng = jax.random.PRNGKey(0)
+    ref_state, ref_losses, unsharded_bytes = reference(x, y, rng)
+    report = {"reference": {"losses": ref_losses, "bytes": unsharded_bytes,
+                            "n_params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(ref_state.params)),
+                            "tokens": greedy_full(ref_state.params, PROMPTS)},
+              "meshes": {}}
+    ref_params = jax.device_get(ref_state.params)
+    for spec in MESHES:
+        mesh, state, result = run_mesh(spec, x, y, rng)
+        result["max_param_diff"] = max_diff(state.params, ref_params)
+        result["max_opt_diff"] = max_diff(state.opt_state, ref_state.opt_state)
+        report["meshes"][spec] = result
+        if spec == "data:8":
+            saved = state
+    ref_next, metrics = jax.jit(make_train_step(MODEL, TRAIN))(ref_state, x[STEPS], y[STEPS], rng)
+    report["memory"] = memory_table()
+    report["mesh_minus_one"] = dict(sh.make_mesh("data:-1,tensor:2").shape)
+    report["restore"] = save_and_restore(saved, x, y, rng, float(metrics["loss"]), jax.device_get(ref_next.params))
+    Path(out_path).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
