@@ -1,0 +1,201 @@
+"""train.py end to end: exact resume after kill -9, Ctrl-C, NaN stop, logs, fine-tuning, and input errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train
+from gpt2_jax import checkpoint, data
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2, init_params
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 256
+# A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
+MODEL_FLAGS = ["--config=tiny", f"--vocab_size={VOCAB}", "--block_size=32", "--dropout=0.1"]
+RUN_FLAGS = ["--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=20", "--eval_interval=10",
+             "--log_interval=5", "--eval_iters=2", "--warmup_iters=5", "--lr_decay_iters=20", "--num_samples=0"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The subprocesses share a persistent XLA cache: the same tiny step is compiled once, not once per run."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    data.write_shard(out / "train_000000.bin", rng.integers(0, VOCAB, 4000))
+    data.write_shard(out / "val_000000.bin", rng.integers(0, VOCAB, 1000))
+    return out
+
+
+def start(*flags, out, env):
+    """train.py in a subprocess, its output going to a file next to out (a pipe could fill up and block it)."""
+    log_path = out.parent / f"{out.name}.log"
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-u", "train.py", *flags, f"--out_dir={out}"], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    proc.log_path = log_path
+    return proc
+
+
+def finish(proc, timeout=180) -> tuple[int, str]:
+    proc.wait(timeout=timeout)
+    return proc.returncode, proc.log_path.read_text()
+
+
+def run_train(*flags, out, env) -> tuple[int, str]:
+    return finish(start(*flags, out=out, env=env))
+
+
+def wait_until(condition, proc, what: str, timeout=180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py exited before {what}:\n{finish(proc)[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def full_state(out, step):
+    meta = checkpoint.read_meta(out, step)
+    model_cfg, train_cfg = ModelConfig(**meta["model_config"]), train.TrainConfig(**meta["train_config"])
+    return checkpoint.restore_train_state(out, model_cfg, train_cfg, step)[0]
+
+
+def assert_bitwise_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir, env):
+    """A 20-step run, with checkpoints at 10 and 20 and one sample at the end."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    rc, log = run_train(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--num_samples=1", "--sample_tokens=8",
+                        out=out, env=env)
+    assert rc == 0, log
+    return out, log
+
+
+def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, data_dir, straight, env):
+    straight, _ = straight
+    common = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}"]
+    killed = tmp_path / "killed"
+    # Many eval batches make the step-20 eval long, so the kill lands between the two checkpoints.
+    proc = start(*common, "--eval_iters=3000", out=killed, env=env)
+    wait_until(lambda: 10 in checkpoint._steps(killed), proc, "the step-10 checkpoint")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 20 not in checkpoint._steps(killed), "the run finished before the kill; nothing was resumed"
+    rc, log = run_train("--init_from=resume", "--eval_iters=2", out=killed, env=env)
+    assert rc == 0, log
+    assert f"resumed {killed} at step 10" in log
+
+    assert_bitwise_equal(full_state(killed, 20).params, full_state(straight, 20).params)
+    assert_bitwise_equal(full_state(killed, 20).opt_state, full_state(straight, 20).opt_state)
+    # The log keeps the killed run's first 10 steps (not what it logged after) and continues them exactly.
+    train_losses = lambda out: [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
+    assert train_losses(killed) == train_losses(straight)
+    assert "val_loss" in records(straight)[-1] and records(killed)[-1] == records(straight)[-1]
+
+
+def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
+    out, log = straight
+    recs = records(out)
+    train_recs = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] > 0 for r in train_recs)
+    # 4 x 2 sequences of 32 tokens a step; tokens/s and ms/step describe the same measured time.
+    for r in train_recs:
+        assert r["tokens_per_s"] == pytest.approx(4 * 2 * 32 / (r["ms_per_step"] / 1e3))
+    assert [r["step"] for r in recs if "val_loss" in r] == [10, 20]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MFU against" in log and "step 20: train loss" in log
+    assert "-" * 60 in log  # the sample's separator
+    assert checkpoint.read_meta(out)["data"]["next_batch"] == 20
+
+
+def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_path, data_dir, env):
+    out = tmp_path / "run"
+    # max_iters is not part of the compiled step, so this run reuses the straight run's cached executable.
+    proc = start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--max_iters=100000", out=out, env=env)
+    wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text(), proc,
+               "the first logged step")
+    os.kill(proc.pid, signal.SIGINT)
+    rc, log = finish(proc, timeout=120)
+    assert rc == 0, log
+    saved = checkpoint._steps(out)
+    assert len(saved) == 1 and saved[0] >= 5
+    assert f"interrupted: saved a checkpoint of step {saved[0]}" in log
+    before = checkpoint.load_weights(out)[1]
+
+    # An absurd learning rate: the first resumed step's update overflows, so the next step's loss is NaN.
+    rc, log = run_train("--init_from=resume", "--lr_schedule=constant", "--warmup_iters=0", "--learning_rate=1e30",
+                        out=out, env=env)
+    assert rc == 1, log
+    assert f"the loss is nan at step {saved[0] + 2}" in log
+    assert checkpoint._steps(out) == saved
+    assert_bitwise_equal(checkpoint.load_weights(out)[1], before)
+
+
+def main_error(capsys, *argv) -> str:
+    assert train.main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys):
+    out, _ = straight
+    flags = [*MODEL_FLAGS, f"--data={data_dir}", f"--out_dir={tmp_path / 'new'}"]
+    assert "unknown flag --n_layers" in main_error(capsys, *flags, "--n_layers=3")
+    assert "unknown model preset 'gpt3'" in main_error(capsys, *flags, "--config=gpt3")
+    assert f"{out} already holds checkpoints" in main_error(capsys, *MODEL_FLAGS, f"--data={data_dir}",
+                                                            f"--out_dir={out}")
+    assert "was saved for another model: n_layer=2 (this run: 3)" in main_error(
+        capsys, "--init_from=resume", f"--out_dir={out}", "--n_layer=3")
+    assert "train_000000.bin: token id 255 is outside the model's vocabulary (vocab_size 200)" in main_error(
+        capsys, *flags, "--vocab_size=200")
+    assert "no train data in" in main_error(capsys, *flags[:-2], f"--data={tmp_path}", flags[-1])
+    assert "does not exist" in main_error(capsys, *flags, f"--init_from={tmp_path / 'nothing'}")
+    assert "holds no complete checkpoint" in main_error(capsys, "--init_from=resume", f"--out_dir={tmp_path}")
+    (tmp_path / "bad.json").write_text('{"n_layer": 2, "max_iter": 5}')
+    assert "keys ['max_iter'] are neither" in main_error(capsys, *flags, f"--config={tmp_path / 'bad.json'}")
+
+
+def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir, capsys):
+    source_cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=64)
+    params = init_params(source_cfg, jax.random.PRNGKey(7))
+    checkpoint.save_weights(tmp_path / "weights", source_cfg, params)
+    out = tmp_path / "tuned"
+    argv = [f"--init_from={tmp_path / 'weights'}", "--block_size=32", f"--data={data_dir}", f"--out_dir={out}",
+            "--max_iters=1", "--log_interval=1", "--eval_iters=1", "--batch_size=4", "--num_samples=0"]
+    assert train.main(argv) == 0, capsys.readouterr()
+    meta = checkpoint.read_meta(out)
+    assert meta["model_config"] == ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32).to_dict()
+    # The first loss is that of the loaded weights (first 32 positions) on the first batch, computed here by hand.
+    x, y = data.open_split(data_dir, "train").batch(meta["train_config"]["seed"], 0, 4, 32)
+    cropped = dict(params, wpe=params["wpe"][:32])
+    logits = GPT2(ModelConfig(**meta["model_config"])).apply({"params": cropped}, jnp.asarray(x[0]))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    expected = -np.mean(np.take_along_axis(np.asarray(logp), y[0][..., None], axis=-1))
+    assert records(out)[0]["loss"] == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,339 @@
+"""Train GPT-2: from scratch, resumed, or fine-tuned from converted weights.
+
+    python train.py                                    # the mini model on Shakespeare, ~10 minutes on 2 CPU cores
+    python train.py --config=gpt2 --init_from=PATH --learning_rate=3e-5   # fine-tune converted weights
+    python train.py --config=run.json --max_iters=500  # a JSON of overrides ("preset": a model preset)
+    python train.py --init_from=resume --out_dir=out   # continue the latest checkpoint in out_dir
+
+--config=NAME picks a model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini; default mini). Every
+TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_dir, max_iters, batch_size,
+block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gpt2_jax import checkpoint, convert, data  # noqa: E402
+from gpt2_jax.config import (ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides,  # noqa: E402
+                             replace)
+from gpt2_jax.model import count_params  # noqa: E402
+from gpt2_jax.sampling import generate  # noqa: E402
+from gpt2_jax.tokenizer import get_tokenizer  # noqa: E402
+from gpt2_jax.training import init_train_state, make_eval_step, make_train_step  # noqa: E402
+
+DEFAULT_PRESET = "mini"
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
+# Dense peak TFLOP/s per chip: (16-bit, 32-bit as XLA runs float32 matmuls by default: TF32 on NVIDIA since
+# Ampere, bf16 passes on TPU). Matched against jax's device_kind, first match wins.
+PEAK_TFLOPS = [
+    ("h100 pcie", (756.0, 378.0)), ("h100", (989.0, 494.0)), ("h200", (989.0, 494.0)), ("gh200", (989.0, 494.0)),
+    ("a100", (312.0, 156.0)), ("l40s", (362.0, 183.0)), ("l4", (121.0, 60.0)), ("a10", (125.0, 62.5)),
+    ("v100", (125.0, 15.7)), ("tpu v6", (918.0, 918.0)), ("tpu v5 lite", (197.0, 197.0)),
+    ("tpu v5e", (197.0, 197.0)), ("tpu v5", (459.0, 459.0)), ("tpu v4", (275.0, 275.0)), ("tpu v3", (123.0, 123.0)),
+]
+
+
+def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
+    """(preset, model overrides, train overrides) from --config=NAME|FILE.json and --key=value flags."""
+    preset, file_overrides, rest = None, {}, []
+    for arg in argv:
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+            if value.endswith(".json"):
+                file_overrides = json.loads(Path(value).read_text())
+                if not isinstance(file_overrides, dict):
+                    raise ConfigError(f"{value} must hold a JSON object of overrides")
+                preset = file_overrides.pop("preset", preset)
+            else:
+                preset = value
+        else:
+            rest.append(arg)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    (train_flags, model_flags), positional = parse_overrides(rest, TrainConfig, ModelConfig)
+    if positional:
+        raise ConfigError(f"unexpected argument(s) {positional}; flags are written --key=value")
+    model_keys = {f for f in ModelConfig.__dataclass_fields__}
+    unknown = sorted(k for k in file_overrides if k not in model_keys and k not in TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"config file keys {unknown} are neither TrainConfig nor ModelConfig fields")
+    model = {k: v for k, v in file_overrides.items() if k in model_keys} | model_flags
+    train = {k: v for k, v in file_overrides.items() if k not in model_keys} | train_flags
+    return preset, model, train
+
+
+def resolve(argv: list[str]):
+    """The run's (ModelConfig, TrainConfig, initial params or None) after checking every input up front."""
+    preset, model_over, train_over = read_flags(argv)
+    train_cfg = TrainConfig(**train_over)
+    init = train_cfg.init_from
+    if init == "resume":
+        meta = checkpoint.read_meta(train_cfg.out_dir)
+        base = ModelConfig.from_preset(preset) if preset else replace(ModelConfig(), **meta["model_config"])
+        train_cfg = replace(replace(TrainConfig(), **meta["train_config"]), **train_over)
+        return replace(base, **model_over), train_cfg, None
+    if init == "scratch":
+        if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
+            raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
+                              f"--init_from=resume or pick another --out_dir")
+        return ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over), train_cfg, None
+    if not Path(init).exists():
+        raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; {init} does not exist")
+    loaded_cfg, params = convert.load(init)
+    model_cfg = replace(ModelConfig.from_preset(preset) if preset else loaded_cfg, **model_over)
+    if model_cfg.block_size < loaded_cfg.block_size:  # fine-tune with a shorter context: keep the first positions
+        params = dict(params, wpe=params["wpe"][: model_cfg.block_size])
+        loaded_cfg = replace(loaded_cfg, block_size=model_cfg.block_size)
+    checkpoint.check_model_config(loaded_cfg.to_dict(), replace(model_cfg, param_dtype=loaded_cfg.param_dtype), init)
+    params = jax.tree.map(lambda p: p.astype(model_cfg.param_dtype), params)
+    return model_cfg, train_cfg, params
+
+
+def open_data(model_cfg: ModelConfig, train_cfg: TrainConfig):
+    """The train and val splits, checked against the model's vocabulary and context length."""
+    data_dir = Path(train_cfg.data) if train_cfg.data else data.shakespeare()
+    splits = data.open_split(data_dir, "train"), data.open_split(data_dir, "val")
+    for split in splits:
+        split.check(model_cfg.vocab_size, model_cfg.block_size)
+    return data_dir, splits
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from): the table for known chips, else a measured matmul."""
+    device = jax.devices()[0]
+    kind = device.device_kind.lower()
+    for name, (half, full) in PEAK_TFLOPS:
+        if name in kind:
+            return (full if dtype == "float32" else half) * 1e12, f"{device.device_kind} datasheet"
+    n = 1024
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best, f"measured {n}x{n} {dtype} matmul on {device.device_kind}"
+
+
+def flops_per_token(model_cfg: ModelConfig, params) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention (nanoGPT's estimate)."""
+    n = count_params(params) - params["wpe"].size
+    return 6 * n + 12 * model_cfg.n_layer * model_cfg.n_embd * model_cfg.block_size
+
+
+class StopRequest:
+    """Ctrl-C (or SIGTERM) asks the loop to save and stop; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self._previous[signum])
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Metrics:
+    """metrics.jsonl (one object a line) and the loss-curve PNG in out_dir."""
+
+    def __init__(self, out_dir: Path, start_step: int):
+        self.path, self.png = out_dir / "metrics.jsonl", out_dir / "loss.png"
+        self.records = []
+        if self.path.exists():  # a resumed run drops what the interrupted run logged after its checkpoint
+            lines = self.path.read_text().splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        for points, label in ((train, "train"), (val, "val")):
+            if points:
+                ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
+        ax.set(xlabel="step", ylabel="loss", title="cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.png, dpi=100)
+        plt.close(fig)
+
+
+class Run:
+    """One training run: the compiled steps, data, checkpoints and logs around a TrainState."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params):
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        self.out_dir = Path(train_cfg.out_dir)
+        self.data_dir, (self.train_data, self.val_data) = open_data(model_cfg, train_cfg)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rng = jax.random.PRNGKey(train_cfg.seed)
+        if train_cfg.init_from == "resume":
+            self.state, meta = checkpoint.restore_train_state(self.out_dir, model_cfg, train_cfg)
+            self.rng = jnp.asarray(meta["rng"], jnp.uint32)
+            tqdm.write(f"resumed {self.out_dir} at step {meta['step']} (val loss {meta.get('val_loss')})")
+        else:
+            init = jax.jit(init_train_state, static_argnums=(0, 1))
+            self.state = init(model_cfg, train_cfg, jax.random.PRNGKey(train_cfg.seed), params)
+        self.last_saved = int(self.state.step) if train_cfg.init_from == "resume" else None
+        self.manager = checkpoint.open_manager(self.out_dir, keep=train_cfg.keep_checkpoints)
+        self.metrics = Metrics(self.out_dir, int(self.state.step))
+        self.git_commit = checkpoint.git_commit()
+
+    def batch(self, step: int):
+        c = self.cfg
+        return self.train_data.batch(c.seed, step, c.batch_size, self.model_cfg.block_size,
+                                     c.gradient_accumulation_steps, jax.process_index())
+
+    def compile(self):
+        """The jitted, state-donating train step and the eval step, compiled before the clock starts."""
+        start = time.perf_counter()
+        x, y = self.batch(int(self.state.step))
+        step_fn = jax.jit(make_train_step(self.model_cfg, self.cfg), donate_argnums=0)
+        step_fn = step_fn.lower(self.state, x, y, self.rng).compile()
+        vx, vy = self.val_data.batch(self.cfg.seed, 0, self.cfg.batch_size, self.model_cfg.block_size)
+        eval_fn = jax.jit(make_eval_step(self.model_cfg, self.cfg)).lower(self.state.params, vx[0], vy[0]).compile()
+        tqdm.write(f"compiled the train and eval steps in {time.perf_counter() - start:.1f} s")
+        return step_fn, eval_fn
+
+    def evaluate(self, eval_fn) -> float:
+        """Mean val loss over eval_iters batches (the same batches at every eval, so evals compare)."""
+        losses = []
+        for i in range(self.cfg.eval_iters):
+            x, y = self.val_data.batch(self.cfg.seed, i, self.cfg.batch_size, self.model_cfg.block_size)
+            losses.append(eval_fn(self.state.params, x[0], y[0]))
+        return float(np.mean(jax.device_get(losses)))
+
+    def save(self, val_loss: float | None = None) -> None:
+        step = int(self.state.step)
+        meta = {"model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
+                "rng": np.asarray(jax.random.key_data(self.rng)).tolist(), "git_commit": self.git_commit,
+                # Batches are a pure function of (seed, step, process), so the step is the data position.
+                "data": {"dir": str(self.data_dir), "seed": self.cfg.seed, "next_batch": step,
+                         "train_tokens": self.train_data.n_tokens, "process_count": jax.process_count()}}
+        checkpoint.save_train_state(self.manager, self.state, meta, val_loss)
+        self.last_saved = step
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def progress(step: int, loss: float, lr: float, seconds_per_step: float, tokens_per_step: int,
+             flops_per_step: float, peak: float) -> dict:
+    return {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / seconds_per_step,
+            "ms_per_step": 1e3 * seconds_per_step, "mfu": flops_per_step / seconds_per_step / peak}
+
+
+def train(run: Run) -> int:
+    """The loop: step, log, evaluate and save every eval_interval, stop on Ctrl-C or a non-finite loss."""
+    cfg, model_cfg = run.cfg, run.model_cfg
+    stop = StopRequest()
+    step_fn, eval_fn = run.compile()
+    peak, peak_source = peak_flops(model_cfg.dtype)
+    tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * model_cfg.block_size * jax.process_count()
+    flops_per_step = flops_per_token(model_cfg, run.state.params) * tokens_per_step
+    tqdm.write(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens_per_step:,} tokens a step; "
+               f"MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
+    step = int(run.state.step)
+    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True)
+    x, y = run.batch(step)
+    window_start, losses = time.perf_counter(), []
+    while step < cfg.max_iters and not stop.requested:
+        run.state, out = step_fn(run.state, x, y, run.rng)
+        step += 1
+        if step < cfg.max_iters:
+            x, y = run.batch(step)  # drawn on the host while the device runs the step
+        loss, lr = float(out["loss"]), float(out["lr"])
+        if not math.isfinite(loss):
+            bar.close()
+            run.close()  # a save in flight completes, so the last checkpoint stays whole
+            print(f"error: the loss is {loss} at step {step}; stopping without saving. The last checkpoint "
+                  f"(step {run.last_saved}) in {run.out_dir} is unchanged.", file=sys.stderr)
+            return 1
+        losses.append(loss)
+        p = progress(step, loss, lr, (time.perf_counter() - window_start) / len(losses), tokens_per_step,
+                     flops_per_step, peak)
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {p['tokens_per_s']:,.0f} tok/s "
+                            f"{p['ms_per_step']:.0f} ms/step MFU {100 * p['mfu']:.1f}%", refresh=False)
+        bar.update(1)
+        if step % cfg.log_interval == 0:
+            run.metrics.log(dict(p, loss=float(np.mean(losses))))
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            val_loss = run.evaluate(eval_fn)
+            run.metrics.log({"step": step, "val_loss": val_loss})
+            run.metrics.plot()
+            run.save(val_loss)
+            bar.write(f"step {step}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}; checkpoint saved")
+        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0:
+            window_start, losses = time.perf_counter(), []
+    bar.close()
+    if stop.requested and run.last_saved != step:
+        run.save()
+        print(f"interrupted: saved a checkpoint of step {step} in {run.out_dir}; continue with --init_from=resume")
+    stop.restore()
+    run.close()
+    return 0
+
+
+def print_samples(run: Run) -> None:
+    """A few samples from the trained model, each starting from a newline."""
+    cfg = run.cfg
+    if cfg.num_samples == 0:
+        return
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.encode("\n")
+    fits = len(prompt) + cfg.sample_tokens <= run.model_cfg.block_size
+    outs = generate(run.model_cfg, run.state.params, [prompt] * cfg.num_samples, max_new_tokens=cfg.sample_tokens,
+                    temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, seed=cfg.seed, sliding_window=not fits)
+    for tokens in outs:
+        print(tokenizer.decode(prompt + tokens))
+        print("-" * 60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        model_cfg, train_cfg, params = resolve(argv)
+        run = Run(model_cfg, train_cfg, params)
+    except (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError,
+            json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code = train(run)
+    if code == 0:
+        print_samples(run)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
