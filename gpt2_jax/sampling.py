@@ -1,0 +1,306 @@
+"""Text generation: pure sampling functions and a jitted prefill + lax.while_loop decode over a KV cache.
+
+One batch of prompts runs as: left-pad the prompts to a bucketed length P, allocate one KV cache of S slots,
+prefill it with the whole prompt in one forward call, then decode inside a single jitted lax.while_loop. Rows
+are independent: each has its own PRNG key (from the seed and the row id), its own position ids and padding
+mask, and stops on its own. Shapes depend only on (B, P, S, N), which are bucketed, so thousands of prompts
+of mixed length compile a handful of times (`compile_count` says how many).
+
+Sliding window (opt-in): when a row would outgrow block_size, the cache is rebuilt from the last
+block_size // 2 tokens of every row (one prefill call) and decoding goes on; positions restart at 0 for the
+window, as when nanoGPT crops its context, but the recompute happens once per block_size // 2 tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2, KVCache, init_cache
+
+EOT_TOKEN = 50256
+MIN_PROMPT_BUCKET = 16
+# How many compiled functions were traced, by name: jax.jit traces once per compilation.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def compile_count() -> int:
+    """How many times the prefill and decode functions have been compiled in this process."""
+    return sum(TRACE_COUNTS.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How the next token is drawn: temperature 0 = greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off); got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def filter_sorted_logits(logits_BK, sampler: Sampler):
+    """Temperature, then top-p on logits sorted in descending order: excluded entries become -inf."""
+    logits_BK = logits_BK / sampler.temperature
+    if sampler.top_p < 1.0:
+        probs_BK = jax.nn.softmax(logits_BK, axis=-1)
+        # Keep the smallest prefix whose probability reaches top_p: an entry stays if the mass before it is short.
+        mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+        logits_BK = jnp.where(mass_before_BK < sampler.top_p, logits_BK, -jnp.inf)
+    return logits_BK
+
+
+def sample_logits(logits_BV, keys_B, sampler: Sampler):
+    """One token per row from float logits [B, V] with one PRNG key per row; returns int32 [B].
+
+    Order of the filters (as in transformers): temperature, top-k, top-p, then a draw from the renormalised rest.
+    """
+    if sampler.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if sampler.top_k == 0 and sampler.top_p == 1.0:
+        return jax.vmap(jax.random.categorical)(keys_B, logits_BV / sampler.temperature).astype(jnp.int32)
+    # top-k alone needs the k largest; top-p needs them sorted; lax.top_k gives both (k = V sorts everything).
+    k = min(sampler.top_k or logits_BV.shape[-1], logits_BV.shape[-1])
+    values_BK, index_BK = jax.lax.top_k(logits_BV, k)
+    choice_B = jax.vmap(jax.random.categorical)(keys_B, filter_sorted_logits(values_BK, sampler))
+    return jnp.take_along_axis(index_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def row_key(seed: int, row_id: int | Sequence[int]):
+    """The PRNG key of one row, from the seed and the row's id (an int or a tuple of ints), never its position."""
+    key = jax.random.key(seed)
+    for part in (row_id,) if isinstance(row_id, (int, np.integer)) else row_id:
+        key = jax.random.fold_in(key, int(part))
+    return key
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries; rows are independent and a finished row is never written again."""
+
+    cache: KVCache
+    mask_BS: jax.Array  # which cache slots hold real tokens (False = left padding)
+    last_B: jax.Array  # the newest token of each row, not yet in the cache
+    wrote_B: jax.Array  # whether last_B was appended to the row's output (False once finished or on a stop token)
+    position_B: jax.Array  # its position id
+    tokens_BN: jax.Array  # generated tokens; row b's are tokens_BN[b, :num_tokens_B[b]]
+    num_tokens_B: jax.Array
+    limit_B: jax.Array  # max new tokens of each row (0 for padding rows)
+    done_B: jax.Array
+    stopped_B: jax.Array  # finished on a stop token (else on its limit)
+    keys_B: jax.Array
+    step: jax.Array  # int32 scalar: tokens sampled so far (the same for every row, finished or not)
+
+
+def _record(state: DecodeState, token_B, stop_tokens: tuple[int, ...]) -> DecodeState:
+    """Append a sampled token to every unfinished row and update which rows are finished."""
+    is_stop_B = jnp.isin(token_B, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else False
+    write_B = ~state.done_B & ~is_stop_B
+    # Every unfinished row has written exactly `step` tokens before, so its next column is the shared `step`.
+    column_B = jnp.where(write_B, token_B, state.tokens_BN[:, state.step])
+    num_tokens_B = state.num_tokens_B + write_B
+    stopped_B = state.stopped_B | (~state.done_B & is_stop_B)
+    return state.replace(
+        tokens_BN=state.tokens_BN.at[:, state.step].set(column_B),
+        num_tokens_B=num_tokens_B,
+        stopped_B=stopped_B,
+        done_B=state.done_B | stopped_B | (num_tokens_B >= state.limit_B),
+        last_B=token_B,
+        wrote_B=write_B,
+        step=state.step + 1,
+    )
+
+
+def _step_keys(state: DecodeState):
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens"), donate_argnames=("state",))
+def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, params, state: DecodeState, tokens_BP, mask_BP):
+    """Fill an empty cache with left-padded tokens [B, P] in one forward call and sample each row's next token."""
+    TRACE_COUNTS["prefill"] += 1
+    B, P = tokens_BP.shape
+    S = state.cache.k.shape[2]
+    positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
+    mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, S - P), bool)], axis=1)
+    empty = KVCache(k=jnp.zeros_like(state.cache.k), v=jnp.zeros_like(state.cache.v), index=jnp.int32(0))
+    logits_BPV, cache = GPT2(config).apply(
+        {"params": params}, tokens_BP, positions=positions_BP, attn_mask=mask_BS, cache=empty)
+    state = state.replace(cache=cache, mask_BS=mask_BS, position_B=positions_BP[:, -1] + 1)
+    token_B = sample_logits(logits_BPV[:, -1], _step_keys(state), sampler)
+    return _record(state, token_B, stop_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens", "on_token"),
+                   donate_argnames=("state",))
+def _decode(config: ModelConfig, sampler: Sampler, stop_tokens, on_token, params, state: DecodeState, stop_at):
+    """Feed each row's newest token and sample the next, in a while_loop, until step == stop_at, every row is
+    finished, or the cache is full. on_token (static, optional) gets (tokens [B], wrote [B]) on the host per step."""
+    TRACE_COUNTS["decode"] += 1
+    model = GPT2(config)
+    S = state.cache.k.shape[2]
+
+    def running(s: DecodeState):
+        return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.cache.index < S)
+
+    def step(s: DecodeState):
+        logits_B1V, cache = model.apply({"params": params}, s.last_B[:, None], positions=s.position_B[:, None],
+                                        attn_mask=s.mask_BS, cache=s.cache)
+        s = s.replace(cache=cache, position_B=s.position_B + 1)
+        s = _record(s, sample_logits(logits_B1V[:, 0], _step_keys(s), sampler), stop_tokens)
+        if on_token is not None:
+            jax.debug.callback(on_token, s.last_B, s.wrote_B, ordered=True)
+        return s
+
+    return jax.lax.while_loop(running, step, state)
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]
+    finish_reason: str  # "stop" (a stop token or stop string) or "length" (max_new_tokens)
+
+
+def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    """The next power of two >= n (at least minimum): few distinct shapes, at most 2x padding."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def batch_shapes(config: ModelConfig, longest_prompt: int, max_new_tokens: int, sliding_window: bool):
+    """(P, S): the padded prompt length and cache length of a batch whose longest prompt is longest_prompt."""
+    T = config.block_size
+    P = min(_bucket(longest_prompt), T)
+    if not sliding_window:
+        # Padding slots are cache slots too: keep P + max_new_tokens within block_size (each row fits by itself).
+        P = max(longest_prompt, min(P, T - max_new_tokens))
+    return P, min(T, P + max_new_tokens)
+
+
+def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  sliding_window: bool) -> None:
+    """Raise a ValueError naming the first prompt that is empty or does not fit with max_new_tokens."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. <|endoftext|> = {EOT_TOKEN})")
+        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {config.vocab_size})")
+        if not sliding_window and len(prompt) + max_new_tokens > config.block_size:
+            raise ValueError(
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(prompt) + max_new_tokens} > block_size {config.block_size} "
+                "(shorten it, lower max_new_tokens, or ask for a sliding window)")
+
+
+def _left_pad(rows: Sequence[Sequence[int]], B: int, P: int):
+    tokens_BP = np.zeros((B, P), np.int32)
+    mask_BP = np.zeros((B, P), bool)
+    for b, row in enumerate(rows):
+        row = list(row)[-P:]
+        if row:
+            tokens_BP[b, P - len(row):] = row
+            mask_BP[b, P - len(row):] = True
+    return tokens_BP, mask_BP
+
+
+def _empty_state(config: ModelConfig, B: int, S: int, N: int, keys, limits) -> DecodeState:
+    return DecodeState(
+        cache=init_cache(config, B, S), mask_BS=jnp.zeros((B, S), bool), last_B=jnp.zeros((B,), jnp.int32),
+        wrote_B=jnp.zeros((B,), bool), position_B=jnp.zeros((B,), jnp.int32), tokens_BN=jnp.zeros((B, N), jnp.int32),
+        num_tokens_B=jnp.zeros((B,), jnp.int32), limit_B=jnp.asarray(limits, jnp.int32),
+        done_B=jnp.asarray(limits, jnp.int32) == 0, stopped_B=jnp.zeros((B,), bool), keys_B=keys, step=jnp.int32(0))
+
+
+def _sliding_window(config, sampler, stop_tokens, params, state: DecodeState, prompts, B: int) -> DecodeState:
+    """Rebuild the cache from the last block_size // 2 tokens of every row (prompt + generated so far)."""
+    W = config.block_size // 2
+    tokens_BN, num_B = np.asarray(state.tokens_BN), np.asarray(state.num_tokens_B)
+    rows = [list(p) + tokens_BN[b, :num_B[b]].tolist() for b, p in enumerate(prompts)]
+    tokens_BW, mask_BW = _left_pad(rows, B, W)
+    return _prefill(config, sampler, stop_tokens, params, state, jnp.asarray(tokens_BW), jnp.asarray(mask_BW))
+
+
+def generate_batch(config: ModelConfig, params, prompts: Sequence[Sequence[int]], keys, *, max_new_tokens: int,
+                   sampler: Sampler, batch_size: int | None = None, stop_tokens: tuple[int, ...] = (EOT_TOKEN,),
+                   sliding_window: bool = False, is_finished: Callable[[list[int]], bool] | None = None,
+                   check_every: int = 16, on_token: Callable | None = None) -> list[Completion]:
+    """Generate for up to batch_size prompts in one padded batch (extra rows are padding and cost compute only).
+
+    keys: one PRNG key per prompt (see row_key). is_finished: a host-side test on a row's tokens (stop strings),
+    run every check_every tokens; a row it accepts is finished and left unchanged. on_token: called on the host
+    with (tokens [B], wrote [B]) after every sampled token (for streaming); wrote says which rows took it.
+    """
+    B = batch_size or len(prompts)
+    if not 0 < len(prompts) <= B:
+        raise ValueError(f"generate_batch takes 1 to batch_size={B} prompts; got {len(prompts)}")
+    check_lengths(config, prompts, max_new_tokens, sliding_window)
+    stop_tokens = tuple(int(t) for t in stop_tokens)
+    P, S = batch_shapes(config, max(len(p) for p in prompts), max_new_tokens, sliding_window)
+    pad_rows = B - len(prompts)
+    keys = jnp.concatenate([jnp.stack(list(keys)), jnp.stack([jax.random.key(0)] * pad_rows)]) if pad_rows else \
+        jnp.stack(list(keys))
+    limits = [max_new_tokens] * len(prompts) + [0] * pad_rows
+    state = _empty_state(config, B, S, max_new_tokens, keys, limits)
+    tokens_BP, mask_BP = _left_pad(prompts, B, P)
+    state = _prefill(config, sampler, stop_tokens, params, state, jnp.asarray(tokens_BP), jnp.asarray(mask_BP))
+    if on_token is not None:
+        on_token(np.asarray(state.last_B), np.asarray(state.wrote_B))
+    chunk = check_every if is_finished is not None else max_new_tokens
+    while not bool(jnp.all(state.done_B)):
+        state = _decode(config, sampler, stop_tokens, on_token, params, state, state.step + chunk)
+        if is_finished is not None:
+            state = _apply_host_stops(state, is_finished)
+        if int(state.cache.index) == S and not bool(jnp.all(state.done_B)):
+            state = _sliding_window(config, sampler, stop_tokens, params, state, prompts, B)
+    tokens_BN, num_B, stopped_B = (np.asarray(a) for a in (state.tokens_BN, state.num_tokens_B, state.stopped_B))
+    return [Completion(tokens_BN[b, :num_B[b]].tolist(), "stop" if stopped_B[b] else "length")
+            for b in range(len(prompts))]
+
+
+def _apply_host_stops(state: DecodeState, is_finished: Callable[[list[int]], bool]) -> DecodeState:
+    """Mark rows that is_finished accepts as finished (stopped), so the loop never writes to them again."""
+    tokens_BN, num_B, done_B = (np.asarray(a) for a in (state.tokens_BN, state.num_tokens_B, state.done_B))
+    hits = np.array([not done_B[b] and is_finished(tokens_BN[b, :num_B[b]].tolist()) for b in range(len(done_B))])
+    if not hits.any():
+        return state
+    return state.replace(done_B=state.done_B | hits, stopped_B=state.stopped_B | hits)
+
+
+def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_tokens=(EOT_TOKEN,), batch_size: int = 16, sliding_window: bool = False) -> list[list[int]]:
+    """New tokens for each prompt (stop token excluded); row i's randomness comes from (seed, i) only."""
+    sampler = Sampler(temperature, top_k, top_p)
+    check_lengths(model_cfg, prompts, max_new_tokens, sliding_window)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    B = min(batch_size, _bucket(len(prompts), minimum=1))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), B):
+        ids = order[start:start + B]
+        done = generate_batch(model_cfg, params, [prompts[i] for i in ids], [row_key(seed, i) for i in ids],
+                              max_new_tokens=max_new_tokens, sampler=sampler, batch_size=B,
+                              stop_tokens=tuple(stop_tokens), sliding_window=sliding_window)
+        for i, completion in zip(ids, done):
+            out[i] = completion.tokens
+    return out
