@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from gpt2_jax import sharding as sh  # noqa: E402
 from gpt2_jax.config import ModelConfig, TrainConfig  # noqa: E402
 from gpt2_jax.model import GPT2, init_cache  # noqa: E402
+from gpt2_jax.sampling import generate  # noqa: E402
 from gpt2_jax.training import init_train_state, make_train_step  # noqa: E402
 
 MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
@@ -92,6 +93,11 @@ def greedy_cached(params, prompts, mesh):
     return np.asarray(run(params, prompts, cache)).tolist()
 
 
+def greedy_generate(params):
+    """sampling.generate with top_k=1 (greedy under any temperature) on whatever devices params live on."""
+    return generate(MODEL, params, PROMPTS.tolist(), max_new_tokens=NEW_TOKENS, top_k=1, stop_tokens=())
+
+
 def max_diff(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
                zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -130,7 +136,7 @@ def run_mesh(spec, x, y, rng):
                          "c_attn_spec": str(state.params["h"]["attn"]["c_attn"]["weight"].sharding.spec),
                          "c_fc_spec": str(state.params["h"]["mlp"]["c_fc"]["weight"].sharding.spec),
                          "mu_wte_spec": str(state.opt_state[1][0].mu["wte"].sharding.spec),
-                         "tokens": greedy_cached(state.params, PROMPTS, mesh)}
+                         "tokens": greedy_generate(state.params)}
 
 
 def save_and_restore(state, x, y, rng, ref_next_loss, ref_next_params):
@@ -176,7 +182,8 @@ def main(out_path: str) -> None:
     ref_state, ref_losses, unsharded_bytes = reference(x, y, rng)
     report = {"reference": {"losses": ref_losses, "bytes": unsharded_bytes,
                             "n_params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(ref_state.params)),
-                            "tokens": greedy_full(ref_state.params, PROMPTS)},
+                            "tokens": greedy_full(ref_state.params, PROMPTS),
+                            "generate_tokens": greedy_generate(ref_state.params)},
               "meshes": {}}
     ref_params = jax.device_get(ref_state.params)
     for spec in MESHES:
@@ -186,6 +193,8 @@ def main(out_path: str) -> None:
         report["meshes"][spec] = result
         if spec == "data:8":
             saved = state
+        if spec == "data:2,fsdp:2,tensor:2":
+            result["cached_tokens"] = greedy_cached(state.params, PROMPTS, mesh)
     ref_next, metrics = jax.jit(make_train_step(MODEL, TRAIN))(ref_state, x[STEPS], y[STEPS], rng)
     report["memory"] = memory_table()
     report["mesh_minus_one"] = dict(sh.make_mesh("data:-1,tensor:2").shape)

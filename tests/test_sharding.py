@@ -115,7 +115,13 @@ def test_five_sharded_steps_match_one_device(eight_devices, spec):
 def test_sharded_greedy_decoding_matches_one_device(eight_devices, spec):
     ref = eight_devices["reference"]["tokens"]
     assert len(ref) == 2 and all(len(row) == 12 for row in ref)
-    assert eight_devices["meshes"][spec]["tokens"] == ref
+    assert eight_devices["reference"]["generate_tokens"] == ref  # sampling.generate, one device, top_k=1
+    assert eight_devices["meshes"][spec]["tokens"] == ref  # sampling.generate on the sharded params
+
+
+def test_kv_cache_laid_out_by_cache_shardings_decodes_the_same(eight_devices):
+    got = eight_devices["meshes"]["data:2,fsdp:2,tensor:2"]["cached_tokens"]
+    assert got == eight_devices["reference"]["tokens"]
 
 
 def test_each_axis_splits_what_the_rules_say(eight_devices):
