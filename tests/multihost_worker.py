@@ -1,11 +1,12 @@
 """One process of a CPU multi-process training run, started by tests/test_multihost.py.
 
     python tests/multihost_worker.py --devices=2 --mesh=data:2,fsdp:2 --start=0 --stop=2 --ckpt=DIR --save \
-        --out=OUT.json --coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I
+        --out=OUT.json --coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I [--sample]
 
 Trains steps [start, stop) of a tiny model on the global batches every process can regenerate, but each
 process only slices out and feeds its own rows. With start > 0 it resumes from the orbax checkpoint in DIR
-(onto --mesh, whatever mesh wrote it); with --save it saves at `stop`. Process 0 alone writes OUT.json.
+(onto --mesh, whatever mesh wrote it); with --save it saves at `stop`; with --sample it decodes greedily with
+sampling.generate from the sharded parameters. Process 0 alone writes OUT.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stop", type=int, required=True)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--save", action="store_true")
+    p.add_argument("--sample", action="store_true", help="also decode greedily with sampling.generate")
     p.add_argument("--out", required=True)
     p.add_argument("--coordinator_address")
     p.add_argument("--num_processes", type=int)
@@ -45,6 +47,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 
 from gpt2_jax import sharding as sh  # noqa: E402
 from gpt2_jax.config import ModelConfig, TrainConfig  # noqa: E402
+from gpt2_jax.sampling import generate  # noqa: E402
 
 MODEL = ModelConfig.from_preset("tiny", vocab_size=500, pad_vocab_to=64)
 TRAIN = TrainConfig(batch_size=8, gradient_accumulation_steps=1, warmup_iters=1, learning_rate=1e-3, eps=1e-6)
@@ -84,9 +87,12 @@ def main() -> None:
     wte = state.params["wte"]
     # The first row of wte, gathered to every process, lets the test compare parameters across runs.
     wte_row = np.asarray(jax.jit(lambda w: w[0], out_shardings=sh.replicated(mesh))(wte)).tolist()
+    tokens = None
+    if ARGS.sample:
+        tokens = generate(MODEL, state.params, [[1, 2, 3], [4, 5]], max_new_tokens=6, top_k=1, stop_tokens=())
     if sh.is_main_process():
         Path(ARGS.out).write_text(json.dumps({
-            "losses": losses, "step": int(state.step), "wte_row": wte_row, "wte_spec": str(wte.sharding.spec),
+            "losses": losses, "step": int(state.step), "wte_row": wte_row, "wte_spec": str(wte.sharding.spec), "tokens": tokens,
             "process_count": jax.process_count(), "device_count": jax.device_count()}))
 
 

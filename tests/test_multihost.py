@@ -1,5 +1,6 @@
 """Two CPU processes on 127.0.0.1 (2 devices each, gloo collectives) train like one 4-device process,
-each feeding only its half of every batch, and resume from the orbax checkpoint they wrote together.
+each feeding only its half of every batch, resume from the orbax checkpoint they wrote together, and
+sample with sampling.generate from parameters spread over both.
 
 The processes run tests/multihost_worker.py; the checkpoint is written on data:2,fsdp:2 and resumed on fsdp:4.
 """
@@ -52,10 +53,11 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     ckpt = f"--ckpt={tmp / 'ckpt'}"
     first = start_pair(tmp, "first", ["--mesh=data:2,fsdp:2", "--start=0", "--stop=2", "--save", ckpt])
-    single = start(["--devices=4", "--mesh=data:2,fsdp:2", "--start=0", "--stop=4", f"--ckpt={tmp / 'unused'}",
+    single = start(["--devices=4", "--mesh=data:2,fsdp:2", "--start=0", "--stop=4", "--sample",
+                    f"--ckpt={tmp / 'unused'}",
                     f"--out={tmp / 'single.json'}"], tmp / "single.log")
     finish([*first, single], tmp)
-    resumed = start_pair(tmp, "resumed", ["--mesh=fsdp:4", "--start=2", "--stop=4", ckpt])
+    resumed = start_pair(tmp, "resumed", ["--mesh=fsdp:4", "--start=2", "--stop=4", "--sample", ckpt])
     finish(resumed, tmp)
     return tmp
 
@@ -93,3 +95,9 @@ def test_resume_on_another_mesh_continues_the_same_run(runs):
     assert resumed["wte_spec"] == "P(None, 'fsdp')"
     assert max(abs(a - b) for a, b in zip(resumed["losses"], one["losses"][2:])) < 1e-5
     assert max(abs(a - b) for a, b in zip(resumed["wte_row"], one["wte_row"])) < 1e-5
+
+
+def test_sampling_on_params_spread_over_two_processes(runs):
+    resumed, one = load(runs, "resumed0"), load(runs, "single")
+    assert [len(row) for row in one["tokens"]] == [6, 6]
+    assert resumed["tokens"] == one["tokens"]  # greedy (top_k=1) sampling.generate, 2 processes vs 1
