@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax import convert, weight_files
+from gpt2_jax import convert, layouts, weight_files
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, count_params
 
@@ -75,20 +75,20 @@ def torch_model_for(path: str | Path, workdir: Path, n_head: int | None = None):
     path = Path(path)
     if path.is_dir() and checkpoint.is_checkpoint_dir(path):  # orbax has no torch reader of its own
         return _via_export(*convert.load(path), workdir)
-    ckpt = convert.inspect(path, n_head=n_head)
+    ckpt = layouts.open_checkpoint(path, n_head=n_head)
     cfg = ckpt.config
     if ckpt.layout == "llmc":
         return _via_export(cfg, convert.params_from(ckpt), workdir)
     if ckpt.layout == "hf":
         return _transformers_model(path, cfg, workdir)
-    state = {k: torch.from_numpy(np.array(convert.to_numpy(v), np.float32)) for k, v in ckpt.arrays.items()}
+    state = {k: torch.from_numpy(np.array(layouts.to_numpy(v), np.float32)) for k, v in ckpt.arrays.items()}
     if ckpt.layout == "reference":
-        model, name, buffer = torch_ref.ReferenceGPT(convert.reference_config(cfg)), "torch_ref.ReferenceGPT", \
-            convert.is_reference_buffer
+        model, name = torch_ref.ReferenceGPT(convert.reference_config(cfg)), "torch_ref.ReferenceGPT"
+        buffer = layouts.is_reference_buffer
     else:
         args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                     bias=cfg.bias, vocab_size=cfg.vocab_size)
-        model, name, buffer = torch_ref.NanoGPT(args), "torch_ref.NanoGPT", convert.is_hf_buffer
+        model, name, buffer = torch_ref.NanoGPT(args), "torch_ref.NanoGPT", layouts.is_hf_buffer
     missing, unexpected = model.load_state_dict(state, strict=False)
     wrong = [k for k in missing + unexpected if not buffer(k)]
     if wrong:

@@ -1,429 +1,31 @@
 """GPT-2 weights in and out: Hugging Face/OpenAI, nanoGPT, llm.c, the reference PyTorch GPT-2, and orbax.
 
-The format is detected from the content (file magic, tensor names and shapes), never from the file name.
-Each layout is one explicit table of _Entry rows: which checkpoint tensors make one of our parameters, their
-shapes, and the transform each way. Before any weight is read, every expected tensor must be present with
-its shape and every tensor present must be used, so errors name the key, its shape and the expected shape.
-Parameters are built one at a time from memory-mapped tensors: peak memory is about the checkpoint's page
-cache plus our parameters, two copies of the weights at most.
-
-n_head cannot be read from tensor shapes. It comes from the n_head argument, else a config JSON (an HF
-directory's config.json, or a JSON beside the file: <stem>.json first, then config.json), else from the
-OpenAI preset of the same width (768 -> 12, 1024 -> 16, 1280 -> 20, 1600 -> 25) with a warning.
-Everything else is inferred from the tensors; a config JSON that disagrees with them gives a warning.
+load() detects the layout (layouts.py), checks that every expected tensor is present with its shape and that
+every tensor present is used before reading any weight, then builds our parameters one at a time from
+memory-mapped tensors into buffers that jax adopts without a copy: memory peaks at the parameters plus the
+pages of the checkpoint file read, two copies of the weights (bench/convert_memory.py measures it).
+The export_* functions walk the same tables the other way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax import layouts
 from gpt2_jax import weight_files as wf
-from gpt2_jax.config import ConfigError, ModelConfig, replace
+from gpt2_jax.config import ModelConfig, replace
+from gpt2_jax.layouts import Checkpoint, WeightsError, open_checkpoint, to_numpy
 from gpt2_jax.model import init_params
-from gpt2_jax.weight_files import WeightsError
 
-HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
-PRETRAINED = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 TARGETS = ("orbax", "hf", "reference", "llmc")
-HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_exact"}
 LLMC_VOCAB_MULTIPLE = 128  # llm.c pads the token table to a multiple of 128 rows
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One of our parameters and the checkpoint tensors it is made of; "{i}" in a key repeats per layer."""
-
-    ours: str
-    theirs: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    to_ours: Callable  # their arrays -> our array (one layer's slice for "h." parameters)
-    to_theirs: Callable  # our array -> tuple of their arrays
-
-
-def _same(ours: str, theirs: str, shape: tuple[int, ...]) -> _Entry:
-    return _Entry(ours, (theirs,), (shape,), lambda a: a, lambda a: (a,))
-
-
-def _rows(n: int) -> Callable:
-    """Trim or zero-pad the first axis to n rows (padded vocabularies)."""
-    def fit(a):
-        if a.shape[0] >= n:
-            return a[:n]
-        return np.concatenate([a, np.zeros((n - a.shape[0],) + a.shape[1:], a.dtype)])
-    return fit
-
-
-def _vocab_entry(ours: str, theirs: str, cfg: ModelConfig, their_rows: int, width: int | None = None) -> _Entry:
-    shape = (their_rows, width) if width else (their_rows,)
-    to_ours, to_theirs = _rows(cfg.padded_vocab_size), _rows(their_rows)
-    return _Entry(ours, (theirs,), (shape,), to_ours, lambda a: (to_theirs(a),))
-
-
-@dataclass
-class Checkpoint:
-    """A readable weights file: its layout, the config inferred from it, and its tensors (not yet read)."""
-
-    layout: str  # hf | nanogpt | reference | llmc
-    config: ModelConfig
-    arrays: dict  # name -> numpy array or torch tensor, memory-mapped where possible
-    entries: list[_Entry]
-    source: str
-    ignored: Callable[[str], bool] = lambda key: False
-    aliases: dict[str, str] = field(default_factory=dict)  # tensor -> tensor it must equal (tied heads)
-    meta: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- layout tables
-
-
-def _hf_entries(cfg: ModelConfig, prefix: str = "transformer.") -> list[_Entry]:
-    """Hugging Face GPT2LMHeadModel: Conv1D weights stored [in, out]."""
-    C, H, D, V, T = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.block_size
-    p, h = prefix, prefix + "h.{i}."
-    entries = [_vocab_entry("wte", p + "wte.weight", cfg, V, C), _same("wpe", p + "wpe.weight", (T, C)),
-               _same("ln_f.weight", p + "ln_f.weight", (C,)), _same("ln_f.bias", p + "ln_f.bias", (C,))]
-    if not cfg.tie_embeddings:
-        entries.append(_vocab_entry("lm_head.weight", "lm_head.weight", cfg, V, C))
-    for ln in ("ln_1", "ln_2"):
-        entries += [_same(f"h.{ln}.weight", h + f"{ln}.weight", (C,)), _same(f"h.{ln}.bias", h + f"{ln}.bias", (C,))]
-    return entries + [
-        _Entry("h.attn.c_attn.weight", (h + "attn.c_attn.weight",), ((C, 3 * C),),
-               lambda w: w.T.reshape(3, H, D, C), lambda w: (w.reshape(3 * C, C).T,)),
-        _Entry("h.attn.c_attn.bias", (h + "attn.c_attn.bias",), ((3 * C,),),
-               lambda b: b.reshape(3, H, D), lambda b: (b.reshape(3 * C),)),
-        _Entry("h.attn.c_proj.weight", (h + "attn.c_proj.weight",), ((C, C),),
-               lambda w: w.T.reshape(C, H, D), lambda w: (w.reshape(C, C).T,)),
-        _same("h.attn.c_proj.bias", h + "attn.c_proj.bias", (C,)),
-        _Entry("h.mlp.c_fc.weight", (h + "mlp.c_fc.weight",), ((C, 4 * C),), lambda w: w.T, lambda w: (w.T,)),
-        _same("h.mlp.c_fc.bias", h + "mlp.c_fc.bias", (4 * C,)),
-        _Entry("h.mlp.c_proj.weight", (h + "mlp.c_proj.weight",), ((4 * C, C),), lambda w: w.T, lambda w: (w.T,)),
-        _same("h.mlp.c_proj.bias", h + "mlp.c_proj.bias", (C,)),
-    ]
-
-
-def _linear_entries(cfg: ModelConfig, names: dict[str, str], vocab_rows: int) -> list[_Entry]:
-    """nanoGPT and llm.c: nn.Linear layout [out, in] with fused qkv; names maps our keys to theirs."""
-    C, H, D, T = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.block_size
-    shapes = {"ln_f.weight": (C,), "ln_f.bias": (C,), "h.ln_1.weight": (C,), "h.ln_1.bias": (C,),
-              "h.ln_2.weight": (C,), "h.ln_2.bias": (C,), "h.attn.c_proj.bias": (C,), "h.mlp.c_fc.weight": (4 * C, C),
-              "h.mlp.c_fc.bias": (4 * C,), "h.mlp.c_proj.weight": (C, 4 * C), "h.mlp.c_proj.bias": (C,)}
-    entries = [_vocab_entry("wte", names["wte"], cfg, vocab_rows, C), _same("wpe", names["wpe"], (T, C))]
-    entries += [_same(ours, names[ours], shape) for ours, shape in shapes.items()
-                if ours in names and (cfg.bias or not ours.endswith("bias"))]
-    entries.append(_Entry("h.attn.c_attn.weight", (names["h.attn.c_attn.weight"],), ((3 * C, C),),
-                          lambda w: w.reshape(3, H, D, C), lambda w: (w.reshape(3 * C, C),)))
-    entries.append(_Entry("h.attn.c_proj.weight", (names["h.attn.c_proj.weight"],), ((C, C),),
-                          lambda w: w.reshape(C, H, D), lambda w: (w.reshape(C, C),)))
-    if cfg.qkv_bias:
-        entries.append(_Entry("h.attn.c_attn.bias", (names["h.attn.c_attn.bias"],), ((3 * C,),),
-                              lambda b: b.reshape(3, H, D), lambda b: (b.reshape(3 * C),)))
-    return entries
-
-
-def _nanogpt_entries(cfg: ModelConfig) -> list[_Entry]:
-    ours = ["ln_f.weight", "ln_f.bias"] + [f"h.{m}.{k}" for m in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj",
-                                                                   "mlp.c_fc", "mlp.c_proj") for k in ("weight", "bias")]
-    names = {key: "transformer." + key.replace("h.", "h.{i}.", 1) for key in ours}
-    names.update(wte="transformer.wte.weight", wpe="transformer.wpe.weight")
-    return _linear_entries(cfg, names, cfg.vocab_size)
-
-
-LLMC_NAMES = {"ln_f.weight": "lnfw", "ln_f.bias": "lnfb", "h.ln_1.weight": "ln1w.{i}", "h.ln_1.bias": "ln1b.{i}",
-              "h.attn.c_attn.weight": "qkvw.{i}", "h.attn.c_attn.bias": "qkvb.{i}",
-              "h.attn.c_proj.weight": "attprojw.{i}", "h.attn.c_proj.bias": "attprojb.{i}",
-              "h.ln_2.weight": "ln2w.{i}", "h.ln_2.bias": "ln2b.{i}", "h.mlp.c_fc.weight": "fcw.{i}",
-              "h.mlp.c_fc.bias": "fcb.{i}", "h.mlp.c_proj.weight": "fcprojw.{i}", "h.mlp.c_proj.bias": "fcprojb.{i}",
-              "wte": "wte", "wpe": "wpe"}
-
-
-def _reference_entries(cfg: ModelConfig) -> list[_Entry]:
-    """The reference GPT-2: separate W_Query/W_Key/W_Value in nn.Linear layout, untied out_head."""
-    C, H, D, V, T = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.block_size
-    b = "trf_blocks.{i}."
-    qkv = tuple(b + f"attention.W_{n}" for n in ("Query", "Key", "Value"))
-    entries = [_vocab_entry("wte", "tok_emb.weight", cfg, V, C), _same("wpe", "pos_emb.weight", (T, C)),
-               _same("ln_f.weight", "final_norm.scale", (C,)), _same("ln_f.bias", "final_norm.shift", (C,)),
-               _vocab_entry("lm_head.weight", "out_head.weight", cfg, V, C),
-               _Entry("h.attn.c_attn.weight", tuple(k + ".weight" for k in qkv), ((C, C),) * 3,
-                      lambda q, k, v: np.stack([q, k, v]).reshape(3, H, D, C), lambda w: tuple(w.reshape(3, C, C))),
-               _Entry("h.attn.c_proj.weight", (b + "attention.out_proj.weight",), ((C, C),),
-                      lambda w: w.reshape(C, H, D), lambda w: (w.reshape(C, C),)),
-               _same("h.attn.c_proj.bias", b + "attention.out_proj.bias", (C,)),
-               _same("h.mlp.c_fc.weight", b + "feedforward.layers.0.weight", (4 * C, C)),
-               _same("h.mlp.c_fc.bias", b + "feedforward.layers.0.bias", (4 * C,)),
-               _same("h.mlp.c_proj.weight", b + "feedforward.layers.2.weight", (C, 4 * C)),
-               _same("h.mlp.c_proj.bias", b + "feedforward.layers.2.bias", (C,))]
-    for ours, theirs in (("ln_1", "norm_layer1"), ("ln_2", "norm_layer2")):
-        entries += [_same(f"h.{ours}.weight", b + f"{theirs}.scale", (C,)),
-                    _same(f"h.{ours}.bias", b + f"{theirs}.shift", (C,))]
-    if cfg.qkv_bias:
-        entries.append(_Entry("h.attn.c_attn.bias", tuple(k + ".bias" for k in qkv), ((C,),) * 3,
-                              lambda q, k, v: np.stack([q, k, v]).reshape(3, H, D), lambda a: tuple(a.reshape(3, C))))
-    if cfg.lm_head_bias:
-        entries.append(_vocab_entry("lm_head.bias", "out_head.bias", cfg, V))
-    return entries
-
-
-def is_reference_buffer(key: str) -> bool:
-    return re.fullmatch(r"trf_blocks\.\d+\.(attention\.mask|feedforward\.layers\.1\.constant)", key) is not None
-
-
-def is_hf_buffer(key: str) -> bool:
-    return re.fullmatch(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)", key) is not None
-
-
-# ---------------------------------------------------------------- reading
-
-
-def inspect(path: str | Path, *, n_head: int | None = None, config_path: str | Path | None = None) -> Checkpoint:
-    """Detect the layout of a weights file or Hugging Face directory and infer its ModelConfig (reads no weights)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(_missing_message(path))
-    meta: dict = {}
-    if path.is_dir():
-        arrays, config_path = _read_hf_dir(path), config_path or path / "config.json"
-        kind = "hf-dir"
-    else:
-        kind = wf.sniff(path)
-        if kind == "llmc":
-            return _llmc_checkpoint(path, *wf.read_llmc(path))
-        if kind == "safetensors":
-            arrays = wf.read_safetensors(path)[0]
-        else:
-            arrays, meta = _torch_state_dict(wf.read_torch(path), path)
-    raw_json, json_path = _config_json(path, config_path)
-    layout, prefix = _layout_of(arrays, meta, path)
-    if layout == "reference":
-        return _reference_checkpoint(path, arrays, raw_json, json_path, n_head)
-    if layout == "nanogpt":
-        return _nanogpt_checkpoint(path, arrays, meta, raw_json, json_path, n_head)
-    return _hf_checkpoint(path, arrays, prefix, raw_json, json_path, n_head)
-
-
-def _missing_message(path: Path) -> str:
-    name = str(path)
-    if name in PRETRAINED:
-        repo = PRETRAINED[name]
-        return (f"no file or directory named {name!r}. gpt2-jax does not download weights: to use OpenAI's "
-                f"{name}, download model.safetensors and config.json from https://huggingface.co/{repo} into "
-                f"a directory (e.g. `huggingface-cli download {repo} model.safetensors config.json "
-                f"--local-dir {name}`) and pass that directory's path.")
-    return f"no such weights file or directory: {path}"
-
-
-def _read_hf_dir(path: Path) -> dict:
-    if (path / "model.safetensors").exists():
-        return wf.read_safetensors(path / "model.safetensors")[0]
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        arrays = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            arrays.update(wf.read_safetensors(path / shard)[0])
-        return arrays
-    if (path / "pytorch_model.bin").exists():
-        return _torch_state_dict(wf.read_torch(path / "pytorch_model.bin"), path / "pytorch_model.bin")[0]
-    raise WeightsError(f"{path} is a directory but neither an orbax checkpoint (train.py out_dir or "
-                       f"save_weights output) nor a Hugging Face model directory (config.json with "
-                       f"model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
-
-
-def _torch_state_dict(obj, path: Path) -> tuple[dict, dict]:
-    """The tensors of a torch file: a bare state_dict, {"state_dict": ...}, or nanoGPT's {"model", "model_args"}."""
-    import torch
-
-    meta = {}
-    if isinstance(obj, dict) and "model" in obj and "model_args" in obj:
-        state, meta = obj["model"], {"model_args": dict(obj["model_args"])}
-    elif isinstance(obj, dict) and ("state_dict" in obj or "model_state_dict" in obj):
-        state = obj.get("state_dict", obj.get("model_state_dict"))
-    else:
-        state = obj
-    if not isinstance(state, dict) or not state:
-        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors (nor a checkpoint "
-                           f"dict with 'state_dict', 'model_state_dict' or nanoGPT's 'model' and 'model_args')")
-    prefix = "_orig_mod."  # torch.compile wraps the model and prefixes every key
-    state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
-    return state, meta
-
-
-def _config_json(path: Path, config_path) -> tuple[dict | None, Path | None]:
-    """The config JSON given, else one beside a weights file (<stem>.json, then config.json), else None."""
-    if config_path is not None:
-        config_path = Path(config_path)
-        if not config_path.exists():
-            raise FileNotFoundError(f"config JSON {config_path} does not exist")
-        candidates = [config_path]
-    elif path.is_dir():
-        candidates = []
-    else:
-        candidates = [p for p in (path.with_suffix(".json"), path.parent / "config.json") if p.exists()]
-    for candidate in candidates:
-        try:
-            raw = json.loads(candidate.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"config JSON {candidate} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise WeightsError(f"config JSON {candidate} holds a {type(raw).__name__}, not an object")
-        return raw, candidate
-    return None, None
-
-
-def _layout_of(arrays: dict, meta: dict, path: Path) -> tuple[str, str]:
-    """("reference" | "nanogpt" | "hf", key prefix) from the tensor names and the fused qkv weight's shape."""
-    if "model_args" in meta:
-        return "nanogpt", "transformer."
-    if "tok_emb.weight" in arrays:
-        return "reference", ""
-    prefix = "transformer." if any(k.startswith("transformer.") for k in arrays) else ""
-    c_attn = arrays.get(prefix + "h.0.attn.c_attn.weight")
-    if c_attn is not None and len(c_attn.shape) == 2:
-        rows, cols = c_attn.shape
-        if cols == 3 * rows:
-            return "hf", prefix
-        if rows == 3 * cols:
-            return "nanogpt", prefix
-        raise WeightsError(f"{path}: tensor {prefix + 'h.0.attn.c_attn.weight'!r} has shape {tuple(c_attn.shape)}; "
-                           f"expected (C, 3C) (Hugging Face Conv1D) or (3C, C) (nanoGPT nn.Linear)")
-    sample = ", ".join(repr(k) for k in list(arrays)[:5])
-    raise WeightsError(f"{path} does not look like a GPT-2 checkpoint: its tensors start {sample}; expected "
-                       f"'tok_emb.weight' (reference layout) or 'h.0.attn.c_attn.weight' with or without "
-                       f"'transformer.' (Hugging Face, nanoGPT)")
-
-
-def _shape(arrays: dict, key: str, path: Path, ndim: int) -> tuple[int, ...]:
-    if key not in arrays:
-        raise WeightsError(f"{path} lacks tensor {key!r}, from which the model's shape is read")
-    shape = tuple(arrays[key].shape)
-    if len(shape) != ndim:
-        raise WeightsError(f"{path}: tensor {key!r} has shape {shape}; expected {ndim} dimensions")
-    return shape
-
-
-def _count_layers(arrays: dict, pattern: str, path: Path) -> int:
-    found = [int(m.group(1)) for k in arrays if (m := re.match(pattern, k))]
-    if not found:
-        raise WeightsError(f"{path} has no transformer block tensors (keys matching {pattern!r})")
-    return max(found) + 1
-
-
-def _heads(n_head: int | None, raw_json: dict | None, keys: tuple[str, ...], n_embd: int, path: Path) -> int:
-    if n_head:
-        return n_head
-    for key in keys:
-        if raw_json and raw_json.get(key):
-            return int(raw_json[key])
-    if n_embd not in HEADS_BY_WIDTH:
-        raise WeightsError(f"{path}: n_head cannot be read from tensor shapes and no config JSON gives it; "
-                           f"pass n_head= (--n_head) or put a config JSON beside the weights")
-    warnings.warn(f"{path}: no config JSON gives n_head; using {HEADS_BY_WIDTH[n_embd]}, the OpenAI GPT-2 value "
-                  f"for n_embd={n_embd}", stacklevel=3)
-    return HEADS_BY_WIDTH[n_embd]
-
-
-def _warn_disagreements(raw_json: dict | None, json_path: Path | None, found: dict[str, object]) -> None:
-    for key, value in found.items():
-        if raw_json is not None and key in raw_json and raw_json[key] != value:
-            warnings.warn(f"config JSON {json_path} says {key}={raw_json[key]!r} but the tensors say {value!r}; "
-                          f"using {value!r}", stacklevel=3)
-
-
-def _reference_checkpoint(path, arrays, raw_json, json_path, n_head) -> Checkpoint:
-    V, C = _shape(arrays, "tok_emb.weight", path, 2)
-    T = _shape(arrays, "pos_emb.weight", path, 2)[0]
-    L = _count_layers(arrays, r"trf_blocks\.(\d+)\.", path)
-    qkv_bias = "trf_blocks.0.attention.W_Query.bias" in arrays
-    _warn_disagreements(raw_json, json_path, dict(vocab_size=V, context_length=T, emb_dim=C, n_layers=L,
-                                                  qkv_bias=qkv_bias))
-    heads = _heads(n_head, raw_json, ("n_heads", "n_head"), C, path)
-    cfg = _config(path, vocab_size=V, block_size=T, n_layer=L, n_head=heads, n_embd=C, qkv_bias=qkv_bias,
-                  lm_head_bias=qkv_bias, tie_embeddings=False)
-    return Checkpoint("reference", cfg, arrays, _reference_entries(cfg), str(path), is_reference_buffer)
-
-
-def _nanogpt_checkpoint(path, arrays, meta, raw_json, json_path, n_head) -> Checkpoint:
-    if "model_args" in meta:
-        args = meta["model_args"]
-        missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size") if k not in args]
-        if missing:
-            raise WeightsError(f"{path}: nanoGPT model_args lacks {missing}")
-        fields = dict(vocab_size=args["vocab_size"], block_size=args["block_size"], n_layer=args["n_layer"],
-                      n_head=n_head or args["n_head"], n_embd=args["n_embd"], bias=bool(args["bias"]))
-    else:
-        V, C = _shape(arrays, "transformer.wte.weight", path, 2)
-        L = _count_layers(arrays, r"transformer\.h\.(\d+)\.", path)
-        fields = dict(vocab_size=V, block_size=_shape(arrays, "transformer.wpe.weight", path, 2)[0], n_layer=L,
-                      n_head=_heads(n_head, raw_json, ("n_head",), C, path), n_embd=C,
-                      bias="transformer.ln_f.bias" in arrays)
-    cfg = _config(path, **fields, qkv_bias=fields["bias"], activation="gelu_exact")
-    aliases = {"lm_head.weight": "transformer.wte.weight"} if "lm_head.weight" in arrays else {}
-    return Checkpoint("nanogpt", cfg, arrays, _nanogpt_entries(cfg), str(path), is_hf_buffer, aliases, meta)
-
-
-def _hf_checkpoint(path, arrays, prefix, raw_json, json_path, n_head) -> Checkpoint:
-    raw = raw_json or {}
-    V, C = _shape(arrays, prefix + "wte.weight", path, 2)
-    T = _shape(arrays, prefix + "wpe.weight", path, 2)[0]
-    L = _count_layers(arrays, re.escape(prefix) + r"h\.(\d+)\.", path)
-    _warn_disagreements(raw_json, json_path, dict(vocab_size=V, n_positions=T, n_embd=C, n_layer=L))
-    activation = raw.get("activation_function", "gelu_new")
-    if activation not in HF_ACTIVATIONS:
-        raise WeightsError(f"{json_path}: activation_function {activation!r} is not supported; "
-                           f"expected one of {sorted(HF_ACTIVATIONS)}")
-    if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("scale_attn_weights", True) is False:
-        raise WeightsError(f"{json_path}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false change the "
-                           f"attention and are not supported")
-    aliases, tied = {}, raw.get("tie_word_embeddings", True)
-    if "lm_head.weight" in arrays:
-        same = tuple(arrays["lm_head.weight"].shape) == (V, C) and np.array_equal(
-            to_numpy(arrays["lm_head.weight"]), to_numpy(arrays[prefix + "wte.weight"]))
-        if same:
-            aliases["lm_head.weight"], tied = prefix + "wte.weight", True
-        elif raw_json is not None and tied:
-            raise WeightsError(f"{path}: lm_head.weight differs from {prefix}wte.weight but {json_path} ties them "
-                               f"(tie_word_embeddings is true or absent)")
-        else:
-            tied = False
-    cfg = _config(path, vocab_size=V, block_size=T, n_layer=L, n_embd=C, tie_embeddings=tied,
-                  n_head=_heads(n_head, raw_json, ("n_head",), C, path), activation=HF_ACTIVATIONS[activation],
-                  layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)))
-    return Checkpoint("hf", cfg, arrays, _hf_entries(cfg, prefix), str(path), is_hf_buffer, aliases)
-
-
-def _llmc_checkpoint(path: Path, fields: dict, stacked: dict) -> Checkpoint:
-    V, Vp = fields["vocab_size"], fields["vocab_padded"]
-    pad = next((p for p in (2 ** k for k in range(16, -1, -1)) if Vp % p == 0 and -(-V // p) * p == Vp), Vp)
-    cfg = _config(path, vocab_size=V, block_size=fields["block_size"], n_layer=fields["n_layer"],
-                  n_head=fields["n_head"], n_embd=fields["n_embd"], pad_vocab_to=pad)
-    arrays = {}
-    for name, array in stacked.items():  # layer tensors become one key per layer, like the other layouts
-        if array.ndim >= 2 and name not in ("wte", "wpe"):
-            arrays.update({f"{name}.{i}": array[i] for i in range(array.shape[0])})
-        else:
-            arrays[name] = array
-    entries = _linear_entries(cfg, LLMC_NAMES, Vp)
-    return Checkpoint("llmc", cfg, arrays, entries, str(path), meta={"version": fields["version"]})
-
-
-def _config(path: Path, **fields) -> ModelConfig:
-    try:
-        return ModelConfig(**fields)
-    except ConfigError as e:
-        raise WeightsError(f"{path}: the tensors describe an impossible model: {e}") from None
 
 
 # ---------------------------------------------------------------- checkpoint -> params
@@ -444,12 +46,12 @@ def load(path: str | Path, dtype=jnp.float32, *, n_head: int | None = None,
         if checkpoint.is_checkpoint_dir(path):
             cfg, params = checkpoint.load_weights(path, dtype=jnp.dtype(np_dtype))
             return replace(cfg, param_dtype=np_dtype.name), params
-    ckpt = inspect(path, n_head=n_head, config_path=config_path)
+    ckpt = open_checkpoint(path, n_head=n_head, config_path=config_path)
     return replace(ckpt.config, param_dtype=np_dtype.name), params_from(ckpt, np_dtype)
 
 
 def params_from(ckpt: Checkpoint, dtype=np.float32) -> dict:
-    """Check every tensor of a Checkpoint against its layout, then build the params one parameter at a time."""
+    """Check every tensor of a Checkpoint against its layout, then build the params one at a time."""
     cfg, np_dtype = ckpt.config, _float_dtype(dtype)
     expected = _expected_tensors(ckpt)
     missing = [k for k in expected if k not in ckpt.arrays]
@@ -483,7 +85,7 @@ def _expected_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-def _assemble(cfg: ModelConfig, entries: list[_Entry], arrays: dict, np_dtype: np.dtype) -> dict:
+def _assemble(cfg: ModelConfig, entries: list[layouts.Entry], arrays: dict, np_dtype: np.dtype) -> dict:
     shapes = param_shapes(cfg)
     by_ours = {e.ours: e for e in entries}
     if set(by_ours) != set(shapes):
@@ -491,28 +93,30 @@ def _assemble(cfg: ModelConfig, entries: list[_Entry], arrays: dict, np_dtype: n
     flat = {}
     for key, shape in shapes.items():
         entry = by_ours[key]
+        out = _aligned_empty(shape, np_dtype)
         if key.startswith("h."):
-            out = np.empty(shape, np_dtype)
             for i in range(cfg.n_layer):
                 out[i] = _checked(key, entry.to_ours(*[to_numpy(arrays[k.format(i=i)]) for k in entry.theirs]),
                                   shape[1:])
         else:
-            out = np.array(_checked(key, entry.to_ours(*[to_numpy(arrays[k]) for k in entry.theirs]), shape),
-                           dtype=np_dtype)
-        flat[key] = jnp.asarray(out)
-        del out  # one parameter at a time: the numpy staging copy is freed before the next one
+            out[...] = _checked(key, entry.to_ours(*[to_numpy(arrays[k]) for k in entry.theirs]), shape)
+        flat[key] = jax.device_put(out)
+        del out
     return unflatten(flat)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """np.empty aligned so that jax.device_put on CPU adopts the buffer instead of copying it (one copy, not two)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start: start + nbytes].view(dtype).reshape(shape)
 
 
 def _checked(key: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(array.shape) != tuple(shape):
         raise AssertionError(f"layout table built {key} with shape {array.shape}; the model needs {shape}")
     return array
-
-
-def to_numpy(array) -> np.ndarray:
-    """A numpy view of a checkpoint tensor (numpy or torch)."""
-    return array if isinstance(array, np.ndarray) else wf.torch_to_numpy(array)
 
 
 def _float_dtype(dtype) -> np.dtype:
@@ -540,6 +144,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def unflatten(flat: dict) -> dict:
+    """{"h.attn.c_attn.weight": array, ...} -> nested params."""
     tree: dict = {}
     for key, value in flat.items():
         *parents, leaf = key.split(".")
@@ -565,7 +170,8 @@ def export_hf(config: ModelConfig, params: dict, out_dir: str | Path) -> None:
     cfg, flat = _complete(config, params, qkv_bias=True, untie=False, lm_head_bias=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wf.write_safetensors(out_dir / "model.safetensors", _their_tensors(cfg, _hf_entries(cfg), flat), {"format": "pt"})
+    tensors = _their_tensors(cfg, layouts.hf_entries(cfg), flat)
+    wf.write_safetensors(out_dir / "model.safetensors", tensors, {"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(config, flat["wte"].dtype), indent=2) + "\n")
 
 
@@ -600,7 +206,8 @@ def export_reference(config: ModelConfig, params: dict, path: str | Path) -> Non
         raise WeightsError(f"{path}: the reference weights go to a .pt file; its config is written beside it as .json")
     ref_qkv = config.qkv_bias or config.lm_head_bias
     cfg, flat = _complete(config, params, qkv_bias=ref_qkv, untie=True, lm_head_bias=ref_qkv)
-    state = {key: _to_torch(make()) for key, _, _, make in _their_tensors(cfg, _reference_entries(cfg), flat)}
+    tensors = _their_tensors(cfg, layouts.reference_entries(cfg), flat)
+    state = {key: _to_torch(make()) for key, _, _, make in tensors}
     state.update(torch_ref.reference_buffers(reference_config(cfg)))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
@@ -620,7 +227,7 @@ def export_llmc(config: ModelConfig, params: dict, path: str | Path, dtype: str 
     _require(config, "llm.c", activation="gelu_tanh", layer_norm_eps=1e-5, tie_embeddings=True, lm_head_bias=False)
     cfg, flat = _complete(config, params, qkv_bias=True, untie=False, lm_head_bias=False)
     vocab_padded = -(-cfg.padded_vocab_size // LLMC_VOCAB_MULTIPLE) * LLMC_VOCAB_MULTIPLE
-    by_name = {e.theirs[0]: e for e in _linear_entries(cfg, LLMC_NAMES, vocab_padded)}
+    by_name = {e.theirs[0]: e for e in layouts.linear_entries(cfg, layouts.LLMC_NAMES, vocab_padded)}
 
     def chunks(name):
         if name in by_name:
@@ -685,7 +292,7 @@ def _complete(cfg: ModelConfig, params: dict, *, qkv_bias: bool, untie: bool,
     return full, flat
 
 
-def _their_tensors(cfg: ModelConfig, entries: list[_Entry], flat: dict) -> list[tuple]:
+def _their_tensors(cfg: ModelConfig, entries: list[layouts.Entry], flat: dict) -> list[tuple]:
     """(key, shape, dtype, make_array) for every checkpoint tensor; arrays are built only when written."""
     def maker(entry, i, j):
         source = (lambda: flat[entry.ours]) if i is None else (lambda: flat[entry.ours][i])

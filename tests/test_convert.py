@@ -331,7 +331,7 @@ def test_missing_reference_tensor_is_named(random_reference, tmp_path):
     state = model.state_dict()
     del state["trf_blocks.1.attention.W_Key.bias"]
     torch.save(state, tmp_path / "m.pt")
-    with pytest.raises(WeightsError, match=r"lacks tensor 'trf_blocks.1.attention.W_Key.bias' \(expected shape \(32,\)"):
+    with pytest.raises(WeightsError, match=r"lacks tensor 'trf_blocks.1.attention.W_Key.bias' \(expected shape"):
         convert.load(tmp_path / "m.pt", n_head=2)
 
 
@@ -398,7 +398,8 @@ def test_malicious_pickle_is_refused_without_running(writer, hf_state, tmp_path)
 
 def test_missing_pretrained_preset_explains_where_to_get_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="model.safetensors and config.json from https://huggingface.co/openai-community/gpt2-medium"):
+    hub = "model.safetensors and config.json from https://huggingface.co/openai-community/gpt2-medium"
+    with pytest.raises(FileNotFoundError, match=hub):
         convert.load("gpt2-medium")
     assert convert.main(["gpt2", "out"]) == 2
     assert "https://huggingface.co/openai-community/gpt2 " in capsys.readouterr().err
