@@ -149,17 +149,18 @@ def create_sharded_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: M
         init = jax.jit(partial(init_train_state, model_cfg, train_cfg), out_shardings=shardings)
         return init(rng)
     params = shard_params(model_cfg, params, mesh, rules)
-    init = jax.jit(lambda r, p: init_train_state(model_cfg, train_cfg, r, params=p),
-                   out_shardings=shardings, donate_argnums=1)
+    # Not donated: device_put may hand back the caller's own arrays when they are already laid out right.
+    init = jax.jit(lambda r, p: init_train_state(model_cfg, train_cfg, r, params=p), out_shardings=shardings)
     return init(rng, params)
 
 
 def shard_params(model_cfg: ModelConfig, params, mesh: Mesh, rules=None):
     """Place loaded parameters (host arrays, identical on every process) onto the mesh by the rules."""
-    shapes = jax.tree.map(lambda x: tuple(x.shape), _param_shapes(model_cfg))
-    got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if jax.tree.structure(got) != jax.tree.structure(shapes) or got != shapes:
-        raise ValueError(f"params do not match {model_cfg}: expected shapes {shapes}, got {got}")
+    expected, got = _flat_shapes(_param_shapes(model_cfg)), _flat_shapes(params)
+    wrong = [f"{k}: {got.get(k)} (expected {v})" for k, v in expected.items() if got.get(k) != v]
+    wrong += [f"{k}: unexpected" for k in got.keys() - expected.keys()]
+    if wrong:
+        raise ValueError(f"params do not fit the model config: {'; '.join(sorted(wrong)[:5])}")
     return jax.device_put(params, param_shardings(model_cfg, mesh, rules))
 
 
@@ -290,6 +291,11 @@ def _logical_axes(model_cfg: ModelConfig):
 @lru_cache(maxsize=16)
 def _state_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
     return jax.eval_shape(partial(init_train_state, model_cfg, train_cfg), jax.random.PRNGKey(0))
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(np.shape(x)) for path, x in leaves}
 
 
 def _env_int(name: str) -> int | None:

@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from gpt2_jax import sharding as sh
+from gpt2_jax.config import ModelConfig, TrainConfig
+from gpt2_jax.model import init_params
 
 ROOT = Path(__file__).resolve().parent.parent
 MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
@@ -162,3 +165,22 @@ def test_checkpoint_saved_on_data8_resumes_on_fsdp4(eight_devices):
     assert r["restored_devices"] == 4
     assert r["restored_wte_spec"] == "P(None, 'fsdp')" and r["restored_mu_spec"] == "P(None, 'fsdp')"
     assert r["resumed_loss_diff"] < 1e-5 and r["resumed_param_diff"] < 1e-5
+
+
+def test_create_sharded_state_from_given_params_keeps_them():
+    cfg = ModelConfig.from_preset("tiny", vocab_size=256)
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    state = sh.create_sharded_state(cfg, TrainConfig(), sh.make_mesh(), jax.random.PRNGKey(0),
+                                    params=jax.tree.map(np.asarray, params))
+    assert int(state.step) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
+    mu = state.opt_state[1][0].mu
+    assert all(not np.any(np.asarray(m)) for m in jax.tree.leaves(mu))  # fresh Adam moments are zero
+
+
+def test_shard_params_names_the_wrong_key():
+    cfg = ModelConfig.from_preset("tiny", vocab_size=256)
+    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(0)))
+    params["wpe"] = params["wpe"][:10]
+    with pytest.raises(ValueError, match=r"wpe: \(10, 32\) \(expected \(64, 32\)\)"):
+        sh.shard_params(cfg, params, sh.make_mesh())
