@@ -120,9 +120,12 @@ def _checked(key: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _float_dtype(dtype) -> np.dtype:
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    if np_dtype.name not in ("float32", "bfloat16", "float16"):
-        raise WeightsError(f"dtype must be float32, bfloat16 or float16; got {np_dtype.name}")
+    try:
+        np_dtype = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        np_dtype = None
+    if np_dtype is None or np_dtype.name not in ("float32", "bfloat16", "float16"):
+        raise WeightsError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
     return np_dtype
 
 

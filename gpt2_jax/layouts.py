@@ -176,15 +176,17 @@ def is_hf_buffer(key: str) -> bool:
 # ---------------------------------------------------------------- reading
 
 
-def open_checkpoint(path: str | Path, *, n_head: int | None = None, config_path: str | Path | None = None) -> Checkpoint:
+def open_checkpoint(path: str | Path, *, n_head: int | None = None,
+                    config_path: str | Path | None = None) -> Checkpoint:
     """Detect the layout of a weights file or Hugging Face directory and infer its ModelConfig (reads no weights)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(_missing_message(path))
     meta: dict = {}
     if path.is_dir():
-        arrays, config_path = _read_hf_dir(path), config_path or path / "config.json"
-        kind = "hf-dir"
+        arrays = _read_hf_dir(path)
+        if config_path is None and (path / "config.json").exists():
+            config_path = path / "config.json"
     else:
         kind = wf.sniff(path)
         if kind == "llmc":
@@ -265,7 +267,7 @@ def _config_json(path: Path, config_path) -> tuple[dict | None, Path | None]:
     for candidate in candidates:
         try:
             raw = json.loads(candidate.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"config JSON {candidate} is not valid JSON: {e}") from None
         if not isinstance(raw, dict):
             raise WeightsError(f"config JSON {candidate} holds a {type(raw).__name__}, not an object")
