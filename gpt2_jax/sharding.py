@@ -19,7 +19,6 @@ from functools import lru_cache, partial
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -50,7 +49,7 @@ def parse_mesh(spec: str) -> tuple[tuple[str, int], ...]:
     sizes = {name: 1 for name in MESH_AXES}
     seen = set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, colon, size = part.partition(":")
+        name, _, size = part.partition(":")
         name = name.strip()
         if name not in MESH_AXES:
             raise ValueError(f"mesh axis {name!r} in {spec!r} is unknown; axes are {', '.join(MESH_AXES)}")
@@ -183,8 +182,8 @@ def check_batch_size(mesh: Mesh, batch_size: int) -> None:
 
 def cache_shardings(model_cfg: ModelConfig, mesh: Mesh, batch_size: int, max_len: int) -> KVCache:
     """Shardings of a KVCache [L, B, S, H, D]: rows like the batch, heads like the attention weights."""
-    spec, _ = logical_to_mesh_spec(P("layers", "batch", None, "heads", "head_dim"),
-                                (model_cfg.n_layer, batch_size, max_len, model_cfg.n_head, model_cfg.head_dim), mesh)
+    shape = (model_cfg.n_layer, batch_size, max_len, model_cfg.n_head, model_cfg.head_dim)
+    spec, _ = logical_to_mesh_spec(P("layers", "batch", None, "heads", "head_dim"), shape, mesh)
     kv = NamedSharding(mesh, spec)
     return KVCache(k=kv, v=kv, index=replicated(mesh))
 
@@ -218,6 +217,16 @@ def tree_bytes_per_device(tree) -> int:
 def state_bytes_per_device(state: TrainState) -> dict[str, int]:
     """Per-device bytes of the parameters and of the optimizer state (arrays or abstract_state)."""
     return {"params": tree_bytes_per_device(state.params), "opt_state": tree_bytes_per_device(state.opt_state)}
+
+
+def memory_summary(state: TrainState) -> str:
+    """One line for train.py's start: per-device bytes of params and optimizer state, and the unsharded sizes."""
+    def whole(tree) -> int:
+        return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    per = state_bytes_per_device(state)
+    return (f"per device: params {per['params'] / 1e6:,.1f} MB, optimizer state {per['opt_state'] / 1e6:,.1f} MB "
+            f"(unsharded: {whole(state.params) / 1e6:,.1f} MB, {whole(state.opt_state) / 1e6:,.1f} MB)")
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -184,3 +184,12 @@ def test_shard_params_names_the_wrong_key():
     params["wpe"] = params["wpe"][:10]
     with pytest.raises(ValueError, match=r"wpe: \(10, 32\) \(expected \(64, 32\)\)"):
         sh.shard_params(cfg, params, sh.make_mesh())
+
+
+def test_memory_summary_reports_hand_counted_megabytes():
+    cfg = ModelConfig.from_preset("tiny", vocab_size=512)
+    state = sh.abstract_state(cfg, TrainConfig(), sh.make_mesh())
+    params_mb = tiny_param_count() * 4 / 1e6  # one device: nothing is split
+    line = sh.memory_summary(state)
+    assert line.startswith(f"per device: params {params_mb:,.1f} MB, optimizer state ")
+    assert line.endswith(f"(unsharded: {params_mb:,.1f} MB, {2 * params_mb:,.1f} MB)")
