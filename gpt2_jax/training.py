@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -27,13 +28,41 @@ def cross_entropy(logits_BTV, labels_BT, ignore_index: int = -100, label_smoothi
     Matches torch.nn.functional.cross_entropy(reduction="sum", ignore_index, label_smoothing):
     (1 - eps) * NLL(label) + eps * mean over classes of -log p.
     """
-    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    valid = labels_BT != ignore_index
-    safe = jnp.where(valid, labels_BT, 0)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    valid_BT = labels_BT != ignore_index
+    losses_BT = _token_losses(logits_BTV.astype(jnp.float32), labels_BT, ignore_index, float(label_smoothing))
+    return jnp.sum(losses_BT), jnp.sum(valid_BT).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _token_losses(logits_BTV, labels_BT, ignore_index, label_smoothing):
+    return _token_losses_fwd(logits_BTV, labels_BT, ignore_index, label_smoothing)[0]
+
+
+def _token_losses_fwd(logits_BTV, labels_BT, ignore_index, label_smoothing):
+    # log p = logits - lse: only [B, T] numbers are kept, never a [B, T, V] log-softmax.
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    valid_BT = labels_BT != ignore_index
+    safe_BT = jnp.where(valid_BT, labels_BT, 0)
+    target_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
+    loss_BT = lse_BT - target_BT
     if label_smoothing:
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+        loss_BT = (1.0 - label_smoothing) * loss_BT + label_smoothing * (lse_BT - logits_BTV.mean(-1))
+    return jnp.where(valid_BT, loss_BT, 0.0), (logits_BTV, lse_BT, safe_BT, valid_BT)
+
+
+def _token_losses_bwd(ignore_index, label_smoothing, residuals, g_BT):
+    # d loss / d logits = softmax - (1 - eps) * onehot(label) - eps / V, in one elementwise pass over [B, T, V]
+    # (autodiff of the gather would add a zero-filled scatter over the whole logits array).
+    logits_BTV, lse_BT, safe_BT, valid_BT = residuals
+    V = logits_BTV.shape[-1]
+    g_BT = jnp.where(valid_BT, g_BT, 0.0)
+    onehot_BTV = jnp.arange(V, dtype=safe_BT.dtype) == safe_BT[..., None]
+    probs_BTV = jnp.exp(logits_BTV - lse_BT[..., None])
+    d_BTV = probs_BTV - jnp.where(onehot_BTV, 1.0 - label_smoothing, 0.0) - label_smoothing / V
+    return g_BT[..., None] * d_BTV, None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
 def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, rng, params=None) -> TrainState:
@@ -62,21 +91,23 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable:
 
     def train_step(state: TrainState, x, y, rng):
         step_rng = jax.random.fold_in(rng, state.step)
+        if x.shape[0] == 1:  # no accumulation: skip the zero-filled gradient buffer and the loop
+            (loss_sum, count), grads = grad_fn(state.params, x[0], y[0], jax.random.fold_in(step_rng, 0))
+        else:
+            def accumulate(carry, inputs):
+                grads, loss_sum, count = carry
+                i, xb, yb = inputs
+                (l, n), g = grad_fn(state.params, xb, yb, jax.random.fold_in(step_rng, i))
+                return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + n), None
 
-        def accumulate(carry, inputs):
-            grads, loss_sum, count = carry
-            i, xb, yb = inputs
-            (l, n), g = grad_fn(state.params, xb, yb, jax.random.fold_in(step_rng, i))
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + l, count + n), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        micro = jnp.arange(x.shape[0])
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, x, y))
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            micro = jnp.arange(x.shape[0])
+            (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, x, y))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "lr": lr_at(state.step, train_cfg)}
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step, train_cfg)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -1,0 +1,254 @@
+"""Loss, optimizer and train step against PyTorch (transformers GPT2LMHeadModel + torch.optim.AdamW)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax.config import ModelConfig, TrainConfig, replace
+from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.optim import decay_mask, make_optimizer
+from gpt2_jax.training import cross_entropy, init_train_state, make_train_step
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TINY = ModelConfig.from_preset("tiny", vocab_size=4096)  # a small vocab keeps the many steps here cheap
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """A random transformers GPT-2 of cfg's shape (dropout off) with non-zero biases and non-unit LayerNorms."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(hf_cfg).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def params_from_hf(model, cfg: ModelConfig):
+    """transformers' Conv1D weights are [in, out]; ours are [out, in] with the heads split out."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    L, H, D, C = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.n_embd
+
+    def stack(suffix, fn=lambda a: a):
+        return jnp.asarray(np.stack([fn(sd[f"transformer.h.{i}.{suffix}"]) for i in range(L)]))
+
+    def pair(prefix, w_fn=lambda a: a, b_fn=lambda a: a):
+        return {"weight": stack(prefix + ".weight", w_fn), "bias": stack(prefix + ".bias", b_fn)}
+
+    return {
+        "wte": jnp.asarray(sd["transformer.wte.weight"]),
+        "wpe": jnp.asarray(sd["transformer.wpe.weight"]),
+        "ln_f": {"weight": jnp.asarray(sd["transformer.ln_f.weight"]), "bias": jnp.asarray(sd["transformer.ln_f.bias"])},
+        "h": {
+            "ln_1": pair("ln_1"),
+            "ln_2": pair("ln_2"),
+            "attn": {"c_attn": pair("attn.c_attn", lambda w: w.T.reshape(3, H, D, C), lambda b: b.reshape(3, H, D)),
+                     "c_proj": pair("attn.c_proj", lambda w: w.T.reshape(C, H, D))},
+            "mlp": {"c_fc": pair("mlp.c_fc", lambda w: w.T), "c_proj": pair("mlp.c_proj", lambda w: w.T)},
+        },
+    }
+
+
+def nanogpt_lr(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT's get_lr, written out again in plain Python as the reference for optim.lr_at."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def torch_trainer(model, cfg: TrainConfig):
+    """AdamW with nanoGPT's decay groups (ndim >= 2, embeddings per the flag) and the same schedule."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # the tied lm_head is listed once, as transformer.wte.weight
+        is_embedding = name in ("transformer.wte.weight", "transformer.wpe.weight")
+        wanted = p.dim() >= 2 and (cfg.decay_embeddings or not is_embedding)
+        (decay if wanted else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: nanogpt_lr(it, cfg) / cfg.learning_rate)
+
+    def step(x, y):
+        logits = model(torch.tensor(np.asarray(x), dtype=torch.long)).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), torch.tensor(np.asarray(y), dtype=torch.long).flatten(), ignore_index=cfg.ignore_index,
+            label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def text_batches(cfg: ModelConfig, n: int, batch: int, seed: int = 0):
+    """n (x, y) batches of Shakespeare, y = x shifted by one; the distinct GPT-2 ids are renumbered 0, 1, ..."""
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    with open("data/shakespeare/shakespeare.txt", encoding="utf-8") as f:
+        gpt2_ids = np.asarray(get_tokenizer().encode(f.read(40_000)))
+    _, tokens = np.unique(gpt2_ids, return_inverse=True)
+    assert tokens.max() < cfg.vocab_size
+    rng = np.random.default_rng(seed)
+    T = cfg.block_size
+    out = []
+    for _ in range(n):
+        starts = rng.integers(0, len(tokens) - T - 1, batch)
+        window = np.stack([tokens[s: s + T + 1] for s in starts])
+        out.append((window[:, :-1], window[:, 1:]))
+    return out
+
+
+def max_rel_err(ours, ref):
+    """The largest over leaves of ||ours - ref|| / ||ref|| (a norm: Adam's first steps move parameters whose
+    gradient is ~0 by +-lr on rounding noise alone, so a single element says little)."""
+    errs = jax.tree.map(lambda a, b: float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b)), ours, ref)
+    return max(jax.tree.leaves(errs))
+
+
+def run_ours(params, train_cfg, batches, model_cfg=TINY):
+    state = init_train_state(model_cfg, train_cfg, None, params=params)
+    step = jax.jit(make_train_step(model_cfg, train_cfg))
+    losses = []
+    for x, y in batches:
+        state, metrics = step(state, jnp.asarray(x)[None], jnp.asarray(y)[None], jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize("decay_embeddings", [True, False])
+def test_three_adamw_steps_match_torch(decay_embeddings):
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=2, lr_decay_iters=10, min_lr=1e-4, weight_decay=0.1,
+                      grad_clip=0.5, decay_embeddings=decay_embeddings)
+    model = hf_model(TINY)
+    params0 = params_from_hf(model, TINY)
+    batches = text_batches(TINY, 3, 4)
+    torch_step = torch_trainer(model, cfg)
+    ref_losses = [torch_step(x, y) for x, y in batches]
+    state, losses = run_ours(params0, cfg, batches)
+    ref = jax.tree.map(np.asarray, params_from_hf(model, TINY))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert max_rel_err(state.params, ref) <= 1e-5
+    # The comparison is not vacuous: every leaf moved by far more than the tolerance.
+    assert max_rel_err(params0, ref) > 1e-2
+
+
+def test_thirty_steps_track_torch_loss():
+    cfg = TrainConfig(learning_rate=3e-3, warmup_iters=5, lr_decay_iters=30, min_lr=3e-4)
+    model = hf_model(TINY, seed=1)
+    params0 = params_from_hf(model, TINY)
+    batches = text_batches(TINY, 30, 4, seed=1)
+    torch_step = torch_trainer(model, cfg)
+    ref_losses = np.array([torch_step(x, y) for x, y in batches])
+    _, losses = run_ours(params0, cfg, batches)
+    assert ref_losses[-1] < ref_losses[0] - 1.0  # it trains
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.05])
+def test_cross_entropy_and_grad_match_torch(label_smoothing):
+    rng = np.random.default_rng(0)
+    logits = (3.0 * rng.standard_normal((3, 7, 50))).astype(np.float32)
+    labels = rng.integers(0, 50, (3, 7))
+    labels[0, 2] = labels[2, 6] = labels[1, 0] = -1  # ignored positions
+
+    def ours(lg):
+        return cross_entropy(lg, jnp.asarray(labels), ignore_index=-1, label_smoothing=label_smoothing)
+
+    loss_sum, count = ours(jnp.asarray(logits))
+    grad = jax.grad(lambda lg: ours(lg)[0])(jnp.asarray(logits))
+    t_logits = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(t_logits.flatten(0, 1), torch.tensor(labels).flatten(), ignore_index=-1,
+                                            label_smoothing=label_smoothing, reduction="sum")
+    ref.backward()
+    assert float(count) == 21 - 3
+    np.testing.assert_allclose(float(loss_sum), ref.item(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), t_logits.grad.numpy(), atol=1e-6)
+    assert np.all(np.asarray(grad)[0, 2] == 0.0)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=0, ignore_index=-100)
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    (x, y), = text_batches(TINY, 1, 8, seed=2)
+    y = y.copy()
+    y[1, :40] = -100  # micro-batches count different numbers of tokens: the loss is still the mean over all
+    step = jax.jit(make_train_step(TINY, cfg))
+    one = init_train_state(TINY, cfg, None, params=params)
+    one, m1 = step(one, jnp.asarray(x)[None], jnp.asarray(y)[None], jax.random.PRNGKey(0))
+    acc = init_train_state(TINY, cfg, None, params=params)
+    acc, m4 = step(acc, jnp.asarray(x).reshape(4, 2, -1), jnp.asarray(y).reshape(4, 2, -1), jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    assert max_rel_err(acc.params, jax.tree.map(np.asarray, one.params)) <= 1e-5
+
+
+def test_decay_mask_never_decays_biases_or_layernorms():
+    untied = ModelConfig.from_preset("tiny", tie_embeddings=False, lm_head_bias=True)
+    params = init_params(untied, jax.random.PRNGKey(0))
+    for flag in (True, False):
+        mask = decay_mask(params, decay_embeddings=flag)
+        flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+        decayed = sorted(k for k, v in flat.items() if v)
+        expected = ["['h']['attn']['c_attn']['weight']", "['h']['attn']['c_proj']['weight']",
+                    "['h']['mlp']['c_fc']['weight']", "['h']['mlp']['c_proj']['weight']", "['lm_head']['weight']"]
+        if flag:
+            expected += ["['wpe']", "['wte']"]
+        assert decayed == sorted(expected)
+
+
+def test_weight_decay_alone_shrinks_only_matrices():
+    # With zero gradients Adam's step is 0, so each decayed parameter becomes p * (1 - lr * wd) (a hand computation).
+    cfg = TrainConfig(learning_rate=0.5, warmup_iters=0, weight_decay=0.1, decay_embeddings=False, grad_clip=0.0)
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    opt = make_optimizer(cfg)
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    new = jax.tree.map(jnp.add, params, updates)
+    np.testing.assert_allclose(new["h"]["mlp"]["c_fc"]["weight"], params["h"]["mlp"]["c_fc"]["weight"] * 0.95,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(new["wte"], params["wte"])
+    np.testing.assert_array_equal(new["h"]["ln_1"]["weight"], params["h"]["ln_1"]["weight"])
+    np.testing.assert_array_equal(new["h"]["attn"]["c_attn"]["bias"], params["h"]["attn"]["c_attn"]["bias"])
+
+
+def test_bf16_compute_keeps_fp32_params_and_close_loss():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=0)
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    batches = text_batches(TINY, 3, 4, seed=3)
+    _, fp32_losses = run_ours(params, cfg, batches)
+    bf16 = replace(TINY, dtype="bfloat16")
+    state, bf16_losses = run_ours(params, cfg, batches, model_cfg=bf16)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim > 0)
+    np.testing.assert_allclose(bf16_losses, fp32_losses, rtol=1e-2)
+    assert bf16_losses != fp32_losses  # it did compute in bf16
+
+
+def test_remat_and_unroll_give_the_same_grads():
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    (x, y), = text_batches(TINY, 1, 2, seed=4)
+
+    def grads(model_cfg):
+        def loss(p):
+            logits = GPT2(model_cfg).apply({"params": p}, jnp.asarray(x))
+            s, n = cross_entropy(logits, jnp.asarray(y))
+            return s / n
+
+        return jax.tree.map(np.asarray, jax.jit(jax.grad(loss))(params))
+
+    base = grads(TINY)
+    assert max_rel_err(grads(replace(TINY, remat=True)), base) <= 1e-6
+    assert max_rel_err(grads(replace(TINY, scan_unroll=2)), base) <= 1e-5
