@@ -1,6 +1,6 @@
 """Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices; writes its findings as JSON.
 
-    python tests/sharding_worker.py OUT.json
+    python tests/sharding_worker.py OUT.json [--memory]
 
 The reference is the plain, unsharded path (init_train_state + jax.jit(make_train_step) on one device); each
 mesh runs the same five steps through gpt2_jax.sharding. The test compares the numbers. The "memory" section
@@ -203,4 +203,7 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["--memory"]:  # only the per-device bytes of the real presets, in a second
+        Path(sys.argv[1]).write_text(json.dumps(memory_table(), indent=1))
+    else:
+        main(sys.argv[1])
