@@ -92,8 +92,8 @@ def main() -> None:
         tokens = generate(MODEL, state.params, [[1, 2, 3], [4, 5]], max_new_tokens=6, top_k=1, stop_tokens=())
     if sh.is_main_process():
         Path(ARGS.out).write_text(json.dumps({
-            "losses": losses, "step": int(state.step), "wte_row": wte_row, "wte_spec": str(wte.sharding.spec), "tokens": tokens,
-            "process_count": jax.process_count(), "device_count": jax.device_count()}))
+            "losses": losses, "step": int(state.step), "wte_row": wte_row, "wte_spec": str(wte.sharding.spec),
+            "tokens": tokens, "process_count": jax.process_count(), "device_count": jax.device_count()}))
 
 
 if __name__ == "__main__":
