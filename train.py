@@ -41,8 +41,9 @@ SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
 # Dense peak TFLOP/s per chip: (16-bit, 32-bit as XLA runs float32 matmuls by default: TF32 on NVIDIA since
 # Ampere, bf16 passes on TPU). Matched against jax's device_kind, first match wins.
 PEAK_TFLOPS = [
-    ("h100 pcie", (756.0, 378.0)), ("h100", (989.0, 494.0)), ("h200", (989.0, 494.0)), ("gh200", (989.0, 494.0)),
-    ("a100", (312.0, 156.0)), ("l40s", (362.0, 183.0)), ("l4", (121.0, 60.0)), ("a10", (125.0, 62.5)),
+    ("h100 pcie", (756.0, 378.0)), ("h100", (989.0, 494.0)), ("h200", (989.0, 494.0)),
+    ("a100", (312.0, 156.0)), ("l40s", (362.0, 183.0)), ("l40", (181.0, 90.5)),
+    ("l4", (121.0, 60.0)), ("a10", (125.0, 62.5)),
     ("v100", (125.0, 15.7)), ("tpu v6", (918.0, 918.0)), ("tpu v5 lite", (197.0, 197.0)),
     ("tpu v5e", (197.0, 197.0)), ("tpu v5", (459.0, 459.0)), ("tpu v4", (275.0, 275.0)), ("tpu v3", (123.0, 123.0)),
 ]
@@ -68,7 +69,7 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
     (train_flags, model_flags), positional = parse_overrides(rest, TrainConfig, ModelConfig)
     if positional:
         raise ConfigError(f"unexpected argument(s) {positional}; flags are written --key=value")
-    model_keys = {f for f in ModelConfig.__dataclass_fields__}
+    model_keys = set(ModelConfig.__dataclass_fields__)
     unknown = sorted(k for k in file_overrides if k not in model_keys and k not in TrainConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"config file keys {unknown} are neither TrainConfig nor ModelConfig fields")
@@ -87,10 +88,10 @@ def resolve(argv: list[str]):
         base = ModelConfig.from_preset(preset) if preset else replace(ModelConfig(), **meta["model_config"])
         train_cfg = replace(replace(TrainConfig(), **meta["train_config"]), **train_over)
         return replace(base, **model_over), train_cfg, None
+    if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
+        raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
+                          f"--init_from=resume or pick another --out_dir")
     if init == "scratch":
-        if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
-            raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
-                              f"--init_from=resume or pick another --out_dir")
         return ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over), train_cfg, None
     if not Path(init).exists():
         raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; {init} does not exist")
