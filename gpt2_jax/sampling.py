@@ -6,9 +6,11 @@ are independent: each has its own PRNG key (from the seed and the row id), its o
 mask, and stops on its own. Shapes depend only on (B, P, S, N), which are bucketed, so thousands of prompts
 of mixed length compile a handful of times (`compile_count` says how many).
 
-Sliding window (opt-in): when a row would outgrow block_size, the cache is rebuilt from the last
-block_size // 2 tokens of every row (one prefill call) and decoding goes on; positions restart at 0 for the
-window, as when nanoGPT crops its context, but the recompute happens once per block_size // 2 tokens.
+Sliding window (opt-in): a row whose context would grow past block_size tokens restarts from its last
+block_size // 2 tokens, with position ids from 0 again (nanoGPT crops to the last block_size tokens at every
+step; restarting at half the window recomputes once per block_size // 2 tokens instead). When the shared cache is
+full, it is rebuilt in one prefill call from every row's own context (rows not yet at block_size keep theirs
+whole), so a row's output never depends on its neighbours' lengths.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class DecodeState:
 
 def _record(state: DecodeState, token_B, stop_tokens: tuple[int, ...]) -> DecodeState:
     """Append a sampled token to every unfinished row and update which rows are finished."""
-    is_stop_B = jnp.isin(token_B, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else False
+    is_stop_B = jnp.isin(token_B, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else jnp.zeros_like(state.done_B)
     write_B = ~state.done_B & ~is_stop_B
     # Every unfinished row has written exactly `step` tokens before, so its next column is the shared `step`.
     column_B = jnp.where(write_B, token_B, state.tokens_BN[:, state.step])
@@ -134,42 +136,59 @@ def _step_keys(state: DecodeState):
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens"), donate_argnames=("state",))
-def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, params, state: DecodeState, tokens_BP, mask_BP):
-    """Fill an empty cache with left-padded tokens [B, P] in one forward call and sample each row's next token."""
-    TRACE_COUNTS["prefill"] += 1
+def _decode_step(config: ModelConfig, sampler: Sampler, stop_tokens, params, state: DecodeState) -> DecodeState:
+    """Feed each row's newest token at its own position and sample the next."""
+    logits_B1V, cache = GPT2(config).apply({"params": params}, state.last_B[:, None],
+                                           positions=state.position_B[:, None], attn_mask=state.mask_BS,
+                                           cache=state.cache)
+    state = state.replace(cache=cache, position_B=state.position_B + 1)
+    return _record(state, sample_logits(logits_B1V[:, 0], _step_keys(state), sampler), stop_tokens)
+
+
+def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, state: DecodeState, params, tokens_BP, mask_BP):
+    """Fill the cache with left-padded tokens [B, P] and sample each row's next token.
+
+    All but the last column go through the model in one call whose logits are unused, so XLA drops the
+    [B, P-1, V] vocabulary projection; the last column is an ordinary decode step.
+    """
     B, P = tokens_BP.shape
     S = state.cache.k.shape[2]
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
     mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, S - P), bool)], axis=1)
-    empty = KVCache(k=jnp.zeros_like(state.cache.k), v=jnp.zeros_like(state.cache.v), index=jnp.int32(0))
-    logits_BPV, cache = GPT2(config).apply(
-        {"params": params}, tokens_BP, positions=positions_BP, attn_mask=mask_BS, cache=empty)
-    state = state.replace(cache=cache, mask_BS=mask_BS, position_B=positions_BP[:, -1] + 1)
-    token_B = sample_logits(logits_BPV[:, -1], _step_keys(state), sampler)
-    return _record(state, token_B, stop_tokens)
+    # Slots at or past the index are never attended (causal mask), so the old contents need no clearing.
+    cache = state.cache.replace(index=jnp.int32(0))
+    if P > 1:
+        _, cache = GPT2(config).apply({"params": params}, tokens_BP[:, :-1], positions=positions_BP[:, :-1],
+                                      attn_mask=mask_BS, cache=cache)
+    state = state.replace(cache=cache, mask_BS=mask_BS, last_B=tokens_BP[:, -1], position_B=positions_BP[:, -1])
+    return _decode_step(config, sampler, stop_tokens, params, state)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens", "on_token"),
                    donate_argnames=("state",))
-def _decode(config: ModelConfig, sampler: Sampler, stop_tokens, on_token, params, state: DecodeState, stop_at):
-    """Feed each row's newest token and sample the next, in a while_loop, until step == stop_at, every row is
-    finished, or the cache is full. on_token (static, optional) gets (tokens [B], wrote [B]) on the host per step."""
-    TRACE_COUNTS["decode"] += 1
-    model = GPT2(config)
+def _run(config: ModelConfig, sampler: Sampler, stop_tokens, on_token, params, state: DecodeState,
+         tokens_BP, mask_BP, refill, stop_at) -> DecodeState:
+    """If refill, prefill the cache from tokens_BP; then decode in a while_loop until step == stop_at, every row
+    is finished, or the cache is full. Prefill and decode share one compilation per (B, P, S, N).
+
+    on_token (static, optional) is called on the host with (tokens [B], wrote [B]) after every sampled token.
+    """
+    TRACE_COUNTS["run"] += 1
     S = state.cache.k.shape[2]
+
+    def emit(s: DecodeState) -> DecodeState:
+        if on_token is not None:
+            jax.debug.callback(on_token, s.last_B, s.wrote_B, ordered=True)
+        return s
+
+    prefill = functools.partial(_prefill, config, sampler, stop_tokens)
+    state = jax.lax.cond(refill, lambda s: emit(prefill(s, params, tokens_BP, mask_BP)), lambda s: s, state)
 
     def running(s: DecodeState):
         return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.cache.index < S)
 
-    def step(s: DecodeState):
-        logits_B1V, cache = model.apply({"params": params}, s.last_B[:, None], positions=s.position_B[:, None],
-                                        attn_mask=s.mask_BS, cache=s.cache)
-        s = s.replace(cache=cache, position_B=s.position_B + 1)
-        s = _record(s, sample_logits(logits_B1V[:, 0], _step_keys(s), sampler), stop_tokens)
-        if on_token is not None:
-            jax.debug.callback(on_token, s.last_B, s.wrote_B, ordered=True)
-        return s
+    def step(s: DecodeState) -> DecodeState:
+        return emit(_decode_step(config, sampler, stop_tokens, params, s))
 
     return jax.lax.while_loop(running, step, state)
 
@@ -232,13 +251,30 @@ def _empty_state(config: ModelConfig, B: int, S: int, N: int, keys, limits) -> D
         done_B=jnp.asarray(limits, jnp.int32) == 0, stopped_B=jnp.zeros((B,), bool), keys_B=keys, step=jnp.int32(0))
 
 
-def _sliding_window(config, sampler, stop_tokens, params, state: DecodeState, prompts, B: int) -> DecodeState:
-    """Rebuild the cache from the last block_size // 2 tokens of every row (prompt + generated so far)."""
-    W = config.block_size // 2
-    tokens_BN, num_B = np.asarray(state.tokens_BN), np.asarray(state.num_tokens_B)
-    rows = [list(p) + tokens_BN[b, :num_B[b]].tolist() for b, p in enumerate(prompts)]
-    tokens_BW, mask_BW = _left_pad(rows, B, W)
-    return _prefill(config, sampler, stop_tokens, params, state, jnp.asarray(tokens_BW), jnp.asarray(mask_BW))
+def _contexts(config: ModelConfig, prompts, state: DecodeState | None, starts: list[int]) -> list[list[int]]:
+    """What each unfinished row's cache must hold: its tokens since starts[b] (prompt + generated so far).
+
+    A context longer than block_size restarts at its last block_size // 2 tokens (only reachable with a sliding
+    window); finished rows get an empty context. The rule looks at the row alone, never at its neighbours.
+    """
+    T, W = config.block_size, config.block_size // 2
+    if state is None:
+        generated, done = [[] for _ in prompts], [False] * len(prompts)
+    else:
+        tokens_BN, num_B, done = (np.asarray(a) for a in (state.tokens_BN, state.num_tokens_B, state.done_B))
+        generated = [tokens_BN[b, :num_B[b]].tolist() for b in range(len(prompts))]
+    rows = []
+    for b, prompt in enumerate(prompts):
+        seq = list(prompt) + generated[b]
+        if len(seq) - starts[b] > T:
+            starts[b] = len(seq) - W
+        rows.append([] if done[b] else seq[starts[b]:])
+    return rows
+
+
+def _prompt_arrays(contexts, B: int, P: int):
+    tokens_BP, mask_BP = _left_pad(contexts, B, P)
+    return jnp.asarray(tokens_BP), jnp.asarray(mask_BP)
 
 
 def generate_batch(config: ModelConfig, params, prompts: Sequence[Sequence[int]], keys, *, max_new_tokens: int,
@@ -255,24 +291,25 @@ def generate_batch(config: ModelConfig, params, prompts: Sequence[Sequence[int]]
     if not 0 < len(prompts) <= B:
         raise ValueError(f"generate_batch takes 1 to batch_size={B} prompts; got {len(prompts)}")
     check_lengths(config, prompts, max_new_tokens, sliding_window)
-    stop_tokens = tuple(int(t) for t in stop_tokens)
-    P, S = batch_shapes(config, max(len(p) for p in prompts), max_new_tokens, sliding_window)
+    run = functools.partial(_run, config, sampler, tuple(int(t) for t in stop_tokens), on_token, params)
+    starts = [0] * len(prompts)
+    contexts = _contexts(config, prompts, None, starts)
+    P, S = batch_shapes(config, max(map(len, contexts)), max_new_tokens, sliding_window)
     pad_rows = B - len(prompts)
-    keys = jnp.concatenate([jnp.stack(list(keys)), jnp.stack([jax.random.key(0)] * pad_rows)]) if pad_rows else \
-        jnp.stack(list(keys))
-    limits = [max_new_tokens] * len(prompts) + [0] * pad_rows
-    state = _empty_state(config, B, S, max_new_tokens, keys, limits)
-    tokens_BP, mask_BP = _left_pad(prompts, B, P)
-    state = _prefill(config, sampler, stop_tokens, params, state, jnp.asarray(tokens_BP), jnp.asarray(mask_BP))
-    if on_token is not None:
-        on_token(np.asarray(state.last_B), np.asarray(state.wrote_B))
+    keys = jnp.stack(list(keys) + [jax.random.key(0)] * pad_rows)
+    state = _empty_state(config, B, S, max_new_tokens, keys, [max_new_tokens] * len(prompts) + [0] * pad_rows)
+    tokens_BP, mask_BP = _prompt_arrays(contexts, B, P)
     chunk = check_every if is_finished is not None else max_new_tokens
+    state = run(state, tokens_BP, mask_BP, True, chunk)
     while not bool(jnp.all(state.done_B)):
-        state = _decode(config, sampler, stop_tokens, on_token, params, state, state.step + chunk)
         if is_finished is not None:
             state = _apply_host_stops(state, is_finished)
-        if int(state.cache.index) == S and not bool(jnp.all(state.done_B)):
-            state = _sliding_window(config, sampler, stop_tokens, params, state, prompts, B)
+        refill = int(state.cache.index) == S and not bool(jnp.all(state.done_B))  # only with a sliding window
+        if refill:
+            contexts = _contexts(config, prompts, state, starts)
+            P = batch_shapes(config, max(map(len, contexts)), max_new_tokens, sliding_window=True)[0]
+            tokens_BP, mask_BP = _prompt_arrays(contexts, B, P)
+        state = run(state, tokens_BP, mask_BP, refill, state.step + chunk)
     tokens_BN, num_B, stopped_B = (np.asarray(a) for a in (state.tokens_BN, state.num_tokens_B, state.stopped_B))
     return [Completion(tokens_BN[b, :num_B[b]].tolist(), "stop" if stopped_B[b] else "length")
             for b in range(len(prompts))]

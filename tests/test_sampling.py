@@ -1,0 +1,229 @@
+"""Generation against independent references: a full forward per step without cache, transformers' generate,
+and the exact truncated distributions of top-k / top-p computed by hand in numpy."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import sampling
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.sampling import Sampler, generate, generate_batch, row_key, sample_logits
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(block_size: int = 128):
+    cfg = ModelConfig.from_preset("tiny", block_size=block_size)
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
+def random_prompts(lengths, seed=0, vocab=50257):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def full_forward(cfg, params, tokens):
+    return GPT2(cfg).apply({"params": params}, tokens)
+
+
+def uncached_greedy(cfg, params, prompt, n, sliding_window=False):
+    """A full forward over the whole context for every new token (no cache), right-padded to block_size so it
+    compiles once; with a sliding window, a context past block_size restarts at its last block_size // 2."""
+    T, W = cfg.block_size, cfg.block_size // 2
+    seq, start = list(prompt), 0
+    for _ in range(n):
+        if sliding_window and len(seq) - start > T:
+            start = len(seq) - W
+        context = seq[start:]
+        buf = np.zeros((1, T), np.int32)
+        buf[0, :len(context)] = context
+        seq.append(int(jnp.argmax(full_forward(cfg, params, jnp.asarray(buf))[0, len(context) - 1])))
+    return seq[len(prompt):]
+
+
+def test_cached_greedy_equals_uncached_for_64_tokens():
+    cfg, params = tiny()
+    prompts = random_prompts((5, 17, 1, 30))
+    out = generate(cfg, params, prompts, max_new_tokens=64, temperature=0.0, stop_tokens=())
+    for prompt, tokens in zip(prompts, out):
+        assert tokens == uncached_greedy(cfg, params, prompt, 64)
+
+
+def test_greedy_equals_transformers_generate():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_model import hf_model, params_from_hf
+
+    cfg = ModelConfig.from_preset("tiny")
+    model = hf_model(cfg, seed=1)
+    params = params_from_hf(model, cfg)
+    prompts = random_prompts((7, 12, 3), seed=1)
+    ours = generate(cfg, params, prompts, max_new_tokens=40, temperature=0.0, stop_tokens=())
+    for prompt, tokens in zip(prompts, ours):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+        assert tokens == ref[0, len(prompt):].tolist()
+
+
+def test_ragged_batch_rows_equal_their_output_alone():
+    cfg, params = tiny()
+    prompts = random_prompts((1, 15, 16, 17, 40, 2), seed=2)  # across prompt-length buckets 16 / 32 / 64
+    batched = generate(cfg, params, prompts, max_new_tokens=24, temperature=0.0, stop_tokens=(), batch_size=8)
+    for prompt, tokens in zip(prompts, batched):
+        assert tokens == generate(cfg, params, [prompt], max_new_tokens=24, temperature=0.0, stop_tokens=())[0]
+
+
+def test_sampled_row_does_not_depend_on_neighbours_or_slot():
+    cfg, params = tiny()
+    x, a, b, c = random_prompts((9, 3, 30, 20), seed=3)
+    sampler = Sampler(temperature=0.9, top_k=50, top_p=0.95)
+    kw = dict(max_new_tokens=20, sampler=sampler, stop_tokens=())
+    key_x = row_key(7, (4, 1))
+    first = generate_batch(cfg, params, [x, a, b], [key_x, row_key(7, 0), row_key(7, 1)], batch_size=4, **kw)[0]
+    second = generate_batch(cfg, params, [c, x], [row_key(7, 2), key_x], batch_size=2, **kw)[1]
+    alone = generate_batch(cfg, params, [x], [key_x], **kw)[0]
+    assert first.tokens == second.tokens == alone.tokens
+    other_seed = generate_batch(cfg, params, [x], [row_key(8, (4, 1))], **kw)[0]
+    assert other_seed.tokens != alone.tokens
+
+
+def draw(logits_V, sampler, n=40_000, seed=0):
+    logits_NV = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
+    keys = jax.random.split(jax.random.key(seed), n)
+    tokens = np.asarray(jax.jit(sample_logits, static_argnums=2)(logits_NV, keys, sampler))
+    return np.bincount(tokens, minlength=len(logits_V)) / n
+
+
+def truncated_distribution(logits_V, temperature, top_k, top_p):
+    """By hand: softmax(logits / T), keep the top_k, renormalise, keep the smallest prefix reaching top_p."""
+    p = np.exp(np.asarray(logits_V, np.float64) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros(len(p), bool)
+    keep[order[:top_k or len(p)]] = True
+    q = np.where(keep, p, 0.0) / p[keep].sum()
+    mass = 0.0
+    for i in order:
+        if keep[i] and mass >= top_p:
+            keep[i] = False
+        mass += q[i]
+    return np.where(keep, q, 0.0) / q[keep].sum()
+
+
+LOGITS = [1.2, -0.3, 2.0, 0.4, -1.5, 0.9, 0.0, 1.6]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 3, 1.0), (1.0, 0, 0.7), (0.7, 5, 0.6), (1.5, 0, 1.0), (2.0, 6, 0.9),
+])
+def test_draws_follow_the_renormalised_truncated_distribution(temperature, top_k, top_p):
+    expected = truncated_distribution(LOGITS, temperature, top_k, top_p)
+    empirical = draw(LOGITS, Sampler(temperature, top_k, top_p))
+    assert np.all(empirical[expected == 0] == 0), "a filtered-out token was drawn"
+    # Total-variation distance; with 40,000 draws its sampling noise is about 0.005.
+    assert 0.5 * np.abs(empirical - expected).sum() < 0.015
+    # The threshold has power: the untruncated softmax is far from the truncated one in every filtered case.
+    if top_k or top_p < 1:
+        assert 0.5 * np.abs(truncated_distribution(LOGITS, temperature, 0, 1.0) - expected).sum() > 0.05
+
+
+def test_greedy_is_argmax_for_any_key():
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(6, 100)), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 6)
+    np.testing.assert_array_equal(sample_logits(logits, keys, Sampler(0.0)), np.argmax(np.asarray(logits), -1))
+    # top_k=1 is greedy too, whatever the temperature.
+    np.testing.assert_array_equal(sample_logits(logits, keys, Sampler(3.0, top_k=1)), np.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampler_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sampler(**kwargs)
+
+
+def test_stop_token_ends_each_row_on_its_own():
+    cfg, params = tiny()
+    prompts = random_prompts((4, 11, 6), seed=5)
+    keys = [row_key(0, i) for i in range(3)]
+    kw = dict(max_new_tokens=30, sampler=Sampler(0.0), batch_size=4)
+    free = generate_batch(cfg, params, prompts, keys, stop_tokens=(), **kw)
+    stop = free[0].tokens[5]
+    stopped = generate_batch(cfg, params, prompts, keys, stop_tokens=(stop,), **kw)
+    for f, s in zip(free, stopped):
+        if stop in f.tokens:
+            assert (s.tokens, s.finish_reason) == (f.tokens[:f.tokens.index(stop)], "stop")
+        else:
+            assert (s.tokens, s.finish_reason) == (f.tokens, "length")
+    assert stopped[0].tokens == free[0].tokens[:free[0].tokens.index(stop)]
+
+
+def test_host_stop_check_leaves_finished_rows_unchanged():
+    cfg, params = tiny()
+    prompts = random_prompts((8, 3), seed=6)
+    keys = [row_key(0, i) for i in range(2)]
+    kw = dict(max_new_tokens=40, sampler=Sampler(0.8), stop_tokens=())
+    free = generate_batch(cfg, params, prompts, keys, **kw)
+    marker = free[0].tokens[9]
+    first = free[0].tokens.index(marker)
+    checked = generate_batch(cfg, params, prompts, keys, is_finished=lambda t: marker in t, check_every=4, **kw)
+    row = checked[0]
+    assert row.finish_reason == "stop" and row.tokens == free[0].tokens[:len(row.tokens)]
+    assert first < len(row.tokens) <= first + 1 + 4  # stopped at the first check after the marker appeared
+    if marker not in free[1].tokens:
+        assert (checked[1].tokens, checked[1].finish_reason) == (free[1].tokens, "length")
+
+
+def test_too_long_is_an_error_unless_sliding_window():
+    cfg, params = tiny(block_size=32)
+    with pytest.raises(ValueError, match="prompt 1 has 20 tokens; with max_new_tokens=20 that is 40 > block_size 32"):
+        generate(cfg, params, [[1, 2], list(range(20))], max_new_tokens=20)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generate(cfg, params, [[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="token id 99999 outside"):
+        generate(cfg, params, [[99999]], max_new_tokens=4)
+
+
+def test_sliding_window_matches_recomputing_from_the_last_half_block():
+    cfg, params = tiny(block_size=32)
+    prompts = random_prompts((3, 20, 40, 9), seed=7)  # the 40-token prompt starts already cropped
+    out = generate(cfg, params, prompts, max_new_tokens=70, temperature=0.0, stop_tokens=(), sliding_window=True)
+    for prompt, tokens in zip(prompts, out):
+        assert tokens == uncached_greedy(cfg, params, prompt, 70, sliding_window=True)
+
+
+def test_1000_mixed_length_prompts_compile_at_most_8_times():
+    # A config no other test uses, so no shape is already compiled. block_size 256 keeps it fast; the README's
+    # number for block_size 1024 comes from bench/compile_count.py.
+    cfg = ModelConfig.from_preset("tiny", n_layer=1, block_size=256)
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    lengths = np.random.default_rng(8).integers(1, 249, 1000)
+    prompts = random_prompts(lengths, seed=8)
+    before = sampling.compile_count()
+    out = generate(cfg, params, prompts, max_new_tokens=8, temperature=0.0, batch_size=32, stop_tokens=())
+    compiles = sampling.compile_count() - before
+    assert [len(o) for o in out] == [8] * 1000
+    # By hand: sorted into batches of 32, each batch pads to the next power of two >= 16 (but <= 256 - 8).
+    longest = [max(b) for b in np.array_split(np.sort(lengths), range(32, 1000, 32))]
+    buckets = {min(max(16, 1 << int(n - 1).bit_length()), 248) for n in longest}
+    assert compiles == len(buckets) <= 8
+
+
+def test_on_token_streams_every_token_in_order():
+    cfg, params = tiny()
+    prompts = random_prompts((5, 2), seed=9)
+    seen = []
+    out = generate_batch(cfg, params, prompts, [row_key(0, 0), row_key(0, 1)], max_new_tokens=12,
+                         sampler=Sampler(1.0), stop_tokens=(), on_token=lambda t, w: seen.append((t.copy(), w.copy())))
+    assert len(seen) == 12
+    for b in range(2):
+        assert [int(t[b]) for t, w in seen if w[b]] == out[b].tokens
