@@ -107,7 +107,7 @@ PRESETS: dict[str, dict] = {
     # For tests: every feature, almost no compute.
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
     # The default of train.py: trains on Shakespeare on 2 CPU cores in about ten minutes.
-    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, pad_vocab_to=64),
 }
 
 
@@ -119,13 +119,13 @@ class TrainConfig:
     data: str = ""  # a prepared shard directory or a nanoGPT train.bin/val.bin directory; "" = bundled Shakespeare
     init_from: str = "scratch"  # scratch | resume | a checkpoint or weights path
     seed: int = 1337
-    max_iters: int = 2000
-    batch_size: int = 16
+    max_iters: int = 600
+    batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_iters: int = 100
-    lr_decay_iters: int = 2000
+    warmup_iters: int = 30
+    lr_decay_iters: int = 600
     min_lr: float = 1e-4
     weight_decay: float = 0.1
     decay_embeddings: bool = True
@@ -135,8 +135,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
     label_smoothing: float = 0.0
     ignore_index: int = -100
-    eval_interval: int = 250
-    eval_iters: int = 20
+    eval_interval: int = 100
+    eval_iters: int = 10
     log_interval: int = 10
     keep_checkpoints: int = 3
     num_samples: int = 3  # samples printed at the end of training
