@@ -1,0 +1,307 @@
+"""Sample from a trained or converted GPT-2: one prompt streamed to the terminal, or a file of prompts in batches.
+
+    python sample.py --init_from=out --prompt="ROMEO:"                    # streams the completion as it is decoded
+    python sample.py --init_from=gpt2.safetensors --prompts_file=prompts.jsonl --out=samples.jsonl --batch_size=16
+    python sample.py --init_from=out --prompts_file=prompts.txt --out=samples.jsonl --resume    # after a Ctrl-C
+
+--init_from: a train.py out_dir (orbax) or any weights gpt2_jax.convert.load reads (Hugging Face/OpenAI,
+nanoGPT ckpt.pt, llm.c .bin, the reference PyTorch layout). A prompts file holds one prompt per line, or is
+JSONL (.jsonl / .json) with a "prompt" field and an optional "id" per line. Prompts are sorted by length into
+batches; each finished batch is appended to --out at once, one JSON line per sample: id, sample, prompt,
+completion, prompt_tokens, completion_tokens, finish_reason ("stop": <|endoftext|> or a --stop string;
+"length": --max_new_tokens). A bad prompt is reported with its line number and skipped; the others are
+written and the exit status is 1. A sample's randomness depends only on --seed, its prompt id and its
+sample number, so --batch_size never changes a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, replace
+from gpt2_jax.sampling import Sampler, generate_batch, row_key
+from gpt2_jax.tokenizer import get_tokenizer
+
+
+def _ranged(name: str, cast, ok, expected: str):
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {text}")
+        return value
+    parse.__name__ = name
+    return parse
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", required=True, help="a train.py out_dir or a weights file/directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt; its completion is printed as it is decoded")
+    source.add_argument("--prompts_file", type=Path, help="text (one prompt a line) or JSONL with a 'prompt' field")
+    p.add_argument("--num_samples", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=1)
+    p.add_argument("--max_new_tokens", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=200)
+    p.add_argument("--temperature", type=_ranged("float", float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
+                   default=0.8)
+    p.add_argument("--top_k", type=_ranged("int", int, lambda v: v >= 0, "an integer >= 0 (0 = off)"), default=200)
+    p.add_argument("--top_p", type=_ranged("float", float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+                   default=1.0)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--batch_size", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=8)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); <|endoftext|> always")
+    p.add_argument("--sliding_window", action="store_true",
+                   help="go past block_size: a context that outgrows it restarts from its last block_size // 2")
+    p.add_argument("--out", type=Path, help="append one JSON line per sample to this file")
+    p.add_argument("--resume", action="store_true", help="continue --out, skipping the samples it already has")
+    args = p.parse_args(argv)
+    if args.resume and args.out is None:
+        p.error("--resume needs --out")
+    if args.out is not None and args.out.exists() and not args.resume:
+        p.error(f"--out {args.out} exists; pass --resume to continue it, or choose another file")
+    if "" in args.stop:
+        p.error("--stop must not be empty")
+    return args
+
+
+def load_model(path: str, dtype: str) -> tuple[ModelConfig, dict]:
+    """(config, params) from --init_from, with params and compute in dtype."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--init_from {path!r}: no such file or directory (give a train.py out_dir "
+                                "or a weights file that gpt2_jax.convert reads)")
+    from gpt2_jax import convert
+
+    cfg, params = convert.load(path, dtype=jnp.dtype(dtype))
+    return replace(cfg, dtype=dtype, param_dtype=dtype), params
+
+
+@dataclass
+class Prompt:
+    id: str | int
+    text: str
+    tokens: list[int]
+
+
+def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tuple[int, str]]]:
+    """([(line, id, text)], [(line, error)]) from a text or JSONL prompts file; ids default to the line number."""
+    jsonl = path.suffix in (".jsonl", ".json")
+    found, errors, seen = [], [], {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not jsonl:
+            found.append((line_no, line_no, line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append((line_no, f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            errors.append((line_no, "expected a JSON object with a string 'prompt' field"))
+            continue
+        pid = record.get("id", line_no)
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            errors.append((line_no, f"'id' must be a string or an integer; got {pid!r}"))
+        elif pid in seen:
+            errors.append((line_no, f"id {pid!r} is already used on line {seen[pid]}"))
+        else:
+            seen[pid] = line_no
+            found.append((line_no, pid, record["prompt"]))
+    return found, errors
+
+
+def tokenize(entries, cfg: ModelConfig, args) -> tuple[list[Prompt], list[tuple[int, str]]]:
+    """Prompts with their tokens; empty prompts and prompts that do not fit are (line, error)s."""
+    tokenizer = get_tokenizer()
+    token_lists = tokenizer.encode_batch([text for _, _, text in entries], allow_special=True)
+    prompts, errors = [], []
+    for (line, pid, text), tokens in zip(entries, token_lists):
+        if not tokens:
+            errors.append((line, "empty prompt (write <|endoftext|> to sample without one)"))
+        elif not args.sliding_window and len(tokens) + args.max_new_tokens > cfg.block_size:
+            errors.append((line, f"prompt has {len(tokens)} tokens; with --max_new_tokens={args.max_new_tokens} "
+                                 f"that exceeds block_size {cfg.block_size} (shorten it or pass --sliding_window)"))
+        else:
+            prompts.append(Prompt(pid, text, tokens))
+    return prompts, errors
+
+
+def find_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class TextStream:
+    """Token ids in, printable text out: complete UTF-8 characters only, and never a possible start of a stop
+    string until it is known not to be one. Once a stop string appears, nothing more comes out."""
+
+    def __init__(self, stops: list[str]):
+        self.tokenizer, self.stops = get_tokenizer(), stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending, self.stopped = "", False
+
+    def feed(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        cut = find_stop(self.pending, self.stops)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out
+
+    def flush(self) -> str:
+        out = "" if self.stopped else self.pending + self.decoder.decode(b"", final=True)
+        self.pending = ""
+        return out
+
+
+def finish(tokens: list[int], reason: str, stops: list[str]) -> tuple[str, int, str]:
+    """(completion text, completion tokens, finish_reason), cut before the first stop string."""
+    tokenizer = get_tokenizer()
+    text = tokenizer.decode(tokens)
+    cut = find_stop(text, stops)
+    if cut < 0:
+        return text, len(tokens), reason
+    n = next(n for n in range(1, len(tokens) + 1) if find_stop(tokenizer.decode(tokens[:n]), stops) >= 0)
+    return text[:cut], n, "stop"
+
+
+def sample_key(seed: int, prompt_id, k: int):
+    """A sample's PRNG key from (seed, prompt id, sample number) only."""
+    return row_key(seed, (zlib.crc32(str(prompt_id).encode()), k))
+
+
+def record(prompt: Prompt, k: int, tokens: list[int], reason: str, stops: list[str]) -> dict:
+    text, n, reason = finish(tokens, reason, stops)
+    return {"id": prompt.id, "sample": k, "prompt": prompt.text, "completion": text,
+            "prompt_tokens": len(prompt.tokens), "completion_tokens": n, "finish_reason": reason}
+
+
+def stop_check(stops: list[str]):
+    if not stops:
+        return None
+    tokenizer = get_tokenizer()
+    return lambda tokens: find_stop(tokenizer.decode(tokens), stops) >= 0
+
+
+def run_one(cfg, params, prompt: Prompt, args, out_file, skip: set[tuple]) -> None:
+    """Stream each sample of one prompt to stdout as its tokens are decoded."""
+    sampler = Sampler(args.temperature, args.top_k, args.top_p)
+    for k in range(args.num_samples):
+        if (prompt.id, k) in skip:
+            continue
+        stream = TextStream(args.stop)
+        print(prompt.text, end="", flush=True)
+
+        def show(tokens_B, wrote_B):
+            if wrote_B[0]:
+                print(stream.feed(int(tokens_B[0])), end="", flush=True)
+
+        done = generate_batch(cfg, params, [prompt.tokens], [sample_key(args.seed, prompt.id, k)],
+                              max_new_tokens=args.max_new_tokens, sampler=sampler, on_token=show,
+                              is_finished=stop_check(args.stop), sliding_window=args.sliding_window)[0]
+        print(stream.flush(), flush=True)
+        print("-" * 60, flush=True)
+        if out_file is not None:
+            write_lines(out_file, [record(prompt, k, done.tokens, done.finish_reason, args.stop)])
+
+
+def write_lines(out_file, records: list[dict]) -> None:
+    for r in records:
+        out_file.write(json.dumps(r, ensure_ascii=False) + "\n")
+    out_file.flush()
+
+
+def done_samples(path: Path) -> set[tuple]:
+    """(id, sample) pairs already in an --out file; a last line cut short by an interruption is removed."""
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[:raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    done = set()
+    for line_no, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        try:
+            r = json.loads(line)
+            done.add((r["id"], r["sample"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"--resume: {path}:{line_no} is not a line this script wrote") from None
+    return done
+
+
+def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple]) -> None:
+    """Generate every (prompt, sample) not in skip, in length-sorted batches; write each batch when done."""
+    jobs = [(p, k) for p in sorted(prompts, key=lambda p: len(p.tokens)) for k in range(args.num_samples)
+            if (p.id, k) not in skip]
+    sampler, check = Sampler(args.temperature, args.top_k, args.top_p), stop_check(args.stop)
+    B = min(args.batch_size, max(1, len(jobs)))
+    start, made = time.perf_counter(), 0
+    with tqdm(total=len(jobs), unit="prompt", file=sys.stderr) as bar:
+        for i in range(0, len(jobs), B):
+            batch = jobs[i:i + B]
+            done = generate_batch(cfg, params, [p.tokens for p, _ in batch],
+                                  [sample_key(args.seed, p.id, k) for p, k in batch], batch_size=B,
+                                  max_new_tokens=args.max_new_tokens, sampler=sampler, is_finished=check,
+                                  sliding_window=args.sliding_window)
+            records = [record(p, k, c.tokens, c.finish_reason, args.stop) for (p, k), c in zip(batch, done)]
+            if out_file is not None:
+                write_lines(out_file, records)
+            else:
+                for r in records:
+                    tqdm.write(json.dumps(r, ensure_ascii=False), file=sys.stdout)
+            made += sum(len(c.tokens) for c in done)
+            bar.set_postfix_str(f"{made / (time.perf_counter() - start):.1f} tok/s")
+            bar.update(len(batch))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, params = load_model(args.init_from, args.dtype)
+        if args.prompt is not None:
+            prompts, errors = tokenize([(0, 0, args.prompt)], cfg, args)
+            errors = [f"--prompt: {e}" for _, e in errors]
+        else:
+            entries, line_errors = read_prompts(args.prompts_file)
+            prompts, token_errors = tokenize(entries, cfg, args)
+            errors = [f"{args.prompts_file}:{line}: {e}" for line, e in sorted(line_errors + token_errors)]
+        skip = done_samples(args.out) if args.resume else set()
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    out_file = args.out.open("a", encoding="utf-8") if args.out is not None else None
+    try:
+        if args.prompt is not None and prompts:
+            run_one(cfg, params, prompts[0], args, out_file, skip)
+        elif prompts:
+            run_file(cfg, params, prompts, args, out_file, skip)
+    finally:
+        if out_file is not None:
+            out_file.close()
+    if errors:
+        print(f"{len(errors)} prompt(s) skipped; the others are done", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

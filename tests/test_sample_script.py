@@ -1,0 +1,145 @@
+"""sample.py end to end on a tiny checkpoint: JSONL output, bad lines, --resume, streaming, stop strings, flags."""
+
+import json
+
+import jax
+import pytest
+
+import sample
+from gpt2_jax import checkpoint
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import init_params
+from gpt2_jax.sampling import Sampler, generate_batch
+from gpt2_jax.tokenizer import get_tokenizer
+
+FIELDS = {"id", "sample", "prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = ModelConfig.from_preset("tiny")  # block_size 64, the GPT-2 vocabulary
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    path = tmp_path_factory.mktemp("ckpt") / "weights"
+    checkpoint.save_weights(path, cfg, params)
+    return cfg, params, str(path)
+
+
+def reference(cfg, params, text, prompt_id, k=0, seed=1337, n=12, temperature=0.8, top_k=200, top_p=1.0):
+    """What one sample should be: the library call with the key sample.py documents, decoded by hand."""
+    tokens = get_tokenizer().encode(text, allow_special=True)
+    done = generate_batch(cfg, params, [tokens], [sample.sample_key(seed, prompt_id, k)], max_new_tokens=n,
+                          sampler=Sampler(temperature, top_k, top_p))[0]
+    return get_tokenizer().decode(done.tokens), done
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prompts_file_with_bad_lines_writes_the_good_ones(model, tmp_path, capsys):
+    cfg, params, ckpt = model
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([
+        json.dumps({"prompt": "ROMEO:", "id": "r"}),
+        "{not json",
+        json.dumps({"text": "no prompt field"}),
+        json.dumps({"prompt": ""}),
+        json.dumps({"prompt": "word " * 60}),
+        json.dumps({"prompt": "Hello there", "id": 7}),
+        json.dumps({"prompt": "again", "id": "r"}),
+        json.dumps({"prompt": "a longer prompt of several words to sort last"}),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    code = sample.main([f"--init_from={ckpt}", f"--prompts_file={prompts}", f"--out={out}", "--max_new_tokens=12",
+                        "--batch_size=2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    for line, what in [(2, "not valid JSON"), (3, "expected a JSON object with a string 'prompt' field"), (4, "empty prompt"),
+                       (5, "prompt has 61 tokens; with --max_new_tokens=12 that exceeds block_size 64"),
+                       (7, "id 'r' is already used on line 1")]:
+        assert f"prompts.jsonl:{line}: {what}" in err
+    rows = read_jsonl(out)
+    assert sorted(str(r["id"]) for r in rows) == ["7", "8", "r"]
+    assert [r["prompt_tokens"] for r in rows] == sorted(r["prompt_tokens"] for r in rows)  # length-sorted batches
+    for r in rows:
+        assert set(r) == FIELDS
+        text, done = reference(cfg, params, r["prompt"], r["id"])
+        assert (r["completion"], r["completion_tokens"], r["finish_reason"]) == (text, len(done.tokens), "length")
+
+
+def test_resume_finishes_an_interrupted_file_without_duplicates(model, tmp_path, capsys):
+    _, _, ckpt = model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i} {'x ' * i}\n" for i in range(7)))
+    flags = [f"--init_from={ckpt}", f"--prompts_file={prompts}", "--max_new_tokens=6", "--num_samples=2",
+             "--batch_size=4"]
+    full = tmp_path / "full.jsonl"
+    assert sample.main(flags + [f"--out={full}"]) == 0
+    complete = full.read_text().splitlines(keepends=True)
+    assert len(complete) == 14
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(complete[:5]) + complete[5][:17])  # killed while writing the sixth line
+    with pytest.raises(SystemExit):  # the file exists: refused without --resume
+        sample.main(flags + [f"--out={cut}"])
+    assert "pass --resume" in capsys.readouterr().err
+    assert sample.main(flags + [f"--out={cut}", "--resume"]) == 0
+    resumed = read_jsonl(cut)
+    assert len(resumed) == 14
+    key = lambda r: (r["id"], r["sample"])  # noqa: E731
+    assert sorted(resumed, key=key) == sorted(read_jsonl(full), key=key)
+
+
+def test_single_prompt_streams_the_completion(model, capsys):
+    cfg, params, ckpt = model
+    prompt = "Caf\u00e9 \U0001F642 says"
+    assert sample.main([f"--init_from={ckpt}", f"--prompt={prompt}", "--max_new_tokens=12", "--seed=3"]) == 0
+    text, _ = reference(cfg, params, prompt, 0, seed=3)
+    assert capsys.readouterr().out == prompt + text + "\n" + "-" * 60 + "\n"
+
+
+def test_stop_string_cuts_the_completion(model, tmp_path):
+    cfg, params, ckpt = model
+    text, done = reference(cfg, params, "ROMEO:", 1, n=30, temperature=0.0)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("ROMEO:\n")
+    out = tmp_path / "out.jsonl"
+    assert sample.main([f"--init_from={ckpt}", f"--prompts_file={prompts}", f"--out={out}", "--max_new_tokens=30",
+                        "--temperature=0", f"--stop={stop}"]) == 0
+    [row] = read_jsonl(out)
+    assert row["finish_reason"] == "stop" and row["completion"] == text[:text.find(stop)]
+    n = row["completion_tokens"]
+    assert stop in get_tokenizer().decode(done.tokens[:n]) and stop not in get_tokenizer().decode(done.tokens[:n - 1])
+
+
+def test_text_stream_holds_back_partial_utf8_and_stop_strings():
+    tok = get_tokenizer()
+    text = "na\u00efve \U0001F642 end"
+    tokens = tok.encode(text)
+    assert b"\xf0\x9f\x99\x82" not in [tok.decode_bytes([t]) for t in tokens]  # the emoji is split across tokens
+    stream = sample.TextStream([])
+    assert "".join(stream.feed(t) for t in tokens) + stream.flush() == text
+    stream = sample.TextStream(["\U0001F642 e"])
+    pieces = [stream.feed(t) for t in tokens]
+    assert "".join(pieces) + stream.flush() == "na\u00efve "
+    assert "\ufffd" not in "".join(pieces)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--temperature=-1", "argument --temperature: must be >= 0"),
+    ("--top_p=0", r"argument --top_p: must be in (0, 1]"),
+    ("--top_p=1.5", r"argument --top_p: must be in (0, 1]"),
+    ("--top_k=-1", "argument --top_k: must be an integer >= 0"),
+    ("--num_samples=0", "argument --num_samples: must be an integer >= 1"),
+])
+def test_bad_flags_are_named(model, flag, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--init_from={model[2]}", "--prompt=hi", flag])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_weights_and_empty_prompt_are_clear(model, tmp_path, capsys):
+    assert sample.main([f"--init_from={tmp_path / 'nope'}", "--prompt=hi"]) == 1
+    assert "no such file or directory" in capsys.readouterr().err
+    assert sample.main([f"--init_from={model[2]}", "--prompt="]) == 1
+    assert "--prompt: empty prompt" in capsys.readouterr().err
