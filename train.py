@@ -21,20 +21,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # the object API draws off-screen without choosing a pyplot backend
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from gpt2_jax import checkpoint, convert, data  # noqa: E402
-from gpt2_jax.config import (ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides,  # noqa: E402
-                             replace)
-from gpt2_jax.model import count_params  # noqa: E402
-from gpt2_jax.sampling import generate  # noqa: E402
-from gpt2_jax.tokenizer import get_tokenizer  # noqa: E402
-from gpt2_jax.training import init_train_state, make_eval_step, make_train_step  # noqa: E402
+from gpt2_jax import checkpoint, convert, data
+from gpt2_jax.config import ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides, replace
+from gpt2_jax.model import count_params
+from gpt2_jax.sampling import generate
+from gpt2_jax.tokenizer import get_tokenizer
+from gpt2_jax.training import init_train_state, make_eval_step, make_train_step
 
 DEFAULT_PRESET = "mini"
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
@@ -172,7 +168,8 @@ class Metrics:
             f.write(json.dumps(record) + "\n")
 
     def plot(self) -> None:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
         for points, label in ((train, "train"), (val, "val")):
@@ -183,7 +180,6 @@ class Metrics:
         ax.legend()
         fig.tight_layout()
         fig.savefig(self.png, dpi=100)
-        plt.close(fig)
 
 
 class Run:
