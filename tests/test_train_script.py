@@ -159,6 +159,14 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
     assert_bitwise_equal(checkpoint.load_weights(out)[1], before)
 
 
+def test_config_file_then_flags(tmp_path):
+    (tmp_path / "run.json").write_text('{"preset": "tiny", "n_layer": 3, "max_iters": 5, "learning_rate": 1}')
+    model_cfg, train_cfg, params = train.resolve([f"--config={tmp_path / 'run.json'}", "--max_iters=7",
+                                                  "--dtype=bfloat16", "--block_size=16", f"--out_dir={tmp_path}"])
+    assert model_cfg == ModelConfig.from_preset("tiny", n_layer=3, dtype="bfloat16", block_size=16)
+    assert (train_cfg.max_iters, train_cfg.learning_rate, params) == (7, 1.0, None)
+
+
 def main_error(capsys, *argv) -> str:
     assert train.main(list(argv)) == 2
     return capsys.readouterr().err
