@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, KVCache, init_cache
+from gpt2_jax.model import GPT2, init_cache
 
 EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
@@ -99,7 +99,9 @@ def row_key(seed: int, row_id: int | Sequence[int]):
 class DecodeState:
     """Everything the decode loop carries; rows are independent and a finished row is never written again."""
 
-    cache: KVCache
+    k: tuple  # per layer [B, H, S, D] keys (the decode layout, see decode_forward)
+    v: tuple  # per layer [B, H, S, D] values
+    index: jax.Array  # int32 scalar: cache slots filled, the same for every row (left padding aligns them)
     mask_BS: jax.Array  # which cache slots hold real tokens (False = left padding)
     last_B: jax.Array  # the newest token of each row, not yet in the cache
     wrote_B: jax.Array  # whether last_B was appended to the row's output (False once finished or on a stop token)
@@ -136,59 +138,171 @@ def _step_keys(state: DecodeState):
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
 
 
-def _decode_step(config: ModelConfig, sampler: Sampler, stop_tokens, params, state: DecodeState) -> DecodeState:
+# ---------------------------------------------------------------- the decode-layout forward
+# A decode step reads every weight once per token, so its speed is memory traffic. GPT2.apply runs the blocks
+# with lax.scan over weights stacked on L and contracts c_attn [3, H, D, C] / c_proj [C, H, D] over several axes;
+# for a one-token step XLA CPU then copies every layer's weight slice (and transposes those two) on every step,
+# about three times the bytes of the weights. decode_forward computes the same function from the weights
+# rearranged once per call (decode_weights): one 2-D [in, out] matrix per layer, and a per-layer cache laid out
+# [B, H, S, D] so that attention is a plain batched matmul. Measured on the 2-core CPU (bench/sample.py --layouts):
+# gpt2 fp32 at B=1 104 -> 28 ms per token; at B=8 130 -> 40 ms ([out, in] matrices: 52 ms; [B, S, H, D] cache:
+# 65 ms). The prompt is still prefilled by GPT2.apply (large matmuls, where the stacked layout costs little);
+# tests check that both paths agree with the model and with transformers.
+
+
+def decode_weights(config: ModelConfig, params) -> dict:
+    """The params rearranged for decode_forward: per layer, 2-D [in, out] matrices in the compute dtype."""
+    dt, h, C = config.dtype, params["h"], config.n_embd
+
+    def mat(w, n_out):  # torch layout [*out, *in] -> [in, out]
+        return w.reshape(n_out, -1).T.astype(dt)
+
+    def opt(tree, name, i, shape=None):
+        if name not in tree:
+            return None
+        return tree[name][i].reshape(shape or tree[name][i].shape)
+
+    layers = tuple(dict(
+        ln_1=(h["ln_1"]["weight"][i], opt(h["ln_1"], "bias", i)),
+        ln_2=(h["ln_2"]["weight"][i], opt(h["ln_2"], "bias", i)),
+        qkv=(mat(h["attn"]["c_attn"]["weight"][i], 3 * C), opt(h["attn"]["c_attn"], "bias", i, (3 * C,))),
+        proj=(mat(h["attn"]["c_proj"]["weight"][i], C), opt(h["attn"]["c_proj"], "bias", i)),
+        fc=(mat(h["mlp"]["c_fc"]["weight"][i], 4 * C), opt(h["mlp"]["c_fc"], "bias", i)),
+        out=(mat(h["mlp"]["c_proj"]["weight"][i], C), opt(h["mlp"]["c_proj"], "bias", i)),
+    ) for i in range(config.n_layer))
+    head = params["wte"] if config.tie_embeddings else params["lm_head"]["weight"]
+    head_bias = None if config.tie_embeddings else params["lm_head"].get("bias")
+    return dict(wte=params["wte"], wpe=params["wpe"], ln_f=(params["ln_f"]["weight"], params["ln_f"].get("bias")),
+                head=(head.astype(dt), head_bias), layers=layers)
+
+
+def _layer_norm(config: ModelConfig, x, weight_bias):
+    """model.LayerNorm: float32 statistics, biased variance."""
+    weight, bias = weight_bias
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + config.layer_norm_eps)
+    y = y * weight if bias is None else y * weight + bias
+    return y.astype(config.dtype)
+
+
+def _dense(config: ModelConfig, x, weight_bias):
+    weight, bias = weight_bias
+    y = jnp.dot(x.astype(config.dtype), weight)
+    return y if bias is None else y + bias.astype(config.dtype)
+
+
+def decode_forward(config: ModelConfig, weights: dict, token_B, position_B, mask_BS, k: tuple, v: tuple, index):
+    """One token per row through the model: float32 logits [B, vocab_size] and the caches with it written at index.
+
+    Same numerics as GPT2.apply with a cache (compute dtype, float32 LayerNorm statistics and attention scores).
+    """
+    B, H, D = token_B.shape[0], config.n_head, config.head_dim
+    x_BC = (jnp.take(weights["wte"], token_B, axis=0) + jnp.take(weights["wpe"], position_B, axis=0))
+    x_BC = x_BC.astype(config.dtype)
+    S = k[0].shape[2]
+    visible_B1S = (mask_BS & (jnp.arange(S) <= index)[None, :])[:, None, :]
+    new_k, new_v = [], []
+    for layer, k_BHSD, v_BHSD in zip(weights["layers"], k, v):
+        qkv_B3HD = _dense(config, _layer_norm(config, x_BC, layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
+        k_BHSD = jax.lax.dynamic_update_slice(k_BHSD, qkv_B3HD[:, 1, :, None].astype(k_BHSD.dtype), (0, 0, index, 0))
+        v_BHSD = jax.lax.dynamic_update_slice(v_BHSD, qkv_B3HD[:, 2, :, None].astype(v_BHSD.dtype), (0, 0, index, 0))
+        new_k.append(k_BHSD)
+        new_v.append(v_BHSD)
+        scores_BHS = jnp.einsum("bhd,bhsd->bhs", qkv_B3HD[:, 0], k_BHSD.astype(config.dtype),
+                                preferred_element_type=jnp.float32) * (1.0 / np.sqrt(D))
+        scores_BHS = jnp.where(visible_B1S, scores_BHS, jnp.finfo(jnp.float32).min)
+        probs_BHS = jax.nn.softmax(scores_BHS, axis=-1).astype(config.dtype)
+        y_BC = jnp.einsum("bhs,bhsd->bhd", probs_BHS, v_BHSD.astype(config.dtype)).reshape(B, H * D)
+        x_BC = x_BC + _dense(config, y_BC, layer["proj"])
+        hidden = _dense(config, _layer_norm(config, x_BC, layer["ln_2"]), layer["fc"])
+        hidden = jax.nn.gelu(hidden, approximate=config.activation == "gelu_tanh")
+        x_BC = x_BC + _dense(config, hidden, layer["out"])
+    x_BC = _layer_norm(config, x_BC, weights["ln_f"])
+    head, head_bias = weights["head"]
+    # x @ head.T with head [V, C] in torch layout, as GPT2 computes it: float32 accumulation for the tied head,
+    # the compute dtype (plus bias) for an untied one.
+    contract = (((1,), (1,)), ((), ()))
+    if config.tie_embeddings:
+        logits_BV = jax.lax.dot_general(x_BC, head, contract, preferred_element_type=jnp.float32)
+    else:
+        logits_BV = jax.lax.dot_general(x_BC, head, contract)
+        logits_BV = logits_BV if head_bias is None else logits_BV + head_bias.astype(config.dtype)
+    return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
+
+
+def _decode_step(config: ModelConfig, sampler: Sampler, stop_tokens, weights, state: DecodeState) -> DecodeState:
     """Feed each row's newest token at its own position and sample the next."""
-    logits_B1V, cache = GPT2(config).apply({"params": params}, state.last_B[:, None],
-                                           positions=state.position_B[:, None], attn_mask=state.mask_BS,
-                                           cache=state.cache)
-    state = state.replace(cache=cache, position_B=state.position_B + 1)
-    return _record(state, sample_logits(logits_B1V[:, 0], _step_keys(state), sampler), stop_tokens)
+    logits_BV, k, v = decode_forward(config, weights, state.last_B, state.position_B, state.mask_BS,
+                                     state.k, state.v, state.index)
+    state = state.replace(k=k, v=v, index=state.index + 1, position_B=state.position_B + 1)
+    return _record(state, sample_logits(logits_BV, _step_keys(state), sampler), stop_tokens)
 
 
-def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, state: DecodeState, params, tokens_BP, mask_BP):
+def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, params, weights, state: DecodeState,
+             tokens_BP, mask_BP) -> DecodeState:
     """Fill the cache with left-padded tokens [B, P] and sample each row's next token.
 
-    All but the last column go through the model in one call whose logits are unused, so XLA drops the
+    All but the last column go through GPT2.apply in one call whose logits are unused, so XLA drops the
     [B, P-1, V] vocabulary projection; the last column is an ordinary decode step.
     """
     B, P = tokens_BP.shape
-    S = state.cache.k.shape[2]
+    S = state.k[0].shape[2]
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
     mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, S - P), bool)], axis=1)
-    # Slots at or past the index are never attended (causal mask), so the old contents need no clearing.
-    cache = state.cache.replace(index=jnp.int32(0))
+    k, v = state.k, state.v
     if P > 1:
         _, cache = GPT2(config).apply({"params": params}, tokens_BP[:, :-1], positions=positions_BP[:, :-1],
-                                      attn_mask=mask_BS, cache=cache)
-    state = state.replace(cache=cache, mask_BS=mask_BS, last_B=tokens_BP[:, -1], position_B=positions_BP[:, -1])
-    return _decode_step(config, sampler, stop_tokens, params, state)
+                                      attn_mask=mask_BP[:, :-1], cache=init_cache(config, B, P - 1))
+        # Model layout [L, B, P-1, H, D] -> per layer [B, H, S, D]; slots past the index are never attended.
+        k = tuple(jax.lax.dynamic_update_slice(k[i], cache.k[i].transpose(0, 2, 1, 3).astype(k[i].dtype),
+                                               (0, 0, 0, 0)) for i in range(config.n_layer))
+        v = tuple(jax.lax.dynamic_update_slice(v[i], cache.v[i].transpose(0, 2, 1, 3).astype(v[i].dtype),
+                                               (0, 0, 0, 0)) for i in range(config.n_layer))
+    state = state.replace(k=k, v=v, index=jnp.int32(P - 1), mask_BS=mask_BS, last_B=tokens_BP[:, -1],
+                          position_B=positions_BP[:, -1])
+    return _decode_step(config, sampler, stop_tokens, weights, state)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens", "on_token"),
+# The host function streaming tokens: the compiled loop calls _stream_tokens, which forwards to whatever
+# generate_batch set here, so a new callback per call does not mean a new compilation.
+_STREAM_TARGET: list[Callable | None] = [None]
+
+
+def _stream_tokens(tokens_B, wrote_B) -> None:
+    target = _STREAM_TARGET[0]
+    if target is not None:
+        target(np.asarray(tokens_B), np.asarray(wrote_B))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens", "stream"),
                    donate_argnames=("state",))
-def _run(config: ModelConfig, sampler: Sampler, stop_tokens, on_token, params, state: DecodeState,
+def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, params, state: DecodeState,
          tokens_BP, mask_BP, refill, stop_at) -> DecodeState:
     """If refill, prefill the cache from tokens_BP; then decode in a while_loop until step == stop_at, every row
     is finished, or the cache is full. Prefill and decode share one compilation per (B, P, S, N).
 
-    on_token (static, optional) is called on the host with (tokens [B], wrote [B]) after every sampled token.
+    stream (static): call _stream_tokens on the host with (tokens [B], wrote [B]) after every sampled token.
     """
     TRACE_COUNTS["run"] += 1
-    S = state.cache.k.shape[2]
+    S = state.k[0].shape[2]
+    weights = decode_weights(config, params)
 
     def emit(s: DecodeState) -> DecodeState:
-        if on_token is not None:
-            jax.debug.callback(on_token, s.last_B, s.wrote_B, ordered=True)
+        if stream:
+            jax.debug.callback(_stream_tokens, s.last_B, s.wrote_B, ordered=True)
         return s
 
-    prefill = functools.partial(_prefill, config, sampler, stop_tokens)
-    state = jax.lax.cond(refill, lambda s: emit(prefill(s, params, tokens_BP, mask_BP)), lambda s: s, state)
+    def prefill(s: DecodeState) -> DecodeState:
+        return emit(_prefill(config, sampler, stop_tokens, params, weights, s, tokens_BP, mask_BP))
+
+    state = jax.lax.cond(refill, prefill, lambda s: s, state)
 
     def running(s: DecodeState):
-        return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.cache.index < S)
+        return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.index < S)
 
     def step(s: DecodeState) -> DecodeState:
-        return emit(_decode_step(config, sampler, stop_tokens, params, s))
+        return emit(_decode_step(config, sampler, stop_tokens, weights, s))
 
     return jax.lax.while_loop(running, step, state)
 
@@ -244,11 +358,15 @@ def _left_pad(rows: Sequence[Sequence[int]], B: int, P: int):
 
 
 def _empty_state(config: ModelConfig, B: int, S: int, N: int, keys, limits) -> DecodeState:
+    kv = [jnp.zeros((B, config.n_head, S, config.head_dim), config.dtype) for _ in range(2 * config.n_layer)]
+    def zeros(dtype=jnp.int32):  # a buffer of its own for every field: the state is donated
+        return jnp.zeros((B,), dtype)
+
     return DecodeState(
-        cache=init_cache(config, B, S), mask_BS=jnp.zeros((B, S), bool), last_B=jnp.zeros((B,), jnp.int32),
-        wrote_B=jnp.zeros((B,), bool), position_B=jnp.zeros((B,), jnp.int32), tokens_BN=jnp.zeros((B, N), jnp.int32),
-        num_tokens_B=jnp.zeros((B,), jnp.int32), limit_B=jnp.asarray(limits, jnp.int32),
-        done_B=jnp.asarray(limits, jnp.int32) == 0, stopped_B=jnp.zeros((B,), bool), keys_B=keys, step=jnp.int32(0))
+        k=tuple(kv[:config.n_layer]), v=tuple(kv[config.n_layer:]), index=jnp.int32(0),
+        mask_BS=jnp.zeros((B, S), bool), last_B=zeros(), wrote_B=zeros(bool), position_B=zeros(),
+        tokens_BN=jnp.zeros((B, N), jnp.int32), num_tokens_B=zeros(), limit_B=jnp.asarray(limits, jnp.int32),
+        done_B=jnp.asarray(limits) == 0, stopped_B=zeros(bool), keys_B=keys, step=jnp.int32(0))
 
 
 def _contexts(config: ModelConfig, prompts, state: DecodeState | None, starts: list[int]) -> list[list[int]]:
@@ -291,28 +409,39 @@ def generate_batch(config: ModelConfig, params, prompts: Sequence[Sequence[int]]
     if not 0 < len(prompts) <= B:
         raise ValueError(f"generate_batch takes 1 to batch_size={B} prompts; got {len(prompts)}")
     check_lengths(config, prompts, max_new_tokens, sliding_window)
-    run = functools.partial(_run, config, sampler, tuple(int(t) for t in stop_tokens), on_token, params)
-    starts = [0] * len(prompts)
-    contexts = _contexts(config, prompts, None, starts)
-    P, S = batch_shapes(config, max(map(len, contexts)), max_new_tokens, sliding_window)
-    pad_rows = B - len(prompts)
-    keys = jnp.stack(list(keys) + [jax.random.key(0)] * pad_rows)
-    state = _empty_state(config, B, S, max_new_tokens, keys, [max_new_tokens] * len(prompts) + [0] * pad_rows)
-    tokens_BP, mask_BP = _prompt_arrays(contexts, B, P)
-    chunk = check_every if is_finished is not None else max_new_tokens
-    state = run(state, tokens_BP, mask_BP, True, chunk)
-    while not bool(jnp.all(state.done_B)):
-        if is_finished is not None:
-            state = _apply_host_stops(state, is_finished)
-        refill = int(state.cache.index) == S and not bool(jnp.all(state.done_B))  # only with a sliding window
-        if refill:
-            contexts = _contexts(config, prompts, state, starts)
-            P = batch_shapes(config, max(map(len, contexts)), max_new_tokens, sliding_window=True)[0]
-            tokens_BP, mask_BP = _prompt_arrays(contexts, B, P)
-        state = run(state, tokens_BP, mask_BP, refill, state.step + chunk)
+    keys = list(keys) + [jax.random.key(0)] * (B - len(prompts))
+    limits = [max_new_tokens] * len(prompts) + [0] * (B - len(prompts))
+    run = functools.partial(_run, config, sampler, tuple(int(t) for t in stop_tokens), on_token is not None, params)
+    _STREAM_TARGET[0] = on_token
+    try:
+        state = _decode_all(config, run, prompts, jnp.stack(keys), limits, max_new_tokens, sliding_window,
+                            is_finished, check_every if is_finished is not None else max_new_tokens)
+    finally:
+        _STREAM_TARGET[0] = None
     tokens_BN, num_B, stopped_B = (np.asarray(a) for a in (state.tokens_BN, state.num_tokens_B, state.stopped_B))
     return [Completion(tokens_BN[b, :num_B[b]].tolist(), "stop" if stopped_B[b] else "length")
             for b in range(len(prompts))]
+
+
+def _decode_all(config: ModelConfig, run, prompts, keys, limits, N: int, sliding_window: bool, is_finished,
+                chunk: int) -> DecodeState:
+    """Prefill, then decode chunk tokens per call until every row is finished (host stop checks in between)."""
+    B = len(limits)
+    starts = [0] * len(prompts)
+    contexts = _contexts(config, prompts, None, starts)
+    P, S = batch_shapes(config, max(map(len, contexts)), N, sliding_window)
+    tokens_BP, mask_BP = _prompt_arrays(contexts, B, P)
+    state = run(_empty_state(config, B, S, N, keys, limits), tokens_BP, mask_BP, True, chunk)
+    while not bool(jnp.all(state.done_B)):
+        if is_finished is not None:
+            state = _apply_host_stops(state, is_finished)
+        refill = int(state.index) == S and not bool(jnp.all(state.done_B))  # only with a sliding window
+        if refill:
+            contexts = _contexts(config, prompts, state, starts)
+            P = batch_shapes(config, max(map(len, contexts)), N, sliding_window=True)[0]
+            tokens_BP, mask_BP = _prompt_arrays(contexts, B, P)
+        state = run(state, tokens_BP, mask_BP, refill, state.step + chunk)
+    return state
 
 
 def _apply_host_stops(state: DecodeState, is_finished: Callable[[list[int]], bool]) -> DecodeState:
