@@ -4,10 +4,16 @@
     python train.py --config=gpt2 --init_from=PATH --learning_rate=3e-5   # fine-tune converted weights
     python train.py --config=run.json --max_iters=500  # a JSON of overrides ("preset": a model preset)
     python train.py --init_from=resume --out_dir=out   # continue the latest checkpoint in out_dir
+    python train.py --config=gpt2-xl --mesh=fsdp:8      # params and optimizer state split over 8 devices
 
 --config=NAME picks a model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini; default mini). Every
 TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_dir, max_iters, batch_size,
 block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits.
+
+--mesh=data:D,fsdp:F,tensor:N lays the devices out (default: all on data); batch_size is per process.
+Multi-host: run the same command on every host with --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or --coordinator_address=auto
+on TPU pods and SLURM). docs/scaling.md has the details.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API draws off-screen without choosing a pyplot backend
 from tqdm import tqdm
 
-from gpt2_jax import checkpoint, convert, data
+from gpt2_jax import checkpoint, convert, data, sharding
 from gpt2_jax.config import ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides, replace
 from gpt2_jax.model import count_params
 from gpt2_jax.sampling import generate
 from gpt2_jax.tokenizer import get_tokenizer
-from gpt2_jax.training import init_train_state, make_eval_step, make_train_step
 
 DEFAULT_PRESET = "mini"
+# Flags that say how to join a multi-process run; not TrainConfig fields, so no checkpoint records them.
+CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id")
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
 # Dense peak TFLOP/s per chip: (16-bit, 32-bit as XLA runs float32 matmuls by default: TF32 on NVIDIA since
 # Ampere, bf16 passes on TPU). Matched against jax's device_kind, first match wins.
@@ -43,6 +50,38 @@ PEAK_TFLOPS = [
     ("v100", (125.0, 15.7)), ("tpu v6", (918.0, 918.0)), ("tpu v5 lite", (197.0, 197.0)),
     ("tpu v5e", (197.0, 197.0)), ("tpu v5", (459.0, 459.0)), ("tpu v4", (275.0, 275.0)), ("tpu v3", (123.0, 123.0)),
 ]
+
+
+def say(text: str) -> None:
+    """Print a progress line on the main process only (every process of a multi-host run prints alike)."""
+    if sharding.is_main_process():
+        tqdm.write(text)
+
+
+def join_cluster(argv: list[str]) -> list[str]:
+    """Take the CLUSTER_FLAGS out of argv and join a multi-process run if they (or the environment) ask to."""
+    found, rest = {}, []
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and key in CLUSTER_FLAGS:
+            if not eq or not value:
+                raise ConfigError(f"flag --{key} must be written --{key}=VALUE")
+            found[key] = value
+        else:
+            rest.append(arg)
+    numbers = {}
+    for key in ("num_processes", "process_id"):
+        if key in found:
+            try:
+                numbers[key] = int(found[key])
+            except ValueError:
+                raise ConfigError(f"--{key} must be an integer; got {found[key]!r}") from None
+    try:
+        sharding.initialize_distributed(found.get("coordinator_address"), numbers.get("num_processes"),
+                                        numbers.get("process_id"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return rest
 
 
 def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
@@ -154,9 +193,11 @@ class StopRequest:
 class Metrics:
     """metrics.jsonl (one object a line) and the loss-curve PNG in out_dir."""
 
-    def __init__(self, out_dir: Path, start_step: int):
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool = True):
         self.path, self.png = out_dir / "metrics.jsonl", out_dir / "loss.png"
-        self.records = []
+        self.records, self.enabled = [], enabled  # disabled: the processes that are not the main one
+        if not enabled:
+            return
         if self.path.exists():  # a resumed run drops what the interrupted run logged after its checkpoint
             lines = self.path.read_text().splitlines()
             self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= start_step]
@@ -164,10 +205,14 @@ class Metrics:
 
     def log(self, record: dict) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def plot(self) -> None:
+        if not self.enabled:
+            return
         fig = Figure(figsize=(7, 4))
         ax = fig.subplots()
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
@@ -189,42 +234,55 @@ class Run:
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.out_dir = Path(train_cfg.out_dir)
         self.data_dir, (self.train_data, self.val_data) = open_data(model_cfg, train_cfg)
+        self.mesh = make_run_mesh(train_cfg)
+        # batch_size rows per process: the global batch, which the data and fsdp axes split.
+        self.global_batch = train_cfg.batch_size * jax.process_count()
+        self.rows = sharding.process_batch_rows(self.mesh, self.global_batch)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.rng = jax.random.PRNGKey(train_cfg.seed)
+        rng = jax.random.PRNGKey(train_cfg.seed)
         if train_cfg.init_from == "resume":
-            self.state, meta = checkpoint.restore_train_state(self.out_dir, model_cfg, train_cfg)
-            self.rng = jnp.asarray(meta["rng"], jnp.uint32)
-            tqdm.write(f"resumed {self.out_dir} at step {meta['step']} (val loss {meta.get('val_loss')})")
+            self.state, meta = checkpoint.restore_train_state(
+                self.out_dir, model_cfg, train_cfg, sharding=sharding.state_shardings(model_cfg, train_cfg, self.mesh))
+            rng = np.asarray(meta["rng"], np.uint32)
+            say(f"resumed {self.out_dir} at step {meta['step']} (val loss {meta.get('val_loss')})")
         else:
-            init = jax.jit(init_train_state, static_argnums=(0, 1))
-            self.state = init(model_cfg, train_cfg, jax.random.PRNGKey(train_cfg.seed), params)
+            self.state = sharding.create_sharded_state(model_cfg, train_cfg, self.mesh, rng, params)
+        self.rng = jax.device_put(rng, sharding.replicated(self.mesh))
+        say(f"mesh {mesh_text(self.mesh)} over {jax.device_count()} device(s) in {jax.process_count()} "
+            f"process(es); {sharding.memory_summary(self.state)}")
+        for line in sharding.sharding_fallbacks(model_cfg, self.mesh):
+            say(f"sharding fallback: {line}")
         self.last_saved = int(self.state.step) if train_cfg.init_from == "resume" else None
         self.manager = checkpoint.open_manager(self.out_dir, keep=train_cfg.keep_checkpoints)
-        self.metrics = Metrics(self.out_dir, int(self.state.step))
+        self.metrics = Metrics(self.out_dir, int(self.state.step), enabled=sharding.is_main_process())
         self.git_commit = checkpoint.git_commit()
 
     def batch(self, step: int):
+        """The global x, y [A, B, T] of a step; this process reads and feeds only its own rows of it."""
         c = self.cfg
-        return self.train_data.batch(c.seed, step, c.batch_size, self.model_cfg.block_size,
-                                     c.gradient_accumulation_steps, jax.process_index())
+        x, y = self.train_data.batch(c.seed, step, self.global_batch, self.model_cfg.block_size,
+                                     c.gradient_accumulation_steps, rows=self.rows)
+        return tuple(sharding.host_local_to_global(a, self.mesh, self.global_batch) for a in (x, y))
+
+    def val_batch(self, index: int):
+        """The global x, y [B, T] of val batch `index`, fed like the train batches."""
+        x, y = self.val_data.batch(self.cfg.seed, index, self.global_batch, self.model_cfg.block_size, rows=self.rows)
+        return tuple(sharding.host_local_to_global(a[0], self.mesh, self.global_batch) for a in (x, y))
 
     def compile(self):
         """The jitted, state-donating train step and the eval step, compiled before the clock starts."""
         start = time.perf_counter()
         x, y = self.batch(int(self.state.step))
-        step_fn = jax.jit(make_train_step(self.model_cfg, self.cfg), donate_argnums=0)
+        step_fn = sharding.make_sharded_train_step(self.model_cfg, self.cfg, self.mesh)
         step_fn = step_fn.lower(self.state, x, y, self.rng).compile()
-        vx, vy = self.val_data.batch(self.cfg.seed, 0, self.cfg.batch_size, self.model_cfg.block_size)
-        eval_fn = jax.jit(make_eval_step(self.model_cfg, self.cfg)).lower(self.state.params, vx[0], vy[0]).compile()
-        tqdm.write(f"compiled the train and eval steps in {time.perf_counter() - start:.1f} s")
+        eval_fn = sharding.make_sharded_eval_step(self.model_cfg, self.cfg, self.mesh)
+        eval_fn = eval_fn.lower(self.state.params, *self.val_batch(0)).compile()
+        say(f"compiled the train and eval steps in {time.perf_counter() - start:.1f} s")
         return step_fn, eval_fn
 
     def evaluate(self, eval_fn) -> float:
         """Mean val loss over eval_iters batches (the same batches at every eval, so evals compare)."""
-        losses = []
-        for i in range(self.cfg.eval_iters):
-            x, y = self.val_data.batch(self.cfg.seed, i, self.cfg.batch_size, self.model_cfg.block_size)
-            losses.append(eval_fn(self.state.params, x[0], y[0]))
+        losses = [eval_fn(self.state.params, *self.val_batch(i)) for i in range(self.cfg.eval_iters)]
         return float(np.mean(jax.device_get(losses)))
 
     def save(self, val_loss: float | None = None) -> None:
@@ -242,6 +300,21 @@ class Run:
         self.manager.close()
 
 
+def make_run_mesh(train_cfg: TrainConfig):
+    """The run's device mesh from --mesh, checked against the device count and the global batch."""
+    where = f"--mesh={train_cfg.mesh}" if train_cfg.mesh else "the default mesh (every device on data)"
+    try:
+        mesh = sharding.make_mesh(train_cfg.mesh or None)
+        sharding.check_batch_size(mesh, train_cfg.batch_size * jax.process_count())
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return mesh
+
+
+def mesh_text(mesh) -> str:
+    return ",".join(f"{name}:{size}" for name, size in mesh.shape.items())
+
+
 def progress(step: int, loss: float, lr: float, seconds_per_step: float, tokens_per_step: int,
              flops_per_step: float, peak: float) -> dict:
     return {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / seconds_per_step,
@@ -253,16 +326,18 @@ def train(run: Run) -> int:
     cfg, model_cfg = run.cfg, run.model_cfg
     stop = StopRequest()
     step_fn, eval_fn = run.compile()
-    peak, peak_source = peak_flops(model_cfg.dtype)
-    tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * model_cfg.block_size * jax.process_count()
+    device_peak, peak_source = peak_flops(model_cfg.dtype)
+    peak = device_peak * jax.device_count()
+    tokens_per_step = cfg.gradient_accumulation_steps * run.global_batch * model_cfg.block_size
     flops_per_step = flops_per_token(model_cfg, run.state.params) * tokens_per_step
-    tqdm.write(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens_per_step:,} tokens a step; "
-               f"MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
+    say(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens_per_step:,} tokens a step; MFU against "
+        f"{jax.device_count()} x {device_peak / 1e9:,.0f} GFLOP/s ({peak_source})")
     step = int(run.state.step)
-    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
+               disable=not sharding.is_main_process())
     x, y = run.batch(step)
-    window_start, losses = time.perf_counter(), []
-    while step < cfg.max_iters and not stop.requested:
+    window_start, losses, stopping = time.perf_counter(), [], False
+    while step < cfg.max_iters and not stopping:
         run.state, out = step_fn(run.state, x, y, run.rng)
         step += 1
         if step < cfg.max_iters:
@@ -271,8 +346,9 @@ def train(run: Run) -> int:
         if not math.isfinite(loss):
             bar.close()
             run.close()  # a save in flight completes, so the last checkpoint stays whole
-            print(f"error: the loss is {loss} at step {step}; stopping without saving. The last checkpoint "
-                  f"(step {run.last_saved}) in {run.out_dir} is unchanged.", file=sys.stderr)
+            if sharding.is_main_process():
+                print(f"error: the loss is {loss} at step {step}; stopping without saving. The last checkpoint "
+                      f"(step {run.last_saved}) in {run.out_dir} is unchanged.", file=sys.stderr)
             return 1
         losses.append(loss)
         p = progress(step, loss, lr, (time.perf_counter() - window_start) / len(losses), tokens_per_step,
@@ -287,13 +363,15 @@ def train(run: Run) -> int:
             run.metrics.log({"step": step, "val_loss": val_loss})
             run.metrics.plot()
             run.save(val_loss)
-            bar.write(f"step {step}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}; checkpoint saved")
+            say(f"step {step}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}; checkpoint saved")
         if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0:
             window_start, losses = time.perf_counter(), []
+        stopping = sharding.any_process(stop.requested)  # every process stops after the same step
     bar.close()
-    if stop.requested and run.last_saved != step:
-        run.save()
-        print(f"interrupted: saved a checkpoint of step {step} in {run.out_dir}; continue with --init_from=resume")
+    if stopping:
+        if run.last_saved != step:
+            run.save()
+        say(f"interrupted: saved a checkpoint of step {step} in {run.out_dir}; continue with --init_from=resume")
     stop.restore()
     run.close()
     return 0
@@ -309,7 +387,7 @@ def print_samples(run: Run) -> None:
     fits = len(prompt) + cfg.sample_tokens <= run.model_cfg.block_size
     outs = generate(run.model_cfg, run.state.params, [prompt] * cfg.num_samples, max_new_tokens=cfg.sample_tokens,
                     temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, seed=cfg.seed, sliding_window=not fits)
-    for tokens in outs:
+    for tokens in outs if sharding.is_main_process() else ():
         print(tokenizer.decode(prompt + tokens))
         print("-" * 60)
 
@@ -320,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
+        argv = join_cluster(argv)  # before anything touches a device
         model_cfg, train_cfg, params = resolve(argv)
         run = Run(model_cfg, train_cfg, params)
     except (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError,

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
@@ -136,7 +137,7 @@ def load_weights(directory, step: int | None = None, dtype=jnp.float32) -> tuple
     step = _pick_step(directory, step)
     meta = read_meta(directory, step)
     model_config = ModelConfig(**meta["model_config"])
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own device
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=sharding),
                           _abstract_params(model_config))
     _check_against_metadata(directory, step, "params", target)
@@ -149,9 +150,15 @@ def _abstract_params(model_config: ModelConfig):
 
 
 def abstract_train_state(model_config: ModelConfig, train_config: TrainConfig, sharding=None) -> TrainState:
-    """The shapes, dtypes and shardings of a TrainState, without allocating it."""
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """The shapes, dtypes and shardings of a TrainState, without allocating it.
+
+    sharding: one Sharding for every leaf, or a TrainState of them (sharding.state_shardings: restore onto a
+    mesh); default this process's first device.
+    """
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = jax.eval_shape(lambda: init_train_state(model_config, train_config, jax.random.PRNGKey(0)))
+    if isinstance(sharding, TrainState):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sharding)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
 
 
@@ -179,8 +186,9 @@ def restore_train_state(directory, model_config: ModelConfig, train_config: Trai
     _check_against_metadata(directory, step, "opt_state", target.opt_state)
     restored = _restore(directory, step, params=ocp.args.StandardRestore(target.params),
                         opt_state=ocp.args.StandardRestore(target.opt_state))
-    state = TrainState(step=jnp.asarray(meta["step"], jnp.int32), params=restored["params"],
-                       opt_state=restored["opt_state"])
+    # device_put from a host value: on a multi-process mesh each process places its own copy of the scalar.
+    step_array = jax.device_put(np.asarray(meta["step"], np.int32), target.step.sharding)
+    state = TrainState(step=step_array, params=restored["params"], opt_state=restored["opt_state"])
     return state, meta
 
 

@@ -141,6 +141,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     num_samples: int = 3  # samples printed at the end of training
     sample_tokens: int = 200
+    mesh: str = ""  # device mesh, e.g. "data:4,fsdp:2"; "" = every device on data (docs/scaling.md)
 
     def __post_init__(self):
         _check_types(self)

@@ -91,7 +91,7 @@ def find_shards(data_dir, split: str) -> list[Path]:
 
 
 class TokenShards:
-    """The shards of one split, memory-mapped; batch i is a pure function of (seed, i, process_index)."""
+    """The shards of one split, memory-mapped; batch i is a pure function of (seed, i)."""
 
     def __init__(self, paths, stream: int = 0):
         self.paths = [Path(p) for p in paths]
@@ -120,17 +120,23 @@ class TokenShards:
                             f"(the longest has {longest}); use a smaller block_size or more data")
 
     def batch(self, seed: int, index: int, batch_size: int, block_size: int, accum: int = 1,
-              process_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """x, y int32 [accum, batch_size, block_size] from uniformly random windows; y is x shifted by one."""
+              rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """x, y int32 [accum, rows, block_size] from uniformly random windows; y is x shifted by one.
+
+        batch_size is the global batch; every process draws all of its window starts (cheap) but reads only
+        the windows of its `rows` (default all), so any number of processes trains on the same batches.
+        """
         starts_per_shard = np.array([max(len(s) - block_size, 0) for s in self.shards])
         bounds = np.cumsum(starts_per_shard)
-        rng = np.random.default_rng([self.stream, seed, index, process_index])
-        picks = rng.integers(0, bounds[-1], size=accum * batch_size)
+        rng = np.random.default_rng([self.stream, seed, index])
+        picks = rng.integers(0, bounds[-1], size=(accum, batch_size))[:, rows or slice(None)].ravel()
+        if picks.size == 0:
+            raise DataError(f"rows {rows} select no row of a batch of {batch_size}")
         which = np.searchsorted(bounds, picks, side="right")
         offsets = picks - (bounds[which] - starts_per_shard[which])
-        rows = np.stack([self.shards[w][o: o + block_size + 1] for w, o in zip(which, offsets)]).astype(np.int32)
-        rows = rows.reshape(accum, batch_size, block_size + 1)
-        return rows[..., :-1], rows[..., 1:]
+        windows = np.stack([self.shards[w][o: o + block_size + 1] for w, o in zip(which, offsets)]).astype(np.int32)
+        windows = windows.reshape(accum, -1, block_size + 1)
+        return windows[..., :-1], windows[..., 1:]
 
 
 def open_split(data_dir, split: str) -> TokenShards:

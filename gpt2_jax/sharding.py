@@ -21,6 +21,7 @@ from typing import Sequence
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gpt2_jax.config import ModelConfig, TrainConfig
@@ -160,6 +161,8 @@ def shard_params(model_cfg: ModelConfig, params, mesh: Mesh, rules=None):
     wrong += [f"{k}: unexpected" for k in got.keys() - expected.keys()]
     if wrong:
         raise ValueError(f"params do not fit the model config: {'; '.join(sorted(wrong)[:5])}")
+    if jax.process_count() > 1:  # each process cuts its own devices' shards out of its host copy
+        params = jax.device_get(params)
     return jax.device_put(params, param_shardings(model_cfg, mesh, rules))
 
 
@@ -167,9 +170,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of x, y [A, B, T]: B split over data and fsdp, replicated over tensor."""
-    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+    """Sharding of x, y [A, B, T] (or [B, T] with ndim=2): B split over data and fsdp, replicated over tensor."""
+    return NamedSharding(mesh, P(*(None,) * (ndim - 2), BATCH_AXES, None))
 
 
 def check_batch_size(mesh: Mesh, batch_size: int) -> None:
@@ -199,7 +202,7 @@ def make_sharded_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh
 def make_sharded_eval_step(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules=None):
     """jit(eval_step) for x, y [B, T] split over data and fsdp."""
     params_sh = param_shardings(model_cfg, mesh, rules)
-    rows = NamedSharding(mesh, P(BATCH_AXES, None))
+    rows = batch_sharding(mesh, ndim=2)
     return jax.jit(make_eval_step(model_cfg, train_cfg), in_shardings=(params_sh, rows, rows),
                    out_shardings=replicated(mesh))
 
@@ -225,8 +228,17 @@ def memory_summary(state: TrainState) -> str:
         return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
     per = state_bytes_per_device(state)
-    return (f"per device: params {per['params'] / 1e6:,.1f} MB, optimizer state {per['opt_state'] / 1e6:,.1f} MB "
-            f"(unsharded: {whole(state.params) / 1e6:,.1f} MB, {whole(state.opt_state) / 1e6:,.1f} MB)")
+    return (f"per device: params {format_bytes(per['params'])}, optimizer state {format_bytes(per['opt_state'])} "
+            f"(unsharded: {format_bytes(whole(state.params))}, {format_bytes(whole(state.opt_state))})")
+
+
+def format_bytes(n: int) -> str:
+    """4 significant digits in the largest decimal unit that keeps the number >= 1: 812.3 kB, 6.23 GB."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    power = 0
+    while power + 1 < len(units) and n >= 1000 ** (power + 1):
+        power += 1
+    return f"{n / 1000**power:.4g} {units[power]}"
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -264,6 +276,13 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any one (a Ctrl-C or SIGTERM that reached only some)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
 def process_batch_rows(mesh: Mesh, batch_size: int) -> slice:
     """The rows of each global batch [A, B, T] that this process reads (its devices' shards of B)."""
     check_batch_size(mesh, batch_size)
@@ -276,14 +295,16 @@ def process_batch_rows(mesh: Mesh, batch_size: int) -> slice:
 
 
 def host_local_to_global(local, mesh: Mesh, batch_size: int) -> jax.Array:
-    """This process's rows [A, b, T] (from process_batch_rows) -> the global array [A, batch_size, T]."""
+    """This process's rows [A, b, T] or [b, T] (from process_batch_rows) -> the global [A, batch_size, T] or
+    [batch_size, T]."""
     rows = process_batch_rows(mesh, batch_size)
     local = np.asarray(local)
-    if local.ndim != 3 or local.shape[1] != rows.stop - rows.start:
+    n = rows.stop - rows.start
+    if local.ndim not in (2, 3) or local.shape[-2] != n:
         raise ValueError(f"process {jax.process_index()} must pass its rows {rows.start}:{rows.stop} as "
-                         f"[A, {rows.stop - rows.start}, T]; got shape {local.shape}")
-    global_shape = (local.shape[0], batch_size, local.shape[2])
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), local, global_shape)
+                         f"[A, {n}, T] or [{n}, T]; got shape {local.shape}")
+    global_shape = (*local.shape[:-2], batch_size, local.shape[-1])
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local, global_shape)
 
 
 # Tracing a Flax init takes a noticeable fraction of a second; configs are frozen, so cache the shapes.

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpt2_jax import checkpoint
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
@@ -82,6 +83,20 @@ def test_train_state_round_trip_and_load_weights_of_an_out_dir(tmp_path, state):
     cfg, params = checkpoint.load_weights(tmp_path)
     assert cfg == TINY
     assert_trees_equal(params, state.params)
+
+
+def test_train_state_restores_onto_the_shardings_asked_for(tmp_path, state):
+    save_state(tmp_path, state).wait_until_finished()
+    mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
+    # A tree of shardings as sharding.state_shardings gives: here the embed axis of wte split over fsdp.
+    split, whole = NamedSharding(mesh, P(None, "fsdp")), NamedSharding(mesh, P())
+    shardings = jax.tree.map(lambda _: whole, state)
+    shardings = shardings.replace(params=dict(shardings.params, wte=split))
+    restored, _ = checkpoint.restore_train_state(tmp_path, TINY, TRAIN, sharding=shardings)
+    assert restored.params["wte"].sharding == split and restored.params["wpe"].sharding == whole
+    assert restored.step.sharding == whole and int(restored.step) == 2
+    assert_trees_equal(restored.params, state.params)
+    assert_trees_equal(restored.opt_state, state.opt_state)
 
 
 def test_keeps_the_last_n_steps_and_the_best_val_loss(tmp_path, state):

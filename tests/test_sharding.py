@@ -186,10 +186,31 @@ def test_shard_params_names_the_wrong_key():
         sh.shard_params(cfg, params, sh.make_mesh())
 
 
-def test_memory_summary_reports_hand_counted_megabytes():
+def test_memory_summary_reports_hand_counted_bytes():
     cfg = ModelConfig.from_preset("tiny", vocab_size=512)
     state = sh.abstract_state(cfg, TrainConfig(), sh.make_mesh())
-    params_mb = tiny_param_count() * 4 / 1e6  # one device: nothing is split
+    params_kb = tiny_param_count() * 4 / 1e3  # one device: nothing is split
+    # Adam's two moments, plus its int32 step counter (4 bytes) that the kB rounding hides.
+    opt_kb = 2 * params_kb
     line = sh.memory_summary(state)
-    assert line.startswith(f"per device: params {params_mb:,.1f} MB, optimizer state ")
-    assert line.endswith(f"(unsharded: {params_mb:,.1f} MB, {2 * params_mb:,.1f} MB)")
+    assert line == (f"per device: params {params_kb:.4g} kB, optimizer state {opt_kb:.4g} kB "
+                    f"(unsharded: {params_kb:.4g} kB, {opt_kb:.4g} kB)")
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (999, "999 B"), (812_345, "812.3 kB"), (62_400_000, "62.4 MB"),
+                                     (12_460_900_000, "12.46 GB")])
+def test_format_bytes_keeps_four_digits_in_decimal_units(n, text):
+    assert sh.format_bytes(n) == text
+
+
+def test_any_process_is_the_flag_itself_for_one_process():
+    assert sh.any_process(True) is True and sh.any_process(False) is False
+
+
+def test_host_local_to_global_takes_train_and_eval_shapes():
+    mesh = sh.make_mesh()
+    x_ABT = np.arange(2 * 4 * 3).reshape(2, 4, 3)
+    np.testing.assert_array_equal(np.asarray(sh.host_local_to_global(x_ABT, mesh, 4)), x_ABT)
+    np.testing.assert_array_equal(np.asarray(sh.host_local_to_global(x_ABT[0], mesh, 4)), x_ABT[0])
+    with pytest.raises(ValueError, match=r"rows 0:4 as \[A, 4, T\] or \[4, T\]; got shape \(2, 3, 3\)"):
+        sh.host_local_to_global(x_ABT[:, :3], mesh, 4)

@@ -1,8 +1,12 @@
-"""train.py end to end: exact resume after kill -9, Ctrl-C, NaN stop, logs, fine-tuning, and input errors."""
+"""train.py end to end: exact resume after kill -9, Ctrl-C, NaN stop, logs, fine-tuning, input errors, and
+device meshes (8 simulated CPU devices, 2 processes) that train like one device."""
 
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 VOCAB = 256
 # A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
 MODEL_FLAGS = ["--config=tiny", f"--vocab_size={VOCAB}", "--block_size=32", "--dropout=0.1"]
-RUN_FLAGS = ["--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=20", "--eval_interval=10",
+RUN_FLAGS = ["--batch_size=8", "--gradient_accumulation_steps=2", "--max_iters=20", "--eval_interval=10",
              "--log_interval=5", "--eval_iters=2", "--warmup_iters=5", "--lr_decay_iters=20", "--num_samples=0"]
 
 
@@ -43,9 +47,14 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def start(*flags, out, env):
+def devices_env(env, n: int) -> dict:
+    """The environment of a train.py that sees n CPU devices (and compiles with XLA's cheapest optimisation)."""
+    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0")
+
+
+def start(*flags, out, env, log_name=None):
     """train.py in a subprocess, its output going to a file next to out (a pipe could fill up and block it)."""
-    log_path = out.parent / f"{out.name}.log"
+    log_path = out.parent / f"{log_name or out.name}.log"
     with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, "-u", "train.py", *flags, f"--out_dir={out}"], cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
@@ -126,9 +135,9 @@ def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
     train_recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] > 0 for r in train_recs)
-    # 4 x 2 sequences of 32 tokens a step; tokens/s and ms/step describe the same measured time.
+    # 8 x 2 sequences of 32 tokens a step; tokens/s and ms/step describe the same measured time.
     for r in train_recs:
-        assert r["tokens_per_s"] == pytest.approx(4 * 2 * 32 / (r["ms_per_step"] / 1e3))
+        assert r["tokens_per_s"] == pytest.approx(8 * 2 * 32 / (r["ms_per_step"] / 1e3))
     assert [r["step"] for r in recs if "val_loss" in r] == [10, 20]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "MFU against" in log and "step 20: train loss" in log
@@ -207,3 +216,130 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
     logp = jax.nn.log_softmax(logits, axis=-1)
     expected = -np.mean(np.take_along_axis(np.asarray(logp), y[0][..., None], axis=-1))
     assert records(out)[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# ---- device meshes: the straight run's numbers on 8 simulated CPU devices and on 2 processes ----
+
+def train_losses(out) -> dict:
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+def val_losses(out) -> dict:
+    return {r["step"]: r["val_loss"] for r in records(out) if "val_loss" in r}
+
+
+def assert_close(got: dict, expected: dict, steps) -> None:
+    assert sorted(got) == sorted(steps), got
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def data8(tmp_path_factory, data_dir, env):
+    """Steps 1-10 of the straight run on --mesh=data:8 (one process, 8 devices), checkpointed at step 10."""
+    out = tmp_path_factory.mktemp("runs") / "data8"
+    rc, log = run_train(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--mesh=data:8", "--max_iters=10",
+                        out=out, env=devices_env(env, 8))
+    assert rc == 0, log
+    return out, log
+
+
+def test_data8_trains_like_one_device(straight, data8):
+    out, log = data8
+    assert "mesh data:8,fsdp:1,tensor:1 over 8 device(s) in 1 process(es)" in log
+    assert_close(train_losses(out), train_losses(straight[0]), [5, 10])
+    assert_close(val_losses(out), val_losses(straight[0]), [10])
+    assert checkpoint.read_meta(out)["train_config"]["mesh"] == "data:8"
+
+
+def test_a_data8_checkpoint_resumes_on_fsdp4(tmp_path, straight, data8, env):
+    out = tmp_path / "resumed"
+    shutil.copytree(data8[0], out)
+    rc, log = run_train("--init_from=resume", "--mesh=fsdp:4", "--max_iters=20", out=out, env=devices_env(env, 4))
+    assert rc == 0, log
+    assert f"resumed {out} at step 10" in log and "mesh data:1,fsdp:4,tensor:1 over 4 device(s)" in log
+    assert_close(train_losses(out), train_losses(straight[0]), [5, 10, 15, 20])
+    assert_close(val_losses(out), val_losses(straight[0]), [10, 20])
+    resumed, reference = checkpoint.load_weights(out)[1], checkpoint.load_weights(straight[0])[1]
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_the_mesh_is_checked_against_the_devices(data8, capsys):
+    # The mesh is saved with the run; a resume on other hardware must name a new one.
+    assert "--mesh=data:8: mesh 'data:8' (data:8,fsdp:1,tensor:1) needs 8 devices but there are 1" in main_error(
+        capsys, "--init_from=resume", f"--out_dir={data8[0]}")
+    assert "mesh axis 'model' in 'model:1' is unknown" in main_error(
+        capsys, "--init_from=resume", f"--out_dir={data8[0]}", "--mesh=model:1")
+    assert "--num_processes must be an integer; got 'two'" in main_error(capsys, "--num_processes=two")
+    assert "multi-process run needs coordinator_address, num_processes too" in main_error(capsys, "--process_id=0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, data_dir, env):
+    """The straight run on --mesh=fsdp:8 over 2 processes of 4 CPU devices (4 rows of 8 each), until a Ctrl-C
+    that reaches only process 1 after step 5."""
+    out = tmp_path_factory.mktemp("runs") / "fsdp8"
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}  # each process compiles for itself
+    procs = [start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--mesh=fsdp:8", "--batch_size=4",
+                   "--max_iters=100000", "--eval_interval=5", f"--coordinator_address={address}",
+                   "--num_processes=2", f"--process_id={i}", out=out, env=env, log_name=f"fsdp8_process{i}")
+             for i in range(2)]
+    try:
+        wait_until(lambda: 5 in train_losses(out) if (out / "metrics.jsonl").exists() else False, procs[0],
+                   "the step-5 record")
+        os.kill(procs[1].pid, signal.SIGINT)
+        results = [finish(p, timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(rc == 0 for rc, _ in results), "\n".join(log[-3000:] for _, log in results)
+    return out, [log for _, log in results]
+
+
+def test_two_processes_on_fsdp8_train_like_one_device(straight, two_processes):
+    out, (main_log, other_log) = two_processes
+    assert "mesh data:1,fsdp:8,tensor:1 over 8 device(s) in 2 process(es)" in main_log
+    # 2 processes x batch_size 4 = the straight run's 8 rows; each process read its 4.
+    assert train_losses(out)[5] == pytest.approx(train_losses(straight[0])[5], abs=1e-5)
+    assert "step 5: train loss" in main_log and "step 5" not in other_log and "per device" not in other_log
+    assert checkpoint.read_meta(out, 5)["data"]["process_count"] == 2
+
+
+def test_ctrl_c_on_one_process_stops_both_after_the_same_step(two_processes):
+    out, (main_log, other_log) = two_processes
+    # Both exited (a process stepping on alone would wait forever in its collectives) after the same step.
+    stopped = int(re.search(r"interrupted: saved a checkpoint of step (\d+)", main_log).group(1))
+    assert stopped >= 5 and checkpoint._steps(out) == sorted({5, stopped})
+    assert checkpoint.read_meta(out, stopped)["step"] == stopped and "interrupted" not in other_log
+
+
+def parse_bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6}[unit]
+
+
+def test_fsdp8_prints_an_eighth_of_the_state_per_device(two_processes):
+    main_log = two_processes[1][0]
+    found = re.search(r"per device: params ([\d.]+ k?B), optimizer state ([\d.]+ k?B) "
+                      r"\(unsharded: ([\d.]+ k?B), ([\d.]+ k?B)\)", main_log)
+    params, opt, params_whole, opt_whole = map(parse_bytes, found.groups())
+    # Hand count of the tiny model (V=256, T=32, C=32, L=2): embeddings, 12C^2 + 13C per block, final LayerNorm.
+    V, T, C, L = VOCAB, 32, 32, 2
+    n = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    # fsdp splits every tensor on its C axis; only the qkv bias (3C) and MLP bias (4C) per block have none.
+    whole = L * (3 * C + 4 * C)
+    assert params_whole == pytest.approx(4 * n, rel=1e-3)
+    assert params == pytest.approx(4 * ((n - whole) / 8 + whole), rel=1e-3)
+    assert 1 / 8 < params / params_whole < 1 / 7
+    assert (opt_whole, opt) == (pytest.approx(2 * params_whole, rel=1e-3), pytest.approx(2 * params, rel=1e-3))
