@@ -4,7 +4,7 @@
     python train.py --config=gpt2 --init_from=PATH --learning_rate=3e-5   # fine-tune converted weights
     python train.py --config=run.json --max_iters=500  # a JSON of overrides ("preset": a model preset)
     python train.py --init_from=resume --out_dir=out   # continue the latest checkpoint in out_dir
-    python train.py --config=gpt2-xl --mesh=fsdp:8      # params and optimizer state split over 8 devices
+    python train.py --config=gpt2-xl --mesh=fsdp:8     # params and optimizer state split over 8 devices
 
 --config=NAME picks a model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini; default mini). Every
 TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_dir, max_iters, batch_size,
@@ -151,7 +151,7 @@ def open_data(model_cfg: ModelConfig, train_cfg: TrainConfig):
 
 def peak_flops(dtype: str) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from): the table for known chips, else a measured matmul."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     kind = device.device_kind.lower()
     for name, (half, full) in PEAK_TFLOPS:
         if name in kind:
