@@ -307,7 +307,9 @@ def make_run_mesh(train_cfg: TrainConfig):
         mesh = sharding.make_mesh(train_cfg.mesh or None)
         sharding.check_batch_size(mesh, train_cfg.batch_size * jax.process_count())
     except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        resumed = train_cfg.init_from == "resume"
+        hint = "; a resumed run keeps the mesh it saved unless --mesh names another" if resumed else ""
+        raise ConfigError(f"{where}: {e}{hint}") from None
     return mesh
 
 

@@ -267,7 +267,8 @@ def test_a_data8_checkpoint_resumes_on_fsdp4(tmp_path, straight, data8, env):
 
 def test_the_mesh_is_checked_against_the_devices(data8, capsys):
     # The mesh is saved with the run; a resume on other hardware must name a new one.
-    assert "--mesh=data:8: mesh 'data:8' (data:8,fsdp:1,tensor:1) needs 8 devices but there are 1" in main_error(
+    assert ("--mesh=data:8: mesh 'data:8' (data:8,fsdp:1,tensor:1) needs 8 devices but there are 1; a resumed run "
+            "keeps the mesh it saved unless --mesh names another") in main_error(
         capsys, "--init_from=resume", f"--out_dir={data8[0]}")
     assert "mesh axis 'model' in 'model:1' is unknown" in main_error(
         capsys, "--init_from=resume", f"--out_dir={data8[0]}", "--mesh=model:1")
