@@ -44,10 +44,54 @@ def decay_mask(params, decay_embeddings: bool = True):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (decoupled decay scaled by the learning rate, as torch.optim.AdamW)."""
+    """Global-norm clipping then AdamW (decoupled decay scaled by the learning rate, as torch.optim.AdamW).
+
+    train_step applies it through fused_update (same state, same numbers, one pass over memory); the optax
+    chain defines the state layout that checkpoints and sharding see.
+    """
     adamw = optax.adamw(
         learning_rate=lambda count: lr_at(count, cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=lambda p: decay_mask(p, cfg.decay_embeddings))
     if cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw
+
+
+def fused_update(cfg: TrainConfig, grads, opt_state, params, grad_scale=1.0):
+    """make_optimizer(cfg)'s update and optax.apply_updates in one elementwise pass per parameter.
+
+    grads are multiplied by grad_scale first (train_step passes 1 / token count, so the division costs no
+    extra pass). Returns (new params, new opt_state, global norm of the scaled grads). The optax chain runs
+    clip, Adam moments, bias correction, decay, -lr scaling and the final add as separate tree_maps whose
+    intermediates XLA:CPU keeps in memory; here each leaf reads g, m, v, p once and writes m, v, p once
+    (gpt2 124M on 2 CPU cores: 0.35 s -> 0.23 s per step, bench notes in bench/train.py).
+    """
+    chained = not isinstance(opt_state[0], optax.ScaleByAdamState)  # clip + adamw, or adamw alone
+    adam, masked, schedule = opt_state[-1] if chained else opt_state
+    if not isinstance(adam, optax.ScaleByAdamState) or not isinstance(schedule, optax.ScaleByScheduleState):
+        raise TypeError(f"opt_state was not made by make_optimizer: {jax.tree.structure(opt_state)}")
+    norm = optax.tree.norm(grads) * grad_scale
+    scale = jnp.asarray(grad_scale, jnp.float32)
+    if cfg.grad_clip > 0:  # optax.clip_by_global_norm: untouched below the threshold
+        scale = jnp.where(norm < cfg.grad_clip, scale, scale * cfg.grad_clip / norm)
+    count = optax.safe_increment(adam.count)
+    bc1 = 1 - cfg.beta1 ** count.astype(jnp.float32)
+    bc2 = 1 - cfg.beta2 ** count.astype(jnp.float32)
+    lr = lr_at(schedule.count, cfg)
+    mask = decay_mask(params, cfg.decay_embeddings)
+
+    def leaf(g, m, v, p, decay):
+        g = g.astype(jnp.float32) * scale
+        m = cfg.beta1 * m + (1 - cfg.beta1) * g
+        v = cfg.beta2 * v + (1 - cfg.beta2) * (g * g)
+        u = (m / bc1) / (jnp.sqrt(v / bc2) + cfg.eps)
+        if decay and cfg.weight_decay:
+            u = u + cfg.weight_decay * p
+        return p - (lr * u).astype(p.dtype), m, v
+
+    out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, mask)
+    treedef = jax.tree.structure(params)
+    new_params, mu, nu = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
+    adamw_state = (adam._replace(count=count, mu=mu, nu=nu), masked,
+                   schedule._replace(count=optax.safe_increment(schedule.count)))
+    return new_params, (opt_state[:-1] + (adamw_state,) if chained else adamw_state), norm

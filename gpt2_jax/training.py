@@ -8,11 +8,10 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 from gpt2_jax.config import ModelConfig, TrainConfig
 from gpt2_jax.model import GPT2, init_params
-from gpt2_jax.optim import lr_at, make_optimizer
+from gpt2_jax.optim import fused_update, lr_at, make_optimizer
 
 
 @flax.struct.dataclass
@@ -80,7 +79,6 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable:
     tokens of the whole batch, exactly as if it had been one batch.
     """
     model = GPT2(model_cfg)
-    optimizer = make_optimizer(train_cfg)
 
     def micro_loss(params, x, y, rng):
         logits = model.apply({"params": params}, x, deterministic=model_cfg.dropout == 0.0,
@@ -104,10 +102,9 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable:
             micro = jnp.arange(x.shape[0])
             (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, x, y))
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step, train_cfg)}
+        # grads are sums over tokens: fused_update divides by the count inside its single pass.
+        params, opt_state, grad_norm = fused_update(train_cfg, grads, state.opt_state, state.params, 1.0 / count)
+        metrics = {"loss": loss_sum / count, "grad_norm": grad_norm, "lr": lr_at(state.step, train_cfg)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

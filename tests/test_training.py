@@ -9,7 +9,7 @@ import pytest
 
 from gpt2_jax.config import ModelConfig, TrainConfig, replace
 from gpt2_jax.model import GPT2, init_params
-from gpt2_jax.optim import decay_mask, make_optimizer
+from gpt2_jax.optim import decay_mask, fused_update, make_optimizer
 from gpt2_jax.training import cross_entropy, init_train_state, make_train_step
 
 torch = pytest.importorskip("torch")
@@ -222,6 +222,28 @@ def test_weight_decay_alone_shrinks_only_matrices():
     np.testing.assert_array_equal(new["wte"], params["wte"])
     np.testing.assert_array_equal(new["h"]["ln_1"]["weight"], params["h"]["ln_1"]["weight"])
     np.testing.assert_array_equal(new["h"]["attn"]["c_attn"]["bias"], params["h"]["attn"]["c_attn"]["bias"])
+
+
+@pytest.mark.parametrize("grad_clip, decay_embeddings", [(1.0, True), (0.0, False)])
+def test_fused_update_is_the_optax_chain(grad_clip, decay_embeddings):
+    # train_step's one-pass update must be make_optimizer's optax chain: same state layout, same numbers.
+    cfg = TrainConfig(learning_rate=1e-2, warmup_iters=2, grad_clip=grad_clip, decay_embeddings=decay_embeddings)
+    params = init_params(TINY, jax.random.PRNGKey(0))
+    opt = make_optimizer(cfg)
+    ref_params, ref_state = params, opt.init(params)
+    ours_params, ours_state = params, opt.init(params)
+    for i in range(4):
+        sums = jax.tree.map(lambda p: 40.0 * jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
+        updates, ref_state = opt.update(jax.tree.map(lambda g: g / 8.0, sums), ref_state, ref_params)
+        ref_params = jax.tree.map(jnp.add, ref_params, updates)
+        ours_params, ours_state, norm = fused_update(cfg, sums, ours_state, ours_params, 1.0 / 8.0)
+        np.testing.assert_allclose(float(norm), float(optax_norm(sums) / 8.0), rtol=1e-6)
+    assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
+    assert max_rel_err((ours_params, ours_state), jax.tree.map(np.asarray, (ref_params, ref_state))) <= 1e-6
+
+
+def optax_norm(tree):
+    return np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(tree)))
 
 
 def test_bf16_compute_keeps_fp32_params_and_close_loss():
