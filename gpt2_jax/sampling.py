@@ -60,15 +60,36 @@ class Sampler:
         return self.temperature == 0.0
 
 
-def filter_sorted_logits(logits_BK, sampler: Sampler):
-    """Temperature, then top-p on logits sorted in descending order: excluded entries become -inf."""
-    logits_BK = logits_BK / sampler.temperature
-    if sampler.top_p < 1.0:
-        probs_BK = jax.nn.softmax(logits_BK, axis=-1)
-        # Keep the smallest prefix whose probability reaches top_p: an entry stays if the mass before it is short.
-        mass_before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-        logits_BK = jnp.where(mass_before_BK < sampler.top_p, logits_BK, -jnp.inf)
-    return logits_BK
+def top_p_filter(logits_BK, top_p: float, iterations: int = 32):
+    """Keep the smallest set of most probable entries whose probability reaches top_p; the rest become -inf.
+
+    Without sorting (a full sort of 50,257 logits per row costs more than a decode step on a CPU): bisect for the
+    largest probability threshold t whose entries p >= t still hold top_p of the mass. Entries tied with the
+    last one kept (to within 2**-32 of the largest probability) are kept with it.
+    """
+    probs_BK = jax.nn.softmax(logits_BK, axis=-1)
+
+    def halve(_, bounds):
+        low_B, high_B = bounds
+        mid_B = (low_B + high_B) / 2
+        enough_B = jnp.sum(jnp.where(probs_BK >= mid_B[:, None], probs_BK, 0.0), axis=-1) >= top_p
+        return jnp.where(enough_B, mid_B, low_B), jnp.where(enough_B, high_B, mid_B)
+
+    low_B, _ = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros(probs_BK.shape[:1]), probs_BK.max(axis=-1)))
+    return jnp.where(probs_BK >= low_B[:, None], logits_BK, -jnp.inf)
+
+
+def draw(keys_B, logits_BK):
+    """One index per row from softmax(logits) by inverse CDF: one uniform number per row instead of the K Gumbel
+    numbers of jax.random.categorical (4x faster for 8 rows of 50,257 on a CPU). -inf entries are never drawn."""
+    probs_BK = jax.nn.softmax(logits_BK.astype(jnp.float32), axis=-1)
+    cdf_BK = jnp.cumsum(probs_BK, axis=-1)
+    u_B = jax.vmap(jax.random.uniform)(keys_B) * cdf_BK[:, -1]
+    index_B = jnp.sum(cdf_BK <= u_B[:, None], axis=-1)
+    # Rounding can put u at the very top of the CDF: fall back to the last entry that can be drawn.
+    K = logits_BK.shape[-1]
+    last_B = K - 1 - jnp.argmax((probs_BK > 0)[:, ::-1], axis=-1)
+    return jnp.minimum(index_B, last_B).astype(jnp.int32)
 
 
 def sample_logits(logits_BV, keys_B, sampler: Sampler):
@@ -78,13 +99,16 @@ def sample_logits(logits_BV, keys_B, sampler: Sampler):
     """
     if sampler.greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    if sampler.top_k == 0 and sampler.top_p == 1.0:
-        return jax.vmap(jax.random.categorical)(keys_B, logits_BV / sampler.temperature).astype(jnp.int32)
-    # top-k alone needs the k largest; top-p needs them sorted; lax.top_k gives both (k = V sorts everything).
-    k = min(sampler.top_k or logits_BV.shape[-1], logits_BV.shape[-1])
-    values_BK, index_BK = jax.lax.top_k(logits_BV, k)
-    choice_B = jax.vmap(jax.random.categorical)(keys_B, filter_sorted_logits(values_BK, sampler))
-    return jnp.take_along_axis(index_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / sampler.temperature
+    if sampler.top_k:
+        values_BK, index_BK = jax.lax.top_k(logits_BV, min(sampler.top_k, logits_BV.shape[-1]))
+        if sampler.top_p < 1.0:
+            values_BK = top_p_filter(values_BK, sampler.top_p)
+        choice_B = draw(keys_B, values_BK)
+        return jnp.take_along_axis(index_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    if sampler.top_p < 1.0:
+        logits_BV = top_p_filter(logits_BV, sampler.top_p)
+    return draw(keys_B, logits_BV)
 
 
 def row_key(seed: int, row_id: int | Sequence[int]):
@@ -173,7 +197,7 @@ def decode_weights(config: ModelConfig, params) -> dict:
     head = params["wte"] if config.tie_embeddings else params["lm_head"]["weight"]
     head_bias = None if config.tie_embeddings else params["lm_head"].get("bias")
     return dict(wte=params["wte"], wpe=params["wpe"], ln_f=(params["ln_f"]["weight"], params["ln_f"].get("bias")),
-                head=(head.astype(dt), head_bias), layers=layers)
+                head=(mat(head, head.shape[0]), head_bias), layers=layers)
 
 
 def _layer_norm(config: ModelConfig, x, weight_bias):
@@ -219,15 +243,12 @@ def decode_forward(config: ModelConfig, weights: dict, token_B, position_B, mask
         hidden = jax.nn.gelu(hidden, approximate=config.activation == "gelu_tanh")
         x_BC = x_BC + _dense(config, hidden, layer["out"])
     x_BC = _layer_norm(config, x_BC, weights["ln_f"])
-    head, head_bias = weights["head"]
-    # x @ head.T with head [V, C] in torch layout, as GPT2 computes it: float32 accumulation for the tied head,
-    # the compute dtype (plus bias) for an untied one.
-    contract = (((1,), (1,)), ((), ()))
+    head_CV, head_bias = weights["head"]
+    # As GPT2 computes it: float32 accumulation for the tied head, the compute dtype (plus bias) for an untied one.
     if config.tie_embeddings:
-        logits_BV = jax.lax.dot_general(x_BC, head, contract, preferred_element_type=jnp.float32)
+        logits_BV = jnp.dot(x_BC, head_CV, preferred_element_type=jnp.float32)
     else:
-        logits_BV = jax.lax.dot_general(x_BC, head, contract)
-        logits_BV = logits_BV if head_bias is None else logits_BV + head_bias.astype(config.dtype)
+        logits_BV = _dense(config, x_BC, (head_CV, head_bias))
     return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
 
 
