@@ -7,6 +7,7 @@ copy bandwidth measured here. Prints a table, then one JSON line.
 
     python bench/sample.py            # about 3 minutes; check `uptime` first: other processes skew it
     python bench/sample.py --layouts  # ms per decode step: GPT2.apply (stacked weights) vs decode_forward
+    python bench/sample.py --compile_count   # compilations for 1,000 prompts of 1 to 1,016 tokens
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from gpt2_jax.config import ModelConfig, replace  # noqa: E402
 from gpt2_jax.model import GPT2, count_params, init_cache, init_params  # noqa: E402
-from gpt2_jax.sampling import Sampler, decode_forward, decode_weights, generate_batch, row_key  # noqa: E402
+from gpt2_jax import sampling  # noqa: E402
+from gpt2_jax.sampling import Sampler, decode_forward, decode_weights, generate, generate_batch, row_key  # noqa: E402
 
 PROMPT, NEW, REPEATS = 32, 128, 2
 
@@ -153,6 +155,19 @@ def layouts() -> None:
             print(f"B={batch}  {name:<40}{ms:8.1f} ms per decode step")
 
 
+def compile_counts() -> None:
+    """1,000 prompts of uniformly random length 1..1016 with max_new_tokens=8 and block_size 1024 (a one-layer
+    tiny model: the count depends on shapes only), at several batch sizes."""
+    cfg = ModelConfig.from_preset("tiny", n_layer=1, block_size=1024)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in rng.integers(1, 1017, 1000)]
+    for batch in (8, 16, 64):
+        before = sampling.compile_count()
+        generate(cfg, params, prompts, max_new_tokens=8, temperature=0.0, batch_size=batch)
+        print(f"batch_size {batch:>2}: {sampling.compile_count() - before} compilations for 1,000 prompts")
+
+
 def main() -> None:
     import torch
 
@@ -189,4 +204,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    layouts() if "--layouts" in sys.argv[1:] else main()
+    if "--layouts" in sys.argv[1:]:
+        layouts()
+    elif "--compile_count" in sys.argv[1:]:
+        compile_counts()
+    else:
+        main()
