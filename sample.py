@@ -28,6 +28,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from gpt2_jax import sharding
 from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, replace
 from gpt2_jax.sampling import Sampler, generate_batch, row_key
 from gpt2_jax.tokenizer import get_tokenizer
@@ -67,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="go past block_size: a context that outgrows it restarts from its last block_size // 2")
     p.add_argument("--out", type=Path, help="append one JSON line per sample to this file")
     p.add_argument("--resume", action="store_true", help="continue --out, skipping the samples it already has")
+    p.add_argument("--mesh", default="", help="shard the weights over this process's devices, e.g. fsdp:8 "
+                   "(docs/scaling.md); default: one device")
     args = p.parse_args(argv)
     if args.resume and args.out is None:
         p.error("--resume needs --out")
@@ -202,7 +205,7 @@ def stop_check(stops: list[str]):
 
 
 def run_one(cfg, params, prompt: Prompt, args, out_file, skip: set[tuple]) -> None:
-    """Stream each sample of one prompt to stdout as its tokens are decoded."""
+    """Stream each sample of one prompt to stdout as its tokens are decoded (at the end, on a --mesh)."""
     sampler = Sampler(args.temperature, args.top_k, args.top_p)
     for k in range(args.num_samples):
         if (prompt.id, k) in skip:
@@ -215,8 +218,11 @@ def run_one(cfg, params, prompt: Prompt, args, out_file, skip: set[tuple]) -> No
                 print(stream.feed(int(tokens_B[0])), end="", flush=True)
 
         done = generate_batch(cfg, params, [prompt.tokens], [sample_key(args.seed, prompt.id, k)],
-                              max_new_tokens=args.max_new_tokens, sampler=sampler, on_token=show,
+                              max_new_tokens=args.max_new_tokens, sampler=sampler,
+                              on_token=None if args.mesh else show,
                               is_finished=stop_check(args.stop), sliding_window=args.sliding_window)[0]
+        if args.mesh:  # JAX's ordered host callbacks need one device: on a mesh, print the sample once done
+            print("".join(stream.feed(t) for t in done.tokens), end="", flush=True)
         print(stream.flush(), flush=True)
         print("-" * 60, flush=True)
         if out_file is not None:
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, params = load_model(args.init_from, args.dtype)
+        if args.mesh:
+            params = sharding.shard_params(cfg, params, sharding.make_mesh(args.mesh))
         if args.prompt is not None:
             prompts, errors = tokenize([(0, 0, args.prompt)], cfg, args)
             errors = [f"--prompt: {e}" for _, e in errors]

@@ -143,3 +143,26 @@ def test_missing_weights_and_empty_prompt_are_clear(model, tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
     assert sample.main([f"--init_from={model[2]}", "--prompt="]) == 1
     assert "--prompt: empty prompt" in capsys.readouterr().err
+
+
+def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path):
+    """--mesh=fsdp:8 on 8 simulated CPU devices (a subprocess: the flag must precede jax) equals one device."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg, params, ckpt = model
+    flags = ["--init_from", ckpt, "--prompt", "ROMEO:", "--temperature", "0", "--max_new_tokens", "12"]
+    assert sample.main(flags + ["--out", str(tmp_path / "one.jsonl")]) == 0
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "sample.py"), *flags, "--mesh", "fsdp:8",
+                           "--out", str(tmp_path / "eight.jsonl")], env=env, cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    one, eight = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "eight.jsonl")
+    assert one[0]["completion_tokens"] == 12 and one == eight
+    assert "ROMEO:" + one[0]["completion"] in proc.stdout
+    bad = subprocess.run([sys.executable, str(root / "sample.py"), *flags, "--mesh", "data:3"], env=env, cwd=root,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "needs 3 devices but there are 8" in bad.stderr
