@@ -274,3 +274,21 @@ def test_remat_and_unroll_give_the_same_grads():
     base = grads(TINY)
     assert max_rel_err(grads(replace(TINY, remat=True)), base) <= 1e-6
     assert max_rel_err(grads(replace(TINY, scan_unroll=2)), base) <= 1e-5
+
+
+def test_blocked_causal_attention_equals_the_masked_path():
+    # Without a padding mask the attention skips the keys no query of its half can see; with an all-True
+    # attn_mask it takes the general masked path over the full [T, T] scores. Same logits and gradients.
+    params = init_params(TINY, jax.random.PRNGKey(1))
+    (x, y), = text_batches(TINY, 1, 2, seed=5)
+    for T in (TINY.block_size, 37):  # even and odd lengths split differently
+        tokens, labels = jnp.asarray(x[:, :T]), jnp.asarray(y[:, :T])
+
+        def loss(p, attn_mask):
+            logits = GPT2(TINY).apply({"params": p}, tokens, attn_mask=attn_mask)
+            return cross_entropy(logits, labels)[0], logits
+
+        (_, blocked), g_blocked = jax.value_and_grad(loss, has_aux=True)(params, None)
+        (_, masked), g_masked = jax.value_and_grad(loss, has_aux=True)(params, jnp.ones(tokens.shape, bool))
+        np.testing.assert_allclose(blocked, masked, atol=1e-6, rtol=0)
+        assert max_rel_err(g_blocked, jax.tree.map(np.asarray, g_masked)) <= 1e-6
