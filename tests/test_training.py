@@ -215,7 +215,7 @@ def test_weight_decay_alone_shrinks_only_matrices():
     cfg = TrainConfig(learning_rate=0.5, warmup_iters=0, weight_decay=0.1, decay_embeddings=False, grad_clip=0.0)
     params = init_params(TINY, jax.random.PRNGKey(0))
     opt = make_optimizer(cfg)
-    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     new = jax.tree.map(jnp.add, params, updates)
     np.testing.assert_allclose(new["h"]["mlp"]["c_fc"]["weight"], params["h"]["mlp"]["c_fc"]["weight"] * 0.95,
                                rtol=1e-6)
@@ -232,11 +232,13 @@ def test_fused_update_is_the_optax_chain(grad_clip, decay_embeddings):
     opt = make_optimizer(cfg)
     ref_params, ref_state = params, opt.init(params)
     ours_params, ours_state = params, opt.init(params)
+    ref_update = jax.jit(lambda g, s, p: opt.update(jax.tree.map(lambda x: x / 8.0, g), s, p))
+    ours_update = jax.jit(lambda g, s, p: fused_update(cfg, g, s, p, 1.0 / 8.0))
     for i in range(4):
         sums = jax.tree.map(lambda p: 40.0 * jax.random.normal(jax.random.PRNGKey(i), p.shape), params)
-        updates, ref_state = opt.update(jax.tree.map(lambda g: g / 8.0, sums), ref_state, ref_params)
+        updates, ref_state = ref_update(sums, ref_state, ref_params)
         ref_params = jax.tree.map(jnp.add, ref_params, updates)
-        ours_params, ours_state, norm = fused_update(cfg, sums, ours_state, ours_params, 1.0 / 8.0)
+        ours_params, ours_state, norm = ours_update(sums, ours_state, ours_params)
         np.testing.assert_allclose(float(norm), float(optax_norm(sums) / 8.0), rtol=1e-6)
     assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
     assert max_rel_err((ours_params, ours_state), jax.tree.map(np.asarray, (ref_params, ref_state))) <= 1e-6
@@ -288,7 +290,8 @@ def test_blocked_causal_attention_equals_the_masked_path():
             logits = GPT2(TINY).apply({"params": p}, tokens, attn_mask=attn_mask)
             return cross_entropy(logits, labels)[0], logits
 
-        (_, blocked), g_blocked = jax.value_and_grad(loss, has_aux=True)(params, None)
-        (_, masked), g_masked = jax.value_and_grad(loss, has_aux=True)(params, jnp.ones(tokens.shape, bool))
+        grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (_, blocked), g_blocked = grad_fn(params, None)
+        (_, masked), g_masked = grad_fn(params, jnp.ones(tokens.shape, bool))
         np.testing.assert_allclose(blocked, masked, atol=1e-6, rtol=0)
         assert max_rel_err(g_blocked, jax.tree.map(np.asarray, g_masked)) <= 1e-6
