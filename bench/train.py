@@ -1,7 +1,7 @@
 """Training throughput on this machine: our jitted step against a PyTorch step, and against the matmul peak.
 
     python bench/train.py [--model=gpt2] [--batch_size=4] [--block_size=256] [--steps=3] [--rounds=2]
-                          [--dtype=float32] [--hugetlb=1]
+                          [--dtype=float32] [--hugetlb=ours|both|none]
 
 What it measures, in one run:
   * the machine's fp32 matmul peak: the best of 2048^3 jnp.dot and torch.mm, at the start and at the end;
@@ -15,9 +15,12 @@ Speeds use each side's best step; medians are printed too.
 FLOPs per token follow nanoGPT's estimate_mfu: 6 * N + 12 * L * C * T (N = parameters without wpe; the
 second term is attention's QK^T and AV, forward and backward, as if not causal). The last line is JSON.
 
-Both workers run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless --hugetlb=0: malloc then asks for
-transparent huge pages (with THP on "madvise", the usual default), so the large buffers a step allocates
-afresh cost a page fault per 2 MB instead of per 4 KB. Measured here: a 460 MB elementwise op 250 -> 76 ms.
+Our worker runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (--hugetlb=ours, the default): malloc then asks
+for transparent huge pages (THP "madvise" mode, the usual default), so the large buffers XLA allocates afresh
+every step fault in per 2 MB instead of per 4 KB. Measured on this 2-core machine: our gpt2 step 5.5-5.9 s ->
+4.8-4.9 s; a 460 MB elementwise op 250 -> 76 ms. PyTorch's step got slower with it (5.5-6.2 s -> 6.2-7.0 s,
+the same runs), so by default torch runs in the plain environment, each side in its better one;
+--hugetlb=both or none puts both sides in the same one.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"model": "gpt2", "batch_size": 4, "block_size": 256, "steps": 3, "rounds": 2, "dtype": "float32",
-            "hugetlb": 1, "worker": ""}
+            "hugetlb": "ours", "worker": ""}
+HUGETLB = {"ours": ("ours",), "both": ("ours", "torch"), "none": ()}
 
 
 def parse_flags(argv: list[str]) -> dict:
@@ -149,7 +153,7 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> dict:
 def run_worker(side: str, flags: dict) -> dict:
     args = [f"--{k}={v}" for k, v in flags.items() if k != "worker"] + [f"--worker={side}"]
     env = dict(os.environ)
-    if flags["hugetlb"]:
+    if side in HUGETLB[flags["hugetlb"]]:
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
     out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
     if out.returncode:
@@ -160,6 +164,8 @@ def run_worker(side: str, flags: dict) -> dict:
 def main(flags: dict) -> dict:
     from gpt2_jax.config import ModelConfig
 
+    if flags["hugetlb"] not in HUGETLB:
+        raise SystemExit(f"--hugetlb must be one of {sorted(HUGETLB)}; got {flags['hugetlb']!r}")
     cfg = ModelConfig.from_preset(flags["model"], dtype=flags["dtype"])
     load_before = os.getloadavg()[0]
     peaks = [matmul_peak()]
@@ -181,7 +187,7 @@ def main(flags: dict) -> dict:
     r = {
         "model": flags["model"], "batch_size": flags["batch_size"], "block_size": flags["block_size"],
         "dtype": flags["dtype"], "threads": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-        "torch_attention": attention, "hugetlb": bool(flags["hugetlb"]), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "torch_attention": attention, "hugetlb": flags["hugetlb"], "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "jax_matmul_gflops": round(max(p["jax"] for p in peaks) / 1e9, 1),
@@ -204,7 +210,7 @@ def main(flags: dict) -> dict:
 def print_table(r: dict) -> None:
     print(f"{r['model']} B={r['batch_size']} T={r['block_size']} {r['dtype']}, {r['threads']} threads, "
           f"load {r['load_avg_1m_before']} -> {r['load_avg_1m_after']}, jax {r['jax']}, torch {r['torch']} "
-          f"({r['torch_attention']} attention), hugetlb {r['hugetlb']}")
+          f"({r['torch_attention']} attention), huge pages for: {r['hugetlb']}")
     print(f"matmul peak {r['matmul_peak_gflops']} GFLOP/s (XLA {r['jax_matmul_gflops']}, "
           f"torch {r['torch_matmul_gflops']}); {r['flops_per_token'] / 1e6:.1f} MFLOP per token")
     print(f"{'':6s} {'tokens/s best':>14s} {'median':>8s} {'GFLOP/s':>8s} {'of peak':>8s}  step seconds")
