@@ -37,26 +37,38 @@ def _token_losses(logits_BTV, labels_BT, ignore_index, label_smoothing):
     return _token_losses_fwd(logits_BTV, labels_BT, ignore_index, label_smoothing)[0]
 
 
+def _row_sum(a_BTV):
+    # A matrix-vector product with ones instead of jnp.sum: XLA:CPU runs reductions on one thread and this
+    # GEMV on all of them (gpt2, B=4, T=256, 2 cores: the loss's forward+backward 1.55 s -> 1.36 s).
+    ones_V = jnp.ones(a_BTV.shape[-1:], a_BTV.dtype)
+    return jnp.einsum("btv,v->bt", a_BTV, ones_V, precision=jax.lax.Precision.HIGHEST)  # no bf16/tf32 passes
+
+
 def _token_losses_fwd(logits_BTV, labels_BT, ignore_index, label_smoothing):
-    # log p = logits - lse: only [B, T] numbers are kept, never a [B, T, V] log-softmax.
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    # p = exp(logits - max) is kept for the backward pass instead of the logits (same size), so the
+    # exponentials are computed once; only [B, T] numbers are kept besides it.
+    max_BT = jax.lax.stop_gradient(logits_BTV.max(-1))
+    p_BTV = jnp.exp(logits_BTV - max_BT[..., None])
+    sum_BT = _row_sum(p_BTV)
+    lse_BT = max_BT + jnp.log(sum_BT)
     valid_BT = labels_BT != ignore_index
     safe_BT = jnp.where(valid_BT, labels_BT, 0)
     target_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
     loss_BT = lse_BT - target_BT
     if label_smoothing:
-        loss_BT = (1.0 - label_smoothing) * loss_BT + label_smoothing * (lse_BT - logits_BTV.mean(-1))
-    return jnp.where(valid_BT, loss_BT, 0.0), (logits_BTV, lse_BT, safe_BT, valid_BT)
+        mean_BT = _row_sum(logits_BTV) / logits_BTV.shape[-1]
+        loss_BT = (1.0 - label_smoothing) * loss_BT + label_smoothing * (lse_BT - mean_BT)
+    return jnp.where(valid_BT, loss_BT, 0.0), (p_BTV, sum_BT, safe_BT, valid_BT)
 
 
 def _token_losses_bwd(ignore_index, label_smoothing, residuals, g_BT):
     # d loss / d logits = softmax - (1 - eps) * onehot(label) - eps / V, in one elementwise pass over [B, T, V]
     # (autodiff of the gather would add a zero-filled scatter over the whole logits array).
-    logits_BTV, lse_BT, safe_BT, valid_BT = residuals
-    V = logits_BTV.shape[-1]
+    p_BTV, sum_BT, safe_BT, valid_BT = residuals
+    V = p_BTV.shape[-1]
     g_BT = jnp.where(valid_BT, g_BT, 0.0)
     onehot_BTV = jnp.arange(V, dtype=safe_BT.dtype) == safe_BT[..., None]
-    probs_BTV = jnp.exp(logits_BTV - lse_BT[..., None])
+    probs_BTV = p_BTV * (1.0 / sum_BT)[..., None]
     d_BTV = probs_BTV - jnp.where(onehot_BTV, 1.0 - label_smoothing, 0.0) - label_smoothing / V
     return g_BT[..., None] * d_BTV, None
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, count_params, init_params
+from gpt2_jax.model import GPT2, count_params, gelu, init_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -115,6 +115,17 @@ def test_erf_gelu_matches_torch_exact_gelu():
     tanh_cfg = ModelConfig.from_preset("tiny")
     other = GPT2(tanh_cfg).apply({"params": params_from_hf(model, cfg)}, jnp.asarray(tokens))
     assert np.abs(np.asarray(other) - ref).max() > 10 * err_exact
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+def test_gelu_value_and_hand_written_grad_match_torch(approximate):
+    x = np.linspace(-9.0, 9.0, 20001, dtype=np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.gelu(tx, approximate="tanh" if approximate else "none")
+    ty.backward(torch.ones_like(ty))
+    y, vjp = jax.vjp(lambda v: gelu(v, approximate), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.ones_like(y))[0]), tx.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_causality():
