@@ -124,8 +124,12 @@ def test_gelu_value_and_hand_written_grad_match_torch(approximate):
     ty = torch.nn.functional.gelu(tx, approximate="tanh" if approximate else "none")
     ty.backward(torch.ones_like(ty))
     y, vjp = jax.vjp(lambda v: gelu(v, approximate), jnp.asarray(x))
-    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(vjp(jnp.ones_like(y))[0]), tx.grad.numpy(), rtol=1e-6, atol=1e-6)
+    grad = np.asarray(vjp(jnp.ones_like(y))[0])
+    # torch and XLA saturate tanh differently far out: absolute differences of a few fp32 ulps of 1.
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-6, atol=5e-6)
+    np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-6, atol=5e-6)
+    autodiff = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=approximate)))(jnp.asarray(x))
+    np.testing.assert_allclose(grad, np.asarray(autodiff), rtol=0, atol=1e-6)
 
 
 def test_causality():
