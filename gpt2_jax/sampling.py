@@ -167,20 +167,39 @@ def _step_keys(state: DecodeState):
 # with lax.scan over weights stacked on L and contracts c_attn [3, H, D, C] / c_proj [C, H, D] over several axes;
 # for a one-token step XLA CPU then copies every layer's weight slice (and transposes those two) on every step,
 # about three times the bytes of the weights (visible in the compiled HLO). decode_forward computes the same
-# function from the weights rearranged once per call (decode_weights): one 2-D [in, out] matrix per layer
-# (XLA CPU's GEMM at M = 8 rows ran faster on [in, out] than on [out, in] in development measurements), and a
-# per-layer cache laid out [B, H, S, D] so that attention is a plain batched matmul without a transpose.
-# bench/sample.py --layouts times both paths: gpt2 fp32, 2 shared cores, load ~4-5: B=1 122.7 -> 28.8 ms per token,
-# B=8 311.0 -> 95.1 ms. The prompt is still prefilled by GPT2.apply (large matmuls, where the stacked layout costs
-# little); tests check decode_forward against GPT2.apply token by token and generation against transformers.
+# function from per-layer 2-D matrices (decode_weights) and a per-layer cache laid out [B, H, S, D], so that
+# attention is a plain batched matmul without a transpose. The prompt is still prefilled by GPT2.apply (large
+# matmuls, where the stacked layout costs little); tests check decode_forward against GPT2.apply token by token
+# and generation against transformers.
+#
+# Matrix layout (gpt2 fp32, 2 CPU cores, XLA's GEMM; measured with whole-model A/B runs of generate_batch):
+#   * one row (B=1): [out, in] as stored, x @ W.T, reads weights as fast as [in, out] (~29 GB/s) and is only a
+#     reshape of the params, so nothing is copied: 39.4 -> 49.5 tokens/s against rearranging per call;
+#   * several rows: XLA:CPU's GEMM at M = 8 reads [in, out] at ~17 GB/s and [out, in] at ~12 GB/s, so the
+#     matrices are transposed once (a copy of the block weights, kept for the next call on the same params).
+#   The output layer always reads wte [V, C] as stored (both layouts ran at the same speed there).
 
 
-def decode_weights(config: ModelConfig, params) -> dict:
-    """The params rearranged for decode_forward: per layer, 2-D [in, out] matrices in the compute dtype."""
+@flax.struct.dataclass
+class DecodeWeights:
+    """The params arranged for decode_forward; matrices are [out, in], or [in, out] if transposed."""
+
+    layers: tuple
+    wte: jax.Array
+    wpe: jax.Array
+    ln_f: tuple
+    head: tuple  # (weight [V, C], bias [V] or None)
+    transposed: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def decode_weights(config: ModelConfig, params, transposed: bool = False) -> DecodeWeights:
+    """Per-layer 2-D matrices in the compute dtype: slices and reshapes of the params (inside jit no copy is
+    made), or [in, out] transposed copies."""
     dt, h, C = config.dtype, params["h"], config.n_embd
 
-    def mat(w, n_out):  # torch layout [*out, *in] -> [in, out]
-        return w.reshape(n_out, -1).T.astype(dt)
+    def mat(w, n_out):  # torch layout [*out, *in] -> [out, in] (or [in, out])
+        w = w.reshape(n_out, -1).astype(dt)
+        return w.T if transposed else w
 
     def opt(tree, name, i, shape=None):
         if name not in tree:
@@ -197,8 +216,31 @@ def decode_weights(config: ModelConfig, params) -> dict:
     ) for i in range(config.n_layer))
     head = params["wte"] if config.tie_embeddings else params["lm_head"]["weight"]
     head_bias = None if config.tie_embeddings else params["lm_head"].get("bias")
-    return dict(wte=params["wte"], wpe=params["wpe"], ln_f=(params["ln_f"]["weight"], params["ln_f"].get("bias")),
-                head=(mat(head, head.shape[0]), head_bias), layers=layers)
+    return DecodeWeights(layers=layers, wte=params["wte"], wpe=params["wpe"],
+                         ln_f=(params["ln_f"]["weight"], params["ln_f"].get("bias")),
+                         head=(head.astype(dt), head_bias), transposed=transposed)
+
+
+_transposed_weights = jax.jit(functools.partial(decode_weights, transposed=True), static_argnums=0)
+# The last transposed copy made, so that a run over many batches of the same params makes it once:
+# (config, the params' leaves, kept alive so that their ids stay theirs, the copy).
+_TRANSPOSED_CACHE: list[tuple] = []
+
+
+def _weights_for_batch(config: ModelConfig, params, batch_size: int) -> DecodeWeights | None:
+    """Transposed copies of the block matrices for a multi-row batch on CPU; None: decode from params as stored."""
+    if batch_size == 1 or jax.default_backend() != "cpu":
+        return None
+    leaves = jax.tree.leaves(params)
+    if _TRANSPOSED_CACHE:
+        cached_config, cached_leaves, weights = _TRANSPOSED_CACHE[0]
+        if cached_config == config and len(cached_leaves) == len(leaves) and all(
+                a is b for a, b in zip(cached_leaves, leaves)):
+            return weights
+    _TRANSPOSED_CACHE.clear()  # drop the old copy before making the new one
+    weights = _transposed_weights(config, params)
+    _TRANSPOSED_CACHE.append((config, leaves, weights))
+    return weights
 
 
 def _layer_norm(config: ModelConfig, x, weight_bias):
@@ -211,45 +253,66 @@ def _layer_norm(config: ModelConfig, x, weight_bias):
     return y.astype(config.dtype)
 
 
-def _dense(config: ModelConfig, x, weight_bias):
+def _dense(config: ModelConfig, x, weight_bias, transposed: bool):
     weight, bias = weight_bias
-    y = jnp.dot(x.astype(config.dtype), weight)
+    x = x.astype(config.dtype)
+    y = jnp.dot(x, weight) if transposed else _matmul_nt(x, weight)
     return y if bias is None else y + bias.astype(config.dtype)
 
 
-def decode_forward(config: ModelConfig, weights: dict, token_B, position_B, mask_BS, k: tuple, v: tuple, index):
+def _matmul_nt(x_BI, w_OI, **kw):
+    """x @ w.T for w stored [out, in]."""
+    return jax.lax.dot_general(x_BI, w_OI, (((1,), (1,)), ((), ())), **kw)
+
+
+def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, position_B, mask_BS, k: tuple, v: tuple,
+                   index):
     """One token per row through the model: float32 logits [B, vocab_size] and the caches with it written at index.
 
     Same numerics as GPT2.apply with a cache (compute dtype, float32 LayerNorm statistics and attention scores).
     """
     B, H, D = token_B.shape[0], config.n_head, config.head_dim
-    x_BC = (jnp.take(weights["wte"], token_B, axis=0) + jnp.take(weights["wpe"], position_B, axis=0))
+    x_BC = (jnp.take(weights.wte, token_B, axis=0) + jnp.take(weights.wpe, position_B, axis=0))
     x_BC = x_BC.astype(config.dtype)
     S = k[0].shape[2]
-    visible_B1S = (mask_BS & (jnp.arange(S) <= index)[None, :])[:, None, :]
+    earlier_B1S = (mask_BS & (jnp.arange(S) < index)[None, :])[:, None, :]
+    dense = functools.partial(_dense, config, transposed=weights.transposed)
     new_k, new_v = [], []
-    for layer, k_BHSD, v_BHSD in zip(weights["layers"], k, v):
-        qkv_B3HD = _dense(config, _layer_norm(config, x_BC, layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
-        k_BHSD = jax.lax.dynamic_update_slice(k_BHSD, qkv_B3HD[:, 1, :, None].astype(k_BHSD.dtype), (0, 0, index, 0))
-        v_BHSD = jax.lax.dynamic_update_slice(v_BHSD, qkv_B3HD[:, 2, :, None].astype(v_BHSD.dtype), (0, 0, index, 0))
-        new_k.append(k_BHSD)
-        new_v.append(v_BHSD)
-        scores_BHS = jnp.einsum("bhd,bhsd->bhs", qkv_B3HD[:, 0], k_BHSD.astype(config.dtype),
+    for layer, k_BHSD, v_BHSD in zip(weights.layers, k, v):
+        qkv_B3HD = dense(_layer_norm(config, x_BC, layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
+        q_BHD = qkv_B3HD[:, 0]
+        # The new key and value as attention will read them back from the cache (rounded to its dtype).
+        kn_BHD, vn_BHD = (qkv_B3HD[:, i].astype(k_BHSD.dtype).astype(config.dtype) for i in (1, 2))
+        # Attention reads the cache as it was (slots before index) and the new key and value on their own, so the
+        # cache update below is the cache's only reader after them and XLA updates it in place. Reading the
+        # updated cache instead made XLA:CPU fuse the update into each reader, with a copy of the whole cache for
+        # each: four per layer per token (gpt2 B=8: 377 MB of copies per token).
+        scores_BHS = jnp.einsum("bhd,bhsd->bhs", q_BHD, k_BHSD.astype(config.dtype),
                                 preferred_element_type=jnp.float32) * (1.0 / np.sqrt(D))
-        scores_BHS = jnp.where(visible_B1S, scores_BHS, jnp.finfo(jnp.float32).min)
-        probs_BHS = jax.nn.softmax(scores_BHS, axis=-1).astype(config.dtype)
-        y_BC = jnp.einsum("bhs,bhsd->bhd", probs_BHS, v_BHSD.astype(config.dtype)).reshape(B, H * D)
-        x_BC = x_BC + _dense(config, y_BC, layer["proj"])
-        hidden = _dense(config, _layer_norm(config, x_BC, layer["ln_2"]), layer["fc"])
+        scores_BHS = jnp.where(earlier_B1S, scores_BHS, jnp.finfo(jnp.float32).min)
+        score_BH = jnp.einsum("bhd,bhd->bh", q_BHD, kn_BHD, preferred_element_type=jnp.float32)
+        score_BH = score_BH * (1.0 / np.sqrt(D))
+        max_BH = jnp.maximum(scores_BHS.max(-1), score_BH)
+        e_BHS = jnp.exp(scores_BHS - max_BH[..., None])
+        e_BH = jnp.exp(score_BH - max_BH)
+        total_BH = e_BHS.sum(-1) + e_BH
+        y_BHD = (jnp.einsum("bhs,bhsd->bhd", (e_BHS / total_BH[..., None]).astype(config.dtype),
+                            v_BHSD.astype(config.dtype))
+                 + ((e_BH / total_BH)[..., None] * vn_BHD).astype(config.dtype))
+        y_BC = y_BHD.reshape(B, H * D)
+        new_k.append(jax.lax.dynamic_update_slice(k_BHSD, kn_BHD[:, :, None].astype(k_BHSD.dtype), (0, 0, index, 0)))
+        new_v.append(jax.lax.dynamic_update_slice(v_BHSD, vn_BHD[:, :, None].astype(v_BHSD.dtype), (0, 0, index, 0)))
+        x_BC = x_BC + dense(y_BC, layer["proj"])
+        hidden = dense(_layer_norm(config, x_BC, layer["ln_2"]), layer["fc"])
         hidden = jax.nn.gelu(hidden, approximate=config.activation == "gelu_tanh")
-        x_BC = x_BC + _dense(config, hidden, layer["out"])
-    x_BC = _layer_norm(config, x_BC, weights["ln_f"])
-    head_CV, head_bias = weights["head"]
+        x_BC = x_BC + dense(hidden, layer["out"])
+    x_BC = _layer_norm(config, x_BC, weights.ln_f)
+    head_VC, head_bias = weights.head
     # As GPT2 computes it: float32 accumulation for the tied head, the compute dtype (plus bias) for an untied one.
     if config.tie_embeddings:
-        logits_BV = jnp.dot(x_BC, head_CV, preferred_element_type=jnp.float32)
+        logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32)
     else:
-        logits_BV = _dense(config, x_BC, (head_CV, head_bias))
+        logits_BV = _dense(config, x_BC, (head_VC, head_bias), transposed=False)
     return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
 
 
@@ -299,16 +362,18 @@ def _stream_tokens(tokens_B, wrote_B) -> None:
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens", "stream"),
                    donate_argnames=("state",))
-def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, params, state: DecodeState,
-         tokens_BP, mask_BP, refill, stop_at) -> DecodeState:
+def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, params, weights: DecodeWeights | None,
+         state: DecodeState, tokens_BP, mask_BP, refill, stop_at) -> DecodeState:
     """If refill, prefill the cache from tokens_BP; then decode in a while_loop until step == stop_at, every row
     is finished, or the cache is full. Prefill and decode share one compilation per (B, P, S, N).
 
     stream (static): call _stream_tokens on the host with (tokens [B], wrote [B]) after every sampled token.
+    weights: decode_weights(config, params, transposed=True), or None to decode from params as stored.
     """
     TRACE_COUNTS["run"] += 1
     S = state.k[0].shape[2]
-    weights = decode_weights(config, params)
+    if weights is None:
+        weights = decode_weights(config, params)
 
     def emit(s: DecodeState) -> DecodeState:
         if stream:
@@ -433,7 +498,8 @@ def generate_batch(config: ModelConfig, params, prompts: Sequence[Sequence[int]]
     check_lengths(config, prompts, max_new_tokens, sliding_window)
     keys = list(keys) + [jax.random.key(0)] * (B - len(prompts))
     limits = [max_new_tokens] * len(prompts) + [0] * (B - len(prompts))
-    run = functools.partial(_run, config, sampler, tuple(int(t) for t in stop_tokens), on_token is not None, params)
+    run = functools.partial(_run, config, sampler, tuple(int(t) for t in stop_tokens), on_token is not None, params,
+                            _weights_for_batch(config, params, B))
     _STREAM_TARGET[0] = on_token
     try:
         state = _decode_all(config, run, prompts, jnp.stack(keys), limits, max_new_tokens, sliding_window,

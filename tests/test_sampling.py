@@ -257,12 +257,13 @@ def test_on_token_streams_every_token_in_order_without_recompiling():
     (dict(tie_embeddings=False, lm_head_bias=True, activation="gelu_exact"), 1e-5),
     (dict(dtype="bfloat16", param_dtype="bfloat16"), 0.03),  # measured 0.013 on logits of scale 1.4
 ])
-def test_decode_forward_matches_the_model_token_by_token(overrides, tol):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_decode_forward_matches_the_model_token_by_token(overrides, tol, transposed):
     cfg = ModelConfig.from_preset("tiny", **overrides)
     params = jax.tree.map(lambda a: a.astype(cfg.param_dtype), random_params(cfg, seed=2))
     tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     ref = np.asarray(GPT2(cfg).apply({"params": params}, tokens), np.float32)
-    weights = sampling.decode_weights(cfg, params)
+    weights = sampling.decode_weights(cfg, params, transposed)
     B, T, S = 2, tokens.shape[1], 16
     k = tuple(jnp.zeros((B, cfg.n_head, S, cfg.head_dim), cfg.dtype) for _ in range(cfg.n_layer))
     v = k
@@ -271,3 +272,17 @@ def test_decode_forward_matches_the_model_token_by_token(overrides, tol):
         logits, k, v = step(weights, tokens[:, t], jnp.full((B,), t), jnp.ones((B, S), bool), k, v, jnp.int32(t))
         assert logits.shape == (B, cfg.vocab_size) and logits.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=tol, rtol=0)
+
+
+def test_multi_row_batches_follow_the_params_they_are_given():
+    """Batches of several rows on CPU decode from a transposed copy of the weights kept between calls: new params
+    must never decode with the copy of the old ones."""
+    cfg, first = tiny()
+    second = random_params(cfg, seed=5)
+    keys = [row_key(0, i) for i in range(4)]
+    kw = dict(max_new_tokens=20, sampler=Sampler(0.0), stop_tokens=())
+    rows = [generate_batch(cfg, params, GREEDY_PROMPTS, keys, **kw) for params in (first, second, first)]
+    alone = [generate_batch(cfg, second, [prompt], [key], **kw)[0] for prompt, key in zip(GREEDY_PROMPTS, keys)]
+    assert [r.tokens for r in rows[1]] == [r.tokens for r in alone]
+    assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[2]] != [r.tokens for r in rows[1]]
+    assert len(sampling._TRANSPOSED_CACHE) == 1
