@@ -275,33 +275,20 @@ def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, positio
     x_BC = (jnp.take(weights.wte, token_B, axis=0) + jnp.take(weights.wpe, position_B, axis=0))
     x_BC = x_BC.astype(config.dtype)
     S = k[0].shape[2]
-    earlier_B1S = (mask_BS & (jnp.arange(S) < index)[None, :])[:, None, :]
+    visible_B1S = (mask_BS & (jnp.arange(S) <= index)[None, :])[:, None, :]
     dense = functools.partial(_dense, config, transposed=weights.transposed)
     new_k, new_v = [], []
     for layer, k_BHSD, v_BHSD in zip(weights.layers, k, v):
         qkv_B3HD = dense(_layer_norm(config, x_BC, layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
-        q_BHD = qkv_B3HD[:, 0]
-        # The new key and value as attention will read them back from the cache (rounded to its dtype).
-        kn_BHD, vn_BHD = (qkv_B3HD[:, i].astype(k_BHSD.dtype).astype(config.dtype) for i in (1, 2))
-        # Attention reads the cache as it was (slots before index) and the new key and value on their own, so the
-        # cache update below is the cache's only reader after them and XLA updates it in place. Reading the
-        # updated cache instead made XLA:CPU fuse the update into each reader, with a copy of the whole cache for
-        # each: four per layer per token (gpt2 B=8: 377 MB of copies per token).
-        scores_BHS = jnp.einsum("bhd,bhsd->bhs", q_BHD, k_BHSD.astype(config.dtype),
+        k_BHSD = jax.lax.dynamic_update_slice(k_BHSD, qkv_B3HD[:, 1, :, None].astype(k_BHSD.dtype), (0, 0, index, 0))
+        v_BHSD = jax.lax.dynamic_update_slice(v_BHSD, qkv_B3HD[:, 2, :, None].astype(v_BHSD.dtype), (0, 0, index, 0))
+        new_k.append(k_BHSD)
+        new_v.append(v_BHSD)
+        scores_BHS = jnp.einsum("bhd,bhsd->bhs", qkv_B3HD[:, 0], k_BHSD.astype(config.dtype),
                                 preferred_element_type=jnp.float32) * (1.0 / np.sqrt(D))
-        scores_BHS = jnp.where(earlier_B1S, scores_BHS, jnp.finfo(jnp.float32).min)
-        score_BH = jnp.einsum("bhd,bhd->bh", q_BHD, kn_BHD, preferred_element_type=jnp.float32)
-        score_BH = score_BH * (1.0 / np.sqrt(D))
-        max_BH = jnp.maximum(scores_BHS.max(-1), score_BH)
-        e_BHS = jnp.exp(scores_BHS - max_BH[..., None])
-        e_BH = jnp.exp(score_BH - max_BH)
-        total_BH = e_BHS.sum(-1) + e_BH
-        y_BHD = (jnp.einsum("bhs,bhsd->bhd", (e_BHS / total_BH[..., None]).astype(config.dtype),
-                            v_BHSD.astype(config.dtype))
-                 + ((e_BH / total_BH)[..., None] * vn_BHD).astype(config.dtype))
-        y_BC = y_BHD.reshape(B, H * D)
-        new_k.append(jax.lax.dynamic_update_slice(k_BHSD, kn_BHD[:, :, None].astype(k_BHSD.dtype), (0, 0, index, 0)))
-        new_v.append(jax.lax.dynamic_update_slice(v_BHSD, vn_BHD[:, :, None].astype(v_BHSD.dtype), (0, 0, index, 0)))
+        scores_BHS = jnp.where(visible_B1S, scores_BHS, jnp.finfo(jnp.float32).min)
+        probs_BHS = jax.nn.softmax(scores_BHS, axis=-1).astype(config.dtype)
+        y_BC = jnp.einsum("bhs,bhsd->bhd", probs_BHS, v_BHSD.astype(config.dtype)).reshape(B, H * D)
         x_BC = x_BC + dense(y_BC, layer["proj"])
         hidden = dense(_layer_norm(config, x_BC, layer["ln_2"]), layer["fc"])
         hidden = jax.nn.gelu(hidden, approximate=config.activation == "gelu_tanh")
