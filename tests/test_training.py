@@ -15,47 +15,9 @@ from gpt2_jax.training import cross_entropy, init_train_state, make_train_step
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_model import hf_model, params_from_hf  # noqa: E402  (the same random HF model as the logits tests)
+
 TINY = ModelConfig.from_preset("tiny", vocab_size=4096)  # a small vocab keeps the many steps here cheap
-
-
-def hf_model(cfg: ModelConfig, seed: int = 0):
-    """A random transformers GPT-2 of cfg's shape (dropout off) with non-zero biases and non-unit LayerNorms."""
-    torch.manual_seed(seed)
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(hf_cfg).train()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def params_from_hf(model, cfg: ModelConfig):
-    """transformers' Conv1D weights are [in, out]; ours are [out, in] with the heads split out."""
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    L, H, D, C = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.n_embd
-
-    def stack(suffix, fn=lambda a: a):
-        return jnp.asarray(np.stack([fn(sd[f"transformer.h.{i}.{suffix}"]) for i in range(L)]))
-
-    def pair(prefix, w_fn=lambda a: a, b_fn=lambda a: a):
-        return {"weight": stack(prefix + ".weight", w_fn), "bias": stack(prefix + ".bias", b_fn)}
-
-    return {
-        "wte": jnp.asarray(sd["transformer.wte.weight"]),
-        "wpe": jnp.asarray(sd["transformer.wpe.weight"]),
-        "ln_f": {"weight": jnp.asarray(sd["transformer.ln_f.weight"]), "bias": jnp.asarray(sd["transformer.ln_f.bias"])},
-        "h": {
-            "ln_1": pair("ln_1"),
-            "ln_2": pair("ln_2"),
-            "attn": {"c_attn": pair("attn.c_attn", lambda w: w.T.reshape(3, H, D, C), lambda b: b.reshape(3, H, D)),
-                     "c_proj": pair("attn.c_proj", lambda w: w.T.reshape(C, H, D))},
-            "mlp": {"c_fc": pair("mlp.c_fc", lambda w: w.T), "c_proj": pair("mlp.c_proj", lambda w: w.T)},
-        },
-    }
 
 
 def nanogpt_lr(it: int, cfg: TrainConfig) -> float:
