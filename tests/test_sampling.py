@@ -274,9 +274,9 @@ def test_decode_forward_matches_the_model_token_by_token(overrides, tol, transpo
         np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=tol, rtol=0)
 
 
-def test_multi_row_batches_follow_the_params_they_are_given():
-    """Batches of several rows on CPU decode from a transposed copy of the weights kept between calls: new params
-    must never decode with the copy of the old ones."""
+def test_decoding_follows_the_params_it_is_given():
+    """On CPU decoding reads a transposed copy of the weights kept between calls: new params must never decode
+    with the copy of the old ones."""
     cfg, first = tiny()
     second = random_params(cfg, seed=5)
     keys = [row_key(0, i) for i in range(4)]
