@@ -97,7 +97,8 @@ def ours_worker(cfg, flags) -> dict:
         holder["state"], metrics = step(holder["state"], x, y, rng)
         float(metrics["loss"])
 
-    return {"compile_s": compile_s, "step_s": time_steps(run, flags["steps"])}
+    temp_bytes = step.memory_analysis().temp_size_in_bytes  # XLA's scratch for one step (activations, grads)
+    return {"compile_s": compile_s, "temp_mb": temp_bytes / 1e6, "step_s": time_steps(run, flags["steps"])}
 
 
 def torch_worker(cfg, flags) -> dict:
@@ -170,13 +171,14 @@ def main(flags: dict) -> dict:
     load_before = os.getloadavg()[0]
     peaks = [matmul_peak()]
     times = {"ours": [], "torch": []}
-    compile_s, attention = [], ""
+    compile_s, attention, temp_mb = [], "", 0.0
     for _ in range(flags["rounds"]):
         for side in ("ours", "torch"):
             result = run_worker(side, flags)
             times[side] += result["step_s"]
             compile_s += [result["compile_s"]] if side == "ours" else []
             attention = result.get("attention", attention)
+            temp_mb = result.get("temp_mb", temp_mb)
     peaks.append(matmul_peak())
     peak = max(max(p.values()) for p in peaks)
     tokens = flags["batch_size"] * flags["block_size"]
@@ -192,7 +194,7 @@ def main(flags: dict) -> dict:
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "jax_matmul_gflops": round(max(p["jax"] for p in peaks) / 1e9, 1),
         "torch_matmul_gflops": round(max(p["torch"] for p in peaks) / 1e9, 1),
-        "flops_per_token": fpt, "compile_s": round(min(compile_s), 2),
+        "flops_per_token": fpt, "compile_s": round(min(compile_s), 2), "ours_step_temp_mb": round(temp_mb, 1),
     }
     for side in ("ours", "torch"):
         best, median = min(times[side]), statistics.median(times[side])
@@ -217,7 +219,8 @@ def print_table(r: dict) -> None:
     for side in ("ours", "torch"):
         print(f"{side:6s} {r[side + '_tokens_per_s']:14.1f} {r[side + '_tokens_per_s_median']:8.1f} "
               f"{r[side + '_gflops']:8.1f} {r[side + '_matmul_peak_fraction']:8.1%}  {r[side + '_step_s']}")
-    print(f"ratio {r['ratio']:.3f} (median {r['ratio_median']:.3f}); compile {r['compile_s']:.1f} s")
+    print(f"ratio {r['ratio']:.3f} (median {r['ratio_median']:.3f}); compile {r['compile_s']:.1f} s; "
+          f"our step's XLA temp memory {r['ours_step_temp_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -261,8 +261,11 @@ def test_a_data8_checkpoint_resumes_on_fsdp4(tmp_path, straight, data8, env):
     assert_close(train_losses(out), train_losses(straight[0]), [5, 10, 15, 20])
     assert_close(val_losses(out), val_losses(straight[0]), [10, 20])
     resumed, reference = checkpoint.load_weights(out)[1], checkpoint.load_weights(straight[0])[1]
+    # Other meshes sum gradients in another order; for a weight whose gradient is near zero Adam's m / sqrt(v)
+    # turns that into up to a few percent of one lr-sized step (lr here is 1.7e-3; measured max 1.6e-5). A
+    # resume or sharding bug moves weights by whole steps.
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
 
 
 def test_the_mesh_is_checked_against_the_devices(data8, capsys):
