@@ -7,7 +7,8 @@ Parameter layout (names follow Hugging Face's GPT-2 so the key maps stay readabl
   h.mlp.c_fc.weight [L, 4C, C]  .bias [L, 4C]                   h.mlp.c_proj.weight [L, C, 4C]     .bias [L, C]
 Matrices are stored [out, in] like torch.nn.Linear, so torch and reference checkpoints map without transposes
 (sampling.py keeps its own transposed copy for decoding on CPU). Blocks are stacked on a leading L axis and run
-by lax.scan. Every parameter carries logical axis names (vocab, embed, heads, head_dim, mlp, layers) that sharding.py maps onto a mesh.
+by lax.scan. Every parameter carries logical axis names (vocab, embed, heads, head_dim, mlp, layers) that
+sharding.py maps onto a mesh.
 """
 
 from __future__ import annotations
