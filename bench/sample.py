@@ -6,7 +6,7 @@ ceiling: the bytes a decode step must read (all weights once, plus the filled pa
 copy bandwidth measured here. Prints a table, then one JSON line.
 
     python bench/sample.py            # about 3 minutes; check `uptime` first: other processes skew it
-    python bench/sample.py --layouts  # ms per decode step: GPT2.apply (stacked weights) vs decode_forward
+    python bench/sample.py --layouts  # ms per decode step: GPT2.apply vs decode_forward on both matrix layouts
     python bench/sample.py --compile_count   # compilations for 1,000 prompts of 1 to 1,016 tokens
 """
 
@@ -108,7 +108,8 @@ def measure(cfg: ModelConfig, params, model, prompts) -> tuple[float, float, flo
 
 
 def step_ms(batch: int, steps: int = 16) -> dict:
-    """ms per decode step of gpt2 fp32 at cache position 32 of 160: GPT2.apply with its KVCache vs decode_forward."""
+    """ms per decode step of gpt2 fp32 at cache position 32 of 160: GPT2.apply with its KVCache vs decode_forward
+    on the two matrix layouts (weights prepared before timing)."""
     cfg = ModelConfig.from_preset("gpt2")
     params = init_params(cfg, jax.random.PRNGKey(0))
     S, start = 160, 32
@@ -135,8 +136,11 @@ def step_ms(batch: int, steps: int = 16) -> dict:
         kv = tuple(jnp.zeros((batch, cfg.n_head, S, cfg.head_dim)) for _ in range(cfg.n_layer))
         return jax.lax.fori_loop(0, steps, body, (kv, kv, token_B))[2]
 
-    weights = jax.jit(decode_weights, static_argnums=0)(cfg, params)
-    paths = {"GPT2.apply (scan over stacked weights)": (model_path, params), "decode_forward": (decode_path, weights)}
+    stored = jax.jit(decode_weights, static_argnums=0)(cfg, params)
+    transposed = jax.jit(decode_weights, static_argnums=(0, 2))(cfg, params, True)
+    paths = {"GPT2.apply (scan over stacked weights)": (model_path, params),
+             "decode_forward, [out, in] as stored": (decode_path, stored),
+             "decode_forward, [in, out] copy": (decode_path, transposed)}
     for f, w in paths.values():
         f(w, token_B).block_until_ready()
     best = {name: float("inf") for name in paths}
