@@ -176,8 +176,8 @@ def _step_keys(state: DecodeState):
 #   [out, in] as stored 18.9 / 55.3, an [in, out] copy 20.1 / 43.5: XLA:CPU's GEMM with 8 rows is faster on
 #   [in, out]. Slicing the layers out of the stacked params inside the jitted call also copies them on every call
 #   (~145 ms at gpt2). So on CPU the matrices are transposed once into a copy of the block weights that is kept for
-#   the next call on the same params (one entry); generate_batch went from 39 to 46 tokens/s at B=1 and from 188
-#   to 202 at B=8 (same-process A/B against rearranging per call). The cost is a second copy of the block weights
+#   the next call on the same params (one entry); generate_batch went from 40 to 44 tokens/s at B=1 and from 186
+#   to 199 at B=8 (same-process A/B against rearranging per call). The cost is a second copy of the block weights
 #   while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
 #   The output layer always reads wte [V, C] as stored.
 
