@@ -102,7 +102,12 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tup
     """([(line, id, text)], [(line, error)]) from a text or JSONL prompts file; ids default to the line number."""
     jsonl = path.suffix in (".jsonl", ".json")
     found, errors, seen = [], [], {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:  # line by line, so that one undecodable line costs only its own prompt
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            errors.append((line_no, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+            continue
         if not jsonl:
             found.append((line_no, line_no, line))
             continue
@@ -126,13 +131,17 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tup
 
 
 def tokenize(entries, cfg: ModelConfig, args) -> tuple[list[Prompt], list[tuple[int, str]]]:
-    """Prompts with their tokens; empty prompts and prompts that do not fit are (line, error)s."""
+    """Prompts with their tokens; empty prompts, prompts that do not fit and token ids the model does not have
+    are (line, error)s."""
     tokenizer = get_tokenizer()
     token_lists = tokenizer.encode_batch([text for _, _, text in entries], allow_special=True)
     prompts, errors = [], []
     for (line, pid, text), tokens in zip(entries, token_lists):
         if not tokens:
             errors.append((line, "empty prompt (write <|endoftext|> to sample without one)"))
+        elif max(tokens) >= cfg.vocab_size:  # a model with a smaller vocabulary than GPT-2's tokenizer
+            errors.append((line, f"prompt has token id {max(tokens)}, outside the model's vocabulary "
+                                 f"of {cfg.vocab_size}"))
         elif not args.sliding_window and len(tokens) + args.max_new_tokens > cfg.block_size:
             errors.append((line, f"prompt has {len(tokens)} tokens; with --max_new_tokens={args.max_new_tokens} "
                                  f"that exceeds block_size {cfg.block_size} (shorten it or pass --sliding_window)"))

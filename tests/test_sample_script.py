@@ -49,6 +49,8 @@ def test_prompts_file_with_bad_lines_writes_the_good_ones(model, tmp_path, capsy
         json.dumps({"prompt": "again", "id": "r"}),
         json.dumps({"prompt": "a longer prompt of several words to sort last"}),
     ]) + "\n")
+    with prompts.open("ab") as f:
+        f.write(b'{"prompt": "caf\xe9"}\n')  # Latin-1, not UTF-8
     out = tmp_path / "out.jsonl"
     code = sample.main([f"--init_from={ckpt}", f"--prompts_file={prompts}", f"--out={out}", "--max_new_tokens=12",
                         "--batch_size=2"])
@@ -56,7 +58,7 @@ def test_prompts_file_with_bad_lines_writes_the_good_ones(model, tmp_path, capsy
     assert code == 1
     for line, what in [(2, "not valid JSON"), (3, "expected a JSON object with a string 'prompt' field"), (4, "empty prompt"),
                        (5, "prompt has 61 tokens; with --max_new_tokens=12 that exceeds block_size 64"),
-                       (7, "id 'r' is already used on line 1")]:
+                       (7, "id 'r' is already used on line 1"), (9, "not valid UTF-8 (byte 0xe9 at column 16)")]:
         assert f"prompts.jsonl:{line}: {what}" in err
     rows = read_jsonl(out)
     assert sorted(str(r["id"]) for r in rows) == ["7", "8", "r"]
@@ -65,6 +67,19 @@ def test_prompts_file_with_bad_lines_writes_the_good_ones(model, tmp_path, capsy
         assert set(r) == FIELDS
         text, done = reference(cfg, params, r["prompt"], r["id"])
         assert (r["completion"], r["completion_tokens"], r["finish_reason"]) == (text, len(done.tokens), "length")
+
+
+def test_prompt_with_tokens_outside_a_small_vocabulary_is_named(tmp_path, capsys):
+    cfg = ModelConfig.from_preset("tiny", vocab_size=256)  # GPT-2's tokenizer, a model with only 256 token ids
+    path = tmp_path / "weights"
+    checkpoint.save_weights(path, cfg, init_params(cfg, jax.random.PRNGKey(0)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nHello\n")  # "a" is token 64; "Hello" is 15496 (a known GPT-2 id)
+    out = tmp_path / "out.jsonl"
+    code = sample.main([f"--init_from={path}", f"--prompts_file={prompts}", f"--out={out}", "--max_new_tokens=4"])
+    assert code == 1
+    assert "prompts.txt:2: prompt has token id 15496, outside the model's vocabulary of 256" in capsys.readouterr().err
+    assert [r["prompt"] for r in read_jsonl(out)] == ["a"]
 
 
 def test_resume_finishes_an_interrupted_file_without_duplicates(model, tmp_path, capsys):
@@ -95,6 +110,23 @@ def test_single_prompt_streams_the_completion(model, capsys):
     assert sample.main([f"--init_from={ckpt}", f"--prompt={prompt}", "--max_new_tokens=12", "--seed=3"]) == 0
     text, _ = reference(cfg, params, prompt, 0, seed=3)
     assert capsys.readouterr().out == prompt + text + "\n" + "-" * 60 + "\n"
+
+
+def test_single_prompt_prints_tokens_while_decoding(model, monkeypatch):
+    _, _, ckpt = model
+    printed, returned = [], []  # each print, and whether generate_batch had already returned then
+    original = sample.generate_batch
+
+    def generate_then_mark(*args, **kwargs):
+        out = original(*args, **kwargs)
+        returned.append(True)
+        return out
+
+    monkeypatch.setattr(sample, "generate_batch", generate_then_mark)
+    monkeypatch.setattr(sample, "print", lambda *a, **k: printed.append((bool(returned), a)), raising=False)
+    assert sample.main([f"--init_from={ckpt}", "--prompt=ROMEO:", "--max_new_tokens=12", "--seed=3"]) == 0
+    during = [a for was_done, a in printed if not was_done]
+    assert len(during) == 1 + 12  # the prompt, then one print per decoded token before the call returned
 
 
 def test_stop_string_cuts_the_completion(model, tmp_path):
