@@ -256,6 +256,7 @@ class Run:
         self.manager = checkpoint.open_manager(self.out_dir, keep=train_cfg.keep_checkpoints)
         self.metrics = Metrics(self.out_dir, int(self.state.step), enabled=sharding.is_main_process())
         self.git_commit = checkpoint.git_commit()
+        self.interrupted = False  # set by train(): stopped by Ctrl-C or SIGTERM (after saving)
 
     def batch(self, step: int):
         """The global x, y [A, B, T] of a step; this process reads and feeds only its own rows of it."""
@@ -358,18 +359,22 @@ def train(run: Run) -> int:
         bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {p['tokens_per_s']:,.0f} tok/s "
                             f"{p['ms_per_step']:.0f} ms/step MFU {100 * p['mfu']:.1f}%", refresh=False)
         bar.update(1)
-        if step % cfg.log_interval == 0:
-            run.metrics.log(dict(p, loss=float(np.mean(losses))))
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            val_loss = run.evaluate(eval_fn)
-            run.metrics.log({"step": step, "val_loss": val_loss})
-            run.metrics.plot()
-            run.save(val_loss)
-            say(f"step {step}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}; checkpoint saved")
-        if step % cfg.log_interval == 0 or step % cfg.eval_interval == 0:
+        logging = step % cfg.log_interval == 0
+        evaluating = step % cfg.eval_interval == 0 or step == cfg.max_iters
+        if logging or evaluating:  # one line a step: an eval step's line has val_loss besides the rest
+            record = dict(p, loss=float(np.mean(losses)))
+            if evaluating:
+                record["val_loss"] = run.evaluate(eval_fn)
+            run.metrics.log(record)
+            if evaluating:
+                run.metrics.plot()
+                run.save(record["val_loss"])
+                say(f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}; "
+                    "checkpoint saved")
             window_start, losses = time.perf_counter(), []
         stopping = sharding.any_process(stop.requested)  # every process stops after the same step
     bar.close()
+    run.interrupted = stopping
     if stopping:
         if run.last_saved != step:
             run.save()
@@ -408,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     code = train(run)
-    if code == 0:
+    if code == 0 and not run.interrupted:  # Ctrl-C means stop: no samples after the save
         print_samples(run)
     return code
 

@@ -126,7 +126,7 @@ def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, da
     # The log keeps the killed run's first 10 steps (not what it logged after) and continues them exactly.
     train_losses = lambda out: [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
     assert train_losses(killed) == train_losses(straight)
-    assert "val_loss" in records(straight)[-1] and records(killed)[-1] == records(straight)[-1]
+    assert records(killed)[-1]["val_loss"] == records(straight)[-1]["val_loss"]
 
 
 def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
@@ -134,6 +134,7 @@ def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
     recs = records(out)
     train_recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in recs)  # eval lines too
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] > 0 for r in train_recs)
     # 8 x 2 sequences of 32 tokens a step; tokens/s and ms/step describe the same measured time.
     for r in train_recs:
@@ -148,7 +149,8 @@ def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
 def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_path, data_dir, env):
     out = tmp_path / "run"
     # max_iters is not part of the compiled step, so this run reuses the straight run's cached executable.
-    proc = start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--max_iters=100000", out=out, env=env)
+    proc = start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--max_iters=100000", "--num_samples=1",
+                 "--sample_tokens=8", out=out, env=env)
     wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text(), proc,
                "the first logged step")
     os.kill(proc.pid, signal.SIGINT)
@@ -157,6 +159,7 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
     saved = checkpoint._steps(out)
     assert len(saved) == 1 and saved[0] >= 5
     assert f"interrupted: saved a checkpoint of step {saved[0]}" in log
+    assert "-" * 60 not in log  # stopped means stopped: no samples after the save
     before = checkpoint.load_weights(out)[1]
 
     # An absurd learning rate: the first resumed step's update overflows, so the next step's loss is NaN.
