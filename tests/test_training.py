@@ -9,8 +9,8 @@ import pytest
 
 from gpt2_jax.config import ModelConfig, TrainConfig, replace
 from gpt2_jax.model import GPT2, init_params
-from gpt2_jax.optim import decay_mask, fused_update, make_optimizer
-from gpt2_jax.training import cross_entropy, init_train_state, make_train_step
+from gpt2_jax.optim import decay_mask, fused_update, lr_at, make_optimizer
+from gpt2_jax.training import cross_entropy, init_train_state, make_eval_step, make_train_step
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -118,6 +118,41 @@ def test_thirty_steps_track_torch_loss():
     _, losses = run_ours(params0, cfg, batches)
     assert ref_losses[-1] < ref_losses[0] - 1.0  # it trains
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-4)
+
+
+def test_label_smoothing_and_ignore_index_reach_the_train_and_eval_steps():
+    # The reference trainer's options: smoothing 0.05 and an ignore index, here on a quarter of the targets.
+    cfg = TrainConfig(learning_rate=1e-3, warmup_iters=1, lr_decay_iters=10, label_smoothing=0.05, ignore_index=-1)
+    model = hf_model(TINY, seed=2)
+    params0 = params_from_hf(model, TINY)
+    batches = [(x, np.where(np.arange(x.shape[1]) % 4 == 3, -1, y)) for x, y in text_batches(TINY, 3, 4, seed=2)]
+    x0, y0 = batches[0]
+    with torch.no_grad():
+        ref_eval = torch.nn.functional.cross_entropy(
+            model(torch.tensor(x0, dtype=torch.long)).logits.flatten(0, 1), torch.tensor(y0, dtype=torch.long).flatten(),
+            ignore_index=-1, label_smoothing=0.05).item()
+    ours_eval = float(jax.jit(make_eval_step(TINY, cfg))(params0, jnp.asarray(x0), jnp.asarray(y0)))
+    assert ours_eval == pytest.approx(ref_eval, rel=1e-5)
+    plain_eval = float(jax.jit(make_eval_step(TINY, TrainConfig()))(params0, jnp.asarray(x0), jnp.asarray(y0)))
+    assert abs(plain_eval - ref_eval) > 1e-2  # without the options the number is another one
+    torch_step = torch_trainer(model, cfg)
+    ref_losses = [torch_step(x, y) for x, y in batches]
+    state, losses = run_ours(params0, cfg, batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert max_rel_err(state.params, jax.tree.map(np.asarray, params_from_hf(model, TINY))) <= 1e-5
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    # warmup lr * (step + 1) / (warmup + 1) for steps 0..9, then by hand: linear from 1e-3 at step 10 to 1e-4 at
+    # step 110 (step 60: half way, 5.5e-4), flat after; constant stays at 1e-3.
+    ("linear", {0: 1e-3 / 11, 9: 1e-3 * 10 / 11, 10: 1e-3, 60: 5.5e-4, 85: 3.25e-4, 110: 1e-4, 500: 1e-4}),
+    ("constant", {0: 1e-3 / 11, 9: 1e-3 * 10 / 11, 10: 1e-3, 60: 1e-3, 500: 1e-3}),
+    ("cosine", {0: 1e-3 / 11, 10: 1e-3, 60: 5.5e-4, 110: 1e-4, 500: 1e-4}),
+])
+def test_schedules_by_hand(schedule, expected):
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110, lr_schedule=schedule)
+    got = {step: float(lr_at(step, cfg)) for step in expected}
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.05])
