@@ -51,8 +51,20 @@ def _const(value: float, axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.constant(value), axes)
 
 
+def layer_norm(config: ModelConfig, x, weight, bias=None):
+    """torch.nn.LayerNorm over the last axis: biased variance of (x - mean), computed in float32; the result in
+    the compute dtype. LayerNorm below and sampling's decode step both use it."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + config.layer_norm_eps) * weight
+    if bias is not None:
+        y = y + bias
+    return y.astype(config.dtype)
+
+
 class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm: biased variance of (x - mean), computed in float32."""
+    """layer_norm with its weight (and bias) [C] as parameters."""
 
     config: ModelConfig
 
@@ -60,14 +72,9 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         cfg = self.config
         c = x.shape[-1]
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.layer_norm_eps)
-        y = y * self.param("weight", _const(1.0, ("embed",)), (c,), cfg.param_dtype)
-        if cfg.bias:
-            y = y + self.param("bias", _const(0.0, ("embed",)), (c,), cfg.param_dtype)
-        return y.astype(cfg.dtype)
+        weight = self.param("weight", _const(1.0, ("embed",)), (c,), cfg.param_dtype)
+        bias = self.param("bias", _const(0.0, ("embed",)), (c,), cfg.param_dtype) if cfg.bias else None
+        return layer_norm(cfg, x, weight, bias)
 
 
 class Linear(nn.Module):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, init_cache
+from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm
 
 EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
@@ -245,16 +245,6 @@ def _kept_weights(config: ModelConfig, params) -> DecodeWeights | None:
     return weights
 
 
-def _layer_norm(config: ModelConfig, x, weight_bias):
-    """model.LayerNorm: float32 statistics, biased variance."""
-    weight, bias = weight_bias
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + config.layer_norm_eps)
-    y = y * weight if bias is None else y * weight + bias
-    return y.astype(config.dtype)
-
-
 def _dense(config: ModelConfig, x, weight_bias, transposed: bool):
     weight, bias = weight_bias
     x = x.astype(config.dtype)
@@ -281,7 +271,7 @@ def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, positio
     dense = functools.partial(_dense, config, transposed=weights.transposed)
     new_k, new_v = [], []
     for layer, k_BHSD, v_BHSD in zip(weights.layers, k, v):
-        qkv_B3HD = dense(_layer_norm(config, x_BC, layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
+        qkv_B3HD = dense(layer_norm(config, x_BC, *layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
         # A select over the slots rather than dynamic_update_slice: XLA:CPU fused the update into each of its two
         # readers (attention, the loop carry) and copied the whole cache for each, four copies per layer per
         # token; the select writes one new cache and copies nothing (gpt2 B=1: 41.5 -> 47.5 tokens/s).
@@ -296,10 +286,10 @@ def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, positio
         probs_BHS = jax.nn.softmax(scores_BHS, axis=-1).astype(config.dtype)
         y_BC = jnp.einsum("bhs,bhsd->bhd", probs_BHS, v_BHSD.astype(config.dtype)).reshape(B, H * D)
         x_BC = x_BC + dense(y_BC, layer["proj"])
-        hidden = dense(_layer_norm(config, x_BC, layer["ln_2"]), layer["fc"])
-        hidden = jax.nn.gelu(hidden, approximate=config.activation == "gelu_tanh")
+        hidden = dense(layer_norm(config, x_BC, *layer["ln_2"]), layer["fc"])
+        hidden = gelu(hidden, config.activation == "gelu_tanh")
         x_BC = x_BC + dense(hidden, layer["out"])
-    x_BC = _layer_norm(config, x_BC, weights.ln_f)
+    x_BC = layer_norm(config, x_BC, *weights.ln_f)
     head_VC, head_bias = weights.head
     # As GPT2 computes it: float32 accumulation for the tied head, the compute dtype (plus bias) for an untied one.
     if config.tie_embeddings:
