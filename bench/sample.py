@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 from gpt2_jax.config import ModelConfig, replace  # noqa: E402
 from gpt2_jax.model import GPT2, count_params, init_cache, init_params  # noqa: E402
 from gpt2_jax import sampling  # noqa: E402
-from gpt2_jax.sampling import Sampler, decode_forward, decode_weights, generate, generate_batch, row_key  # noqa: E402
+from gpt2_jax.sampling import (Sampler, decode_block_forward, decode_weights, generate, generate_batch,  # noqa: E402
+                               row_key)
 
 PROMPT, NEW, REPEATS = 32, 128, 2
 
@@ -125,16 +126,17 @@ def step_ms(batch: int, steps: int = 16) -> dict:
         return jax.lax.fori_loop(0, steps, body, (cache, token_B))[1]
 
     @jax.jit
-    def decode_path(weights, token_B):
+    def decode_path(weights, token_B):  # the decode loop's steps: one block of `steps` slots, the cache read-only
         mask_BS = jnp.ones((batch, S), bool)
 
         def body(i, carry):
-            k, v, token_B = carry
-            logits, k, v = decode_forward(cfg, weights, token_B, jnp.full((batch,), start + i), mask_BS, k, v,
-                                          start + i)
-            return k, v, jnp.argmax(logits, -1).astype(jnp.int32)
+            block_k, block_v, token_B = carry
+            logits, block_k, block_v = decode_block_forward(cfg, weights, token_B, jnp.full((batch,), start + i),
+                                                            mask_BS, kv, kv, block_k, block_v, start, start + i)
+            return block_k, block_v, jnp.argmax(logits, -1).astype(jnp.int32)
         kv = tuple(jnp.zeros((batch, cfg.n_head, S, cfg.head_dim)) for _ in range(cfg.n_layer))
-        return jax.lax.fori_loop(0, steps, body, (kv, kv, token_B))[2]
+        block = tuple(jnp.zeros((batch, cfg.n_head, steps, cfg.head_dim)) for _ in range(cfg.n_layer))
+        return jax.lax.fori_loop(0, steps, body, (block, block, token_B))[2]
 
     stored = jax.jit(decode_weights, static_argnums=0)(cfg, params)
     transposed = jax.jit(decode_weights, static_argnums=(0, 2))(cfg, params, True)

@@ -173,12 +173,13 @@ def _step_keys(state: DecodeState):
 # and generation against transformers.
 #
 # Matrix layout on CPU (gpt2 fp32, 2 cores; `python bench/sample.py --layouts`, ms per decode step, B=1 / B=8):
-#   [out, in] as stored 18.9 / 55.3, an [in, out] copy 20.1 / 43.5: XLA:CPU's GEMM with 8 rows is faster on
-#   [in, out]. Slicing the layers out of the stacked params inside the jitted call also copies them on every call
-#   (~145 ms at gpt2). So on CPU the matrices are transposed once into a copy of the block weights that is kept for
-#   the next call on the same params (one entry); generate_batch went from 40 to 44 tokens/s at B=1 and from 186
-#   to 199 at B=8 (same-process A/B against rearranging per call). The cost is a second copy of the block weights
-#   while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
+#   [out, in] 18.8 / 52.5, [in, out] 20.6 / 40.0: XLA:CPU's matrix-vector product is faster on [out, in], its
+#   GEMM with 8 rows on [in, out]. Slicing the layers out of the stacked params inside the jitted call also copies
+#   them on every call (~145 ms at gpt2). So on CPU the per-layer matrices are copied once, [out, in] for batches of
+#   one row and transposed to [in, out] for more, and the copy is kept for the next call on the same params and
+#   layout (one entry); the transposed copy took generate_batch from 40 to 44 tokens/s at B=1 and from 186 to 199 at
+#   B=8 (same-process A/B against rearranging per call). The cost is a second copy of the block weights while
+#   sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
 #   The output layer always reads wte [V, C] as stored.
 
 
@@ -223,25 +224,27 @@ def decode_weights(config: ModelConfig, params, transposed: bool = False) -> Dec
                          head=(head.astype(dt), head_bias), transposed=transposed)
 
 
-_transposed_weights = jax.jit(functools.partial(decode_weights, transposed=True), static_argnums=0)
-# The last transposed copy made, so that a run over many batches of the same params makes it once:
-# (config, the params' leaves, kept alive so that their ids stay theirs, the copy).
-_TRANSPOSED_CACHE: list[tuple] = []
+_copied_weights = jax.jit(decode_weights, static_argnums=(0, 2))
+# The last copy made, so that a run over many batches of the same params makes it once:
+# (config, layout, the params' leaves, kept alive so that their ids stay theirs, the copy).
+_WEIGHTS_CACHE: list[tuple] = []
 
 
-def _kept_weights(config: ModelConfig, params) -> DecodeWeights | None:
-    """On CPU, the transposed copy of params (made once, reused while the params are the same); else None."""
+def _kept_weights(config: ModelConfig, params, batch_size: int) -> DecodeWeights | None:
+    """On CPU, the per-layer copy of params for batches of batch_size rows (made once, reused while the params and
+    the layout are the same); else None."""
     if jax.default_backend() != "cpu":
         return None
+    transposed = batch_size > 1
     leaves = jax.tree.leaves(params)
-    if _TRANSPOSED_CACHE:
-        cached_config, cached_leaves, weights = _TRANSPOSED_CACHE[0]
-        if cached_config == config and len(cached_leaves) == len(leaves) and all(
+    if _WEIGHTS_CACHE:
+        cached_config, cached_transposed, cached_leaves, weights = _WEIGHTS_CACHE[0]
+        if (cached_config, cached_transposed) == (config, transposed) and len(cached_leaves) == len(leaves) and all(
                 a is b for a, b in zip(cached_leaves, leaves)):
             return weights
-    _TRANSPOSED_CACHE.clear()  # drop the old copy before making the new one
-    weights = _transposed_weights(config, params)
-    _TRANSPOSED_CACHE.append((config, leaves, weights))
+    _WEIGHTS_CACHE.clear()  # drop the old copy before making the new one
+    weights = _copied_weights(config, params, transposed)
+    _WEIGHTS_CACHE.append((config, transposed, leaves, weights))
     return weights
 
 
@@ -262,30 +265,41 @@ def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, positio
     """One token per row through the model: float32 logits [B, vocab_size] and the caches with it written at index.
 
     Same numerics as GPT2.apply with a cache (compute dtype, float32 LayerNorm statistics and attention scores).
+    The decode loop itself runs decode_block_forward and writes the caches once per block.
     """
+    block_k = tuple(jax.lax.dynamic_slice_in_dim(c, index, 1, axis=2) for c in k)
+    block_v = tuple(jax.lax.dynamic_slice_in_dim(c, index, 1, axis=2) for c in v)
+    logits_BV, block_k, block_v = decode_block_forward(config, weights, token_B, position_B, mask_BS, k, v,
+                                                       block_k, block_v, index, index)
+    k = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, index, axis=2) for c, b in zip(k, block_k))
+    v = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, index, axis=2) for c, b in zip(v, block_v))
+    return logits_BV, k, v
+
+
+def decode_block_forward(config: ModelConfig, weights: DecodeWeights, token_B, position_B, mask_BS, k: tuple,
+                         v: tuple, block_k: tuple, block_v: tuple, base, index):
+    """decode_forward with the caches read-only: attention sees cache slots < base, and slots base.. of the
+    block (per layer [B, H, n, D], cache slots base..base+n), whose slot index - base takes the new key and value.
+    Returns float32 logits [B, vocab_size] and the updated block."""
     B, H, D = token_B.shape[0], config.n_head, config.head_dim
     x_BC = (jnp.take(weights.wte, token_B, axis=0) + jnp.take(weights.wpe, position_B, axis=0))
     x_BC = x_BC.astype(config.dtype)
-    S = k[0].shape[2]
-    visible_B1S = (mask_BS & (jnp.arange(S) <= index)[None, :])[:, None, :]
+    S, n = k[0].shape[2], block_k[0].shape[2]
+    visible_B1S = (mask_BS & (jnp.arange(S) < base)[None, :])[:, None, :]
+    slot = index - base
+    visible_B1N = (jax.lax.dynamic_slice_in_dim(mask_BS, base, n, axis=1) & (jnp.arange(n) <= slot))[:, None, :]
+    at_slot_11N1 = (jnp.arange(n) == slot)[None, None, :, None]
     dense = functools.partial(_dense, config, transposed=weights.transposed)
     new_k, new_v = [], []
-    for layer, k_BHSD, v_BHSD in zip(weights.layers, k, v):
+    for layer, k_BHSD, v_BHSD, k_BHND, v_BHND in zip(weights.layers, k, v, block_k, block_v):
         qkv_B3HD = dense(layer_norm(config, x_BC, *layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
-        # A select over the slots rather than dynamic_update_slice: XLA:CPU fused the update into each of its two
-        # readers (attention, the loop carry) and copied the whole cache for each, four copies per layer per
-        # token; the select writes one new cache and copies nothing (gpt2 B=1: 41.5 -> 47.5 tokens/s).
-        slot_11S1 = (jnp.arange(S) == index)[None, None, :, None]
-        k_BHSD = jnp.where(slot_11S1, qkv_B3HD[:, 1, :, None].astype(k_BHSD.dtype), k_BHSD)
-        v_BHSD = jnp.where(slot_11S1, qkv_B3HD[:, 2, :, None].astype(v_BHSD.dtype), v_BHSD)
-        new_k.append(k_BHSD)
-        new_v.append(v_BHSD)
-        scores_BHS = jnp.einsum("bhd,bhsd->bhs", qkv_B3HD[:, 0], k_BHSD.astype(config.dtype),
-                                preferred_element_type=jnp.float32) * (1.0 / np.sqrt(D))
-        scores_BHS = jnp.where(visible_B1S, scores_BHS, jnp.finfo(jnp.float32).min)
-        probs_BHS = jax.nn.softmax(scores_BHS, axis=-1).astype(config.dtype)
-        y_BC = jnp.einsum("bhs,bhsd->bhd", probs_BHS, v_BHSD.astype(config.dtype)).reshape(B, H * D)
-        x_BC = x_BC + dense(y_BC, layer["proj"])
+        # The block is small: a select over its slots rewrites it whole at little cost.
+        k_BHND = jnp.where(at_slot_11N1, qkv_B3HD[:, 1, :, None].astype(k_BHND.dtype), k_BHND)
+        v_BHND = jnp.where(at_slot_11N1, qkv_B3HD[:, 2, :, None].astype(v_BHND.dtype), v_BHND)
+        new_k.append(k_BHND)
+        new_v.append(v_BHND)
+        y_BC = _attend(config, qkv_B3HD[:, 0], (k_BHSD, v_BHSD, visible_B1S), (k_BHND, v_BHND, visible_B1N))
+        x_BC = x_BC + dense(y_BC.reshape(B, H * D), layer["proj"])
         hidden = dense(layer_norm(config, x_BC, *layer["ln_2"]), layer["fc"])
         hidden = gelu(hidden, config.activation == "gelu_tanh")
         x_BC = x_BC + dense(hidden, layer["out"])
@@ -299,12 +313,64 @@ def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, positio
     return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
 
 
+def _attend(config: ModelConfig, q_BHD, *parts):
+    """softmax(q k^T / sqrt(D)) v over the visible slots of several (keys, values, visible) parts together:
+    float32 scores, probabilities in the compute dtype; every row sees at least its newest token."""
+    scale = 1.0 / np.sqrt(config.head_dim)
+    scores = [jnp.where(visible, jnp.einsum("bhd,bhsd->bhs", q_BHD, k.astype(config.dtype),
+                                            preferred_element_type=jnp.float32) * scale, -jnp.inf)
+              for k, _, visible in parts]
+    max_BH1 = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    probs = [jnp.exp(s - max_BH1) for s in scores]
+    total_BH1 = sum(p.sum(-1, keepdims=True) for p in probs)
+    return sum(jnp.einsum("bhs,bhsd->bhd", (p / total_BH1).astype(config.dtype), v.astype(config.dtype))
+               for p, (_, v, _) in zip(probs, parts))
+
+
 def _decode_step(config: ModelConfig, sampler: Sampler, stop_tokens, weights, state: DecodeState) -> DecodeState:
     """Feed each row's newest token at its own position and sample the next."""
     logits_BV, k, v = decode_forward(config, weights, state.last_B, state.position_B, state.mask_BS,
                                      state.k, state.v, state.index)
-    state = state.replace(k=k, v=v, index=state.index + 1, position_B=state.position_B + 1)
+    state = state.replace(k=k, v=v)
+    return _sample_next(config, sampler, stop_tokens, state, logits_BV)
+
+
+def _sample_next(config: ModelConfig, sampler: Sampler, stop_tokens, state: DecodeState, logits_BV) -> DecodeState:
+    state = state.replace(index=state.index + 1, position_B=state.position_B + 1)
     return _record(state, sample_logits(logits_BV, _step_keys(state), sampler), stop_tokens)
+
+
+# Decode steps per write of the caches. XLA:CPU does not update a loop-carried cache in place while the same
+# iteration reads it: dynamic_update_slice got the cache copied (twice per layer per token, even with an
+# optimization_barrier ordering the read first), and a select rewrites it whole on every token. So up to
+# DECODE_BLOCK tokens go to a small block buffer that attention reads besides the cache, and the cache is written
+# once per block. gpt2 fp32, generate_batch, 32-token prompt + 128 tokens, same-process A/B (best of 8 / 6 runs):
+# B=1 46.4 -> 48.6 tokens/s, B=8 182.5 -> 181.3 (unchanged: at 8 rows the attention matmuls dominate).
+DECODE_BLOCK = 16
+
+
+def _decode_block(config: ModelConfig, sampler: Sampler, stop_tokens, weights, running, emit,
+                  state: DecodeState) -> DecodeState:
+    """Up to DECODE_BLOCK decode steps (while running), then one write of their keys and values into the caches."""
+    S = state.k[0].shape[2]
+    n = min(DECODE_BLOCK, S)
+    base = jnp.minimum(state.index, S - n)  # at the end of the cache the block starts with slots already filled
+    k, v = state.k, state.v
+
+    def step(carry):
+        s, block_k, block_v = carry
+        logits_BV, block_k, block_v = decode_block_forward(config, weights, s.last_B, s.position_B, s.mask_BS,
+                                                           k, v, block_k, block_v, base, s.index)
+        return emit(_sample_next(config, sampler, stop_tokens, s, logits_BV)), block_k, block_v
+
+    def more(carry):
+        return running(carry[0]) & (carry[0].index < base + n)
+
+    blocks = tuple(tuple(jax.lax.dynamic_slice_in_dim(c, base, n, axis=2) for c in kv) for kv in (k, v))
+    state, block_k, block_v = jax.lax.while_loop(more, step, (state.replace(k=(), v=()), *blocks))
+    k = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, base, axis=2) for c, b in zip(k, block_k))
+    v = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, base, axis=2) for c, b in zip(v, block_v))
+    return state.replace(k=k, v=v)
 
 
 def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, params, weights, state: DecodeState,
@@ -351,7 +417,7 @@ def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, param
     is finished, or the cache is full. Prefill and decode share one compilation per (B, P, S, N).
 
     stream (static): call _stream_tokens on the host with (tokens [B], wrote [B]) after every sampled token.
-    weights: decode_weights(config, params, transposed=True), or None to decode from params as stored.
+    weights: a per-layer copy from _kept_weights, or None to decode from the params as stored.
     """
     TRACE_COUNTS["run"] += 1
     S = state.k[0].shape[2]
@@ -371,10 +437,8 @@ def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, param
     def running(s: DecodeState):
         return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.index < S)
 
-    def step(s: DecodeState) -> DecodeState:
-        return emit(_decode_step(config, sampler, stop_tokens, weights, s))
-
-    return jax.lax.while_loop(running, step, state)
+    block = functools.partial(_decode_block, config, sampler, stop_tokens, weights, running, emit)
+    return jax.lax.while_loop(running, block, state)
 
 
 @dataclasses.dataclass
@@ -486,7 +550,7 @@ def generate_batch(config: ModelConfig, params, prompts: Sequence[Sequence[int]]
     keys = list(keys) + [jax.random.key(0)] * (B - len(prompts))
     limits = [max_new_tokens] * len(prompts) + [0] * (B - len(prompts))
     run = functools.partial(_run, config, sampler, tuple(int(t) for t in stop_tokens), on_token is not None, params,
-                            _kept_weights(config, params))
+                            _kept_weights(config, params, B))
     _STREAM_TARGET[0] = on_token
     try:
         state = _decode_all(config, run, prompts, jnp.stack(keys), limits, max_new_tokens, sliding_window,

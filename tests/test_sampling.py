@@ -275,14 +275,16 @@ def test_decode_forward_matches_the_model_token_by_token(overrides, tol, transpo
 
 
 def test_decoding_follows_the_params_it_is_given():
-    """On CPU decoding reads a transposed copy of the weights kept between calls: new params must never decode
-    with the copy of the old ones."""
+    """On CPU decoding reads a copy of the weights kept between calls ([out, in] for one row, [in, out] for more):
+    new params must never decode with the copy of the old ones, nor one layout with the other's copy."""
     cfg, first = tiny()
     second = random_params(cfg, seed=5)
     keys = [row_key(0, i) for i in range(4)]
     kw = dict(max_new_tokens=20, sampler=Sampler(0.0), stop_tokens=())
     rows = [generate_batch(cfg, params, GREEDY_PROMPTS, keys, **kw) for params in (first, second, first)]
     alone = [generate_batch(cfg, second, [prompt], [key], **kw)[0] for prompt, key in zip(GREEDY_PROMPTS, keys)]
+    assert sampling._WEIGHTS_CACHE[0][1] is False  # the last call had one row
     assert [r.tokens for r in rows[1]] == [r.tokens for r in alone]
     assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[2]] != [r.tokens for r in rows[1]]
-    assert len(sampling._TRANSPOSED_CACHE) == 1
+    assert [r.tokens for r in generate_batch(cfg, second, GREEDY_PROMPTS, keys, **kw)] == [r.tokens for r in alone]
+    assert len(sampling._WEIGHTS_CACHE) == 1 and sampling._WEIGHTS_CACHE[0][1] is True
