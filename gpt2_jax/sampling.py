@@ -177,9 +177,10 @@ def _step_keys(state: DecodeState):
 #   GEMM with 8 rows on [in, out]. Slicing the layers out of the stacked params inside the jitted call also copies
 #   them on every call (~145 ms at gpt2). So on CPU the per-layer matrices are copied once, [out, in] for batches of
 #   one row and transposed to [in, out] for more, and the copy is kept for the next call on the same params and
-#   layout (one entry); the transposed copy took generate_batch from 40 to 44 tokens/s at B=1 and from 186 to 199 at
-#   B=8 (same-process A/B against rearranging per call). The cost is a second copy of the block weights while
-#   sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
+#   layout (one entry). The transposed copy took generate_batch from 40 to 44 tokens/s at B=1 and from 186 to 199 at
+#   B=8 (same-process A/B against rearranging per call); the [out, in] copy for one row, with the block cache writes
+#   below, then 48.3 -> 60.9 at B=1 (same-process A/B, best of 8 runs). The cost is a second copy of the block
+#   weights while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
 #   The output layer always reads wte [V, C] as stored.
 
 
