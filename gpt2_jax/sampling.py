@@ -332,11 +332,11 @@ def _decode_step(config: ModelConfig, sampler: Sampler, stop_tokens, weights, st
     """Feed each row's newest token at its own position and sample the next."""
     logits_BV, k, v = decode_forward(config, weights, state.last_B, state.position_B, state.mask_BS,
                                      state.k, state.v, state.index)
-    state = state.replace(k=k, v=v)
-    return _sample_next(config, sampler, stop_tokens, state, logits_BV)
+    return _sample_next(sampler, stop_tokens, state.replace(k=k, v=v), logits_BV)
 
 
-def _sample_next(config: ModelConfig, sampler: Sampler, stop_tokens, state: DecodeState, logits_BV) -> DecodeState:
+def _sample_next(sampler: Sampler, stop_tokens, state: DecodeState, logits_BV) -> DecodeState:
+    """Advance to the next slot and position, and record a token sampled from logits_BV."""
     state = state.replace(index=state.index + 1, position_B=state.position_B + 1)
     return _record(state, sample_logits(logits_BV, _step_keys(state), sampler), stop_tokens)
 
@@ -346,7 +346,7 @@ def _sample_next(config: ModelConfig, sampler: Sampler, stop_tokens, state: Deco
 # optimization_barrier ordering the read first), and a select rewrites it whole on every token. So up to
 # DECODE_BLOCK tokens go to a small block buffer that attention reads besides the cache, and the cache is written
 # once per block. gpt2 fp32, generate_batch, 32-token prompt + 128 tokens, same-process A/B (best of 8 / 6 runs):
-# B=1 46.4 -> 48.6 tokens/s, B=8 182.5 -> 181.3 (unchanged: at 8 rows the attention matmuls dominate).
+# B=1 46.4 -> 48.6 tokens/s, B=8 182.5 -> 181.3 (unchanged).
 DECODE_BLOCK = 16
 
 
@@ -362,7 +362,7 @@ def _decode_block(config: ModelConfig, sampler: Sampler, stop_tokens, weights, r
         s, block_k, block_v = carry
         logits_BV, block_k, block_v = decode_block_forward(config, weights, s.last_B, s.position_B, s.mask_BS,
                                                            k, v, block_k, block_v, base, s.index)
-        return emit(_sample_next(config, sampler, stop_tokens, s, logits_BV)), block_k, block_v
+        return emit(_sample_next(sampler, stop_tokens, s, logits_BV)), block_k, block_v
 
     def more(carry):
         return running(carry[0]) & (carry[0].index < base + n)
