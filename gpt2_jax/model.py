@@ -6,7 +6,7 @@ Parameter layout (names follow Hugging Face's GPT-2 so the key maps stay readabl
   h.attn.c_attn.weight [L, 3, H, D, C]  .bias [L, 3, H, D]     h.attn.c_proj.weight [L, C, H, D]  .bias [L, C]
   h.mlp.c_fc.weight [L, 4C, C]  .bias [L, 4C]                   h.mlp.c_proj.weight [L, C, 4C]     .bias [L, C]
 Matrices are stored [out, in] like torch.nn.Linear, so torch and reference checkpoints map without transposes
-(sampling.py keeps its own transposed copy for decoding on CPU). Blocks are stacked on a leading L axis and run
+(on CPU sampling.py decodes from its own per-layer copy). Blocks are stacked on a leading L axis and run
 by lax.scan. Every parameter carries logical axis names (vocab, embed, heads, head_dim, mlp, layers) that
 sharding.py maps onto a mesh.
 """
