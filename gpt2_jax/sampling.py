@@ -268,13 +268,20 @@ def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, positio
     Same numerics as GPT2.apply with a cache (compute dtype, float32 LayerNorm statistics and attention scores).
     The decode loop itself runs decode_block_forward and writes the caches once per block.
     """
-    block_k = tuple(jax.lax.dynamic_slice_in_dim(c, index, 1, axis=2) for c in k)
-    block_v = tuple(jax.lax.dynamic_slice_in_dim(c, index, 1, axis=2) for c in v)
     logits_BV, block_k, block_v = decode_block_forward(config, weights, token_B, position_B, mask_BS, k, v,
-                                                       block_k, block_v, index, index)
-    k = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, index, axis=2) for c, b in zip(k, block_k))
-    v = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, index, axis=2) for c, b in zip(v, block_v))
-    return logits_BV, k, v
+                                                       _read_block(k, index, 1), _read_block(v, index, 1),
+                                                       index, index)
+    return logits_BV, _write_block(k, block_k, index), _write_block(v, block_v, index)
+
+
+def _read_block(caches: tuple, start, n: int) -> tuple:
+    """Slots start..start+n of every layer's cache [B, H, S, D]."""
+    return tuple(jax.lax.dynamic_slice_in_dim(c, start, n, axis=2) for c in caches)
+
+
+def _write_block(caches: tuple, blocks: tuple, start) -> tuple:
+    """Every layer's cache with its block written at slot start."""
+    return tuple(jax.lax.dynamic_update_slice_in_dim(c, b, start, axis=2) for c, b in zip(caches, blocks))
 
 
 def decode_block_forward(config: ModelConfig, weights: DecodeWeights, token_B, position_B, mask_BS, k: tuple,
@@ -328,19 +335,6 @@ def _attend(config: ModelConfig, q_BHD, *parts):
                for p, (_, v, _) in zip(probs, parts))
 
 
-def _decode_step(config: ModelConfig, sampler: Sampler, stop_tokens, weights, state: DecodeState) -> DecodeState:
-    """Feed each row's newest token at its own position and sample the next."""
-    logits_BV, k, v = decode_forward(config, weights, state.last_B, state.position_B, state.mask_BS,
-                                     state.k, state.v, state.index)
-    return _sample_next(sampler, stop_tokens, state.replace(k=k, v=v), logits_BV)
-
-
-def _sample_next(sampler: Sampler, stop_tokens, state: DecodeState, logits_BV) -> DecodeState:
-    """Advance to the next slot and position, and record a token sampled from logits_BV."""
-    state = state.replace(index=state.index + 1, position_B=state.position_B + 1)
-    return _record(state, sample_logits(logits_BV, _step_keys(state), sampler), stop_tokens)
-
-
 # Decode steps per write of the caches. XLA:CPU does not update a loop-carried cache in place while the same
 # iteration reads it: dynamic_update_slice got the cache copied (twice per layer per token, even with an
 # optimization_barrier ordering the read first), and a select rewrites it whole on every token. So up to
@@ -358,28 +352,27 @@ def _decode_block(config: ModelConfig, sampler: Sampler, stop_tokens, weights, r
     base = jnp.minimum(state.index, S - n)  # at the end of the cache the block starts with slots already filled
     k, v = state.k, state.v
 
-    def step(carry):
+    def step(carry):  # feed each row's newest token at its own position and sample the next
         s, block_k, block_v = carry
         logits_BV, block_k, block_v = decode_block_forward(config, weights, s.last_B, s.position_B, s.mask_BS,
                                                            k, v, block_k, block_v, base, s.index)
-        return emit(_sample_next(sampler, stop_tokens, s, logits_BV)), block_k, block_v
+        s = s.replace(index=s.index + 1, position_B=s.position_B + 1)
+        return emit(_record(s, sample_logits(logits_BV, _step_keys(s), sampler), stop_tokens)), block_k, block_v
 
     def more(carry):
         return running(carry[0]) & (carry[0].index < base + n)
 
-    blocks = tuple(tuple(jax.lax.dynamic_slice_in_dim(c, base, n, axis=2) for c in kv) for kv in (k, v))
-    state, block_k, block_v = jax.lax.while_loop(more, step, (state.replace(k=(), v=()), *blocks))
-    k = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, base, axis=2) for c, b in zip(k, block_k))
-    v = tuple(jax.lax.dynamic_update_slice_in_dim(c, b, base, axis=2) for c, b in zip(v, block_v))
-    return state.replace(k=k, v=v)
+    state, block_k, block_v = jax.lax.while_loop(
+        more, step, (state.replace(k=(), v=()), _read_block(k, base, n), _read_block(v, base, n)))
+    return state.replace(k=_write_block(k, block_k, base), v=_write_block(v, block_v, base))
 
 
-def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, params, weights, state: DecodeState,
-             tokens_BP, mask_BP) -> DecodeState:
-    """Fill the cache with left-padded tokens [B, P] and sample each row's next token.
+def _prefill(config: ModelConfig, params, state: DecodeState, tokens_BP, mask_BP) -> DecodeState:
+    """Fill the cache with left-padded tokens [B, P], all but the last column, whose token the decode loop feeds
+    as its first step.
 
-    All but the last column go through GPT2.apply in one call whose logits are unused, so XLA drops the
-    [B, P-1, V] vocabulary projection; the last column is an ordinary decode step.
+    The P-1 columns go through GPT2.apply in one call whose logits are unused, so XLA drops the [B, P-1, V]
+    vocabulary projection.
     """
     B, P = tokens_BP.shape
     S = state.k[0].shape[2]
@@ -394,9 +387,8 @@ def _prefill(config: ModelConfig, sampler: Sampler, stop_tokens, params, weights
                                                (0, 0, 0, 0)) for i in range(config.n_layer))
         v = tuple(jax.lax.dynamic_update_slice(v[i], cache.v[i].transpose(0, 2, 1, 3).astype(v[i].dtype),
                                                (0, 0, 0, 0)) for i in range(config.n_layer))
-    state = state.replace(k=k, v=v, index=jnp.int32(P - 1), mask_BS=mask_BS, last_B=tokens_BP[:, -1],
-                          position_B=positions_BP[:, -1])
-    return _decode_step(config, sampler, stop_tokens, weights, state)
+    return state.replace(k=k, v=v, index=jnp.int32(P - 1), mask_BS=mask_BS, last_B=tokens_BP[:, -1],
+                         position_B=positions_BP[:, -1])
 
 
 # The host function streaming tokens: the compiled loop calls _stream_tokens, which forwards to whatever
@@ -430,10 +422,7 @@ def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, param
             jax.debug.callback(_stream_tokens, s.last_B, s.wrote_B, ordered=True)
         return s
 
-    def prefill(s: DecodeState) -> DecodeState:
-        return emit(_prefill(config, sampler, stop_tokens, params, weights, s, tokens_BP, mask_BP))
-
-    state = jax.lax.cond(refill, prefill, lambda s: s, state)
+    state = jax.lax.cond(refill, lambda s: _prefill(config, params, s, tokens_BP, mask_BP), lambda s: s, state)
 
     def running(s: DecodeState):
         return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.index < S)
