@@ -1,10 +1,13 @@
 """Checkpoints: weights round trip, full train state, keep policy, unfinished saves, and mismatch errors."""
 
+import asyncio
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -156,3 +159,34 @@ def test_missing_checkpoint_and_missing_step_are_named(tmp_path, params):
     checkpoint.save_weights(tmp_path, TINY, params)
     with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint of step 5; it has steps \[0\]"):
         checkpoint.load_weights(tmp_path, step=5)
+
+
+def test_saves_are_asynchronous_and_survive_the_next_donated_step(tmp_path, state, monkeypatch):
+    # The meta file write waits until the test lets it go: a save that blocked the caller would only
+    # return after the wait timed out, with nothing left in progress.
+    release = threading.Event()
+    write_meta = ocp.JsonCheckpointHandler._save_fn
+
+    async def held_write(self, item, directory):
+        await asyncio.to_thread(release.wait, 20)
+        await write_meta(self, item, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", held_write)
+    expected = jax.tree.map(np.array, state)  # host copies, taken before anything is donated
+    live = jax.tree.map(jnp.copy, state)
+    manager = save_state(tmp_path, live, step=3)
+    assert manager.is_saving_in_progress()
+    assert checkpoint._steps(tmp_path) == []  # nothing complete yet
+    # The next training step donates the saved buffers and overwrites them while the save is still running.
+    step = jax.jit(make_train_step(TINY, TRAIN), donate_argnums=0)
+    x = jnp.zeros((1, 2, 16), jnp.int32)
+    saved = live
+    live, _ = step(live, x, x, jax.random.PRNGKey(5))
+    jax.block_until_ready(live)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(saved.params))
+    release.set()
+    manager.wait_until_finished()
+    restored, meta = checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
+    assert meta["step"] == 3
+    assert_trees_equal(restored.params, expected.params)
+    assert_trees_equal(restored.opt_state, expected.opt_state)
