@@ -6,7 +6,7 @@ ceiling: the bytes a decode step must read (all weights once, plus the filled pa
 copy bandwidth measured here. Prints a table, then one JSON line.
 
     python bench/sample.py            # about 3 minutes; check `uptime` first: other processes skew it
-    python bench/sample.py --layouts  # ms per decode step: GPT2.apply vs decode_forward on both matrix layouts
+    python bench/sample.py --layouts  # ms per decode step: GPT2.apply vs decode_forward on each matrix layout
     python bench/sample.py --compile_count   # compilations for 1,000 prompts of 1 to 1,016 tokens
 """
 
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from gpt2_jax.config import ModelConfig, replace  # noqa: E402
 from gpt2_jax.model import GPT2, count_params, init_cache, init_params  # noqa: E402
-from gpt2_jax import sampling  # noqa: E402
+from gpt2_jax import cpu_kernels, sampling  # noqa: E402
 from gpt2_jax.sampling import (Sampler, decode_block_forward, decode_weights, generate, generate_batch,  # noqa: E402
                                row_key)
 
@@ -138,11 +138,12 @@ def step_ms(batch: int, steps: int = 16) -> dict:
         block = tuple(jnp.zeros((batch, cfg.n_head, steps, cfg.head_dim)) for _ in range(cfg.n_layer))
         return jax.lax.fori_loop(0, steps, body, (block, block, token_B))[2]
 
-    stored = jax.jit(decode_weights, static_argnums=0)(cfg, params)
-    transposed = jax.jit(decode_weights, static_argnums=(0, 2))(cfg, params, True)
+    copy = jax.jit(decode_weights, static_argnums=(0, 2))
     paths = {"GPT2.apply (scan over stacked weights)": (model_path, params),
-             "decode_forward, [out, in] as stored": (decode_path, stored),
-             "decode_forward, [in, out] copy": (decode_path, transposed)}
+             "decode_forward, [out, in] as stored": (decode_path, decode_weights(cfg, params)),
+             "decode_forward, [in, out] copy": (decode_path, copy(cfg, params, sampling.IN_OUT))}
+    if batch <= cpu_kernels.MAX_ROWS and cpu_kernels.available():
+        paths["decode_forward, panel kernel"] = (decode_path, copy(cfg, params, sampling.PANELS))
     for f, w in paths.values():
         f(w, token_B).block_until_ready()
     best = {name: float("inf") for name in paths}
@@ -200,12 +201,14 @@ def main() -> None:
         del model
     print(f"load average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}; jax {jax.__version__}")
+    kernel = cpu_kernels.unavailable_reason() or "built"
+    print(f"float32 B=8 decode matmuls: {'panel kernel' if kernel == 'built' else 'XLA [in, out] (' + kernel + ')'}")
     print(f"{'dtype':<9}{'B':>3}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}{'ceiling':>9}{'of ceil':>9}"
           f"{'compile s':>11}")
     for dtype, batch, o, t, r, c, f, comp in rows:
         print(f"{dtype:<9}{batch:>3}{o:>12.1f}{t:>13.1f}{r:>7.2f}{c:>9.1f}{f:>9.2f}{comp:>11.1f}")
     result.update(compile_s=round(max(compile_s), 2), copy_bandwidth_gb_s=round(bandwidth / 1e9, 2),
-                  load_average=round(load, 2))
+                  load_average=round(load, 2), panel_kernel=kernel == "built")
     print(json.dumps(result))
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm
 
@@ -99,7 +100,9 @@ def sample_logits(logits_BV, keys_B, sampler: Sampler):
     """
     if sampler.greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV.astype(jnp.float32) / sampler.temperature
+    # Shifted by the row's max first, so that a tiny temperature sends the rest towards -inf, not the max to inf.
+    logits_BV = logits_BV.astype(jnp.float32)
+    logits_BV = (logits_BV - logits_BV.max(axis=-1, keepdims=True)) / sampler.temperature
     if sampler.top_k:
         values_BK, index_BK = jax.lax.top_k(logits_BV, min(sampler.top_k, logits_BV.shape[-1]))
         if sampler.top_p < 1.0:
@@ -181,29 +184,37 @@ def _step_keys(state: DecodeState):
 #   B=8 (same-process A/B against rearranging per call); the [out, in] copy for one row, with the block cache writes
 #   below, then 48.3 -> 60.9 at B=1 (same-process A/B, best of 8 runs). The cost is a second copy of the block
 #   weights while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
-#   The output layer always reads wte [V, C] as stored.
+#   For 2 to 8 rows in float32, where cpu_kernels.panel_matmul builds, every matrix and the output layer are packed
+#   in its panels instead: in a chain of 24 [768, 3072] products with 8 rows it read the weights at 29-34 GB/s
+#   against XLA's 17 on [in, out] (scratch benchmark). Otherwise the output layer reads wte [V, C] as stored.
+
+
+# Matrix layouts of DecodeWeights: as stored, transposed, or packed for cpu_kernels.panel_matmul.
+OUT_IN, IN_OUT, PANELS = "out_in", "in_out", "panels"
 
 
 @flax.struct.dataclass
 class DecodeWeights:
-    """The params arranged for decode_forward; matrices are [out, in], or [in, out] if transposed."""
+    """The params arranged for decode_forward; matrices in one of the layouts OUT_IN, IN_OUT or PANELS."""
 
     layers: tuple
     wte: jax.Array
     wpe: jax.Array
     ln_f: tuple
-    head: tuple  # (weight [V, C], bias [V] or None)
-    transposed: bool = flax.struct.field(pytree_node=False, default=False)
+    head: tuple  # (weight [V, C] (or packed [V / 48, C, 48] in PANELS), bias [V] or None)
+    layout: str = flax.struct.field(pytree_node=False, default=OUT_IN)
 
 
-def decode_weights(config: ModelConfig, params, transposed: bool = False) -> DecodeWeights:
+def decode_weights(config: ModelConfig, params, layout: str = OUT_IN) -> DecodeWeights:
     """Per-layer 2-D matrices in the compute dtype: slices and reshapes of the params (inside jit no copy is
-    made), or [in, out] transposed copies."""
+    made), or [in, out] transposed or panel-packed copies."""
+    if layout not in (OUT_IN, IN_OUT, PANELS):
+        raise ValueError(f"layout must be one of {OUT_IN!r}, {IN_OUT!r}, {PANELS!r}; got {layout!r}")
     dt, h, C = config.dtype, params["h"], config.n_embd
 
-    def mat(w, n_out):  # torch layout [*out, *in] -> [out, in] (or [in, out])
+    def mat(w, n_out):  # torch layout [*out, *in] -> [out, in] (or [in, out], or its panels)
         w = w.reshape(n_out, -1).astype(dt)
-        return w.T if transposed else w
+        return {OUT_IN: w, IN_OUT: w.T, PANELS: cpu_kernels.pack_panels(w.T)}[layout]
 
     def opt(tree, name, i, shape=None):
         if name not in tree:
@@ -220,9 +231,10 @@ def decode_weights(config: ModelConfig, params, transposed: bool = False) -> Dec
     ) for i in range(config.n_layer))
     head = params["wte"] if config.tie_embeddings else params["lm_head"]["weight"]
     head_bias = None if config.tie_embeddings else params["lm_head"].get("bias")
+    head = cpu_kernels.pack_panels(head.astype(dt).T) if layout == PANELS else head.astype(dt)
     return DecodeWeights(layers=layers, wte=params["wte"], wpe=params["wpe"],
                          ln_f=(params["ln_f"]["weight"], params["ln_f"].get("bias")),
-                         head=(head.astype(dt), head_bias), transposed=transposed)
+                         head=(head, head_bias), layout=layout)
 
 
 _copied_weights = jax.jit(decode_weights, static_argnums=(0, 2))
@@ -236,23 +248,38 @@ def _kept_weights(config: ModelConfig, params, batch_size: int) -> DecodeWeights
     the layout are the same); else None."""
     if jax.default_backend() != "cpu":
         return None
-    transposed = batch_size > 1
     leaves = jax.tree.leaves(params)
+    layout = _cpu_layout(config, leaves, batch_size)
     if _WEIGHTS_CACHE:
-        cached_config, cached_transposed, cached_leaves, weights = _WEIGHTS_CACHE[0]
-        if (cached_config, cached_transposed) == (config, transposed) and len(cached_leaves) == len(leaves) and all(
+        cached_config, cached_layout, cached_leaves, weights = _WEIGHTS_CACHE[0]
+        if (cached_config, cached_layout) == (config, layout) and len(cached_leaves) == len(leaves) and all(
                 a is b for a, b in zip(cached_leaves, leaves)):
             return weights
     _WEIGHTS_CACHE.clear()  # drop the old copy before making the new one
-    weights = _copied_weights(config, params, transposed)
-    _WEIGHTS_CACHE.append((config, transposed, leaves, weights))
+    weights = _copied_weights(config, params, layout)
+    _WEIGHTS_CACHE.append((config, layout, leaves, weights))
     return weights
 
 
-def _dense(config: ModelConfig, x, weight_bias, transposed: bool):
+def _cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
+    if batch_size == 1:
+        return OUT_IN
+    # The kernel runs on one device's memory: params spread over several devices keep XLA's matmuls.
+    one_device = all(len(getattr(leaf, "sharding", None).device_set) == 1 for leaf in leaves
+                     if hasattr(leaf, "sharding"))
+    if (batch_size <= cpu_kernels.MAX_ROWS and jnp.dtype(config.dtype) == jnp.float32 and one_device
+            and cpu_kernels.available()):
+        return PANELS
+    return IN_OUT
+
+
+def _dense(config: ModelConfig, x, weight_bias, layout: str, n_out: int):
     weight, bias = weight_bias
     x = x.astype(config.dtype)
-    y = jnp.dot(x, weight) if transposed else _matmul_nt(x, weight)
+    if layout == PANELS:
+        y = cpu_kernels.panel_matmul(x, weight, n_out)
+    else:
+        y = jnp.dot(x, weight) if layout == IN_OUT else _matmul_nt(x, weight)
     return y if bias is None else y + bias.astype(config.dtype)
 
 
@@ -297,27 +324,30 @@ def decode_block_forward(config: ModelConfig, weights: DecodeWeights, token_B, p
     slot = index - base
     visible_B1N = (jax.lax.dynamic_slice_in_dim(mask_BS, base, n, axis=1) & (jnp.arange(n) <= slot))[:, None, :]
     at_slot_11N1 = (jnp.arange(n) == slot)[None, None, :, None]
-    dense = functools.partial(_dense, config, transposed=weights.transposed)
+    C = config.n_embd
+    dense = functools.partial(_dense, config, layout=weights.layout)
     new_k, new_v = [], []
     for layer, k_BHSD, v_BHSD, k_BHND, v_BHND in zip(weights.layers, k, v, block_k, block_v):
-        qkv_B3HD = dense(layer_norm(config, x_BC, *layer["ln_1"]), layer["qkv"]).reshape(B, 3, H, D)
+        qkv_B3HD = dense(layer_norm(config, x_BC, *layer["ln_1"]), layer["qkv"], n_out=3 * C).reshape(B, 3, H, D)
         # The block is small: a select over its slots rewrites it whole at little cost.
         k_BHND = jnp.where(at_slot_11N1, qkv_B3HD[:, 1, :, None].astype(k_BHND.dtype), k_BHND)
         v_BHND = jnp.where(at_slot_11N1, qkv_B3HD[:, 2, :, None].astype(v_BHND.dtype), v_BHND)
         new_k.append(k_BHND)
         new_v.append(v_BHND)
         y_BC = _attend(config, qkv_B3HD[:, 0], (k_BHSD, v_BHSD, visible_B1S), (k_BHND, v_BHND, visible_B1N))
-        x_BC = x_BC + dense(y_BC.reshape(B, H * D), layer["proj"])
-        hidden = dense(layer_norm(config, x_BC, *layer["ln_2"]), layer["fc"])
+        x_BC = x_BC + dense(y_BC.reshape(B, H * D), layer["proj"], n_out=C)
+        hidden = dense(layer_norm(config, x_BC, *layer["ln_2"]), layer["fc"], n_out=4 * C)
         hidden = gelu(hidden, config.activation == "gelu_tanh")
-        x_BC = x_BC + dense(hidden, layer["out"])
+        x_BC = x_BC + dense(hidden, layer["out"], n_out=C)
     x_BC = layer_norm(config, x_BC, *weights.ln_f)
     head_VC, head_bias = weights.head
     # As GPT2 computes it: float32 accumulation for the tied head, the compute dtype (plus bias) for an untied one.
-    if config.tie_embeddings:
+    if weights.layout == PANELS:  # float32 only
+        logits_BV = _dense(config, x_BC, (head_VC, head_bias), PANELS, n_out=config.padded_vocab_size)
+    elif config.tie_embeddings:
         logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32)
     else:
-        logits_BV = _dense(config, x_BC, (head_VC, head_bias), transposed=False)
+        logits_BV = _dense(config, x_BC, (head_VC, head_bias), OUT_IN, n_out=head_VC.shape[0])
     return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import sampling
+from gpt2_jax import cpu_kernels, sampling
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.sampling import Sampler, generate, generate_batch, row_key, sample_logits
@@ -257,13 +257,15 @@ def test_on_token_streams_every_token_in_order_without_recompiling():
     (dict(tie_embeddings=False, lm_head_bias=True, activation="gelu_exact"), 1e-5),
     (dict(dtype="bfloat16", param_dtype="bfloat16"), 0.03),  # measured 0.013 on logits of scale 1.4
 ])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_decode_forward_matches_the_model_token_by_token(overrides, tol, transposed):
+@pytest.mark.parametrize("layout", [sampling.OUT_IN, sampling.IN_OUT, sampling.PANELS])
+def test_decode_forward_matches_the_model_token_by_token(overrides, tol, layout):
     cfg = ModelConfig.from_preset("tiny", **overrides)
     params = jax.tree.map(lambda a: a.astype(cfg.param_dtype), random_params(cfg, seed=2))
     tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     ref = np.asarray(GPT2(cfg).apply({"params": params}, tokens), np.float32)
-    weights = sampling.decode_weights(cfg, params, transposed)
+    if layout == sampling.PANELS and (jnp.dtype(cfg.dtype) != jnp.float32 or not cpu_kernels.available()):
+        pytest.skip(f"the panel kernel is for float32 on CPUs where it builds ({cpu_kernels.unavailable_reason()})")
+    weights = sampling.decode_weights(cfg, params, layout)
     B, T, S = 2, tokens.shape[1], 16
     k = tuple(jnp.zeros((B, cfg.n_head, S, cfg.head_dim), cfg.dtype) for _ in range(cfg.n_layer))
     v = k
@@ -275,16 +277,18 @@ def test_decode_forward_matches_the_model_token_by_token(overrides, tol, transpo
 
 
 def test_decoding_follows_the_params_it_is_given():
-    """On CPU decoding reads a copy of the weights kept between calls ([out, in] for one row, [in, out] for more):
-    new params must never decode with the copy of the old ones, nor one layout with the other's copy."""
+    """On CPU decoding reads a copy of the weights kept between calls ([out, in] for one row, [in, out] or the
+    kernel's panels for more): new params must never decode with the copy of the old ones, nor one layout with
+    another's copy."""
     cfg, first = tiny()
     second = random_params(cfg, seed=5)
     keys = [row_key(0, i) for i in range(4)]
     kw = dict(max_new_tokens=20, sampler=Sampler(0.0), stop_tokens=())
     rows = [generate_batch(cfg, params, GREEDY_PROMPTS, keys, **kw) for params in (first, second, first)]
     alone = [generate_batch(cfg, second, [prompt], [key], **kw)[0] for prompt, key in zip(GREEDY_PROMPTS, keys)]
-    assert sampling._WEIGHTS_CACHE[0][1] is False  # the last call had one row
+    assert sampling._WEIGHTS_CACHE[0][1] == sampling.OUT_IN  # the last call had one row
     assert [r.tokens for r in rows[1]] == [r.tokens for r in alone]
     assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[2]] != [r.tokens for r in rows[1]]
     assert [r.tokens for r in generate_batch(cfg, second, GREEDY_PROMPTS, keys, **kw)] == [r.tokens for r in alone]
-    assert len(sampling._WEIGHTS_CACHE) == 1 and sampling._WEIGHTS_CACHE[0][1] is True
+    several_rows = sampling.PANELS if cpu_kernels.available() else sampling.IN_OUT
+    assert len(sampling._WEIGHTS_CACHE) == 1 and sampling._WEIGHTS_CACHE[0][1] == several_rows

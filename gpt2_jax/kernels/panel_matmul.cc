@@ -1,0 +1,106 @@
+// y[B, N] = x[B, K] @ W for the few rows of a decode step (B <= 8), float32.
+//
+// W is packed in panels [N / 48, K, 48]: panel p holds columns 48p..48p+47 of W, row after row, so each panel is
+// one contiguous stream that is read once for all B rows (three 16-float vectors per row of W, 3 * B accumulators).
+// The panels are shared out in chunks through an atomic counter between the calling thread and one task on
+// XLA's intra-op thread pool; the caller waits only for chunks that the task has started, so a task that starts
+// late (or never, if the pool is busy) costs nothing.
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+#ifndef __AVX512F__
+#error "panel_matmul needs AVX-512 (built with -march=native on a CPU without it)"
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kWidth = 48;
+using Matrix = ffi::Buffer<ffi::F32, 2>;      // (commas inside the handler macro's arguments would split them)
+using PanelStack = ffi::Buffer<ffi::F32, 3>;
+using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
+
+template <int B>
+void Panels(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t first, int64_t last) {
+  for (int64_t p = first; p < last; ++p) {
+    const float* panel = w + p * K * kWidth;
+    __m512 a0[B], a1[B], a2[B];
+    for (int b = 0; b < B; ++b) a0[b] = a1[b] = a2[b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* row = panel + k * kWidth;
+      const __m512 w0 = _mm512_loadu_ps(row), w1 = _mm512_loadu_ps(row + 16), w2 = _mm512_loadu_ps(row + 32);
+      for (int b = 0; b < B; ++b) {
+        const __m512 xb = _mm512_set1_ps(x[b * K + k]);
+        a0[b] = _mm512_fmadd_ps(xb, w0, a0[b]);
+        a1[b] = _mm512_fmadd_ps(xb, w1, a1[b]);
+        a2[b] = _mm512_fmadd_ps(xb, w2, a2[b]);
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      float* out = y + b * N + p * kWidth;
+      _mm512_storeu_ps(out, a0[b]);
+      _mm512_storeu_ps(out + 16, a1[b]);
+      _mm512_storeu_ps(out + 32, a2[b]);
+    }
+  }
+}
+
+struct Job {
+  void (*panels)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t K, N, num_panels, chunk, num_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Work() {
+    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
+      const int64_t first = c * chunk, last = first + chunk < num_panels ? first + chunk : num_panels;
+      panels(x, w, y, K, N, first, last);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+constexpr decltype(&Panels<1>) kPanels[] = {Panels<1>, Panels<2>, Panels<3>, Panels<4>,
+                                            Panels<5>, Panels<6>, Panels<7>, Panels<8>};
+
+ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, PanelStack w, MatrixResult y) {
+  const int64_t B = x.dimensions()[0], K = x.dimensions()[1];
+  const int64_t num_panels = w.dimensions()[0], N = num_panels * kWidth;
+  if (B < 1 || B > 8) return ffi::Error::InvalidArgument("panel_matmul: x must have 1 to 8 rows");
+  if (w.dimensions()[1] != K || w.dimensions()[2] != kWidth)
+    return ffi::Error::InvalidArgument("panel_matmul: w must be [N / 48, K, 48] for x [B, K]");
+  if (y->dimensions()[0] != B || y->dimensions()[1] != N)
+    return ffi::Error::InvalidArgument("panel_matmul: y must be [B, N]");
+  auto job = std::make_shared<Job>();
+  job->panels = kPanels[B - 1];
+  job->x = x.typed_data();
+  job->w = w.typed_data();
+  job->y = y->typed_data();
+  job->K = K;
+  job->N = N;
+  job->num_panels = num_panels;
+  job->chunk = num_panels >= 32 ? 4 : 1;
+  job->num_chunks = (num_panels + job->chunk - 1) / job->chunk;
+  if (job->num_chunks > 1) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->num_chunks) _mm_pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmul, PanelMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<PanelStack>()
+                                  .Ret<Matrix>());
