@@ -60,7 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_k", type=_ranged("int", int, lambda v: v >= 0, "an integer >= 0 (0 = off)"), default=200)
     p.add_argument("--top_p", type=_ranged("float", float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
                    default=1.0)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=_ranged("int", int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+                   default=1337)
     p.add_argument("--batch_size", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); <|endoftext|> always")
@@ -75,6 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--resume needs --out")
     if args.out is not None and args.out.exists() and not args.resume:
         p.error(f"--out {args.out} exists; pass --resume to continue it, or choose another file")
+    if args.out is not None and not args.out.absolute().parent.is_dir():
+        p.error(f"--out {args.out}: the directory {args.out.absolute().parent} does not exist")
     if "" in args.stop:
         p.error("--stop must not be empty")
     return args

@@ -91,7 +91,10 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
         if arg.startswith("--config="):
             value = arg.split("=", 1)[1]
             if value.endswith(".json"):
-                file_overrides = json.loads(Path(value).read_text())
+                try:
+                    file_overrides = json.loads(Path(value).read_text())
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"--config={value} is not valid JSON: {e}") from None
                 if not isinstance(file_overrides, dict):
                     raise ConfigError(f"{value} must hold a JSON object of overrides")
                 preset = file_overrides.pop("preset", preset)
@@ -227,6 +230,11 @@ class Metrics:
         fig.savefig(self.png, dpi=100)
 
 
+@jax.jit
+def _all_finite(params):
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params)]))
+
+
 class Run:
     """One training run: the compiled steps, data, checkpoints and logs around a TrainState."""
 
@@ -285,6 +293,10 @@ class Run:
         """Mean val loss over eval_iters batches (the same batches at every eval, so evals compare)."""
         losses = [eval_fn(self.state.params, *self.val_batch(i)) for i in range(self.cfg.eval_iters)]
         return float(np.mean(jax.device_get(losses)))
+
+    def params_finite(self) -> bool:
+        """True if no parameter is NaN or infinite (checked before a save, so that no diverged state is kept)."""
+        return bool(_all_finite(self.state.params))
 
     def save(self, val_loss: float | None = None) -> None:
         step = int(self.state.step)
@@ -347,12 +359,7 @@ def train(run: Run) -> int:
             x, y = run.batch(step)  # drawn on the host while the device runs the step
         loss, lr = float(out["loss"]), float(out["lr"])
         if not math.isfinite(loss):
-            bar.close()
-            run.close()  # a save in flight completes, so the last checkpoint stays whole
-            if sharding.is_main_process():
-                print(f"error: the loss is {loss} at step {step}; stopping without saving. The last checkpoint "
-                      f"(step {run.last_saved}) in {run.out_dir} is unchanged.", file=sys.stderr)
-            return 1
+            return diverged(run, bar, f"the loss is {loss} at step {step}")
         losses.append(loss)
         p = progress(step, loss, lr, (time.perf_counter() - window_start) / len(losses), tokens_per_step,
                      flops_per_step, peak)
@@ -364,7 +371,10 @@ def train(run: Run) -> int:
         if logging or evaluating:  # one line a step: an eval step's line has val_loss besides the rest
             record = dict(p, loss=float(np.mean(losses)))
             if evaluating:
+                # The loss above was computed before this step's update; the update itself may have diverged.
                 record["val_loss"] = run.evaluate(eval_fn)
+                if not (math.isfinite(record["val_loss"]) and run.params_finite()):
+                    return diverged(run, bar, f"the val loss is {record['val_loss']} after step {step}")
             run.metrics.log(record)
             if evaluating:
                 run.metrics.plot()
@@ -377,11 +387,24 @@ def train(run: Run) -> int:
     run.interrupted = stopping
     if stopping:
         if run.last_saved != step:
+            if not run.params_finite():
+                return diverged(run, bar, f"the parameters are not finite after step {step}")
             run.save()
         say(f"interrupted: saved a checkpoint of step {step} in {run.out_dir}; continue with --init_from=resume")
     stop.restore()
     run.close()
     return 0
+
+
+def diverged(run: Run, bar, what: str) -> int:
+    """Stop a run whose loss or parameters are no longer finite, leaving the checkpoints as they are."""
+    bar.close()
+    run.close()  # a save in flight completes, so the last checkpoint stays whole
+    if sharding.is_main_process():
+        last = (f"The last checkpoint (step {run.last_saved}) in {run.out_dir} is unchanged."
+                if run.last_saved is not None else f"No checkpoint of this run was saved in {run.out_dir}.")
+        print(f"error: {what}; stopping without saving. {last}", file=sys.stderr)
+    return 1
 
 
 def print_samples(run: Run) -> None:

@@ -164,6 +164,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("grad_clip and weight_decay must be >= 0")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2**63); got {self.seed}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -58,6 +58,10 @@ def read_shard(path) -> np.ndarray:
     if path.name in RAW_NAMES:
         if size % 2:
             raise DataError(f"{path}: a raw uint16 token file must have an even size; it has {size} bytes")
+        # (As tokens the magic reads 55432, 308: beyond GPT-2's vocabulary, so no real raw file starts so.)
+        if size >= HEADER_BYTES and int(np.fromfile(path, dtype="<i4", count=1)[0]) == MAGIC:
+            raise DataError(f"{path} starts with an llm.c shard header, but {path.name} is read as raw uint16 "
+                            f"tokens (nanoGPT's layout); rename it, e.g. to {path.stem}_000000.bin")
         return np.memmap(path, dtype="<u2", mode="r") if size else np.zeros(0, "<u2")
     if size < HEADER_BYTES:
         raise DataError(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte llm.c shard header")
@@ -211,6 +215,8 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens must be positive; got {shard_tokens}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output directory {out_dir} is a file")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"output directory {out_dir} is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +269,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens)
-    except DataError as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{summary['documents']} documents: {summary['train_tokens']:,} train and {summary['val_tokens']:,} "

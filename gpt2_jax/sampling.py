@@ -100,9 +100,10 @@ def sample_logits(logits_BV, keys_B, sampler: Sampler):
     """
     if sampler.greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    # Shifted by the row's max first, so that a tiny temperature sends the rest towards -inf, not the max to inf.
+    # Shifted by the row's max first, so that a tiny temperature sends the rest towards -inf, not the max to inf;
+    # 1 / temperature is capped at 1e30 (float32 would make it inf, and 0 * inf is NaN): greedy for such values.
     logits_BV = logits_BV.astype(jnp.float32)
-    logits_BV = (logits_BV - logits_BV.max(axis=-1, keepdims=True)) / sampler.temperature
+    logits_BV = (logits_BV - logits_BV.max(axis=-1, keepdims=True)) * min(1.0 / sampler.temperature, 1e30)
     if sampler.top_k:
         values_BK, index_BK = jax.lax.top_k(logits_BV, min(sampler.top_k, logits_BV.shape[-1]))
         if sampler.top_p < 1.0:

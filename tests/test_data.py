@@ -40,6 +40,10 @@ def test_corrupt_shards_are_errors_naming_the_file(tmp_path):
     short.write_bytes(struct.pack("<256i", 20240520, 1, 5, *([0] * 253)) + struct.pack("<2H", 1, 2))
     with pytest.raises(data.DataError, match=r"b_train_000000\.bin: header says 5 tokens but the file holds 2"):
         data.read_shard(short)
+    headed = tmp_path / "val.bin"  # an llm.c shard under nanoGPT's raw name: its header would be read as tokens
+    headed.write_bytes(struct.pack("<256i", 20240520, 1, 2, *([0] * 253)) + struct.pack("<2H", 1, 2))
+    with pytest.raises(data.DataError, match=r"val\.bin starts with an llm\.c shard header.*val_000000\.bin"):
+        data.read_shard(headed)
     odd = tmp_path / "train.bin"
     odd.write_bytes(b"\x01\x02\x03")
     with pytest.raises(data.DataError, match=r"train\.bin: a raw uint16 token file must have an even size"):
@@ -94,6 +98,9 @@ def test_prepare_command_line(tmp_path):
     again = subprocess.run([sys.executable, "-m", "gpt2_jax.data", "prepare", str(tmp_path / "t.txt"),
                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert again.returncode == 1 and "is not empty" in again.stderr
+    onto_a_file = subprocess.run([sys.executable, "-m", "gpt2_jax.data", "prepare", str(tmp_path / "t.txt"),
+                                  "--out", str(tmp_path / "t.txt")], capture_output=True, text=True)
+    assert onto_a_file.returncode == 1 and f"output directory {tmp_path / 't.txt'} is a file" in onto_a_file.stderr
 
 
 def test_bundled_shakespeare_is_prepared_on_first_use(tmp_path):

@@ -163,6 +163,9 @@ def test_text_stream_holds_back_partial_utf8_and_stop_strings():
     ("--top_p=1.5", r"argument --top_p: must be in (0, 1]"),
     ("--top_k=-1", "argument --top_k: must be an integer >= 0"),
     ("--num_samples=0", "argument --num_samples: must be an integer >= 1"),
+    ("--seed=-1", "argument --seed: must be an integer in [0, 2**63)"),
+    (f"--seed={2**64}", "argument --seed: must be an integer in [0, 2**63)"),
+    ("--out=/nonexistent-dir/x.jsonl", "--out /nonexistent-dir/x.jsonl: the directory /nonexistent-dir does not exist"),
 ])
 def test_bad_flags_are_named(model, flag, message, capsys):
     with pytest.raises(SystemExit) as e:

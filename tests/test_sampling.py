@@ -160,6 +160,9 @@ def test_greedy_is_argmax_for_any_key():
     np.testing.assert_array_equal(sample_logits(logits, keys, Sampler(0.0)), np.argmax(np.asarray(logits), -1))
     # top_k=1 is greedy too, whatever the temperature.
     np.testing.assert_array_equal(sample_logits(logits, keys, Sampler(3.0, top_k=1)), np.argmax(logits, -1))
+    # A temperature so small that logits / temperature overflows float32 is greedy too, not a NaN draw.
+    for sampler in (Sampler(1e-40), Sampler(1e-40, top_k=5), Sampler(1e-40, top_p=0.9)):
+        np.testing.assert_array_equal(sample_logits(logits, keys, sampler), np.argmax(np.asarray(logits), -1))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -169,6 +169,14 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
     assert f"the loss is nan at step {saved[0] + 2}" in log
     assert checkpoint._steps(out) == saved
     assert_bitwise_equal(checkpoint.load_weights(out)[1], before)
+    # The same overflow on a step that evaluates and saves (the last one): its train loss was computed before the
+    # update, so the val loss is the first to show it, and the diverged parameters are not saved.
+    rc, log = run_train("--init_from=resume", "--lr_schedule=constant", "--warmup_iters=0", "--learning_rate=1e30",
+                        f"--max_iters={saved[0] + 1}", out=out, env=env)
+    assert rc == 1, log
+    assert re.search(rf"the val loss is (nan|inf) after step {saved[0] + 1}; stopping without saving", log), log
+    assert checkpoint._steps(out) == saved
+    assert_bitwise_equal(checkpoint.load_weights(out)[1], before)
 
 
 def test_config_file_then_flags(tmp_path):
@@ -200,6 +208,10 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
     assert "holds no complete checkpoint" in main_error(capsys, "--init_from=resume", f"--out_dir={tmp_path}")
     (tmp_path / "bad.json").write_text('{"n_layer": 2, "max_iter": 5}')
     assert "keys ['max_iter'] are neither" in main_error(capsys, *flags, f"--config={tmp_path / 'bad.json'}")
+    (tmp_path / "broken.json").write_text('{n_layer: 2}')
+    assert f"--config={tmp_path / 'broken.json'} is not valid JSON: Expecting property name" in main_error(
+        capsys, *flags, f"--config={tmp_path / 'broken.json'}")
+    assert "seed must be an integer in [0, 2**63); got -1" in main_error(capsys, *flags, "--seed=-1")
 
 
 def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir, capsys):
