@@ -185,9 +185,9 @@ def _step_keys(state: DecodeState):
 #   B=8 (same-process A/B against rearranging per call); the [out, in] copy for one row, with the block cache writes
 #   below, then 48.3 -> 60.9 at B=1 (same-process A/B, best of 8 runs). The cost is a second copy of the block
 #   weights while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
-#   For 2 to 8 rows in float32, where cpu_kernels.panel_matmul builds, every matrix and the output layer are packed
-#   in its panels instead: in a chain of 24 [768, 3072] products with 8 rows it read the weights at 29-34 GB/s
-#   against XLA's 17 on [in, out] (scratch benchmark). Otherwise the output layer reads wte [V, C] as stored.
+#   For up to 8 rows in float32, where cpu_kernels.panel_matmul builds, every matrix and the output layer are
+#   packed in its panels instead (--layouts on an idle machine: 17.0 / 22.8 ms, against 21.0 on [out, in] at B=1
+#   and 45.5 on [in, out] at B=8). Otherwise the output layer reads wte [V, C] as stored.
 
 
 # Matrix layouts of DecodeWeights: as stored, transposed, or packed for cpu_kernels.panel_matmul.
@@ -215,7 +215,9 @@ def decode_weights(config: ModelConfig, params, layout: str = OUT_IN) -> DecodeW
 
     def mat(w, n_out):  # torch layout [*out, *in] -> [out, in] (or [in, out], or its panels)
         w = w.reshape(n_out, -1).astype(dt)
-        return {OUT_IN: w, IN_OUT: w.T, PANELS: cpu_kernels.pack_panels(w.T)}[layout]
+        if layout == OUT_IN:
+            return w
+        return w.T if layout == IN_OUT else cpu_kernels.pack_panels(w.T)
 
     def opt(tree, name, i, shape=None):
         if name not in tree:
@@ -263,15 +265,12 @@ def _kept_weights(config: ModelConfig, params, batch_size: int) -> DecodeWeights
 
 
 def _cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
-    if batch_size == 1:
-        return OUT_IN
     # The kernel runs on one device's memory: params spread over several devices keep XLA's matmuls.
-    one_device = all(len(getattr(leaf, "sharding", None).device_set) == 1 for leaf in leaves
-                     if hasattr(leaf, "sharding"))
+    one_device = all(len(leaf.sharding.device_set) == 1 for leaf in leaves if hasattr(leaf, "sharding"))
     if (batch_size <= cpu_kernels.MAX_ROWS and jnp.dtype(config.dtype) == jnp.float32 and one_device
             and cpu_kernels.available()):
         return PANELS
-    return IN_OUT
+    return OUT_IN if batch_size == 1 else IN_OUT
 
 
 def _dense(config: ModelConfig, x, weight_bias, layout: str, n_out: int):

@@ -279,19 +279,24 @@ def test_decode_forward_matches_the_model_token_by_token(overrides, tol, layout)
         np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=tol, rtol=0)
 
 
-def test_decoding_follows_the_params_it_is_given():
-    """On CPU decoding reads a copy of the weights kept between calls ([out, in] for one row, [in, out] or the
-    kernel's panels for more): new params must never decode with the copy of the old ones, nor one layout with
-    another's copy."""
+@pytest.mark.parametrize("kernel", [False, True])
+def test_decoding_follows_the_params_it_is_given(kernel, monkeypatch):
+    """On CPU decoding reads a copy of the weights kept between calls (the kernel's panels for up to 8 rows, else
+    [out, in] for one row and [in, out] for more): new params must never decode with the copy of the old ones,
+    nor one layout with another's copy."""
+    if kernel and not cpu_kernels.available():
+        pytest.skip(f"no panel kernel here: {cpu_kernels.unavailable_reason()}")
+    if not kernel:
+        monkeypatch.setattr(cpu_kernels, "_state", {"error": "switched off by the test"})
+    one_row, several_rows = (sampling.PANELS,) * 2 if kernel else (sampling.OUT_IN, sampling.IN_OUT)
     cfg, first = tiny()
     second = random_params(cfg, seed=5)
     keys = [row_key(0, i) for i in range(4)]
     kw = dict(max_new_tokens=20, sampler=Sampler(0.0), stop_tokens=())
     rows = [generate_batch(cfg, params, GREEDY_PROMPTS, keys, **kw) for params in (first, second, first)]
     alone = [generate_batch(cfg, second, [prompt], [key], **kw)[0] for prompt, key in zip(GREEDY_PROMPTS, keys)]
-    assert sampling._WEIGHTS_CACHE[0][1] == sampling.OUT_IN  # the last call had one row
+    assert sampling._WEIGHTS_CACHE[0][1] == one_row  # the last call had one row
     assert [r.tokens for r in rows[1]] == [r.tokens for r in alone]
     assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[2]] != [r.tokens for r in rows[1]]
     assert [r.tokens for r in generate_batch(cfg, second, GREEDY_PROMPTS, keys, **kw)] == [r.tokens for r in alone]
-    several_rows = sampling.PANELS if cpu_kernels.available() else sampling.IN_OUT
     assert len(sampling._WEIGHTS_CACHE) == 1 and sampling._WEIGHTS_CACHE[0][1] == several_rows
