@@ -185,9 +185,9 @@ def _step_keys(state: DecodeState):
 #   B=8 (same-process A/B against rearranging per call); the [out, in] copy for one row, with the block cache writes
 #   below, then 48.3 -> 60.9 at B=1 (same-process A/B, best of 8 runs). The cost is a second copy of the block
 #   weights while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
-#   For up to 8 rows in float32, where cpu_kernels.panel_matmul builds, every matrix and the output layer are
-#   packed in its panels instead (--layouts on an idle machine: 17.0 / 22.8 ms, against 21.0 on [out, in] at B=1
-#   and 45.5 on [in, out] at B=8). Otherwise the output layer reads wte [V, C] as stored.
+#   For up to 8 rows in float32 or bfloat16, where cpu_kernels.panel_matmul builds, every matrix and the output
+#   layer are packed in its panels instead (float32, --layouts on an idle machine: 17.0 / 22.8 ms, against 21.0 on
+#   [out, in] at B=1 and 45.5 on [in, out] at B=8). Otherwise the output layer reads wte [V, C] as stored.
 
 
 # Matrix layouts of DecodeWeights: as stored, transposed, or packed for cpu_kernels.panel_matmul.
@@ -267,8 +267,8 @@ def _kept_weights(config: ModelConfig, params, batch_size: int) -> DecodeWeights
 def _cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
     # The kernel runs on one device's memory: params spread over several devices keep XLA's matmuls.
     one_device = all(len(leaf.sharding.device_set) == 1 for leaf in leaves if hasattr(leaf, "sharding"))
-    if (batch_size <= cpu_kernels.MAX_ROWS and jnp.dtype(config.dtype) == jnp.float32 and one_device
-            and cpu_kernels.available()):
+    if (batch_size <= cpu_kernels.MAX_ROWS and jnp.dtype(config.dtype) in (jnp.float32, jnp.bfloat16)
+            and one_device and cpu_kernels.available()):
         return PANELS
     return OUT_IN if batch_size == 1 else IN_OUT
 
@@ -276,8 +276,8 @@ def _cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
 def _dense(config: ModelConfig, x, weight_bias, layout: str, n_out: int):
     weight, bias = weight_bias
     x = x.astype(config.dtype)
-    if layout == PANELS:
-        y = cpu_kernels.panel_matmul(x, weight, n_out)
+    if layout == PANELS:  # float32 sums, rounded once to the compute dtype
+        y = cpu_kernels.panel_matmul(x, weight, n_out).astype(config.dtype)
     else:
         y = jnp.dot(x, weight) if layout == IN_OUT else _matmul_nt(x, weight)
     return y if bias is None else y + bias.astype(config.dtype)
@@ -342,7 +342,9 @@ def decode_block_forward(config: ModelConfig, weights: DecodeWeights, token_B, p
     x_BC = layer_norm(config, x_BC, *weights.ln_f)
     head_VC, head_bias = weights.head
     # As GPT2 computes it: float32 accumulation for the tied head, the compute dtype (plus bias) for an untied one.
-    if weights.layout == PANELS:  # float32 only
+    if weights.layout == PANELS and config.tie_embeddings:  # float32 sums and result
+        logits_BV = cpu_kernels.panel_matmul(x_BC, head_VC, config.padded_vocab_size)
+    elif weights.layout == PANELS:
         logits_BV = _dense(config, x_BC, (head_VC, head_bias), PANELS, n_out=config.padded_vocab_size)
     elif config.tie_embeddings:
         logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32)

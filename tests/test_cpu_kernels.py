@@ -23,13 +23,16 @@ def test_pack_panels_by_hand():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows", range(1, 9))
 @pytest.mark.parametrize("K, N", [(37, 5), (64, 100), (768, 2304)])
-def test_panel_matmul_matches_numpy(rows, K, N):
+def test_panel_matmul_matches_numpy(rows, K, N, dtype):
     rng = np.random.default_rng(rows * K + N)
-    x, w = rng.standard_normal((rows, K), np.float32), rng.standard_normal((K, N), np.float32)
-    y = jax.jit(cpu_kernels.panel_matmul, static_argnums=2)(jnp.asarray(x), cpu_kernels.pack_panels(w), N)
-    ref = x.astype(np.float64) @ w.astype(np.float64)
+    x, w = rng.standard_normal((rows, K), np.float32), jnp.asarray(rng.standard_normal((K, N)), dtype)
+    panels = cpu_kernels.pack_panels(w)
+    assert panels.dtype == dtype
+    y = jax.jit(cpu_kernels.panel_matmul, static_argnums=2)(jnp.asarray(x), panels, N)
+    ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)  # bfloat16 weights widen exactly
     assert y.shape == (rows, N) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 

@@ -266,8 +266,8 @@ def test_decode_forward_matches_the_model_token_by_token(overrides, tol, layout)
     params = jax.tree.map(lambda a: a.astype(cfg.param_dtype), random_params(cfg, seed=2))
     tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     ref = np.asarray(GPT2(cfg).apply({"params": params}, tokens), np.float32)
-    if layout == sampling.PANELS and (jnp.dtype(cfg.dtype) != jnp.float32 or not cpu_kernels.available()):
-        pytest.skip(f"the panel kernel is for float32 on CPUs where it builds ({cpu_kernels.unavailable_reason()})")
+    if layout == sampling.PANELS and not cpu_kernels.available():
+        pytest.skip(f"no panel kernel here: {cpu_kernels.unavailable_reason()}")
     weights = sampling.decode_weights(cfg, params, layout)
     B, T, S = 2, tokens.shape[1], 16
     k = tuple(jnp.zeros((B, cfg.n_head, S, cfg.head_dim), cfg.dtype) for _ in range(cfg.n_layer))

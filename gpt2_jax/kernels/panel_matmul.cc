@@ -1,4 +1,5 @@
-// y[B, N] = x[B, K] @ W for the few rows of a decode step (B <= 8), float32.
+// y[B, N] = x[B, K] @ W for the few rows of a decode step (B <= 8): x and y float32, W float32 or bfloat16
+// (widened to float32 as it is read; float32 sums either way).
 //
 // W is packed in panels [N / 48, K, 48]: panel p holds columns 48p..48p+47 of W, row after row, so each panel is
 // one contiguous stream that is read once for all B rows (three 16-float vectors per row of W, 3 * B accumulators).
@@ -10,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -22,19 +24,27 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kWidth = 48;
-using Matrix = ffi::Buffer<ffi::F32, 2>;      // (commas inside the handler macro's arguments would split them)
+using Matrix = ffi::Buffer<ffi::F32, 2>;  // (commas inside the handler macro's arguments would split them)
 using PanelStack = ffi::Buffer<ffi::F32, 3>;
+using PanelStackBf16 = ffi::Buffer<ffi::BF16, 3>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
-template <int B>
-void Panels(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t first, int64_t last) {
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 Load16(const uint16_t* p) {  // bfloat16 is the top half of a float32
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+template <int B, typename W>
+void Panels(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t first, int64_t last) {
   for (int64_t p = first; p < last; ++p) {
-    const float* panel = w + p * K * kWidth;
+    const W* panel = w + p * K * kWidth;
     __m512 a0[B], a1[B], a2[B];
     for (int b = 0; b < B; ++b) a0[b] = a1[b] = a2[b] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
-      const float* row = panel + k * kWidth;
-      const __m512 w0 = _mm512_loadu_ps(row), w1 = _mm512_loadu_ps(row + 16), w2 = _mm512_loadu_ps(row + 32);
+      const W* row = panel + k * kWidth;
+      const __m512 w0 = Load16(row), w1 = Load16(row + 16), w2 = Load16(row + 32);
       for (int b = 0; b < B; ++b) {
         const __m512 xb = _mm512_set1_ps(x[b * K + k]);
         a0[b] = _mm512_fmadd_ps(xb, w0, a0[b]);
@@ -51,10 +61,11 @@ void Panels(const float* x, const float* w, float* y, int64_t K, int64_t N, int6
   }
 }
 
+template <typename W>
 struct Job {
-  void (*panels)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+  void (*panels)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
   const float* x;
-  const float* w;
+  const W* w;
   float* y;
   int64_t K, N, num_panels, chunk, num_chunks;
   std::atomic<int64_t> next{0};
@@ -69,10 +80,13 @@ struct Job {
   }
 };
 
-constexpr decltype(&Panels<1>) kPanels[] = {Panels<1>, Panels<2>, Panels<3>, Panels<4>,
-                                            Panels<5>, Panels<6>, Panels<7>, Panels<8>};
+template <typename W>
+constexpr decltype(&Panels<1, W>) kPanels[] = {Panels<1, W>, Panels<2, W>, Panels<3, W>, Panels<4, W>,
+                                               Panels<5, W>, Panels<6, W>, Panels<7, W>, Panels<8, W>};
 
-ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, PanelStack w, MatrixResult y) {
+template <typename WeightBuffer>
+ffi::Error Run(ffi::ThreadPool& pool, Matrix& x, WeightBuffer& w, MatrixResult& y) {
+  using W = std::remove_const_t<std::remove_pointer_t<decltype(w.typed_data())>>;
   const int64_t B = x.dimensions()[0], K = x.dimensions()[1];
   const int64_t num_panels = w.dimensions()[0], N = num_panels * kWidth;
   if (B < 1 || B > 8) return ffi::Error::InvalidArgument("panel_matmul: x must have 1 to 8 rows");
@@ -80,8 +94,8 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, PanelStack w, MatrixR
     return ffi::Error::InvalidArgument("panel_matmul: w must be [N / 48, K, 48] for x [B, K]");
   if (y->dimensions()[0] != B || y->dimensions()[1] != N)
     return ffi::Error::InvalidArgument("panel_matmul: y must be [B, N]");
-  auto job = std::make_shared<Job>();
-  job->panels = kPanels[B - 1];
+  auto job = std::make_shared<Job<W>>();
+  job->panels = kPanels<W>[B - 1];
   job->x = x.typed_data();
   job->w = w.typed_data();
   job->y = y->typed_data();
@@ -96,6 +110,14 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, PanelStack w, MatrixR
   return ffi::Error::Success();
 }
 
+ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, PanelStack w, MatrixResult y) {
+  return Run(pool, x, w, y);
+}
+
+ffi::Error PanelMatmulBf16Impl(ffi::ThreadPool pool, Matrix x, PanelStackBf16 w, MatrixResult y) {
+  return Run(pool, x, w, y);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmul, PanelMatmulImpl,
@@ -103,4 +125,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmul, PanelMatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Matrix>()
                                   .Arg<PanelStack>()
+                                  .Ret<Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmulBf16, PanelMatmulBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<PanelStackBf16>()
                                   .Ret<Matrix>());
