@@ -186,8 +186,8 @@ def _step_keys(state: DecodeState):
 #   below, then 48.3 -> 60.9 at B=1 (same-process A/B, best of 8 runs). The cost is a second copy of the block
 #   weights while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
 #   For up to 8 rows in float32 or bfloat16, where cpu_kernels.panel_matmul builds, every matrix and the output
-#   layer are packed in its panels instead (float32, --layouts on an idle machine: 17.0 / 22.8 ms, against 21.0 on
-#   [out, in] at B=1 and 45.5 on [in, out] at B=8). Otherwise the output layer reads wte [V, C] as stored.
+#   layer are packed in its panels instead (float32, --layouts on an idle machine: 15.7 / 19.0 ms, against 18.1 on
+#   [out, in] at B=1 and 40.5 on [in, out] at B=8). Otherwise the output layer reads wte [V, C] as stored.
 
 
 # Matrix layouts of DecodeWeights: as stored, transposed, or packed for cpu_kernels.panel_matmul.
