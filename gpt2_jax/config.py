@@ -159,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise ConfigError(f"learning_rate must be > 0 and min_lr >= 0; got {self.learning_rate}, {self.min_lr}")
+        if max(self.learning_rate, self.min_lr) > 3.4028234663852886e38:  # float32's largest: the step computes in it
+            raise ConfigError(f"learning_rate and min_lr must fit in float32; got {self.learning_rate}, {self.min_lr}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")

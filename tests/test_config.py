@@ -67,3 +67,5 @@ def test_train_config_validation():
         TrainConfig(lr_schedule="step")
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="learning_rate and min_lr must fit in float32; got 1e\\+39"):
+        TrainConfig(learning_rate=1e39)

@@ -146,6 +146,18 @@ def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
     assert checkpoint.read_meta(out)["data"]["next_batch"] == 20
 
 
+def test_checkpoint_meta_holds_the_configs_rng_commit_and_val_loss(straight):
+    out, _ = straight
+    meta = checkpoint.read_meta(out)
+    assert ModelConfig(**meta["model_config"]) == ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32,
+                                                                         dropout=0.1)
+    assert (meta["train_config"]["max_iters"], meta["train_config"]["batch_size"]) == (20, 8)
+    assert meta["rng"] == np.asarray(jax.random.PRNGKey(meta["train_config"]["seed"])).tolist()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert meta["git_commit"] in (head, head + "-dirty")
+    assert meta["val_loss"] == records(out)[-1]["val_loss"]
+
+
 def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_path, data_dir, env):
     out = tmp_path / "run"
     # max_iters is not part of the compiled step, so this run reuses the straight run's cached executable.
