@@ -201,3 +201,26 @@ def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path):
     bad = subprocess.run([sys.executable, str(root / "sample.py"), *flags, "--mesh", "data:3"], env=env, cwd=root,
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "needs 3 devices but there are 8" in bad.stderr
+
+
+def test_bf16_top_k_top_p_samples_do_not_depend_on_the_batch_size(model, tmp_path):
+    cfg, params, ckpt = model
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["To be", "or not", "to be, that is the question", "Whether", "'tis nobler in the mind to suffer"]
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    flags = [f"--init_from={ckpt}", f"--prompts_file={prompts}", "--max_new_tokens=10", "--dtype=bfloat16",
+             "--temperature=0.9", "--top_k=40", "--top_p=0.9", "--seed=7"]
+    outs = {}
+    for batch in (2, 5):
+        out = tmp_path / f"b{batch}.jsonl"
+        assert sample.main(flags + [f"--batch_size={batch}", f"--out={out}"]) == 0
+        outs[batch] = sorted(read_jsonl(out), key=lambda r: r["id"])
+    assert outs[2] == outs[5] and len(outs[2]) == len(texts)
+    # Each line is what the library gives for that prompt alone, with the bf16 weights and the documented key.
+    bf16 = ModelConfig.from_preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    bf16_params = jax.tree.map(lambda a: a.astype("bfloat16"), params)
+    for line, text in zip(outs[2], texts):
+        completion, done = reference(bf16, bf16_params, text, line["id"], seed=7, n=10, temperature=0.9, top_k=40,
+                                     top_p=0.9)
+        assert (line["completion"], line["completion_tokens"], line["finish_reason"]) == (
+            completion, len(done.tokens), done.finish_reason)
