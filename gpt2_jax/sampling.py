@@ -342,14 +342,14 @@ def decode_block_forward(config: ModelConfig, weights: DecodeWeights, token_B, p
     x_BC = layer_norm(config, x_BC, *weights.ln_f)
     head_VC, head_bias = weights.head
     # As GPT2 computes it: float32 accumulation for the tied head, the compute dtype (plus bias) for an untied one.
-    if weights.layout == PANELS and config.tie_embeddings:  # float32 sums and result
+    # The head is never transposed: [V, C] as stored, or packed in panels.
+    head_layout = PANELS if weights.layout == PANELS else OUT_IN
+    if not config.tie_embeddings:
+        logits_BV = _dense(config, x_BC, (head_VC, head_bias), head_layout, n_out=config.padded_vocab_size)
+    elif head_layout == PANELS:  # float32 sums and result
         logits_BV = cpu_kernels.panel_matmul(x_BC, head_VC, config.padded_vocab_size)
-    elif weights.layout == PANELS:
-        logits_BV = _dense(config, x_BC, (head_VC, head_bias), PANELS, n_out=config.padded_vocab_size)
-    elif config.tie_embeddings:
-        logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32)
     else:
-        logits_BV = _dense(config, x_BC, (head_VC, head_bias), OUT_IN, n_out=head_VC.shape[0])
+        logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32)
     return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
 
 

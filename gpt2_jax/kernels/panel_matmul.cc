@@ -85,7 +85,7 @@ constexpr decltype(&Panels<1, W>) kPanels[] = {Panels<1, W>, Panels<2, W>, Panel
                                                Panels<5, W>, Panels<6, W>, Panels<7, W>, Panels<8, W>};
 
 template <typename WeightBuffer>
-ffi::Error Run(ffi::ThreadPool& pool, Matrix& x, WeightBuffer& w, MatrixResult& y) {
+ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, WeightBuffer w, MatrixResult y) {
   using W = std::remove_const_t<std::remove_pointer_t<decltype(w.typed_data())>>;
   const int64_t B = x.dimensions()[0], K = x.dimensions()[1];
   const int64_t num_panels = w.dimensions()[0], N = num_panels * kWidth;
@@ -110,26 +110,12 @@ ffi::Error Run(ffi::ThreadPool& pool, Matrix& x, WeightBuffer& w, MatrixResult& 
   return ffi::Error::Success();
 }
 
-ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, PanelStack w, MatrixResult y) {
-  return Run(pool, x, w, y);
-}
-
-ffi::Error PanelMatmulBf16Impl(ffi::ThreadPool pool, Matrix x, PanelStackBf16 w, MatrixResult y) {
-  return Run(pool, x, w, y);
+template <typename WeightBuffer>
+auto Binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Matrix>().Arg<WeightBuffer>().template Ret<Matrix>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmul, PanelMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()
-                                  .Arg<PanelStack>()
-                                  .Ret<Matrix>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmulBf16, PanelMatmulBf16Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrix>()
-                                  .Arg<PanelStackBf16>()
-                                  .Ret<Matrix>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmul, PanelMatmulImpl<PanelStack>, Binding<PanelStack>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmulBf16, PanelMatmulImpl<PanelStackBf16>, Binding<PanelStackBf16>());
