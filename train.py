@@ -41,14 +41,15 @@ DEFAULT_PRESET = "mini"
 # Flags that say how to join a multi-process run; not TrainConfig fields, so no checkpoint records them.
 CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id")
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
-# Dense peak TFLOP/s per chip: (16-bit, 32-bit as XLA runs float32 matmuls by default: TF32 on NVIDIA since
-# Ampere, bf16 passes on TPU). Matched against jax's device_kind, first match wins.
+# Dense peak TFLOP/s per chip: (16-bit; float32 at matmul_precision "default"/"high": TF32 on NVIDIA since Ampere,
+# one bf16 pass on TPU; float32 at "highest": CUDA cores on NVIDIA, six bf16 passes on TPU). Matched against
+# jax's device_kind, first match wins.
 PEAK_TFLOPS = [
-    ("h100 pcie", (756.0, 378.0)), ("h100", (989.0, 494.0)), ("h200", (989.0, 494.0)),
-    ("a100", (312.0, 156.0)), ("l40s", (362.0, 183.0)), ("l40", (181.0, 90.5)),
-    ("l4", (121.0, 60.0)), ("a10", (125.0, 62.5)),
-    ("v100", (125.0, 15.7)), ("tpu v6", (918.0, 918.0)), ("tpu v5 lite", (197.0, 197.0)),
-    ("tpu v5e", (197.0, 197.0)), ("tpu v5", (459.0, 459.0)), ("tpu v4", (275.0, 275.0)), ("tpu v3", (123.0, 123.0)),
+    ("h100 pcie", (756.0, 378.0, 51.0)), ("h100", (989.0, 494.0, 67.0)), ("h200", (989.0, 494.0, 67.0)),
+    ("a100", (312.0, 156.0, 19.5)), ("l40s", (362.0, 183.0, 91.6)), ("l40", (181.0, 90.5, 90.5)),
+    ("l4", (121.0, 60.0, 30.3)), ("a10", (125.0, 62.5, 31.2)), ("v100", (125.0, 15.7, 15.7)),
+    ("tpu v6", (918.0, 918.0, 153.0)), ("tpu v5 lite", (197.0, 197.0, 32.8)), ("tpu v5e", (197.0, 197.0, 32.8)),
+    ("tpu v5", (459.0, 459.0, 76.5)), ("tpu v4", (275.0, 275.0, 45.8)), ("tpu v3", (123.0, 123.0, 20.5)),
 ]
 
 
@@ -152,13 +153,15 @@ def open_data(model_cfg: ModelConfig, train_cfg: TrainConfig):
     return data_dir, splits
 
 
-def peak_flops(dtype: str) -> tuple[float, str]:
+def peak_flops(model_cfg: ModelConfig) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from): the table for known chips, else a measured matmul."""
     device = jax.local_devices()[0]
     kind = device.device_kind.lower()
-    for name, (half, full) in PEAK_TFLOPS:
+    dtype = model_cfg.dtype
+    for name, (half, fast32, full32) in PEAK_TFLOPS:
         if name in kind:
-            return (full if dtype == "float32" else half) * 1e12, f"{device.device_kind} datasheet"
+            peak = half if dtype != "float32" else full32 if model_cfg.matmul_precision == "highest" else fast32
+            return peak * 1e12, f"{device.device_kind} datasheet"
     n = 1024
     a = jnp.ones((n, n), dtype)
     matmul = jax.jit(lambda x, y: x @ y)
@@ -341,7 +344,7 @@ def train(run: Run) -> int:
     cfg, model_cfg = run.cfg, run.model_cfg
     stop = StopRequest()
     step_fn, eval_fn = run.compile()
-    device_peak, peak_source = peak_flops(model_cfg.dtype)
+    device_peak, peak_source = peak_flops(model_cfg)
     peak = device_peak * jax.device_count()
     tokens_per_step = cfg.gradient_accumulation_steps * run.global_batch * model_cfg.block_size
     flops_per_step = flops_per_token(model_cfg, run.state.params) * tokens_per_step

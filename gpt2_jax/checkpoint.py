@@ -26,7 +26,7 @@ from gpt2_jax.training import TrainState, init_train_state
 
 FORMAT = "gpt2_jax"
 # ModelConfig fields that change the shape or storage dtype of a parameter; the others (dropout, compute dtype,
-# remat, scan_unroll, activation, layer_norm_eps) may differ between a checkpoint and the run that loads it.
+# remat, scan_unroll, attention, activation, layer_norm_eps) may differ between a checkpoint and the run that loads it.
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "qkv_bias", "lm_head_bias",
                 "tie_embeddings", "bias", "pad_vocab_to", "param_dtype")
 

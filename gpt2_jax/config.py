@@ -9,6 +9,8 @@ from pathlib import Path
 
 ACTIVATIONS = ("gelu_tanh", "gelu_exact")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("auto", "xla", "cudnn")
+MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,13 @@ class ModelConfig:
     # Blocks are stacked and run by lax.scan (one compiled block); unroll > 1 unrolls that many per iteration.
     scan_unroll: int = 1
     remat: bool = False  # recompute each block's activations in the backward pass
+    # Causal self-attention over a whole sequence: "xla" (ours: masked softmax, XLA-compiled), "cudnn" (cuDNN's
+    # fused flash attention: NVIDIA GPU, bfloat16/float16, no attention dropout), or "auto" (cudnn where it can run).
+    attention: str = "auto"
+    # Matmuls in float32 compute: "highest" is true float32 (PyTorch's default on GPUs, so logits match it);
+    # "high"/"default" let XLA use TF32 on NVIDIA GPUs (about 5e-4 relative error, much faster) and fewer bf16
+    # passes on TPUs. No effect on CPUs, nor on bfloat16/float16 compute.
+    matmul_precision: str = "highest"
 
     def __post_init__(self):
         _check_types(self)
@@ -54,6 +63,10 @@ class ModelConfig:
             raise ConfigError(f"activation must be one of {ACTIVATIONS}; got {self.activation!r}")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"layer_norm_eps must be > 0; got {self.layer_norm_eps}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention must be one of {ATTENTIONS}; got {self.attention!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(f"matmul_precision must be one of {MATMUL_PRECISIONS}; got {self.matmul_precision!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}; got {getattr(self, name)!r}")
@@ -63,6 +76,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def precision(self) -> str | None:
+        """The `precision` of every matmul: matmul_precision in float32 compute, XLA's default in 16-bit."""
+        return self.matmul_precision if self.dtype == "float32" else None
 
     @property
     def padded_vocab_size(self) -> int:

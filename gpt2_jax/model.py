@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax.config import ModelConfig
+from gpt2_jax.config import ConfigError, ModelConfig
 
 
 @flax.struct.dataclass
@@ -96,10 +96,34 @@ class Linear(nn.Module):
                        self.out_shape + in_shape, cfg.param_dtype)
         # Contract the trailing n_in axes of x with the trailing n_in axes of W.
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(len(self.out_shape), w.ndim)))
-        y = jax.lax.dot_general(x.astype(cfg.dtype), w.astype(cfg.dtype), (contract, ((), ())))
+        y = jax.lax.dot_general(x.astype(cfg.dtype), w.astype(cfg.dtype), (contract, ((), ())),
+                                precision=cfg.precision)
         if self.use_bias:
             y = y + self.param("bias", _const(0.0, self.out_axes), self.out_shape, cfg.param_dtype).astype(cfg.dtype)
         return y
+
+
+def causal_attention_impl(config: ModelConfig, training: bool) -> str:
+    """Which attention runs plain causal self-attention: "cudnn" or "xla" (see ModelConfig.attention).
+
+    attention="cudnn" where cuDNN's kernel cannot run is a ConfigError that says why; "auto" falls back to "xla".
+    """
+    if config.attention == "xla":
+        return "xla"
+    reasons = []
+    if jax.default_backend() != "gpu" or "nvidia" not in jax.devices()[0].device_kind.lower():
+        reasons.append(f"it runs on NVIDIA GPUs only (jax's devices: {jax.devices()[0].device_kind})")
+    if config.dtype not in ("bfloat16", "float16"):
+        reasons.append(f"it computes in bfloat16 or float16 only (dtype is {config.dtype})")
+    if training and config.dropout > 0:
+        reasons.append(f"it has no attention dropout (dropout is {config.dropout} in training)")
+    if config.head_dim % 8 or config.head_dim > 128:
+        reasons.append(f"it needs a head size that is a multiple of 8 up to 128 (n_embd / n_head = {config.head_dim})")
+    if not reasons:
+        return "cudnn"
+    if config.attention == "cudnn":
+        raise ConfigError("attention='cudnn' cannot run here: " + "; ".join(reasons) + "; use attention='auto' or 'xla'")
+    return "xla"
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,7 +147,9 @@ class CausalSelfAttention(nn.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTHD.astype(v_cache.dtype), start)
             new_cache = (k_cache, v_cache)
             k_BTHD, v_BTHD = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
-        if mask_BTS is None:
+        if mask_BTS is None and causal_attention_impl(cfg, not self.deterministic) == "cudnn":
+            y_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation="cudnn")
+        elif mask_BTS is None:
             y_BTHD = self._causal(q_BTHD, k_BTHD, v_BTHD, dropout)
         else:
             y_BTHD = self._attend(q_BTHD, k_BTHD, v_BTHD, mask_BTS[:, None], dropout)
@@ -147,12 +173,13 @@ class CausalSelfAttention(nn.Module):
     def _attend(self, q_BTHD, k_BSHD, v_BSHD, mask, dropout):
         """softmax(q k^T / sqrt(D)) v over the key slots that mask (broadcast to [B, H, T, S]) allows."""
         cfg = self.config
-        scores_BHTS = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BSHD, preferred_element_type=jnp.float32)
+        scores_BHTS = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BSHD, preferred_element_type=jnp.float32,
+                                 precision=cfg.precision)
         scores_BHTS = scores_BHTS * (1.0 / math.sqrt(cfg.head_dim))
         scores_BHTS = jnp.where(mask, scores_BHTS, jnp.finfo(jnp.float32).min)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
         probs_BHTS = dropout(probs_BHTS, deterministic=self.deterministic)
-        return jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(cfg.dtype), v_BSHD)
+        return jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(cfg.dtype), v_BSHD, precision=cfg.precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -267,7 +294,8 @@ class GPT2(nn.Module):
 
         x_BTC = LayerNorm(cfg, name="ln_f")(x_BTC)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btc,vc->btv", x_BTC, wte.astype(cfg.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btc,vc->btv", x_BTC, wte.astype(cfg.dtype), preferred_element_type=jnp.float32,
+                                precision=cfg.precision)
         else:
             logits = Linear(cfg, (Vp,), ("vocab",), ("embed",), use_bias=cfg.lm_head_bias, name="lm_head")(x_BTC)
         logits = logits.astype(jnp.float32)

@@ -279,7 +279,8 @@ def _dense(config: ModelConfig, x, weight_bias, layout: str, n_out: int):
     if layout == PANELS:  # float32 sums, rounded once to the compute dtype
         y = cpu_kernels.panel_matmul(x, weight, n_out).astype(config.dtype)
     else:
-        y = jnp.dot(x, weight) if layout == IN_OUT else _matmul_nt(x, weight)
+        y = (jnp.dot(x, weight, precision=config.precision) if layout == IN_OUT
+             else _matmul_nt(x, weight, precision=config.precision))
     return y if bias is None else y + bias.astype(config.dtype)
 
 
@@ -349,7 +350,7 @@ def decode_block_forward(config: ModelConfig, weights: DecodeWeights, token_B, p
     elif head_layout == PANELS:  # float32 sums and result
         logits_BV = cpu_kernels.panel_matmul(x_BC, head_VC, config.padded_vocab_size)
     else:
-        logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32)
+        logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32, precision=config.precision)
     return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
 
 
@@ -358,12 +359,13 @@ def _attend(config: ModelConfig, q_BHD, *parts):
     float32 scores, probabilities in the compute dtype; every row sees at least its newest token."""
     scale = 1.0 / np.sqrt(config.head_dim)
     scores = [jnp.where(visible, jnp.einsum("bhd,bhsd->bhs", q_BHD, k.astype(config.dtype),
-                                            preferred_element_type=jnp.float32) * scale, -jnp.inf)
+                                            preferred_element_type=jnp.float32, precision=config.precision) * scale, -jnp.inf)
               for k, _, visible in parts]
     max_BH1 = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     probs = [jnp.exp(s - max_BH1) for s in scores]
     total_BH1 = sum(p.sum(-1, keepdims=True) for p in probs)
-    return sum(jnp.einsum("bhs,bhsd->bhd", (p / total_BH1).astype(config.dtype), v.astype(config.dtype))
+    return sum(jnp.einsum("bhs,bhsd->bhd", (p / total_BH1).astype(config.dtype), v.astype(config.dtype),
+                          precision=config.precision)
                for p, (_, v, _) in zip(probs, parts))
 
 

@@ -1,5 +1,7 @@
 """The Flax GPT-2 against transformers' GPT2LMHeadModel (torch, fp32) with the same random weights."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +191,74 @@ def test_bad_tokens_raise_before_compute(tokens, message):
     params = init_params(cfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=message):
         GPT2(cfg).apply({"params": params}, jnp.asarray(tokens))
+
+
+def _dot_precisions(lowered_text: str) -> list[str]:
+    """The precision attribute of every dot_general in a lowered StableHLO module ("" where it has none)."""
+    lines = [line for line in lowered_text.splitlines() if "stablehlo.dot_general" in line]
+    return [line.partition("precision = [")[2].partition("]")[0] for line in lines]
+
+
+@pytest.mark.parametrize("dtype, matmul_precision, expected", [
+    ("float32", "highest", "HIGHEST, HIGHEST"),  # true float32: on NVIDIA GPUs XLA would otherwise use TF32
+    ("float32", "high", "HIGH, HIGH"),
+    ("float32", "default", "DEFAULT, DEFAULT"),
+    ("bfloat16", "highest", "DEFAULT, DEFAULT"),  # 16-bit compute keeps XLA's default
+])
+def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype, matmul_precision, expected):
+    from gpt2_jax import sampling
+
+    cfg = ModelConfig.from_preset("tiny", dtype=dtype, matmul_precision=matmul_precision, tie_embeddings=False)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    weights_BTV = jax.random.normal(jax.random.PRNGKey(1), (2, 8, cfg.vocab_size))
+
+    def loss(p):  # no matmul of its own
+        return (GPT2(cfg).apply({"params": p}, tokens) * weights_BTV).sum()
+
+    train = _dot_precisions(jax.jit(jax.grad(loss)).lower(params).as_text())
+    assert len(train) >= 3 * 6 and set(train) == {expected}  # 6 matmuls a block, forward + 2 backward each
+    weights = sampling.decode_weights(cfg, params, sampling.OUT_IN)
+    k = tuple(jnp.zeros((2, cfg.n_head, 16, cfg.head_dim), cfg.dtype) for _ in range(cfg.n_layer))
+    decode = jax.jit(functools.partial(sampling.decode_forward, cfg)).lower(
+        weights, tokens[:, 0], jnp.zeros((2,), jnp.int32), jnp.ones((2, 16), bool), k, k, jnp.int32(0))
+    precisions = _dot_precisions(decode.as_text())
+    assert len(precisions) >= 6 * cfg.n_layer and set(precisions) == {expected}
+
+
+def test_matmul_precision_and_attention_are_checked():
+    from gpt2_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="matmul_precision must be one of"):
+        ModelConfig(matmul_precision="tf32")
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        ModelConfig(attention="flash")
+
+
+def test_cudnn_attention_is_chosen_only_where_it_can_run(monkeypatch):
+    from gpt2_jax.config import ConfigError
+    from gpt2_jax.model import causal_attention_impl
+
+    bf16 = ModelConfig.from_preset("tiny", dtype="bfloat16", dropout=0.1)
+    assert jax.default_backend() == "cpu"
+    assert causal_attention_impl(bf16, training=False) == "xla"  # auto, on CPU
+    with pytest.raises(ConfigError, match=r"attention='cudnn' cannot run here: it runs on NVIDIA GPUs only"):
+        causal_attention_impl(ModelConfig.from_preset("tiny", attention="cudnn"), training=False)
+    with pytest.raises(ConfigError, match="cannot run here"):  # raised while tracing, before any compile
+        GPT2(ModelConfig.from_preset("tiny", attention="cudnn")).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), int))
+
+    class H100:
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [H100()])
+    assert causal_attention_impl(bf16, training=False) == "cudnn"
+    assert causal_attention_impl(bf16, training=True) == "xla"  # attention dropout: only ours has it
+    assert causal_attention_impl(ModelConfig.from_preset("tiny", dtype="bfloat16"), training=True) == "cudnn"
+    assert causal_attention_impl(ModelConfig.from_preset("tiny"), training=False) == "xla"  # float32
+    assert causal_attention_impl(ModelConfig.from_preset("tiny", dtype="bfloat16", attention="xla"), False) == "xla"
+    with pytest.raises(ConfigError, match=r"bfloat16 or float16 only \(dtype is float32\)"):
+        causal_attention_impl(ModelConfig.from_preset("tiny", attention="cudnn"), training=False)
+    wide = ModelConfig.from_preset("tiny", dtype="bfloat16", n_head=1, n_embd=256, attention="cudnn")
+    with pytest.raises(ConfigError, match="head size that is a multiple of 8 up to 128"):
+        causal_attention_impl(wide, training=False)
