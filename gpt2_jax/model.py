@@ -122,7 +122,7 @@ def causal_attention_impl(config: ModelConfig, training: bool) -> str:
     if not reasons:
         return "cudnn"
     if config.attention == "cudnn":
-        raise ConfigError("attention='cudnn' cannot run here: " + "; ".join(reasons) + "; use attention='auto' or 'xla'")
+        raise ConfigError(f"attention='cudnn' cannot run here: {'; '.join(reasons)}; use attention='auto' or 'xla'")
     return "xla"
 
 

@@ -358,8 +358,9 @@ def _attend(config: ModelConfig, q_BHD, *parts):
     """softmax(q k^T / sqrt(D)) v over the visible slots of several (keys, values, visible) parts together:
     float32 scores, probabilities in the compute dtype; every row sees at least its newest token."""
     scale = 1.0 / np.sqrt(config.head_dim)
-    scores = [jnp.where(visible, jnp.einsum("bhd,bhsd->bhs", q_BHD, k.astype(config.dtype),
-                                            preferred_element_type=jnp.float32, precision=config.precision) * scale, -jnp.inf)
+    scores = [jnp.where(visible, scale * jnp.einsum("bhd,bhsd->bhs", q_BHD, k.astype(config.dtype),
+                                                    preferred_element_type=jnp.float32, precision=config.precision),
+                        -jnp.inf)
               for k, _, visible in parts]
     max_BH1 = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
     probs = [jnp.exp(s - max_BH1) for s in scores]
