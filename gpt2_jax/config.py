@@ -9,7 +9,7 @@ from pathlib import Path
 
 ACTIVATIONS = ("gelu_tanh", "gelu_exact")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTIONS = ("auto", "xla", "cudnn")
+ATTENTIONS = ("auto", "xla", "cudnn", "cpu_kernel")
 MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
@@ -42,7 +42,9 @@ class ModelConfig:
     scan_unroll: int = 1
     remat: bool = False  # recompute each block's activations in the backward pass
     # Causal self-attention over a whole sequence: "xla" (ours: masked softmax, XLA-compiled), "cudnn" (cuDNN's
-    # fused flash attention: NVIDIA GPU, bfloat16/float16, no attention dropout), or "auto" (cudnn where it can run).
+    # fused flash attention: NVIDIA GPU, bfloat16/float16, no attention dropout), "cpu_kernel" (cpu_kernels.py:
+    # one CPU device with AVX-512, float32, no attention dropout), or "auto" (the first of cudnn, cpu_kernel that
+    # can run, else xla).
     attention: str = "auto"
     # Matmuls in float32 compute: "highest" is true float32 (PyTorch's default on GPUs, so logits match it);
     # "high"/"default" let XLA use TF32 on NVIDIA GPUs (about 5e-4 relative error, much faster) and fewer bf16

@@ -1,12 +1,15 @@
-"""A hand-written CPU kernel for the skinny matmuls of decoding, built on first use; XLA is the fallback.
+"""Hand-written CPU kernels, built on first use; XLA is the fallback.
 
 panel_matmul computes x [B, K] @ W for B <= 8 rows with W packed by pack_panels into panels [N / 48, K, 48]
 (kernels/panel_matmul.cc); W is float32 or bfloat16, the sums and the result float32. In a decode step every
 weight is read once per token, and XLA:CPU's GEMM with 8 rows reads the weights at about half the machine's
 bandwidth; the packed panels are one contiguous stream each.
-The kernel is compiled with the system C++ compiler (-march=native, AVX-512 needed) into the user's cache
-directory the first time it is needed on a machine (one library per source, compiler, jaxlib version and CPU
-model), and each process registers it as an XLA FFI target. Where that fails (no
+causal_attention is the causal self-attention of a training step, forward and backward, in float32
+(kernels/causal_attention.cc): each (batch row, head) in cache-sized buffers, blocks above the diagonal skipped,
+q, k and v read straight from the fused qkv projection.
+The kernels are compiled with the system C++ compiler (-march=native, AVX-512 needed) into the user's cache
+directory the first time they are needed on a machine (one library per source, compiler, jaxlib version and CPU
+model), and each process registers them as XLA FFI targets. Where that fails (no
 compiler, no AVX-512, not x86) or GPT2_JAX_CPU_KERNELS=0 is set, available() is False and says why.
 """
 
@@ -28,9 +31,12 @@ import jaxlib
 
 PANEL_WIDTH = 48
 MAX_ROWS = 8
-_SOURCE = Path(__file__).parent / "kernels" / "panel_matmul.cc"
+ATTENTION_HEAD_SIZES = (16, 32, 48, 64)
+_SOURCES = [Path(__file__).parent / "kernels" / name for name in ("panel_matmul.cc", "causal_attention.cc")]
 _TARGETS = {jnp.dtype(jnp.float32): ("gpt2_jax_panel_matmul", "PanelMatmul"),
-            jnp.dtype(jnp.bfloat16): ("gpt2_jax_panel_matmul_bf16", "PanelMatmulBf16")}
+            jnp.dtype(jnp.bfloat16): ("gpt2_jax_panel_matmul_bf16", "PanelMatmulBf16"),
+            "attention_forward": ("gpt2_jax_causal_attention_fwd", "CausalAttentionForward"),
+            "attention_backward": ("gpt2_jax_causal_attention_bwd", "CausalAttentionBackward")}
 _state: dict = {}  # "error": why the kernel is unavailable, or "loaded": True
 
 
@@ -54,7 +60,7 @@ def _cpu_description(cpuinfo: str | None) -> str:
 
 
 def _build() -> Path:
-    """Compile the kernel once per source, compiler, jaxlib version and CPU model; return the library's path."""
+    """Compile the kernels once per source, compiler, jaxlib version and CPU model; return the library's path."""
     compiler = shlex.split(os.environ.get("CXX", "")) or [shutil.which("c++") or shutil.which("g++") or ""]
     if not compiler[0]:
         raise RuntimeError("no C++ compiler found (set CXX)")
@@ -62,16 +68,16 @@ def _build() -> Path:
     cpu = _cpu_description(cpuinfo)
     if cpuinfo is not None and "avx512f" not in cpu.split():
         raise RuntimeError("this CPU has no AVX-512 (no avx512f in /proc/cpuinfo)")
-    parts = (_SOURCE.read_bytes().decode(), " ".join(compiler), jaxlib.__version__, cpu)
+    parts = (*(source.read_bytes().decode() for source in _SOURCES), " ".join(compiler), jaxlib.__version__, cpu)
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"panel_matmul-{key}.so"
+    library = _cache_dir() / f"kernels-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
         command = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                   "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(built)]
+                   "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", str(built)]
         run = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if run.returncode:
             errors = [line for line in run.stderr.splitlines() if "error" in line]
@@ -82,7 +88,7 @@ def _build() -> Path:
 
 
 def available() -> bool:
-    """True if panel_matmul can run here (builds and registers the kernel on the first call)."""
+    """True if the kernels can run here (builds and registers them on the first call)."""
     if not _state:
         try:
             if os.environ.get("GPT2_JAX_CPU_KERNELS", "1") == "0":
@@ -99,7 +105,7 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str | None:
-    """Why panel_matmul cannot run here, or None if it can."""
+    """Why the kernels cannot run here, or None if they can."""
     return None if available() else _state["error"]
 
 
@@ -121,8 +127,46 @@ def panel_matmul(x_BK, w_PKW, n_out: int):
     if not 1 <= B <= MAX_ROWS or w_PKW.shape[1:] != (K, PANEL_WIDTH) or n_out > w_PKW.shape[0] * PANEL_WIDTH:
         raise ValueError(f"panel_matmul needs x [B <= {MAX_ROWS}, K], panels [P, K, {PANEL_WIDTH}] and n_out <= "
                          f"{PANEL_WIDTH}P; got {x_BK.shape}, {w_PKW.shape} and {n_out}")
-    if jnp.dtype(w_PKW.dtype) not in _TARGETS:
+    if jnp.dtype(w_PKW.dtype) not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"panel_matmul takes float32 or bfloat16 panels (see pack_panels); got {w_PKW.dtype}")
     out = jax.ShapeDtypeStruct((B, w_PKW.shape[0] * PANEL_WIDTH), jnp.float32)
     call = jax.ffi.ffi_call(_TARGETS[jnp.dtype(w_PKW.dtype)][0], out, vmap_method="sequential")
     return call(x_BK.astype(jnp.float32), w_PKW)[:, :n_out]
+
+
+def _attention_forward(qkv_BT3HD):
+    B, T, _, H, D = qkv_BT3HD.shape
+    out = (jax.ShapeDtypeStruct((B, T, H, D), jnp.float32), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+    return jax.ffi.ffi_call(_TARGETS["attention_forward"][0], out, vmap_method="sequential")(qkv_BT3HD)
+
+
+@jax.custom_vjp
+def _attention(qkv_BT3HD):
+    return _attention_forward(qkv_BT3HD)[0]
+
+
+def _attention_fwd(qkv_BT3HD):
+    y_BTHD, lse_BHT = _attention_forward(qkv_BT3HD)  # lse: log of each softmax row's denominator
+    return y_BTHD, (qkv_BT3HD, lse_BHT)
+
+
+def _attention_bwd(residuals, dy_BTHD):
+    qkv_BT3HD, lse_BHT = residuals
+    out = jax.ShapeDtypeStruct(qkv_BT3HD.shape, jnp.float32)
+    call = jax.ffi.ffi_call(_TARGETS["attention_backward"][0], out, vmap_method="sequential")
+    return (call(qkv_BT3HD, lse_BHT, dy_BTHD.astype(jnp.float32)),)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def causal_attention(qkv_BT3HD):
+    """softmax(q k^T / sqrt(D), causal) v for qkv [B, T, 3, H, D] float32 (q, k, v on axis 2): y [B, T, H, D]."""
+    if not available():
+        raise RuntimeError(f"the attention kernel cannot run here: {unavailable_reason()}")
+    if qkv_BT3HD.ndim != 5 or qkv_BT3HD.shape[2] != 3 or qkv_BT3HD.shape[4] not in ATTENTION_HEAD_SIZES:
+        raise ValueError(f"causal_attention needs qkv [B, T, 3, H, D] with D in {ATTENTION_HEAD_SIZES}; "
+                         f"got {qkv_BT3HD.shape}")
+    if qkv_BT3HD.dtype != jnp.float32:
+        raise ValueError(f"causal_attention takes float32 qkv; got {qkv_BT3HD.dtype}")
+    return _attention(qkv_BT3HD)

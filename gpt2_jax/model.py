@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ConfigError, ModelConfig
 
 
@@ -104,26 +105,50 @@ class Linear(nn.Module):
 
 
 def causal_attention_impl(config: ModelConfig, training: bool) -> str:
-    """Which attention runs plain causal self-attention: "cudnn" or "xla" (see ModelConfig.attention).
+    """Which attention runs plain causal self-attention: "cudnn", "cpu_kernel" or "xla" (ModelConfig.attention).
 
-    attention="cudnn" where cuDNN's kernel cannot run is a ConfigError that says why; "auto" falls back to "xla".
+    attention="cudnn" or "cpu_kernel" where that kernel cannot run is a ConfigError that says why; "auto" takes
+    the first that can run, else "xla".
     """
-    if config.attention == "xla":
-        return "xla"
+    dropout = training and config.dropout > 0
+    for impl, blockers in (("cudnn", _cudnn_blockers), ("cpu_kernel", _cpu_kernel_blockers)):
+        if config.attention in ("auto", impl):
+            reasons = blockers(config, dropout)
+            if not reasons:
+                return impl
+            if config.attention == impl:
+                raise ConfigError(f"attention={impl!r} cannot run here: {'; '.join(reasons)}; "
+                                  "use attention='auto' or 'xla'")
+    return "xla"
+
+
+def _cudnn_blockers(config: ModelConfig, dropout: bool) -> list[str]:
     reasons = []
     if jax.default_backend() != "gpu" or "nvidia" not in jax.devices()[0].device_kind.lower():
         reasons.append(f"it runs on NVIDIA GPUs only (jax's devices: {jax.devices()[0].device_kind})")
     if config.dtype not in ("bfloat16", "float16"):
         reasons.append(f"it computes in bfloat16 or float16 only (dtype is {config.dtype})")
-    if training and config.dropout > 0:
+    if dropout:
         reasons.append(f"it has no attention dropout (dropout is {config.dropout} in training)")
     if config.head_dim % 8 or config.head_dim > 128:
         reasons.append(f"it needs a head size that is a multiple of 8 up to 128 (n_embd / n_head = {config.head_dim})")
-    if not reasons:
-        return "cudnn"
-    if config.attention == "cudnn":
-        raise ConfigError(f"attention='cudnn' cannot run here: {'; '.join(reasons)}; use attention='auto' or 'xla'")
-    return "xla"
+    return reasons
+
+
+def _cpu_kernel_blockers(config: ModelConfig, dropout: bool) -> list[str]:
+    reasons = []
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        reasons.append(f"it runs on one CPU device only (jax has {jax.device_count()} {jax.default_backend()})")
+    if config.dtype != "float32":
+        reasons.append(f"it computes in float32 only (dtype is {config.dtype})")
+    if dropout:
+        reasons.append(f"it has no attention dropout (dropout is {config.dropout} in training)")
+    if config.head_dim not in cpu_kernels.ATTENTION_HEAD_SIZES:
+        reasons.append(f"it needs a head size in {cpu_kernels.ATTENTION_HEAD_SIZES} "
+                       f"(n_embd / n_head = {config.head_dim})")
+    if not reasons and not cpu_kernels.available():
+        reasons.append(cpu_kernels.unavailable_reason())
+    return reasons
 
 
 class CausalSelfAttention(nn.Module):
@@ -147,8 +172,11 @@ class CausalSelfAttention(nn.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTHD.astype(v_cache.dtype), start)
             new_cache = (k_cache, v_cache)
             k_BTHD, v_BTHD = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
-        if mask_BTS is None and causal_attention_impl(cfg, not self.deterministic) == "cudnn":
+        impl = causal_attention_impl(cfg, not self.deterministic) if mask_BTS is None else None
+        if impl == "cudnn":
             y_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation="cudnn")
+        elif impl == "cpu_kernel":
+            y_BTHD = cpu_kernels.causal_attention(qkv)
         elif mask_BTS is None:
             y_BTHD = self._causal(q_BTHD, k_BTHD, v_BTHD, dropout)
         else:

@@ -1,4 +1,5 @@
-"""cpu_kernels: the panel-packed decode matmul against numpy, its packing by hand, and the fallback to XLA."""
+"""cpu_kernels: the panel-packed decode matmul and the training attention against numpy, the panels' packing by
+hand, and the fallback to XLA."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from gpt2_jax import cpu_kernels, sampling
-from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import init_params
+from gpt2_jax.config import ConfigError, ModelConfig, replace
+from gpt2_jax.model import GPT2, causal_attention_impl, init_params
 from gpt2_jax.sampling import Sampler, generate_batch, row_key
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
@@ -96,3 +97,74 @@ def test_a_failed_build_says_why_and_sampling_falls_back_to_xla(tmp_path, monkey
     alone = [generate_batch(cfg, params, [p], [k], max_new_tokens=6, sampler=Sampler(0.0), stop_tokens=())[0]
              for p, k in zip(prompts, keys)]
     assert [c.tokens for c in out] == [c.tokens for c in alone]
+
+
+def attention_numpy(qkv, dy):
+    """Causal attention and its gradient with respect to qkv, by hand in float64: (y [B, T, H, D], dqkv)."""
+    q, k, v = (np.moveaxis(qkv[:, :, i].astype(np.float64), 1, 2) for i in range(3))  # [B, H, T, D]
+    T, D = q.shape[2], q.shape[3]
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(D) + np.triu(np.full((T, T), -np.inf), 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    g = np.moveaxis(dy.astype(np.float64), 1, 2)
+    dp = g @ np.swapaxes(v, -1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    dq, dk, dv = ds @ k / np.sqrt(D), np.swapaxes(ds, -1, -2) @ q / np.sqrt(D), np.swapaxes(p, -1, -2) @ g
+    return np.moveaxis(p @ v, 1, 2), np.stack([np.moveaxis(a, 1, 2) for a in (dq, dk, dv)], axis=2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, T, H, D", [(2, 7, 2, 16), (1, 33, 3, 32), (2, 64, 2, 48), (1, 100, 2, 64), (1, 1, 1, 64)])
+def test_causal_attention_and_its_gradient_match_numpy(B, T, H, D):
+    rng = np.random.default_rng(T)
+    qkv = (2 * rng.standard_normal((B, T, 3, H, D))).astype(np.float32)  # scores of a few units: peaked softmax
+    dy = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    y, vjp = jax.vjp(jax.jit(cpu_kernels.causal_attention), jnp.asarray(qkv))
+    dqkv = vjp(jnp.asarray(dy))[0]
+    y_ref, dqkv_ref = attention_numpy(qkv, dy)
+    assert y.shape == (B, T, H, D) and dqkv.shape == qkv.shape
+    np.testing.assert_allclose(np.asarray(y), y_ref, rtol=0, atol=2e-6 * np.abs(y_ref).max())
+    for i in range(3):  # dq, dk, dv
+        np.testing.assert_allclose(np.asarray(dqkv[:, :, i]), dqkv_ref[:, :, i], rtol=0,
+                                   atol=2e-6 * np.abs(dqkv_ref[:, :, i]).max())
+
+
+@needs_kernel
+def test_causal_attention_names_bad_input():
+    with pytest.raises(ValueError, match=r"qkv \[B, T, 3, H, D\] with D in \(16, 32, 48, 64\); got \(1, 4, 3, 2, 8\)"):
+        cpu_kernels.causal_attention(jnp.zeros((1, 4, 3, 2, 8)))
+    with pytest.raises(ValueError, match="float32 qkv; got bfloat16"):
+        cpu_kernels.causal_attention(jnp.zeros((1, 4, 3, 2, 16), jnp.bfloat16))
+
+
+@needs_kernel
+def test_the_model_trains_with_the_attention_kernel_as_with_xla():
+    cfg = ModelConfig.from_preset("tiny", attention="cpu_kernel")
+    assert causal_attention_impl(cfg, training=True) == "cpu_kernel"
+    assert causal_attention_impl(replace(cfg, attention="auto"), training=True) == "cpu_kernel"
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.block_size), 0, cfg.vocab_size)
+
+    def loss(p, c):
+        logits = GPT2(c).apply({"params": p}, tokens)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1))
+
+    ours, xla = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c)
+                 for c in (cfg, replace(cfg, attention="xla")))
+    assert abs(float(ours[0]) - float(xla[0])) < 1e-6
+    for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(xla[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * np.abs(np.asarray(b)).max())
+
+
+def test_the_attention_kernel_is_taken_only_where_it_can_run(monkeypatch):
+    dropout = ModelConfig.from_preset("tiny", dropout=0.1)
+    assert causal_attention_impl(dropout, training=True) == "xla"  # only ours has attention dropout
+    assert causal_attention_impl(ModelConfig.from_preset("tiny", dtype="bfloat16"), training=False) == "xla"
+    with pytest.raises(ConfigError, match=r"attention='cpu_kernel' cannot run here: it computes in float32 only"):
+        causal_attention_impl(ModelConfig.from_preset("tiny", dtype="bfloat16", attention="cpu_kernel"), False)
+    with pytest.raises(ConfigError, match=r"head size in \(16, 32, 48, 64\) \(n_embd / n_head = 8\)"):
+        causal_attention_impl(ModelConfig.from_preset("tiny", n_head=4, attention="cpu_kernel"), False)
+    monkeypatch.setattr(cpu_kernels, "_state", {"error": "disabled by GPT2_JAX_CPU_KERNELS=0"})
+    assert causal_attention_impl(ModelConfig.from_preset("tiny"), training=True) == "xla"
+    with pytest.raises(ConfigError, match="cannot run here: disabled by GPT2_JAX_CPU_KERNELS=0"):
+        causal_attention_impl(ModelConfig.from_preset("tiny", attention="cpu_kernel"), training=True)

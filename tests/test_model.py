@@ -208,7 +208,8 @@ def _dot_precisions(lowered_text: str) -> list[str]:
 def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype, matmul_precision, expected):
     from gpt2_jax import sampling
 
-    cfg = ModelConfig.from_preset("tiny", dtype=dtype, matmul_precision=matmul_precision, tie_embeddings=False)
+    cfg = ModelConfig.from_preset("tiny", dtype=dtype, matmul_precision=matmul_precision, tie_embeddings=False,
+                                  attention="xla")  # (the CPU attention kernel computes in float32 without XLA)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.zeros((2, 8), jnp.int32)
     weights_BTV = jax.random.normal(jax.random.PRNGKey(1), (2, 8, cfg.vocab_size))
