@@ -8,7 +8,7 @@
 // over [B, H, T, T], and keeps P [B, H, T, T] of every layer for the backward pass. Here each (b, h) works in
 // buffers that stay in cache, blocks above the diagonal are skipped, q, k and v are read straight from the fused
 // qkv projection, and only T numbers per row are kept. D is 16, 32, 48 or 64 (one to four 16-float vectors); T is
-// padded to a multiple of 32 inside the kernel. float32 throughout. (b, h) pairs are shared out through an atomic
+// padded to a multiple of 64 inside the kernel. float32 throughout. (b, h) pairs are shared out through an atomic
 // counter between the calling thread and tasks on XLA's intra-op thread pool, as in panel_matmul.cc.
 #include <immintrin.h>
 
@@ -54,28 +54,37 @@ inline __mmask16 Below(int64_t j, int64_t end) {  // lanes j .. j + 15 that are 
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// C[i, j] = sum_d A[i, d] * Bt[d, j] for rows i of [i0, i0 + 4) and columns j < i0 + 4 (rounded up to 32):
-// the lower triangle of A B^T with B given transposed. A is [Tp, D], Bt [D, Tp], C [Tp, Tp].
-template <int ND>
-void LowerABt(const float* a, const float* bt, float* c, int64_t tp) {
+// C[i, j0 .. j0 + 16 NV) = sum_d A[i, d] * B[j, d] for rows i of [i0, i0 + 4), B packed by PackColumns.
+template <int ND, int NV>
+inline void ABtBlock(const float* a, const float* bp, float* c, int64_t tp, int64_t i0, int64_t j0) {
   constexpr int D = 16 * ND;
-  for (int64_t i0 = 0; i0 < tp; i0 += 4) {
-    for (int64_t j0 = 0; j0 < i0 + 4; j0 += 32) {
-      __m512 acc[4][2];
-      for (auto& row : acc) row[0] = row[1] = _mm512_setzero_ps();
-      for (int d = 0; d < D; ++d) {
-        const __m512 b0 = _mm512_loadu_ps(bt + d * tp + j0), b1 = _mm512_loadu_ps(bt + d * tp + j0 + 16);
-        for (int r = 0; r < 4; ++r) {
-          const __m512 x = _mm512_set1_ps(a[(i0 + r) * D + d]);
-          acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
-        }
-      }
-      for (int r = 0; r < 4; ++r) {
-        _mm512_storeu_ps(c + (i0 + r) * tp + j0, acc[r][0]);
-        _mm512_storeu_ps(c + (i0 + r) * tp + j0 + 16, acc[r][1]);
-      }
+  const float* panel = bp + (j0 / 64) * 64 * D + j0 % 64;  // within a [D, 64] panel
+  __m512 acc[4][NV];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    __m512 bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = _mm512_loadu_ps(panel + d * 64 + 16 * v);
+      asm("" : "+v"(bv[v]));  // keep it in a register: folded into each row's FMA it was loaded 4 times (2x slower)
     }
+    for (int r = 0; r < 4; ++r) {
+      const __m512 x = _mm512_set1_ps(a[(i0 + r) * D + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + (i0 + r) * tp + j0 + 16 * v, acc[r][v]);
+}
+
+// The lower triangle of C = A B^T: rows i of [i0, i0 + 4) get columns j < i0 + 4 rounded up to 16; A is [Tp, D],
+// B [Tp, D] packed by PackColumns, C [Tp, Tp]. 64-column blocks (16 accumulators), then 16-column ones.
+template <int ND>
+void LowerABt(const float* a, const float* bp, float* c, int64_t tp) {
+  for (int64_t i0 = 0; i0 < tp; i0 += 4) {
+    int64_t j0 = 0;
+    for (; j0 + 64 <= i0 + 4; j0 += 64) ABtBlock<ND, 4>(a, bp, c, tp, i0, j0);
+    for (; j0 < i0 + 4; j0 += 16) ABtBlock<ND, 1>(a, bp, c, tp, i0, j0);
   }
 }
 
@@ -89,7 +98,10 @@ void LowerWX(const float* w, const float* x, float* y, int64_t tp, float scale) 
       for (auto& v : row) v = _mm512_setzero_ps();
     for (int64_t j = 0; j < i0 + 4; ++j) {
       __m512 xv[ND];
-      for (int v = 0; v < ND; ++v) xv[v] = _mm512_loadu_ps(x + j * D + 16 * v);
+      for (int v = 0; v < ND; ++v) {
+        xv[v] = _mm512_loadu_ps(x + j * D + 16 * v);
+        asm("" : "+v"(xv[v]));
+      }
       for (int r = 0; r < 4; ++r) {
         const __m512 wr = _mm512_set1_ps(w[(i0 + r) * tp + j]);
         for (int v = 0; v < ND; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
@@ -112,7 +124,10 @@ void LowerWtX(const float* w, const float* x, float* y, int64_t tp) {
       for (auto& v : row) v = _mm512_setzero_ps();
     for (int64_t i = j0; i < tp; ++i) {
       __m512 xv[ND];
-      for (int v = 0; v < ND; ++v) xv[v] = _mm512_loadu_ps(x + i * D + 16 * v);
+      for (int v = 0; v < ND; ++v) {
+        xv[v] = _mm512_loadu_ps(x + i * D + 16 * v);
+        asm("" : "+v"(xv[v]));
+      }
       for (int r = 0; r < 4; ++r) {
         const __m512 wr = _mm512_set1_ps(w[i * tp + j0 + r]);
         for (int v = 0; v < ND; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
@@ -123,9 +138,11 @@ void LowerWtX(const float* w, const float* x, float* y, int64_t tp) {
   }
 }
 
-void Transpose(const float* a, float* at, int64_t rows, int64_t cols) {  // a [rows, cols] -> at [cols, rows]; small
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) at[j * rows + i] = a[i * cols + j];
+// B [Tp, D] -> panels [Tp / 64, D, 64]: B^T in 64-column strips, each one contiguous stream for LowerABt (rows of
+// a plain [D, Tp] transpose lie a power of two apart and evict each other from the L1 cache).
+void PackColumns(const float* b, float* bp, int64_t tp, int64_t D) {
+  for (int64_t j = 0; j < tp; ++j)
+    for (int64_t d = 0; d < D; ++d) bp[((j / 64) * D + d) * 64 + j % 64] = b[j * D + d];
 }
 
 struct Shape {
@@ -135,7 +152,7 @@ struct Shape {
   int64_t Head(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * D; }
 };
 
-// Per-thread scratch for one (b, h): [Tp, D] q (scaled), k, v, dy, out; [D, Tp] k and v transposed; [Tp, Tp] s, p.
+// Per-thread scratch for one (b, h): [Tp, D] q (scaled), k, v, dy, out; k and v packed by PackColumns; [Tp, Tp] s, p.
 struct Scratch {
   std::vector<float> q, k, v, dy, out, kt, vt, s, p;
   explicit Scratch(const Shape& sh)
@@ -164,7 +181,7 @@ void Scores(const Shape& sh, int64_t b, int64_t h, const float* qkv, Scratch& w)
   Gather(qkv, sh, b, h, 0, w.q.data(), 1.0f / std::sqrt(float(sh.D)));
   Gather(qkv, sh, b, h, 1, w.k.data(), 1.0f);
   Gather(qkv, sh, b, h, 2, w.v.data(), 1.0f);
-  Transpose(w.k.data(), w.kt.data(), sh.Tp, sh.D);
+  PackColumns(w.k.data(), w.kt.data(), sh.Tp, sh.D);
   LowerABt<ND>(w.q.data(), w.kt.data(), w.s.data(), sh.Tp);
 }
 
@@ -203,7 +220,7 @@ void Backward(const Shape& sh, int64_t b, int64_t h, const float* qkv, const flo
   const int64_t T = sh.T, Tp = sh.Tp, D = sh.D;
   Scores<ND>(sh, b, h, qkv, w);
   Gather(dy, sh, b, h, -1, w.dy.data(), 1.0f);
-  Transpose(w.v.data(), w.vt.data(), Tp, D);
+  PackColumns(w.v.data(), w.vt.data(), Tp, D);
   for (int64_t i = 0; i < Tp; ++i) {  // P = exp(S - lse) below the diagonal, zero elsewhere and in padding rows
     const __m512 l = _mm512_set1_ps(i < T ? lse[(b * sh.H + h) * T + i] : 0.0f);
     const float* si = w.s.data() + i * Tp;
@@ -258,7 +275,7 @@ void ForEachHead(ffi::ThreadPool& pool, const Shape& sh, Fn fn) {
 
 ffi::Error CheckShape(const Qkv& qkv, Shape& sh) {
   const auto dims = qkv.dimensions();
-  sh = Shape{dims[0], dims[1], dims[3], dims[4], (dims[1] + 31) / 32 * 32};
+  sh = Shape{dims[0], dims[1], dims[3], dims[4], (dims[1] + 63) / 64 * 64};
   if (dims[2] != 3 || sh.D % 16 || sh.D < 16 || sh.D > 64)
     return ffi::Error::InvalidArgument("causal_attention: qkv must be [B, T, 3, H, D] with D in 16, 32, 48, 64");
   return ffi::Error::Success();
