@@ -35,22 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from flags import parse_flags  # bench/flags.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"model": "gpt2", "batch_size": 4, "block_size": 256, "steps": 3, "rounds": 2, "dtype": "float32",
             "hugetlb": "ours", "worker": ""}
 HUGETLB = {"ours": ("ours",), "both": ("ours", "torch"), "none": ()}
-
-
-def parse_flags(argv: list[str]) -> dict:
-    flags = dict(DEFAULTS)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in flags:
-            raise SystemExit(f"bad flag {arg!r}; known: {', '.join('--' + k + '=...' for k in DEFAULTS)}")
-        flags[key] = type(DEFAULTS[key])(value)
-    return flags
 
 
 def batch(cfg, flags) -> np.ndarray:
@@ -224,7 +216,7 @@ def print_table(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    flags = parse_flags(sys.argv[1:])
+    flags = parse_flags(sys.argv[1:], DEFAULTS)
     if flags["worker"]:
         from gpt2_jax.config import ModelConfig
 

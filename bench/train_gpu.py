@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+import flags as flags_module  # bench/flags.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -37,12 +39,7 @@ DEFAULTS = {"model": "gpt2", "batch_size": 16, "block_size": 1024, "dtype": "bfl
 
 
 def parse_flags(argv: list[str]) -> dict:
-    flags = dict(DEFAULTS)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in flags:
-            raise SystemExit(f"bad flag {arg!r}; known: {', '.join('--' + k + '=...' for k in DEFAULTS)}")
-        flags[key] = type(DEFAULTS[key])(value)
+    flags = flags_module.parse_flags(argv, DEFAULTS)
     if flags["torch"] not in ("eager", "none"):
         raise SystemExit(f"--torch must be eager or none; got {flags['torch']!r}")
     return flags

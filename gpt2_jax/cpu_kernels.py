@@ -136,7 +136,7 @@ def panel_matmul(x_BK, w_PKW, n_out: int):
 
 def _attention_forward(qkv_BT3HD):
     B, T, _, H, D = qkv_BT3HD.shape
-    out = (jax.ShapeDtypeStruct((B, T, H, D), jnp.float32), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+    out = (jax.ShapeDtypeStruct((B, T, H, D), jnp.float32), jax.ShapeDtypeStruct((B, H, T, 2), jnp.float32))
     return jax.ffi.ffi_call(_TARGETS["attention_forward"][0], out, vmap_method="sequential")(qkv_BT3HD)
 
 
@@ -146,15 +146,15 @@ def _attention(qkv_BT3HD):
 
 
 def _attention_fwd(qkv_BT3HD):
-    y_BTHD, lse_BHT = _attention_forward(qkv_BT3HD)  # lse: log of each softmax row's denominator
-    return y_BTHD, (qkv_BT3HD, lse_BHT)
+    y_BTHD, stats_BHT2 = _attention_forward(qkv_BT3HD)  # each softmax row's max and 1 / sum
+    return y_BTHD, (qkv_BT3HD, stats_BHT2)
 
 
 def _attention_bwd(residuals, dy_BTHD):
-    qkv_BT3HD, lse_BHT = residuals
+    qkv_BT3HD, stats_BHT2 = residuals
     out = jax.ShapeDtypeStruct(qkv_BT3HD.shape, jnp.float32)
     call = jax.ffi.ffi_call(_TARGETS["attention_backward"][0], out, vmap_method="sequential")
-    return (call(qkv_BT3HD, lse_BHT, dy_BTHD.astype(jnp.float32)),)
+    return (call(qkv_BT3HD, stats_BHT2, dy_BTHD.astype(jnp.float32)),)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

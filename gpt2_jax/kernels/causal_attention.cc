@@ -1,13 +1,14 @@
 // Causal self-attention of a training step on CPU, forward and backward, one (batch row, head) at a time.
 //
 // Forward:  qkv [B, T, 3, H, D] -> y [B, T, H, D] = P v with P = softmax(q k^T / sqrt(D), causal), and
-//           lse [B, H, T], the log of each row's softmax denominator (plus the row's max), for the backward pass.
-// Backward: qkv, lse, dy [B, T, H, D] -> dqkv [B, T, 3, H, D]: P = exp(q k^T / sqrt(D) - lse) again, then
+//           stats [B, H, T, 2]: each row's max and the reciprocal of its sum of exponentials.
+// Backward: qkv, stats, dy [B, T, H, D] -> dqkv [B, T, 3, H, D]: P = exp(q k^T / sqrt(D) - max) / sum again (the
+//           forward's very bits: a log-sum-exp of scores in the hundreds would round P by 1e-5), then
 //           dP = dy v^T, dS = P * (dP - rowsum(P * dP)), dq = dS k / sqrt(D), dk = dS^T q / sqrt(D), dv = P^T dy.
 // XLA computes the same with batched matmuls of B * H small [T, T] problems and several passes of masked softmax
 // over [B, H, T, T], and keeps P [B, H, T, T] of every layer for the backward pass. Here each (b, h) works in
 // buffers that stay in cache, blocks above the diagonal are skipped, q, k and v are read straight from the fused
-// qkv projection, and only T numbers per row are kept. D is 16, 32, 48 or 64 (one to four 16-float vectors); T is
+// qkv projection, and only two numbers per row are kept. D is 16, 32, 48 or 64 (one to four 16-float vectors); T is
 // padded to a multiple of 64 inside the kernel. float32 throughout. (b, h) pairs are shared out through an atomic
 // counter between the calling thread and tasks on XLA's intra-op thread pool, as in panel_matmul.cc.
 #include <immintrin.h>
@@ -33,8 +34,8 @@ using Qkv = ffi::Buffer<ffi::F32, 5>;
 using Heads = ffi::Buffer<ffi::F32, 4>;
 using QkvResult = ffi::ResultBuffer<ffi::F32, 5>;
 using HeadsResult = ffi::ResultBuffer<ffi::F32, 4>;
-using Rows = ffi::Buffer<ffi::F32, 3>;
-using RowsResult = ffi::ResultBuffer<ffi::F32, 3>;
+using Stats = ffi::Buffer<ffi::F32, 4>;
+using StatsResult = ffi::ResultBuffer<ffi::F32, 4>;
 
 // exp(x) for x <= 0 to about 1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, Taylor series of degree 7, times 2^n.
 inline __m512 Exp(__m512 x) {
@@ -186,7 +187,7 @@ void Scores(const Shape& sh, int64_t b, int64_t h, const float* qkv, Scratch& w)
 }
 
 template <int ND>
-void Forward(const Shape& sh, int64_t b, int64_t h, const float* qkv, float* y, float* lse, Scratch& w) {
+void Forward(const Shape& sh, int64_t b, int64_t h, const float* qkv, float* y, float* stats, Scratch& w) {
   const int64_t T = sh.T, Tp = sh.Tp;
   Scores<ND>(sh, b, h, qkv, w);
   for (int64_t i = 0; i < Tp; ++i) {  // softmax of row i over j <= i; zeros elsewhere and in padding rows
@@ -205,29 +206,32 @@ void Forward(const Shape& sh, int64_t b, int64_t h, const float* qkv, float* y, 
       _mm512_storeu_ps(row + j, e);
       sum = _mm512_add_ps(sum, e);
     }
-    const float total = _mm512_reduce_add_ps(sum);
-    const __m512 inv = _mm512_set1_ps(1.0f / total);
-    for (int64_t j = 0; j <= i; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(inv, _mm512_loadu_ps(row + j)));
-    lse[(b * sh.H + h) * T + i] = mx + std::log(total);
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (int64_t j = 0; j <= i; j += 16)
+      _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_set1_ps(inv), _mm512_loadu_ps(row + j)));
+    stats[((b * sh.H + h) * T + i) * 2] = mx;
+    stats[((b * sh.H + h) * T + i) * 2 + 1] = inv;
   }
   LowerWX<ND>(w.s.data(), w.v.data(), w.out.data(), Tp, 1.0f);
   Scatter(w.out.data(), sh, b, h, -1, y);
 }
 
 template <int ND>
-void Backward(const Shape& sh, int64_t b, int64_t h, const float* qkv, const float* lse, const float* dy,
+void Backward(const Shape& sh, int64_t b, int64_t h, const float* qkv, const float* stats, const float* dy,
               float* dqkv, Scratch& w) {
   const int64_t T = sh.T, Tp = sh.Tp, D = sh.D;
   Scores<ND>(sh, b, h, qkv, w);
   Gather(dy, sh, b, h, -1, w.dy.data(), 1.0f);
   PackColumns(w.v.data(), w.vt.data(), Tp, D);
-  for (int64_t i = 0; i < Tp; ++i) {  // P = exp(S - lse) below the diagonal, zero elsewhere and in padding rows
-    const __m512 l = _mm512_set1_ps(i < T ? lse[(b * sh.H + h) * T + i] : 0.0f);
+  for (int64_t i = 0; i < Tp; ++i) {  // P = exp(S - max) / sum below the diagonal, zero elsewhere and in padding
+    const float* row_stats = stats + ((b * sh.H + h) * T + (i < T ? i : 0)) * 2;
+    const __m512 mx = _mm512_set1_ps(row_stats[0]), inv = _mm512_set1_ps(row_stats[1]);
     const float* si = w.s.data() + i * Tp;
     float* pi = w.p.data() + i * Tp;
     for (int64_t j = 0; j < Tp; j += 16) {
       const __mmask16 keep = i < T ? Below(j, i + 1) : __mmask16(0);
-      _mm512_storeu_ps(pi + j, _mm512_maskz_mov_ps(keep, Exp(_mm512_sub_ps(_mm512_loadu_ps(si + j), l))));
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_loadu_ps(si + j), mx));
+      _mm512_storeu_ps(pi + j, _mm512_maskz_mul_ps(keep, inv, e));
     }
   }
   LowerABt<ND>(w.dy.data(), w.vt.data(), w.s.data(), Tp);  // dP, over S
@@ -281,11 +285,11 @@ ffi::Error CheckShape(const Qkv& qkv, Shape& sh) {
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, Qkv qkv, HeadsResult y, RowsResult lse) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, Qkv qkv, HeadsResult y, StatsResult stats) {
   Shape sh;
   if (ffi::Error e = CheckShape(qkv, sh); e.failure()) return e;
   const float* x = qkv.typed_data();
-  float *out = y->typed_data(), *l = lse->typed_data();
+  float *out = y->typed_data(), *l = stats->typed_data();
   constexpr void (*kForward[])(const Shape&, int64_t, int64_t, const float*, float*, float*, Scratch&) = {
       Forward<1>, Forward<2>, Forward<3>, Forward<4>};
   const auto forward = kForward[sh.D / 16 - 1];
@@ -293,10 +297,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, Qkv qkv, HeadsResult y, RowsResult 
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, Qkv qkv, Rows lse, Heads dy, QkvResult dqkv) {
+ffi::Error BackwardImpl(ffi::ThreadPool pool, Qkv qkv, Stats stats, Heads dy, QkvResult dqkv) {
   Shape sh;
   if (ffi::Error e = CheckShape(qkv, sh); e.failure()) return e;
-  const float *x = qkv.typed_data(), *l = lse.typed_data(), *g = dy.typed_data();
+  const float *x = qkv.typed_data(), *l = stats.typed_data(), *g = dy.typed_data();
   float* out = dqkv->typed_data();
   constexpr void (*kBackward[])(const Shape&, int64_t, int64_t, const float*, const float*, const float*, float*,
                                 Scratch&) = {Backward<1>, Backward<2>, Backward<3>, Backward<4>};
@@ -308,6 +312,6 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, Qkv qkv, Rows lse, Heads dy, QkvRe
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionForward, ForwardImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Qkv>().Ret<Heads>().Ret<Rows>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Qkv>().Ret<Heads>().Ret<Stats>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalAttentionBackward, BackwardImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Qkv>().Arg<Rows>().Arg<Heads>().Ret<Qkv>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Qkv>().Arg<Stats>().Arg<Heads>().Ret<Qkv>());
