@@ -1,11 +1,12 @@
 """Training throughput on this machine: our jitted step against a PyTorch step, and against the matmul peak.
 
     python bench/train.py [--model=gpt2] [--batch_size=4] [--block_size=256] [--steps=3] [--rounds=2]
-                          [--dtype=float32] [--hugetlb=ours|both|none]
+                          [--dtype=float32] [--hugetlb=ours|both|none] [--attention=auto|xla|cpu_kernel]
 
 What it measures, in one run:
   * the machine's fp32 matmul peak: the best of 2048^3 jnp.dot and torch.mm, at the start and at the end;
-  * our train_step (make_train_step, gradient_accumulation_steps=1, jitted with the state donated);
+  * our train_step (make_train_step, gradient_accumulation_steps=1, jitted with the state donated; its attention
+    is ModelConfig.attention, "auto": the CPU attention kernel where it builds);
   * transformers' GPT2LMHeadModel (its default attention) + F.cross_entropy + clip_grad_norm_ +
     torch.optim.AdamW, with torch.set_num_threads(os.cpu_count()); the same batch and hyperparameters.
 Each side runs in its own worker process (a step right after the other framework's step in the same process
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"model": "gpt2", "batch_size": 4, "block_size": 256, "steps": 3, "rounds": 2, "dtype": "float32",
-            "hugetlb": "ours", "worker": ""}
+            "hugetlb": "ours", "attention": "auto", "worker": ""}
 HUGETLB = {"ours": ("ours",), "both": ("ours", "torch"), "none": ()}
 
 
@@ -74,6 +75,7 @@ def ours_worker(cfg, flags) -> dict:
     import jax.numpy as jnp
 
     from gpt2_jax.config import TrainConfig
+    from gpt2_jax.model import causal_attention_impl
     from gpt2_jax.training import init_train_state, make_train_step
 
     tokens = batch(cfg, flags)
@@ -90,7 +92,8 @@ def ours_worker(cfg, flags) -> dict:
         float(metrics["loss"])
 
     temp_bytes = step.memory_analysis().temp_size_in_bytes  # XLA's scratch for one step (activations, grads)
-    return {"compile_s": compile_s, "temp_mb": temp_bytes / 1e6, "step_s": time_steps(run, flags["steps"])}
+    return {"compile_s": compile_s, "temp_mb": temp_bytes / 1e6, "step_s": time_steps(run, flags["steps"]),
+            "ours_attention": causal_attention_impl(cfg, training=True)}
 
 
 def torch_worker(cfg, flags) -> dict:
@@ -159,17 +162,18 @@ def main(flags: dict) -> dict:
 
     if flags["hugetlb"] not in HUGETLB:
         raise SystemExit(f"--hugetlb must be one of {sorted(HUGETLB)}; got {flags['hugetlb']!r}")
-    cfg = ModelConfig.from_preset(flags["model"], dtype=flags["dtype"])
+    cfg = ModelConfig.from_preset(flags["model"], dtype=flags["dtype"], attention=flags["attention"])
     load_before = os.getloadavg()[0]
     peaks = [matmul_peak()]
     times = {"ours": [], "torch": []}
-    compile_s, attention, temp_mb = [], "", 0.0
+    compile_s, attention, ours_attention, temp_mb = [], "", "", 0.0
     for _ in range(flags["rounds"]):
         for side in ("ours", "torch"):
             result = run_worker(side, flags)
             times[side] += result["step_s"]
             compile_s += [result["compile_s"]] if side == "ours" else []
             attention = result.get("attention", attention)
+            ours_attention = result.get("ours_attention", ours_attention)
             temp_mb = result.get("temp_mb", temp_mb)
     peaks.append(matmul_peak())
     peak = max(max(p.values()) for p in peaks)
@@ -181,7 +185,8 @@ def main(flags: dict) -> dict:
     r = {
         "model": flags["model"], "batch_size": flags["batch_size"], "block_size": flags["block_size"],
         "dtype": flags["dtype"], "threads": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-        "torch_attention": attention, "hugetlb": flags["hugetlb"], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "ours_attention": ours_attention, "torch_attention": attention, "hugetlb": flags["hugetlb"],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "jax_matmul_gflops": round(max(p["jax"] for p in peaks) / 1e9, 1),
@@ -204,7 +209,7 @@ def main(flags: dict) -> dict:
 def print_table(r: dict) -> None:
     print(f"{r['model']} B={r['batch_size']} T={r['block_size']} {r['dtype']}, {r['threads']} threads, "
           f"load {r['load_avg_1m_before']} -> {r['load_avg_1m_after']}, jax {r['jax']}, torch {r['torch']} "
-          f"({r['torch_attention']} attention), huge pages for: {r['hugetlb']}")
+          f"({r['torch_attention']} attention; ours: {r['ours_attention']}), huge pages for: {r['hugetlb']}")
     print(f"matmul peak {r['matmul_peak_gflops']} GFLOP/s (XLA {r['jax_matmul_gflops']}, "
           f"torch {r['torch_matmul_gflops']}); {r['flops_per_token'] / 1e6:.1f} MFLOP per token")
     print(f"{'':6s} {'tokens/s best':>14s} {'median':>8s} {'GFLOP/s':>8s} {'of peak':>8s}  step seconds")
@@ -220,7 +225,7 @@ if __name__ == "__main__":
     if flags["worker"]:
         from gpt2_jax.config import ModelConfig
 
-        cfg = ModelConfig.from_preset(flags["model"], dtype=flags["dtype"])
+        cfg = ModelConfig.from_preset(flags["model"], dtype=flags["dtype"], attention=flags["attention"])
         if flags["worker"] not in ("ours", "torch"):
             raise SystemExit(f"--worker must be ours or torch; got {flags['worker']!r}")
         worker = ours_worker if flags["worker"] == "ours" else torch_worker
