@@ -146,6 +146,16 @@ def test_causal_attention_gradient_stays_accurate_when_the_softmax_is_peaked():
 
 
 @needs_kernel
+def test_independent_attention_calls_in_one_program_all_finish():
+    # As for panel_matmul: a caller waits only for heads its pool task has started, never for the task itself.
+    qkv = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 3, 2, 16))
+    ys = jax.jit(lambda x: [cpu_kernels.causal_attention(x * (i + 1)) for i in range(24)])(qkv)
+    for i, y in enumerate(ys):
+        ref, _ = attention_numpy(np.asarray(qkv) * (i + 1), np.zeros((2, 40, 2, 16), np.float32))
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@needs_kernel
 def test_causal_attention_names_bad_input():
     with pytest.raises(ValueError, match=r"qkv \[B, T, 3, H, D\] with D in \(16, 32, 48, 64\); got \(1, 4, 3, 2, 8\)"):
         cpu_kernels.causal_attention(jnp.zeros((1, 4, 3, 2, 8)))
