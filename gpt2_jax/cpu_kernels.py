@@ -33,6 +33,7 @@ PANEL_WIDTH = 48
 MAX_ROWS = 8
 ATTENTION_HEAD_SIZES = (16, 32, 48, 64)
 _SOURCES = [Path(__file__).parent / "kernels" / name for name in ("panel_matmul.cc", "causal_attention.cc")]
+_HEADERS = [Path(__file__).parent / "kernels" / "share_work.h"]
 _TARGETS = {jnp.dtype(jnp.float32): ("gpt2_jax_panel_matmul", "PanelMatmul"),
             jnp.dtype(jnp.bfloat16): ("gpt2_jax_panel_matmul_bf16", "PanelMatmulBf16"),
             "attention_forward": ("gpt2_jax_causal_attention_fwd", "CausalAttentionForward"),
@@ -68,7 +69,7 @@ def _build() -> Path:
     cpu = _cpu_description(cpuinfo)
     if cpuinfo is not None and "avx512f" not in cpu.split():
         raise RuntimeError("this CPU has no AVX-512 (no avx512f in /proc/cpuinfo)")
-    parts = (*(source.read_bytes().decode() for source in _SOURCES), " ".join(compiler), jaxlib.__version__, cpu)
+    parts = (*(f.read_bytes().decode() for f in _SOURCES + _HEADERS), " ".join(compiler), jaxlib.__version__, cpu)
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     library = _cache_dir() / f"kernels-{key}.so"
     if library.exists():

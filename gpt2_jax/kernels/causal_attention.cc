@@ -9,17 +9,17 @@
 // over [B, H, T, T], and keeps P [B, H, T, T] of every layer for the backward pass. Here each (b, h) works in
 // buffers that stay in cache, blocks above the diagonal are skipped, q, k and v are read straight from the fused
 // qkv projection, and only two numbers per row are kept. D is 16, 32, 48 or 64 (one to four 16-float vectors); T is
-// padded to a multiple of 64 inside the kernel. float32 throughout. (b, h) pairs are shared out through an atomic
-// counter between the calling thread and tasks on XLA's intra-op thread pool, as in panel_matmul.cc.
+// padded to a multiple of 64 inside the kernel. float32 throughout. (b, h) pairs are shared out between the calling
+// thread and tasks on XLA's intra-op thread pool (share_work.h).
 #include <immintrin.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
+#include "share_work.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifndef __AVX512F__
@@ -255,26 +255,14 @@ void Backward(const Shape& sh, int64_t b, int64_t h, const float* qkv, const flo
   Scatter(w.out.data(), sh, b, h, 2, dqkv);
 }
 
-// Runs fn(b, h, scratch) for every (b, h) on the calling thread and up to (pool threads - 1) pool tasks.
+// Runs fn(b, h, scratch) for every (b, h) on the calling thread and up to (pool threads - 1) pool tasks, each
+// thread with its own scratch.
 template <typename Fn>
 void ForEachHead(ffi::ThreadPool& pool, const Shape& sh, Fn fn) {
-  struct Job {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto job = std::make_shared<Job>();
   const int64_t n = sh.B * sh.H;
-  auto work = [job, n, sh, fn] {
-    std::unique_ptr<Scratch> scratch;  // made once this thread has work: a late task allocates nothing
-    for (int64_t c = job->next.fetch_add(1); c < n; c = job->next.fetch_add(1)) {
-      if (!scratch) scratch = std::make_unique<Scratch>(sh);
-      fn(c / sh.H, c % sh.H, *scratch);
-      job->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));  // (Schedule takes an rvalue)
-  work();
-  while (job->done.load(std::memory_order_acquire) < n) _mm_pause();
+  gpt2_jax::ShareWork(pool, n, std::min<int64_t>(pool.num_threads(), n) - 1, [=] {
+    return [=, scratch = Scratch(sh)](int64_t c) mutable { fn(c / sh.H, c % sh.H, scratch); };
+  });
 }
 
 ffi::Error CheckShape(const Qkv& qkv, Shape& sh) {

@@ -3,16 +3,15 @@
 //
 // W is packed in panels [N / 48, K, 48]: panel p holds columns 48p..48p+47 of W, row after row, so each panel is
 // one contiguous stream that is read once for all B rows (three 16-float vectors per row of W, 3 * B accumulators).
-// The panels are shared out in chunks through an atomic counter between the calling thread and one task on
-// XLA's intra-op thread pool; the caller waits only for chunks that the task has started, so a task that starts
-// late (or never, if the pool is busy) costs nothing.
+// The panels are shared out in chunks between the calling thread and one task on XLA's intra-op thread pool
+// (share_work.h).
 #include <immintrin.h>
 
-#include <atomic>
+#include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <type_traits>
 
+#include "share_work.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifndef __AVX512F__
@@ -62,25 +61,6 @@ void Panels(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t 
 }
 
 template <typename W>
-struct Job {
-  void (*panels)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
-  const float* x;
-  const W* w;
-  float* y;
-  int64_t K, N, num_panels, chunk, num_chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
-      const int64_t first = c * chunk, last = first + chunk < num_panels ? first + chunk : num_panels;
-      panels(x, w, y, K, N, first, last);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-template <typename W>
 constexpr decltype(&Panels<1, W>) kPanels[] = {Panels<1, W>, Panels<2, W>, Panels<3, W>, Panels<4, W>,
                                                Panels<5, W>, Panels<6, W>, Panels<7, W>, Panels<8, W>};
 
@@ -94,19 +74,14 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, WeightBuffer w, Matri
     return ffi::Error::InvalidArgument("panel_matmul: w must be [N / 48, K, 48] for x [B, K]");
   if (y->dimensions()[0] != B || y->dimensions()[1] != N)
     return ffi::Error::InvalidArgument("panel_matmul: y must be [B, N]");
-  auto job = std::make_shared<Job<W>>();
-  job->panels = kPanels<W>[B - 1];
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->K = K;
-  job->N = N;
-  job->num_panels = num_panels;
-  job->chunk = num_panels >= 32 ? 4 : 1;
-  job->num_chunks = (num_panels + job->chunk - 1) / job->chunk;
-  if (job->num_chunks > 1) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) _mm_pause();
+  const auto panels = kPanels<W>[B - 1];
+  const float* xp = x.typed_data();
+  const W* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t chunk = num_panels >= 32 ? 4 : 1, num_chunks = (num_panels + chunk - 1) / chunk;
+  gpt2_jax::ShareWork(pool, num_chunks, num_chunks > 1 ? 1 : 0, [=] {
+    return [=](int64_t c) { panels(xp, wp, yp, K, N, c * chunk, std::min(c * chunk + chunk, num_panels)); };
+  });
   return ffi::Error::Success();
 }
 
