@@ -210,6 +210,31 @@ class CausalSelfAttention(nn.Module):
         return jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(cfg.dtype), v_BSHD, precision=cfg.precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def output_logits(x_BTC, w_VC, precision):
+    """x @ w.T as float32 logits, w cast to x's dtype. The backward casts the logits' gradient to x's dtype before
+    its two matmuls: in 16-bit compute autodiff would hand them the float32 cotangent, making both float32
+    matmuls over [B*T, V] (twice the memory traffic, and not the 16-bit GEMM rate)."""
+    return _output_logits_fwd(x_BTC, w_VC, precision)[0]
+
+
+def _output_logits_fwd(x_BTC, w_VC, precision):
+    logits_BTV = jnp.einsum("btc,vc->btv", x_BTC, w_VC.astype(x_BTC.dtype), preferred_element_type=jnp.float32,
+                            precision=precision)
+    return logits_BTV, (x_BTC, w_VC)
+
+
+def _output_logits_bwd(precision, residuals, g_BTV):
+    x_BTC, w_VC = residuals
+    g_BTV = g_BTV.astype(x_BTC.dtype)
+    dx_BTC = jnp.einsum("btv,vc->btc", g_BTV, w_VC.astype(x_BTC.dtype), precision=precision)
+    dw_VC = jnp.einsum("btv,btc->vc", g_BTV, x_BTC, preferred_element_type=jnp.float32, precision=precision)
+    return dx_BTC, dw_VC.astype(w_VC.dtype)
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def gelu(x, approximate: bool):
     """jax.nn.gelu whose backward pass keeps only x: autodiff of the tanh form saves four more [B, T, 4C]
@@ -322,8 +347,7 @@ class GPT2(nn.Module):
 
         x_BTC = LayerNorm(cfg, name="ln_f")(x_BTC)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btc,vc->btv", x_BTC, wte.astype(cfg.dtype), preferred_element_type=jnp.float32,
-                                precision=cfg.precision)
+            logits = output_logits(x_BTC, wte, cfg.precision)
         else:
             logits = Linear(cfg, (Vp,), ("vocab",), ("embed",), use_bias=cfg.lm_head_bias, name="lm_head")(x_BTC)
         logits = logits.astype(jnp.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, count_params, gelu, init_params
+from gpt2_jax.model import GPT2, count_params, gelu, init_params, output_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -199,16 +199,17 @@ def _dot_precisions(lowered_text: str) -> list[str]:
     return [line.partition("precision = [")[2].partition("]")[0] for line in lines]
 
 
-@pytest.mark.parametrize("dtype, matmul_precision, expected", [
-    ("float32", "highest", "HIGHEST, HIGHEST"),  # true float32: on NVIDIA GPUs XLA would otherwise use TF32
-    ("float32", "high", "HIGH, HIGH"),
-    ("float32", "default", "DEFAULT, DEFAULT"),
-    ("bfloat16", "highest", "DEFAULT, DEFAULT"),  # 16-bit compute keeps XLA's default
+@pytest.mark.parametrize("dtype, matmul_precision, expected, tied", [
+    ("float32", "highest", "HIGHEST, HIGHEST", True),  # true float32: on NVIDIA GPUs XLA would otherwise use TF32
+    ("float32", "highest", "HIGHEST, HIGHEST", False),
+    ("float32", "high", "HIGH, HIGH", True),
+    ("float32", "default", "DEFAULT, DEFAULT", True),
+    ("bfloat16", "highest", "DEFAULT, DEFAULT", True),  # 16-bit compute keeps XLA's default
 ])
-def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype, matmul_precision, expected):
+def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype, matmul_precision, expected, tied):
     from gpt2_jax import sampling
 
-    cfg = ModelConfig.from_preset("tiny", dtype=dtype, matmul_precision=matmul_precision, tie_embeddings=False,
+    cfg = ModelConfig.from_preset("tiny", dtype=dtype, matmul_precision=matmul_precision, tie_embeddings=tied,
                                   attention="xla")  # (the CPU attention kernel computes in float32 without XLA)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.zeros((2, 8), jnp.int32)
@@ -225,6 +226,41 @@ def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype
         weights, tokens[:, 0], jnp.zeros((2,), jnp.int32), jnp.ones((2, 16), bool), k, k, jnp.int32(0))
     precisions = _dot_precisions(decode.as_text())
     assert len(precisions) >= 6 * cfg.n_layer and set(precisions) == {expected}
+
+
+def test_output_logits_backward_rounds_the_gradient_to_the_compute_dtype():
+    # float32 logits for the loss; their gradient rounded to bfloat16 before the two backward matmuls, as a
+    # bfloat16 output layer (torch autocast) would have it, so those matmuls run at the 16-bit rate.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((40, 16)) * 0.1, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)
+    logits, vjp = jax.vjp(lambda x, w: output_logits(x, w, None), x, w)
+    dx, dw = vjp(g)
+    assert (logits.dtype, dx.dtype, dw.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    x64, w64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, w.astype(jnp.bfloat16)))
+    g64 = np.asarray(g.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(logits, x64 @ w64.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx.astype(jnp.float32)), g64 @ w64, rtol=2**-8, atol=1e-3)
+    np.testing.assert_allclose(dw, np.einsum("btv,btc->vc", g64, x64), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_train_step_has_no_float32_matmul_over_the_vocabulary():
+    # A dot_general of a float32 and a bfloat16 operand is computed in float32; over [B*T, V] that was the
+    # logits' backward (float32 cotangent), the two largest matmuls of a GPT-2 step.
+    from gpt2_jax.config import TrainConfig
+    from gpt2_jax.training import init_train_state, make_train_step
+
+    cfg = ModelConfig.from_preset("tiny", dtype="bfloat16")
+    train_cfg = TrainConfig(batch_size=2)
+    state = jax.eval_shape(lambda: init_train_state(cfg, train_cfg, jax.random.PRNGKey(0)))
+    tokens = jnp.zeros((1, 2, 8), jnp.int32)
+    text = jax.jit(make_train_step(cfg, train_cfg)).lower(state, tokens, tokens, jax.random.PRNGKey(1)).as_text()
+    operands = [line.rpartition(": (")[2].partition(") ->")[0] for line in text.splitlines()
+                if "stablehlo.dot_general" in line]
+    assert not [o for o in operands if "f32>" in o and "bf16>" in o]
+    vocab = [o for o in operands if f"x{cfg.vocab_size}x" in o or f"<{cfg.vocab_size}x" in o]
+    assert len([o for o in vocab if o.count("bf16>") == 2]) == 3, vocab  # forward, d input, d weight
 
 
 def test_matmul_precision_and_attention_are_checked():
