@@ -82,7 +82,8 @@ def find_shards(data_dir, split: str) -> list[Path]:
     """A split's files: nanoGPT's {split}.bin, else llm.c shards named like *{split}_000001.bin, sorted."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist")
+        what = "is a file, not a directory" if data_dir.exists() else "does not exist"
+        raise DataError(f"data directory {data_dir} {what}")
     raw = data_dir / f"{split}.bin"
     if raw.is_file():
         return [raw]
@@ -120,7 +121,8 @@ class TokenShards:
                 raise DataError(f"{path}: token id {top} is outside the model's vocabulary (vocab_size {vocab_size})")
         if all(len(s) <= block_size for s in self.shards):
             longest = max(len(s) for s in self.shards)
-            raise DataError(f"{self.paths[0].parent}: no shard holds more than block_size={block_size} tokens "
+            raise DataError(f"{self.paths[0].parent}: no {SPLITS[self.stream]} shard holds more than "
+                            f"block_size={block_size} tokens "
                             f"(the longest has {longest}); use a smaller block_size or more data")
 
     def batch(self, seed: int, index: int, batch_size: int, block_size: int, accum: int = 1,
@@ -150,17 +152,26 @@ def open_split(data_dir, split: str) -> TokenShards:
     return TokenShards(find_shards(data_dir, split), stream=SPLITS.index(split))
 
 
-def iter_documents(inputs) -> Iterator[tuple[str, str]]:
-    """(source, text) for every document: a file is one, a .jsonl line's "text" is one; directories recurse."""
+def input_files(inputs) -> list[Path]:
+    """The files the inputs name: files as given, directories recursively (sorted), skipping hidden files and
+    anything inside a hidden directory (such as prepare's own temporary output)."""
+    files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-            yield from iter_documents(files)
+            files += sorted(p for p in path.rglob("*") if p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif path.is_file():
-            yield from _file_documents(path)
+            files.append(path)
         else:
             raise DataError(f"input {path} does not exist")
+    return files
+
+
+def iter_documents(inputs) -> Iterator[tuple[str, str]]:
+    """(source, text) for every document: a file is one, a .jsonl line's "text" is one; directories recurse."""
+    for path in input_files(inputs):
+        yield from _file_documents(path)
 
 
 def _file_documents(path: Path) -> Iterator[tuple[str, str]]:
@@ -219,12 +230,17 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         raise DataError(f"output directory {out_dir} is a file")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"output directory {out_dir} is not empty")
+    files = input_files(inputs)  # listed before the temporary directory exists, which may be among them
+    if not files:
+        raise DataError(f"no input files in {', '.join(map(str, inputs))}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
     try:
         with open(tmp / "all.raw", "wb") as raw_file:
-            documents = _tokenize_into(raw_file, inputs, num_threads or os.cpu_count() or 1)
+            documents = _tokenize_into(raw_file, files, num_threads or os.cpu_count() or 1)
+        if not documents:
+            raise DataError(f"no documents in {', '.join(map(str, inputs))} (only blank .jsonl lines)")
         tokens = np.memmap(tmp / "all.raw", dtype="<u2", mode="r")
         n_val = max(1, int(round(len(tokens) * val_fraction)))
         if n_val >= len(tokens):

@@ -86,7 +86,24 @@ def test_prepare_errors_name_the_input(tmp_path):
         data.prepare([tmp_path / "bad.jsonl"], tmp_path / "out")
     with pytest.raises(data.DataError, match="input .*nothing.txt does not exist"):
         data.prepare([tmp_path / "nothing.txt"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no input files in .*empty"):
+        data.prepare([tmp_path / "empty"], tmp_path / "out")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(data.DataError, match="no documents in .*blank.jsonl"):
+        data.prepare([tmp_path / "blank.jsonl"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_into_its_own_input_directory_reads_only_the_inputs(tmp_path):
+    # The output (and prepare's hidden temporary directory beside it) lies inside the input directory.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt", ".hidden.txt"):
+        (corpus / name).write_text("Hello world")
+    summary = data.prepare([corpus], corpus / "prepared", val_fraction=0.25)
+    assert summary["documents"] == 2
+    assert summary["train_tokens"] + summary["val_tokens"] == 2 * 3  # [15496, 995, EOT] per document
 
 
 def test_prepare_command_line(tmp_path):
@@ -164,5 +181,5 @@ def test_check_rejects_tokens_outside_the_vocabulary_and_short_data(tmp_path):
     split.check(vocab_size=1100, block_size=64)
     with pytest.raises(data.DataError, match=r"train_000001\.bin: token id 1099 is outside .*vocab_size 1000"):
         split.check(vocab_size=1000, block_size=64)
-    with pytest.raises(data.DataError, match="no shard holds more than block_size=300 tokens"):
+    with pytest.raises(data.DataError, match="no train shard holds more than block_size=300 tokens"):
         split.check(vocab_size=1100, block_size=300)
