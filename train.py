@@ -6,7 +6,8 @@
     python train.py --init_from=resume --out_dir=out   # continue the latest checkpoint in out_dir
     python train.py --config=gpt2-xl --mesh=fsdp:8     # params and optimizer state split over 8 devices
 
---config=NAME picks a model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini; default mini). Every
+--config=NAME picks a model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini; default mini); with
+--init_from=resume or PATH the model config is the checkpoint's, and a preset must agree with its size. Every
 TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_dir, max_iters, batch_size,
 block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits.
 
@@ -19,6 +20,7 @@ on TPU pods and SLURM). docs/scaling.md has the details.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import sys
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 from gpt2_jax import checkpoint, convert, data, sharding
 from gpt2_jax.config import ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides, replace
-from gpt2_jax.model import count_params
+from gpt2_jax.model import causal_attention_impl, count_params
 from gpt2_jax.sampling import generate
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -93,12 +95,14 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
             value = arg.split("=", 1)[1]
             if value.endswith(".json"):
                 try:
-                    file_overrides = json.loads(Path(value).read_text())
-                except json.JSONDecodeError as e:
+                    file_overrides = json.loads(Path(value).read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise ConfigError(f"--config={value} is not valid JSON: {e}") from None
                 if not isinstance(file_overrides, dict):
                     raise ConfigError(f"{value} must hold a JSON object of overrides")
                 preset = file_overrides.pop("preset", preset)
+                if not isinstance(preset, str):
+                    raise ConfigError(f"{value}: \"preset\" must be a preset name; got {preset!r}")
             else:
                 preset = value
         else:
@@ -124,24 +128,42 @@ def resolve(argv: list[str]):
     init = train_cfg.init_from
     if init == "resume":
         meta = checkpoint.read_meta(train_cfg.out_dir)
-        base = ModelConfig.from_preset(preset) if preset else replace(ModelConfig(), **meta["model_config"])
+        base = replace(ModelConfig(), **meta["model_config"])  # activation, dropout, dtype, ... included
+        check_preset(preset, base, train_cfg.out_dir)
         train_cfg = replace(replace(TrainConfig(), **meta["train_config"]), **train_over)
-        return replace(base, **model_over), train_cfg, None
+        return checked(replace(base, **model_over)), train_cfg, None
     if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
                           f"--init_from=resume or pick another --out_dir")
     if init == "scratch":
-        return ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over), train_cfg, None
+        return checked(ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over)), train_cfg, None
     if not Path(init).exists():
         raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; {init} does not exist")
     loaded_cfg, params = convert.load(init)
-    model_cfg = replace(ModelConfig.from_preset(preset) if preset else loaded_cfg, **model_over)
+    check_preset(preset, loaded_cfg, init)
+    model_cfg = checked(replace(loaded_cfg, **model_over))  # e.g. gelu_exact for nanoGPT and HF "gelu" weights
     if model_cfg.block_size < loaded_cfg.block_size:  # fine-tune with a shorter context: keep the first positions
         params = dict(params, wpe=params["wpe"][: model_cfg.block_size])
         loaded_cfg = replace(loaded_cfg, block_size=model_cfg.block_size)
     checkpoint.check_model_config(loaded_cfg.to_dict(), replace(model_cfg, param_dtype=loaded_cfg.param_dtype), init)
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_dtype), params)
     return model_cfg, train_cfg, params
+
+
+def check_preset(preset: str | None, saved: ModelConfig, where: str) -> None:
+    """With a checkpoint or weights the model config is theirs; a --config preset only restates their size."""
+    if preset is None:
+        return
+    diffs = [f"{k}={getattr(saved, k)} (the preset: {PRESETS[preset][k]})"
+             for k in ("n_layer", "n_head", "n_embd") if getattr(saved, k) != PRESETS[preset][k]]
+    if diffs:
+        raise ConfigError(f"{where} is not a {preset} model: {', '.join(diffs)}")
+
+
+def checked(model_cfg: ModelConfig) -> ModelConfig:
+    """model_cfg, once its attention choice is known to run here in training (a ConfigError says why not)."""
+    causal_attention_impl(model_cfg, training=True)
+    return model_cfg
 
 
 def open_data(model_cfg: ModelConfig, train_cfg: TrainConfig):
@@ -205,9 +227,23 @@ class Metrics:
         if not enabled:
             return
         if self.path.exists():  # a resumed run drops what the interrupted run logged after its checkpoint
-            lines = self.path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= start_step]
+            self.records = [r for r in self.read() if r["step"] <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def read(self) -> list[dict]:
+        """The records of an existing metrics.jsonl; a line cut off by a kill (or otherwise unreadable) is skipped
+        with a warning: the checkpoint, not this log, is what a resumed run needs."""
+        records = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            elif line.strip():
+                say(f"warning: {self.path}:{number} is not a metrics record; dropped")
+        return records
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -259,6 +295,7 @@ class Run:
         else:
             self.state = sharding.create_sharded_state(model_cfg, train_cfg, self.mesh, rng, params)
         self.rng = jax.device_put(rng, sharding.replicated(self.mesh))
+        checkpoint.check_free_space(self.out_dir, self.state)
         say(f"mesh {mesh_text(self.mesh)} over {jax.device_count()} device(s) in {jax.process_count()} "
             f"process(es); {sharding.memory_summary(self.state)}")
         for line in sharding.sharding_fallbacks(model_cfg, self.mesh):
@@ -308,12 +345,35 @@ class Run:
                 # Batches are a pure function of (seed, step, process), so the step is the data position.
                 "data": {"dir": str(self.data_dir), "seed": self.cfg.seed, "next_batch": step,
                          "train_tokens": self.train_data.n_tokens, "process_count": jax.process_count()}}
+        self.confirm_saved()
+        try:
+            checkpoint.check_free_space(self.out_dir, self.state)  # before orbax starts writing, not halfway
+        except checkpoint.CheckpointError as e:
+            raise checkpoint.CheckpointError(f"cannot save step {step}: {e}; {self.last_complete()}") from None
         checkpoint.save_train_state(self.manager, self.state, meta, val_loss)
         self.last_saved = step
 
+    def confirm_saved(self) -> None:
+        """Wait for the save in flight; if it failed, a CheckpointError names it and the last complete step."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # orbax and tensorstore raise many types; each means this save did not complete
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if len(reason) > 200:  # tensorstore names every file on the way; the OS error comes last
+                reason = "... " + reason.rsplit(": ", 1)[-1]
+            raise checkpoint.CheckpointError(f"saving step {self.last_saved} in {self.out_dir} failed ({reason}); "
+                                             f"{self.last_complete()}") from e
+
+    def last_complete(self) -> str:
+        steps = checkpoint.complete_steps(self.out_dir)
+        return f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint of it is complete"
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.confirm_saved()
+        finally:
+            self.manager.close()
 
 
 def make_run_mesh(train_cfg: TrainConfig):
@@ -353,49 +413,53 @@ def train(run: Run) -> int:
     step = int(run.state.step)
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
                disable=not sharding.is_main_process())
-    x, y = run.batch(step)
-    window_start, losses, stopping = time.perf_counter(), [], False
-    while step < cfg.max_iters and not stopping:
-        run.state, out = step_fn(run.state, x, y, run.rng)
-        step += 1
-        if step < cfg.max_iters:
-            x, y = run.batch(step)  # drawn on the host while the device runs the step
-        loss, lr = float(out["loss"]), float(out["lr"])
-        if not math.isfinite(loss):
-            return diverged(run, bar, f"the loss is {loss} at step {step}")
-        losses.append(loss)
-        p = progress(step, loss, lr, (time.perf_counter() - window_start) / len(losses), tokens_per_step,
-                     flops_per_step, peak)
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {p['tokens_per_s']:,.0f} tok/s "
-                            f"{p['ms_per_step']:.0f} ms/step MFU {100 * p['mfu']:.1f}%", refresh=False)
-        bar.update(1)
-        logging = step % cfg.log_interval == 0
-        evaluating = step % cfg.eval_interval == 0 or step == cfg.max_iters
-        if logging or evaluating:  # one line a step: an eval step's line has val_loss besides the rest
-            record = dict(p, loss=float(np.mean(losses)))
-            if evaluating:
-                # The loss above was computed before this step's update; the update itself may have diverged.
-                record["val_loss"] = run.evaluate(eval_fn)
-                if not (math.isfinite(record["val_loss"]) and run.params_finite()):
-                    return diverged(run, bar, f"the val loss is {record['val_loss']} after step {step}")
-            run.metrics.log(record)
-            if evaluating:
-                run.metrics.plot()
-                run.save(record["val_loss"])
-                say(f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}; "
-                    "checkpoint saved")
-            window_start, losses = time.perf_counter(), []
-        stopping = sharding.any_process(stop.requested)  # every process stops after the same step
-    bar.close()
+    try:
+        x, y = run.batch(step)
+        window_start, losses, stopping = time.perf_counter(), [], False
+        while step < cfg.max_iters and not stopping:
+            run.state, out = step_fn(run.state, x, y, run.rng)
+            step += 1
+            if step < cfg.max_iters:
+                x, y = run.batch(step)  # drawn on the host while the device runs the step
+            loss, lr = float(out["loss"]), float(out["lr"])
+            if not math.isfinite(loss):
+                return diverged(run, bar, f"the loss is {loss} at step {step}")
+            losses.append(loss)
+            p = progress(step, loss, lr, (time.perf_counter() - window_start) / len(losses), tokens_per_step,
+                         flops_per_step, peak)
+            bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {p['tokens_per_s']:,.0f} tok/s "
+                                f"{p['ms_per_step']:.0f} ms/step MFU {100 * p['mfu']:.1f}%", refresh=False)
+            bar.update(1)
+            logged = step % cfg.log_interval == 0
+            evaluating = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            if logged or evaluating:  # one line a step: an eval step's line has val_loss besides the rest
+                record = dict(p, loss=float(np.mean(losses)))
+                if evaluating:
+                    # The loss above was computed before this step's update; the update itself may have diverged.
+                    record["val_loss"] = run.evaluate(eval_fn)
+                    if not (math.isfinite(record["val_loss"]) and run.params_finite()):
+                        return diverged(run, bar, f"the val loss is {record['val_loss']} after step {step}")
+                run.metrics.log(record)
+                if evaluating:
+                    run.metrics.plot()
+                    run.save(record["val_loss"])
+                    say(f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}; "
+                        "saving a checkpoint")
+                window_start, losses = time.perf_counter(), []
+            stopping = sharding.any_process(stop.requested)  # every process stops after the same step
+    finally:  # a CheckpointError's message goes below the bar, not onto it
+        bar.close()
     run.interrupted = stopping
     if stopping:
         if run.last_saved != step:
             if not run.params_finite():
                 return diverged(run, bar, f"the parameters are not finite after step {step}")
             run.save()
+        run.close()
         say(f"interrupted: saved a checkpoint of step {step} in {run.out_dir}; continue with --init_from=resume")
+    else:
+        run.close()
     stop.restore()
-    run.close()
     return 0
 
 
@@ -438,7 +502,15 @@ def main(argv: list[str] | None = None) -> int:
             json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    code = train(run)
+    # A failed asynchronous save surfaces here as one error line; orbax's threads would log a traceback per
+    # array (absl) and asyncio one per abandoned write.
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        code = train(run)
+    except checkpoint.CheckpointError as e:  # a save that failed (disk full, permissions): say which
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if code == 0 and not run.interrupted:  # Ctrl-C means stop: no samples after the save
         print_samples(run)
     return code

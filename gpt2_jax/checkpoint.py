@@ -10,6 +10,7 @@ leaves the previous steps intact and the unfinished one is ignored.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,20 @@ def is_checkpoint_dir(path) -> bool:
     return bool(_steps(Path(path)))
 
 
+def check_free_space(directory, state) -> None:
+    """Raise a CheckpointError if directory's file system cannot hold one more checkpoint of state."""
+    needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise CheckpointError(f"{directory} has {free / 1e6:,.1f} MB free; a checkpoint of this run needs "
+                              f"{needed / 1e6:,.1f} MB")
+
+
+def complete_steps(path) -> list[int]:
+    """The steps saved completely in a checkpoint directory, in increasing order."""
+    return _steps(Path(path))
+
+
 def _steps(directory: Path) -> list[int]:
     if not directory.is_dir():
         return []
@@ -55,12 +70,32 @@ def _handlers() -> dict:
 def _restore(directory: Path, step: int, **items):
     """Restore the named items of one step directory (a plain Checkpointer: reading needs no manager)."""
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
-    return checkpointer.restore((directory / str(step)).absolute(), args=ocp.args.Composite(**items))
+    try:
+        return checkpointer.restore((directory / str(step)).absolute(), args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax wraps tensorstore's errors on damaged files in a bare Exception
+        raise _unreadable(directory, step, e) from e
 
 
 def _item_metadata(directory: Path, step: int, item: str):
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
-    return checkpointer.metadata((directory / str(step)).absolute()).item_metadata[item]
+    try:
+        return checkpointer.metadata((directory / str(step)).absolute()).item_metadata[item]
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise _unreadable(directory, step, e) from e
+
+
+def _unreadable(directory: Path, step: int, error: Exception) -> CheckpointError:
+    """A CheckpointError for a step that cannot be read, naming the older steps to fall back on."""
+    while error.__cause__ is not None:  # the innermost error says what is wrong with which file
+        error = error.__cause__
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if len(reason) > 200:  # tensorstore names every layer of its storage before the actual problem
+        reason = reason[:200] + " ..."
+    older = [s for s in _steps(directory) if s < step]
+    hint = (f"; the older complete steps are {older}: move {directory}/{step} aside to use step {older[-1]}"
+            if older else "")
+    return CheckpointError(f"checkpoint {directory}/{step} is damaged or incomplete ({type(error).__name__}: "
+                           f"{reason}){hint}")
 
 
 def _pick_step(directory: Path, step: int | None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 
@@ -186,8 +187,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("grad_clip and weight_decay must be >= 0")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be an integer in [0, 2**63); got {self.seed}")
+        if not self.out_dir:
+            raise ConfigError("out_dir must name a directory; got an empty string")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be > 0 (AdamW divides by sqrt(v) + eps); got {self.eps}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in [0, 2**32) (jax's PRNG keys take 32 bits); got {self.seed}")
+        if self.num_samples and not self.sample_tokens:
+            raise ConfigError("sample_tokens must be >= 1 when num_samples > 0 (or set num_samples=0)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,6 +210,12 @@ def _check_types(cfg) -> None:
             ok = True
         if not ok:
             raise ConfigError(f"{type(cfg).__name__}.{f.name} must be {hint.__name__}; got {value!r}")
+        value = getattr(cfg, f.name)
+        if hint is float and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number; got {value}")
+        # Integers reach jitted code as int32 (seed has its own, 32-bit unsigned range).
+        if hint is int and f.name != "seed" and not -2**31 <= value < 2**31:
+            raise ConfigError(f"{f.name} must fit in 32 bits, [-2**31, 2**31); got {value}")
 
 
 def replace(cfg, **overrides):

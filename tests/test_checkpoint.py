@@ -132,6 +132,28 @@ def test_an_unfinished_save_is_ignored_and_then_removed(tmp_path, state):
     assert checkpoint._steps(tmp_path) == [5, 6]
 
 
+@pytest.mark.parametrize("damage", ["truncated params", "no meta", "cut meta"])
+def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, damage):
+    manager = save_state(tmp_path, state, step=5)
+    checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)), {"model_config": TINY.to_dict()})
+    manager.wait_until_finished()
+    if damage == "truncated params":
+        for f in (tmp_path / "6" / "params").rglob("*"):
+            if f.is_file() and f.parent.name == "d":  # the arrays' data files
+                f.write_bytes(f.read_bytes()[:10])
+    elif damage == "no meta":
+        shutil.rmtree(tmp_path / "6" / "meta")
+    else:
+        (tmp_path / "6" / "meta" / "metadata").write_text('{"format": "gpt2_jax", "st')
+    message = rf"checkpoint {tmp_path}/6 is damaged or incomplete \(.*\); the older complete steps are \[5\]"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.load_weights(tmp_path)
+    restored, meta = checkpoint.restore_train_state(tmp_path, TINY, TRAIN, step=5)  # the older step is whole
+    assert meta["step"] == 5
+
+
 def test_another_model_config_is_a_clear_error(tmp_path, state):
     save_state(tmp_path, state).wait_until_finished()
     other = ModelConfig.from_preset("tiny", n_layer=3, n_embd=64)

@@ -223,7 +223,62 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
     (tmp_path / "broken.json").write_text('{n_layer: 2}')
     assert f"--config={tmp_path / 'broken.json'} is not valid JSON: Expecting property name" in main_error(
         capsys, *flags, f"--config={tmp_path / 'broken.json'}")
-    assert "seed must be an integer in [0, 2**63); got -1" in main_error(capsys, *flags, "--seed=-1")
+    assert "seed must be an integer in [0, 2**32)" in main_error(capsys, *flags, f"--seed={2**32}")
+    for flag, message in [("--learning_rate=nan", "learning_rate must be a finite number; got nan"),
+                          ("--grad_clip=inf", "grad_clip must be a finite number; got inf"),
+                          ("--eps=0", "eps must be > 0"),
+                          ("--warmup_iters=3000000000", "warmup_iters must fit in 32 bits"),
+                          ("--sample_tokens=0", "sample_tokens must be >= 1 when num_samples > 0"),
+                          ("--out_dir=", "out_dir must name a directory"),
+                          ("--attention=cpu_kernel", "attention='cpu_kernel' cannot run here: it has no attention "
+                                                     "dropout")]:
+        assert message in main_error(capsys, *flags, flag)
+    (tmp_path / "listed.json").write_text('{"preset": ["tiny"]}')
+    assert '"preset" must be a preset name' in main_error(capsys, *flags, f"--config={tmp_path / 'listed.json'}")
+    assert f"data directory {tmp_path / 'bad.json'} is a file" in main_error(
+        capsys, *flags, f"--data={tmp_path / 'bad.json'}")
+
+
+def test_a_save_that_cannot_fit_stops_the_run_and_names_the_last_checkpoint(tmp_path, data_dir, capsys,
+                                                                              monkeypatch):
+    real = shutil.disk_usage
+    calls = []
+
+    def disk_usage(path):  # plenty of space at the start and the step-10 save, none at step 20
+        calls.append(path)
+        usage = real(path)
+        return usage._replace(free=0) if len(calls) > 2 else usage
+
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", disk_usage)
+    out = tmp_path / "full"
+    assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: cannot save step 20: {out} has 0.0 MB free; a checkpoint of this run needs "
+                     r"[\d.]+ MB; the last complete checkpoint is step 10", err), err
+    assert checkpoint._steps(out) == [10]
+
+
+def test_a_cut_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    lines = [json.dumps({"step": 5, "loss": 2.0}), json.dumps({"step": 10, "loss": 1.5}), '{"step": 15, "lo',
+             json.dumps({"loss": 1.0})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = train.Metrics(tmp_path, start_step=10)
+    assert [r["step"] for r in metrics.records] == [5, 10]
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
+    out = capsys.readouterr().out
+    assert "metrics.jsonl:3 is not a metrics record; dropped" in out and "metrics.jsonl:4 is not" in out
+
+
+def test_a_checkpoint_keeps_its_own_model_config_under_a_preset(tmp_path, straight):
+    # Resuming or fine-tuning with --config=tiny takes the checkpoint's dropout (0.1, not tiny's 0.0) and
+    # vocabulary; the preset only has to agree with its size.
+    out, _ = straight
+    model_cfg, _, _ = train.resolve(["--config=tiny", "--init_from=resume", f"--out_dir={out}"])
+    assert (model_cfg.dropout, model_cfg.vocab_size, model_cfg.block_size) == (0.1, VOCAB, 32)
+    model_cfg, _, params = train.resolve(["--config=tiny", f"--init_from={out}", f"--out_dir={tmp_path / 'ft'}"])
+    assert (model_cfg.dropout, model_cfg.vocab_size) == (0.1, VOCAB) and params["wte"].shape[0] == VOCAB
+    with pytest.raises(train.ConfigError, match=r"is not a gpt2 model: n_layer=2 \(the preset: 12\)"):
+        train.resolve(["--config=gpt2", "--init_from=resume", f"--out_dir={out}"])
 
 
 def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir, capsys):
