@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from gpt2_jax import sharding
 from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, replace
-from gpt2_jax.sampling import Sampler, generate_batch, row_key
+from gpt2_jax.sampling import Sampler, context_length, generate_batch, restrict_vocab, row_key
 from gpt2_jax.tokenizer import get_tokenizer
 
 
@@ -60,10 +60,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_k", type=_ranged("int", int, lambda v: v >= 0, "an integer >= 0 (0 = off)"), default=200)
     p.add_argument("--top_p", type=_ranged("float", float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
                    default=1.0)
-    p.add_argument("--seed", type=_ranged("int", int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    p.add_argument("--seed", type=_ranged("int", int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
                    default=1337)
     p.add_argument("--batch_size", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
+    p.add_argument("--n_head", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=None,
+                   help="heads of a weights file that no config JSON describes (tensor shapes cannot tell)")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); <|endoftext|> always")
     p.add_argument("--sliding_window", action="store_true",
                    help="go past block_size: a context that outgrows it restarts from its last block_size // 2")
@@ -83,14 +85,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def load_model(path: str, dtype: str) -> tuple[ModelConfig, dict]:
-    """(config, params) from --init_from, with params and compute in dtype."""
+def load_model(path: str, dtype: str, n_head: int | None = None) -> tuple[ModelConfig, dict]:
+    """(config, params) from --init_from, with params and compute in dtype, and logits for the tokenizer's ids
+    only (a padded vocabulary's extra ids cannot be decoded)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"--init_from {path!r}: no such file or directory (give a train.py out_dir "
                                 "or a weights file that gpt2_jax.convert reads)")
     from gpt2_jax import convert
 
-    cfg, params = convert.load(path, dtype=jnp.dtype(dtype))
+    cfg, params = convert.load(path, dtype=jnp.dtype(dtype), n_head=n_head)
+    cfg = restrict_vocab(cfg, get_tokenizer().n_vocab)
     return replace(cfg, dtype=dtype, param_dtype=dtype), params
 
 
@@ -104,8 +108,11 @@ class Prompt:
 def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tuple[int, str]]]:
     """([(line, id, text)], [(line, error)]) from a text or JSONL prompts file; ids default to the line number."""
     jsonl = path.suffix in (".jsonl", ".json")
+    lines = path.read_bytes().splitlines()
+    if not lines:
+        raise ValueError(f"--prompts_file {path}: no prompts (the file is empty)")
     found, errors, seen = [], [], {}
-    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for line_no, raw in enumerate(lines, start=1):
         try:  # line by line, so that one undecodable line costs only its own prompt
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -125,6 +132,8 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tup
         pid = record.get("id", line_no)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             errors.append((line_no, f"'id' must be a string or an integer; got {pid!r}"))
+        elif isinstance(pid, str) and (problem := utf8_error(pid)):
+            errors.append((line_no, f"'id' {problem}"))
         elif pid in seen:
             errors.append((line_no, f"id {pid!r} is already used on line {seen[pid]}"))
         else:
@@ -133,19 +142,37 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tup
     return found, errors
 
 
+def utf8_error(text: str) -> str | None:
+    """Why text cannot be written out as UTF-8 (it holds a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        # Python turns each command-line byte that is not UTF-8 into U+DC80..U+DCFF (surrogateescape).
+        byte = f", from the byte 0x{code - 0xDC00:02x} that is not UTF-8" if 0xDC80 <= code <= 0xDCFF else ""
+        return f"cannot be written as UTF-8: lone surrogate U+{code:04X} at character {e.start + 1}{byte}"
+    return None
+
+
 def tokenize(entries, cfg: ModelConfig, args) -> tuple[list[Prompt], list[tuple[int, str]]]:
-    """Prompts with their tokens; empty prompts, prompts that do not fit and token ids the model does not have
-    are (line, error)s."""
-    tokenizer = get_tokenizer()
-    token_lists = tokenizer.encode_batch([text for _, _, text in entries], allow_special=True)
-    prompts, errors = [], []
-    for (line, pid, text), tokens in zip(entries, token_lists):
+    """Prompts with their tokens; prompts that are empty, are not UTF-8 or do not fit, and token ids the model
+    does not have, are (line, error)s."""
+    errors, writable = [], []
+    for line, pid, text in entries:
+        problem = utf8_error(text)
+        if problem:
+            errors.append((line, f"prompt {problem}"))
+        else:
+            writable.append((line, pid, text))
+    token_lists = get_tokenizer().encode_batch([text for _, _, text in writable], allow_special=True)
+    prompts = []
+    for (line, pid, text), tokens in zip(writable, token_lists):
         if not tokens:
             errors.append((line, "empty prompt (write <|endoftext|> to sample without one)"))
         elif max(tokens) >= cfg.vocab_size:  # a model with a smaller vocabulary than GPT-2's tokenizer
             errors.append((line, f"prompt has token id {max(tokens)}, outside the model's vocabulary "
                                  f"of {cfg.vocab_size}"))
-        elif not args.sliding_window and len(tokens) + args.max_new_tokens > cfg.block_size:
+        elif not args.sliding_window and context_length(tokens, args.max_new_tokens) > cfg.block_size:
             errors.append((line, f"prompt has {len(tokens)} tokens; with --max_new_tokens={args.max_new_tokens} "
                                  f"that exceeds block_size {cfg.block_size} (shorten it or pass --sliding_window)"))
         else:
@@ -293,7 +320,7 @@ def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, params = load_model(args.init_from, args.dtype)
+        cfg, params = load_model(args.init_from, args.dtype, args.n_head)
         if args.mesh:
             params = sharding.shard_params(cfg, params, sharding.make_mesh(args.mesh))
         if args.prompt is not None:

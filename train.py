@@ -36,7 +36,7 @@ from tqdm import tqdm
 from gpt2_jax import checkpoint, convert, data, sharding
 from gpt2_jax.config import ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides, replace
 from gpt2_jax.model import causal_attention_impl, count_params
-from gpt2_jax.sampling import generate
+from gpt2_jax.sampling import context_length, generate, restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
 
 DEFAULT_PRESET = "mini"
@@ -481,8 +481,9 @@ def print_samples(run: Run) -> None:
         return
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode("\n")
-    fits = len(prompt) + cfg.sample_tokens <= run.model_cfg.block_size
-    outs = generate(run.model_cfg, run.state.params, [prompt] * cfg.num_samples, max_new_tokens=cfg.sample_tokens,
+    model_cfg = restrict_vocab(run.model_cfg, tokenizer.n_vocab)  # e.g. nanoGPT's 50304 ids: only decodable ones
+    fits = context_length(prompt, cfg.sample_tokens) <= model_cfg.block_size
+    outs = generate(model_cfg, run.state.params, [prompt] * cfg.num_samples, max_new_tokens=cfg.sample_tokens,
                     temperature=SAMPLE_TEMPERATURE, top_k=SAMPLE_TOP_K, seed=cfg.seed, sliding_window=not fits)
     for tokens in outs if sharding.is_main_process() else ():
         print(tokenizer.decode(prompt + tokens))

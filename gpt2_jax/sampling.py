@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import cpu_kernels
-from gpt2_jax.config import ModelConfig
+from gpt2_jax.config import ModelConfig, replace
 from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm
 
 EOT_TOKEN = 50256
@@ -115,8 +115,21 @@ def sample_logits(logits_BV, keys_B, sampler: Sampler):
     return draw(keys_B, logits_BV)
 
 
+def restrict_vocab(config: ModelConfig, n_tokens: int) -> ModelConfig:
+    """config returning only the first n_tokens logits (the tokenizer's ids), with the same parameter shapes.
+
+    A model with more token ids than its tokenizer (nanoGPT pads GPT-2's 50257 to 50304) must never sample one
+    the tokenizer cannot decode. pad_vocab_to = the padded size keeps wte and lm_head at their rows.
+    """
+    if config.vocab_size <= n_tokens:
+        return config
+    return replace(config, vocab_size=n_tokens, pad_vocab_to=config.padded_vocab_size)
+
+
 def row_key(seed: int, row_id: int | Sequence[int]):
     """The PRNG key of one row, from the seed and the row's id (an int or a tuple of ints), never its position."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32) (jax's PRNG keys take 32 bits); got {seed!r}")
     key = jax.random.key(seed)
     for part in (row_id,) if isinstance(row_id, (int, np.integer)) else row_id:
         key = jax.random.fold_in(key, int(part))
@@ -482,9 +495,16 @@ def batch_shapes(config: ModelConfig, longest_prompt: int, max_new_tokens: int, 
     T = config.block_size
     P = min(_bucket(longest_prompt), T)
     if not sliding_window:
-        # Padding slots are cache slots too: keep P + max_new_tokens within block_size (each row fits by itself).
-        P = max(longest_prompt, min(P, T - max_new_tokens))
+        # The last new token is never fed back, so the cache holds P - 1 + max_new_tokens slots. Padding slots are
+        # cache slots too: keep that within block_size (check_lengths makes each row fit by itself).
+        P = max(longest_prompt, min(P, T + 1 - max_new_tokens))
     return P, min(T, P + max_new_tokens)
+
+
+def context_length(prompt: Sequence[int], max_new_tokens: int) -> int:
+    """Tokens the model reads to generate max_new_tokens after prompt: the last new token is never fed back
+    (as in transformers' generate), so a prompt of block_size tokens can still get one."""
+    return len(prompt) + max_new_tokens - 1
 
 
 def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -498,10 +518,10 @@ def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
         bad = [t for t in prompt if not 0 <= t < config.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {config.vocab_size})")
-        if not sliding_window and len(prompt) + max_new_tokens > config.block_size:
+        if not sliding_window and context_length(prompt, max_new_tokens) > config.block_size:
             raise ValueError(
-                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that is "
-                f"{len(prompt) + max_new_tokens} > block_size {config.block_size} "
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} the model reads "
+                f"{context_length(prompt, max_new_tokens)}, more than block_size {config.block_size} "
                 "(shorten it, lower max_new_tokens, or ask for a sliding window)")
 
 
@@ -622,6 +642,8 @@ def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], *, max_ne
              stop_tokens=(EOT_TOKEN,), batch_size: int = 16, sliding_window: bool = False) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded); row i's randomness comes from (seed, i) only."""
     sampler = Sampler(temperature, top_k, top_p)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     check_lengths(model_cfg, prompts, max_new_tokens, sliding_window)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     B = min(batch_size, _bucket(len(prompts), minimum=1))

@@ -163,8 +163,8 @@ def test_text_stream_holds_back_partial_utf8_and_stop_strings():
     ("--top_p=1.5", r"argument --top_p: must be in (0, 1]"),
     ("--top_k=-1", "argument --top_k: must be an integer >= 0"),
     ("--num_samples=0", "argument --num_samples: must be an integer >= 1"),
-    ("--seed=-1", "argument --seed: must be an integer in [0, 2**63)"),
-    (f"--seed={2**64}", "argument --seed: must be an integer in [0, 2**63)"),
+    ("--seed=-1", "argument --seed: must be an integer in [0, 2**32)"),
+    (f"--seed={2**32}", "argument --seed: must be an integer in [0, 2**32)"),
     ("--out=/nonexistent-dir/x.jsonl", "--out /nonexistent-dir/x.jsonl: the directory /nonexistent-dir does not exist"),
 ])
 def test_bad_flags_are_named(model, flag, message, capsys):
@@ -224,3 +224,81 @@ def test_bf16_top_k_top_p_samples_do_not_depend_on_the_batch_size(model, tmp_pat
                                      top_p=0.9)
         assert (line["completion"], line["completion_tokens"], line["finish_reason"]) == (
             completion, len(done.tokens), done.finish_reason)
+
+
+def test_padded_vocabulary_samples_only_ids_the_tokenizer_has(tmp_path, capsys):
+    from test_sampling import favour_ids_from, random_params
+
+    from gpt2_jax.sampling import restrict_vocab
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=50304)  # nanoGPT's padded vocabulary
+    params = favour_ids_from(cfg, random_params(cfg, seed=12), 50257)  # ids >= 50257 get almost all the mass
+    path = tmp_path / "weights"
+    checkpoint.save_weights(path, cfg, params)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nHello there\n")
+    out = tmp_path / "out.jsonl"
+    flags = [f"--init_from={path}", "--max_new_tokens=6", "--temperature=1", "--top_k=0"]
+    assert sample.main(flags + [f"--prompts_file={prompts}", f"--out={out}"]) == 0
+    small = restrict_vocab(cfg, 50257)
+    for r in read_jsonl(out):
+        text, done = reference(small, params, r["prompt"], r["id"], n=6, temperature=1.0, top_k=0)
+        assert (r["completion"], r["completion_tokens"]) == (text, 6)
+    capsys.readouterr()
+    assert sample.main(flags + ["--prompt=ROMEO:"]) == 0  # streamed token by token
+    assert capsys.readouterr().out.startswith("ROMEO:" + reference(small, params, "ROMEO:", 0, n=6, top_k=0,
+                                                                   temperature=1.0)[0])
+
+
+def test_prompts_that_cannot_be_written_as_utf8_are_named_and_skipped(model, tmp_path, capsys):
+    _, _, ckpt = model
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "\ud800 lone"}, {"prompt": "fine", "id": "ok"}, {"prompt": "x", "id": "bad \udfff"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))  # JSON escapes: valid UTF-8 bytes
+    out = tmp_path / "out.jsonl"
+    flags = [f"--init_from={ckpt}", "--max_new_tokens=4"]
+    assert sample.main(flags + [f"--prompts_file={prompts}", f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "prompts.jsonl:1: prompt cannot be written as UTF-8: lone surrogate U+D800 at character 1" in err
+    assert "prompts.jsonl:3: 'id' cannot be written as UTF-8: lone surrogate U+DFFF at character 5" in err
+    assert [r["id"] for r in read_jsonl(out)] == ["ok"]
+    # A Latin-1 command line: Python passes the byte 0xe9 as U+DCE9.
+    assert sample.main(flags + ["--prompt=caf\udce9", f"--out={tmp_path / 'one.jsonl'}"]) == 1
+    assert ("--prompt: prompt cannot be written as UTF-8: lone surrogate U+DCE9 at character 4, from the byte "
+            "0xe9 that is not UTF-8") in capsys.readouterr().err
+    assert (tmp_path / "one.jsonl").read_text() == ""
+
+
+def test_empty_prompts_file_is_an_error(model, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert sample.main([f"--init_from={model[2]}", f"--prompts_file={tmp_path / 'empty.txt'}"]) == 1
+    assert f"--prompts_file {tmp_path / 'empty.txt'}: no prompts (the file is empty)" in capsys.readouterr().err
+
+
+def test_prompt_of_block_size_tokens_gets_one_new_token(model, capsys):
+    cfg, params, ckpt = model
+    text = "a" + " a" * 63
+    assert len(get_tokenizer().encode(text)) == cfg.block_size == 64
+    flags = [f"--init_from={ckpt}", f"--prompt={text}", "--temperature=0"]
+    assert sample.main(flags + ["--max_new_tokens=1"]) == 0
+    assert capsys.readouterr().out.startswith(text + reference(cfg, params, text, 0, n=1, temperature=0.0)[0])
+    assert sample.main(flags + ["--max_new_tokens=2"]) == 1
+    assert "--prompt: prompt has 64 tokens; with --max_new_tokens=2 that exceeds block_size 64" in \
+        capsys.readouterr().err
+
+
+def test_n_head_flag_reads_a_bare_safetensors_file(model, tmp_path, capsys):
+    from gpt2_jax import convert
+
+    cfg, params, _ = model
+    convert.export_hf(cfg, params, tmp_path / "hf")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (tmp_path / "hf" / "model.safetensors").rename(bare / "model.safetensors")  # no config JSON beside it
+    flags = [f"--init_from={bare / 'model.safetensors'}", "--prompt=ROMEO:", "--temperature=0",
+             "--max_new_tokens=8"]
+    assert sample.main(flags) == 1
+    assert "pass n_head= (--n_head) or put a config JSON beside the weights" in capsys.readouterr().err
+    assert sample.main(flags + ["--n_head=2"]) == 0
+    expected = "ROMEO:" + reference(cfg, params, "ROMEO:", 0, n=8, temperature=0.0)[0]
+    assert capsys.readouterr().out.startswith(expected)

@@ -95,6 +95,72 @@ def test_greedy_equals_transformers_generate():
         assert tokens == ref[0, len(prompt):].tolist()
 
 
+def test_prompts_that_fill_the_context_equal_transformers_generate():
+    """The last new token is never fed back: a block_size-token prompt gets 1 token and block_size - 1 tokens get 2,
+    as in transformers, with every cache write inside the cache (a clamped write would change the tokens)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_model import hf_model, params_from_hf
+
+    cfg = ModelConfig.from_preset("tiny")  # block_size 64
+    model = hf_model(cfg, seed=3)
+    params = params_from_hf(model, cfg)
+    for lengths, n in (((64, 40), 1), ((63, 10), 2)):
+        prompts = random_prompts(lengths, seed=n)
+        ours = generate(cfg, params, prompts, max_new_tokens=n, temperature=0.0, stop_tokens=())
+        for prompt, tokens in zip(prompts, ours):
+            with torch.no_grad():
+                ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     pad_token_id=0, eos_token_id=None)
+            assert tokens == ref[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="prompt 0 has 64 tokens; with max_new_tokens=2 the model reads 65"):
+        generate(cfg, params, [list(range(64))], max_new_tokens=2)
+
+
+def favour_ids_from(cfg, params, n):
+    """params whose logits are about 50 at ids >= n and near 0 below, at every position: ln_f outputs its bias b,
+    and the head's rows >= n are 50 b / |b|^2 (the lm_head bias, if any, is small noise)."""
+    b = params["ln_f"]["bias"]
+    ln_f = dict(params["ln_f"], weight=jnp.zeros_like(params["ln_f"]["weight"]))
+    if cfg.tie_embeddings:
+        return dict(params, ln_f=ln_f, wte=params["wte"].at[n:].set(50 * b / jnp.sum(b * b)))
+    head = params["lm_head"]["weight"].at[n:].set(50 * b / jnp.sum(b * b))
+    return dict(params, ln_f=ln_f, lm_head=dict(params["lm_head"], weight=head))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False, lm_head_bias=True)])
+def test_restricted_vocabulary_never_samples_ids_the_tokenizer_lacks(overrides):
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    n = get_tokenizer().n_vocab  # 50257
+    cfg = ModelConfig.from_preset("tiny", vocab_size=50304, **overrides)  # nanoGPT's padded vocabulary
+    params = favour_ids_from(cfg, random_params(cfg, seed=11), n)
+    small = sampling.restrict_vocab(cfg, n)
+    assert (small.vocab_size, small.padded_vocab_size) == (n, 50304)
+    assert sampling.restrict_vocab(small, n) == small and sampling.restrict_vocab(cfg, 50304) == cfg
+    shapes = [jax.eval_shape(lambda c=c: init_params(c, jax.random.PRNGKey(0))) for c in (cfg, small)]
+    assert jax.tree.map(lambda a: a.shape, shapes[0]) == jax.tree.map(lambda a: a.shape, shapes[1])
+    tokens = jnp.asarray(random_prompts((12,), seed=11))
+    np.testing.assert_array_equal(full_forward(small, params, tokens), full_forward(cfg, params, tokens)[..., :n])
+    prompts = random_prompts((3, 9), seed=11)
+    kw = dict(max_new_tokens=8, temperature=1.0, stop_tokens=())
+    assert all(t >= n for row in generate(cfg, params, prompts, **kw) for t in row)  # the test has power
+    out = generate(small, params, prompts, **kw)
+    assert all(0 <= t < n for row in out for t in row) and [len(row) for row in out] == [8, 8]
+    assert all(get_tokenizer().decode(row) for row in out)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size must be an integer >= 1; got 0"),
+    (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*32\)"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
+])
+def test_bad_generate_arguments_are_named(kwargs, message):
+    cfg, params = tiny()
+    with pytest.raises(ValueError, match=message):
+        generate(cfg, params, [[1, 2]], max_new_tokens=2, **kwargs)
+
+
 def test_ragged_batch_rows_equal_their_output_alone():
     cfg, params = tiny()
     for prompt, row in zip(GREEDY_PROMPTS, greedy_batch()):
@@ -206,7 +272,8 @@ def test_host_stop_check_leaves_finished_rows_unchanged():
 
 def test_too_long_is_an_error_unless_sliding_window():
     cfg, params = tiny(block_size=32)
-    with pytest.raises(ValueError, match="prompt 1 has 20 tokens; with max_new_tokens=20 that is 40 > block_size 32"):
+    with pytest.raises(ValueError, match="prompt 1 has 20 tokens; with max_new_tokens=20 the model reads 39, more "
+                                         "than block_size 32"):
         generate(cfg, params, [[1, 2], list(range(20))], max_new_tokens=20)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         generate(cfg, params, [[]], max_new_tokens=4)
@@ -233,9 +300,10 @@ def test_1000_mixed_length_prompts_compile_at_most_8_times():
     out = generate(cfg, params, prompts, max_new_tokens=8, temperature=0.0, batch_size=64, stop_tokens=())
     compiles = sampling.compile_count() - before
     assert [len(o) for o in out] == [8] * 1000
-    # By hand: sorted into batches of 64, each batch pads to the next power of two >= 16 (but <= 128 - 8).
+    # By hand: sorted into batches of 64, each batch pads to the next power of two >= 16 (but <= 128 - 8 + 1: the
+    # last new token is never fed back).
     longest = [max(b) for b in np.array_split(np.sort(lengths), range(64, 1000, 64))]
-    buckets = {min(max(16, 1 << int(n - 1).bit_length()), 120) for n in longest}
+    buckets = {min(max(16, 1 << int(n - 1).bit_length()), 121) for n in longest}
     assert compiles == len(buckets) <= 8
 
 
