@@ -1,9 +1,11 @@
 """Run the same GPT-2 weights in PyTorch and in JAX on the same tokens and say where the two part.
 
-The torch side reads the weights file itself wherever it can: transformers' GPT2LMHeadModel.from_pretrained for
-the Hugging Face layout, torch_ref's ReferenceGPT or NanoGPT (load_state_dict with the file's own key names)
-for the reference and nanoGPT layouts. llm.c files and orbax directories have no torch reader: they are exported
-with convert.export_hf (export_reference for a model with an lm_head bias) and that export is loaded.
+The torch side takes the file's tensors under their own key names, as read from the file, and none of
+convert's mapping: transformers' GPT2LMHeadModel for the Hugging Face layout, torch_ref's ReferenceGPT or
+NanoGPT for the reference and nanoGPT layouts, each through load_state_dict, and any tensor the model lacks
+or does not take is an error (from_pretrained would initialise it at random, silently). llm.c files and orbax
+directories have no torch reader: they are exported with convert.export_hf (export_reference for a model with
+an lm_head bias) and that export is loaded.
 
 Tolerance: the run is within tolerance when max |Δlogits| <= atol (default 1e-4, right for float32 weights at
 GPT-2 scale) and every block's residual stream is within atol * max(1, max |h|) of torch, the relative form
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax import convert, layouts, weight_files
+from gpt2_jax import convert, layouts
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, count_params
 
@@ -49,7 +51,7 @@ def text_tokens(cfg: ModelConfig, text: str | None, steps: int) -> np.ndarray:
     """GPT-2 tokens of text (or of the file it names), cut to leave room for `steps` greedy tokens."""
     from gpt2_jax.tokenizer import get_tokenizer
 
-    if text is not None and Path(text).is_file():
+    if text is not None and _is_file(text):
         text = Path(text).read_text()
     tokens = np.asarray(get_tokenizer().encode(text if text is not None else DEFAULT_TEXT), np.int32)
     room = cfg.block_size - steps
@@ -62,6 +64,14 @@ def text_tokens(cfg: ModelConfig, text: str | None, steps: int) -> np.ndarray:
         raise ValueError(f"the text encodes to token id {int(tokens.max())} but the model's vocab_size is "
                          f"{cfg.vocab_size}")
     return tokens
+
+
+def _is_file(text: str) -> bool:
+    """Whether text names a file; a text too long to be a file name is not one."""
+    try:
+        return Path(text).is_file()
+    except OSError:  # e.g. ENAMETOOLONG
+        return False
 
 
 def torch_model_for(path: str | Path, workdir: Path, n_head: int | None = None):
@@ -79,9 +89,9 @@ def torch_model_for(path: str | Path, workdir: Path, n_head: int | None = None):
     cfg = ckpt.config
     if ckpt.layout == "llmc":
         return _via_export(cfg, convert.params_from(ckpt), workdir)
-    if ckpt.layout == "hf":
-        return _transformers_model(path, cfg, workdir)
     state = {k: torch.from_numpy(np.array(layouts.to_numpy(v), np.float32)) for k, v in ckpt.arrays.items()}
+    if ckpt.layout == "hf":
+        return _transformers_model(cfg, state, path)
     if ckpt.layout == "reference":
         model, name = torch_ref.ReferenceGPT(convert.reference_config(cfg)), "torch_ref.ReferenceGPT"
         buffer = layouts.is_reference_buffer
@@ -89,27 +99,35 @@ def torch_model_for(path: str | Path, workdir: Path, n_head: int | None = None):
         args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                     bias=cfg.bias, vocab_size=cfg.vocab_size)
         model, name, buffer = torch_ref.NanoGPT(args), "torch_ref.NanoGPT", layouts.is_hf_buffer
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    wrong = [k for k in missing + unexpected if not buffer(k)]
-    if wrong:
-        raise ValueError(f"{path}: the torch model does not take tensors {wrong[:5]}")
+    _load_all(model, state, path, buffer)
     return model.float().eval(), model.blocks(), name
 
 
-def _transformers_model(path: Path, cfg: ModelConfig, workdir: Path):
-    import torch
-    import transformers
+def _load_all(model, state: dict, path: Path, buffer, tied: tuple[str, ...] = ()) -> None:
+    """load_state_dict, and a ValueError naming the tensors that the model lacks or does not take (buffers and the
+    tied copies, which are shared with a loaded tensor, aside)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not buffer(k) and k not in tied]
+    unexpected = [k for k in unexpected if not buffer(k)]
+    if missing:
+        raise ValueError(f"{path}: the torch model needs tensors the file lacks: {missing[:5]}")
+    if unexpected:
+        raise ValueError(f"{path}: the torch model does not take tensors {unexpected[:5]}")
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if not path.is_dir():  # a bare weights file: give it the config.json that from_pretrained wants
-        name = "model.safetensors" if weight_files.sniff(path) == "safetensors" else "pytorch_model.bin"
-        (workdir / "hf").mkdir()
-        (workdir / "hf" / name).symlink_to(path.absolute())
-        (workdir / "hf" / "config.json").write_text(json.dumps(convert.hf_config(cfg)))
-        path = workdir / "hf"
-    model = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-    return model.eval(), list(model.transformer.h), "transformers.GPT2LMHeadModel"
+
+def _transformers_model(cfg: ModelConfig, state: dict, path: Path):
+    """transformers' GPT2LMHeadModel of cfg's shape holding the file's tensors (prefixed 'transformer.' if bare)."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    hf_cfg = transformers.GPT2Config(**convert.hf_config(cfg), attn_implementation="eager")
+    with no_init_weights():  # every weight is loaded below, or named as missing
+        model = transformers.GPT2LMHeadModel(hf_cfg)
+    bare = not any(k.startswith("transformer.") for k in state)
+    state = {("transformer." + k if bare and k != "lm_head.weight" else k): v for k, v in state.items()}
+    _load_all(model, state, path, layouts.is_hf_buffer, ("lm_head.weight",) if cfg.tie_embeddings else ())
+    model.tie_weights()
+    return model.float().eval(), list(model.transformer.h), "transformers.GPT2LMHeadModel"
 
 
 def _via_export(cfg: ModelConfig, params, workdir: Path):
@@ -119,7 +137,7 @@ def _via_export(cfg: ModelConfig, params, workdir: Path):
         model, blocks, name = torch_model_for(workdir / "reference.pt", workdir)
     else:
         convert.export_hf(cfg, params, workdir / "exported-hf")
-        model, blocks, name = _transformers_model(workdir / "exported-hf", cfg, workdir)
+        model, blocks, name = torch_model_for(workdir / "exported-hf", workdir)
     return model, blocks, name + " (after export)"
 
 
@@ -237,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = compare(args.src, text=args.text, steps=args.steps, atol=args.atol, against=args.against,
                          n_head=args.n_head)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a file that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report) if args.json else format_report(report))

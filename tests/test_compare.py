@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gpt2_jax import compare, convert
-from gpt2_jax.config import replace
+from gpt2_jax.config import ModelConfig, replace
 from gpt2_jax.tokenizer import get_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -72,3 +72,25 @@ def test_nanogpt_llmc_and_orbax_are_within_tolerance(random_nanogpt, tmp_path):
     convert.save(tanh_cfg, params, tmp_path / "orbax")
     report = compare.compare(tmp_path / "orbax", steps=3, against=tmp_path / "model.bin")
     assert report["within_tolerance"] and report["max_abs_logit_diff"] <= 1e-5
+
+
+def test_wrapped_state_dict_and_short_config_json_are_compared_with_their_own_weights(random_hf, tmp_path):
+    """transformers' from_pretrained would initialise these at random, silently: the torch side must hold the
+    file's own tensors."""
+    model = random_hf(seed=23, vocab_size=VOCAB)
+    (tmp_path / "wrapped").mkdir()
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # a torch.compile'd model's keys
+    torch.save({"state_dict": state}, tmp_path / "wrapped" / "model.pt")
+    model.config.to_json_file(tmp_path / "wrapped" / "config.json")
+    model.save_pretrained(tmp_path / "short")
+    (tmp_path / "short" / "config.json").write_text(json.dumps({"n_head": 2}))  # the rest from the tensors
+    for src in (tmp_path / "wrapped" / "model.pt", tmp_path / "short"):
+        report = compare.compare(src, steps=3)
+        assert report["torch_model"] == "transformers.GPT2LMHeadModel"
+        assert report["within_tolerance"] and report["greedy_agree_steps"] == 3, src
+
+
+def test_text_longer_than_a_file_name_is_text(tmp_path):
+    text = "word " * 60  # 300 characters: too long for a file name (ENAMETOOLONG)
+    tokens = compare.text_tokens(ModelConfig.from_preset("tiny"), text, steps=1)
+    assert tokens.tolist() == get_tokenizer().encode(text)
