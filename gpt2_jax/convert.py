@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from gpt2_jax import layouts
@@ -65,6 +66,9 @@ def params_from(ckpt: Checkpoint, dtype=np.float32) -> dict:
         got = tuple(ckpt.arrays[key].shape)
         if got != shape:
             raise WeightsError(f"{ckpt.source}: tensor {key!r} has shape {got}; expected {shape}")
+        if not _is_float(ckpt.arrays[key]):
+            raise WeightsError(f"{ckpt.source}: tensor {key!r} has dtype {ckpt.arrays[key].dtype}; expected "
+                               f"floating-point weights (float32, float16, bfloat16 or float64)")
     extra = [k for k in ckpt.arrays if k not in expected and not ckpt.ignored(k) and k not in ckpt.aliases]
     if extra:
         raise WeightsError(f"{ckpt.source} has tensor {extra[0]!r} of shape {tuple(ckpt.arrays[extra[0]].shape)} "
@@ -74,6 +78,13 @@ def params_from(ckpt: Checkpoint, dtype=np.float32) -> dict:
         if not np.array_equal(to_numpy(ckpt.arrays[alias]), to_numpy(ckpt.arrays[target])):
             raise WeightsError(f"{ckpt.source}: {alias!r} must equal {target!r} (a tied head) but differs")
     return _assemble(cfg, ckpt.entries, ckpt.arrays, np_dtype)
+
+
+def _is_float(array) -> bool:
+    """Whether a checkpoint tensor (numpy or torch) holds floating-point numbers (bfloat16 included)."""
+    if hasattr(array, "is_floating_point"):
+        return array.is_floating_point()
+    return np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
 
 
 def _expected_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -262,6 +273,17 @@ def save(config: ModelConfig, params: dict, dst: str | Path, to: str = "orbax", 
         raise WeightsError(f"unknown target {to!r}; choose one of {TARGETS}")
 
 
+def _check_destination(dst: str | Path, to: str) -> None:
+    """Refuse a destination of the wrong kind (a file where a directory goes, or the reverse) before any work."""
+    dst = Path(dst)
+    writes_directory = to in ("orbax", "hf")
+    if writes_directory and dst.exists() and not dst.is_dir():
+        raise WeightsError(f"destination {dst} is a file; --to {to} writes a directory: give a new path or a "
+                           f"directory")
+    if not writes_directory and dst.is_dir():
+        raise WeightsError(f"destination {dst} is a directory; --to {to} writes a file: give a file path")
+
+
 def _require(cfg: ModelConfig, target: str, **needed) -> None:
     for key, value in needed.items():
         if getattr(cfg, key) != value:
@@ -336,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
     args = parser.parse_args(argv)
     try:
+        _check_destination(args.dst, args.to)
         cfg, params = load(args.src, jnp.dtype(args.dtype), n_head=args.n_head)
         save(cfg, params, args.dst, args.to, args.dtype)
-    except (ValueError, FileNotFoundError) as e:  # WeightsError, ConfigError, CheckpointError
+    except (ValueError, OSError) as e:  # WeightsError, ConfigError, CheckpointError; a path that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

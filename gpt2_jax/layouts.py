@@ -221,7 +221,9 @@ def _read_hf_dir(path: Path) -> dict:
     index = path / "model.safetensors.index.json"
     if index.exists():
         arrays = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        for shard in _index_shards(index):
+            if not (path / shard).is_file():
+                raise WeightsError(f"{index} names shard {shard!r}, but {path / shard} does not exist")
             arrays.update(wf.read_safetensors(path / shard)[0])
         return arrays
     if (path / "pytorch_model.bin").exists():
@@ -229,6 +231,19 @@ def _read_hf_dir(path: Path) -> dict:
     raise WeightsError(f"{path} is a directory but neither an orbax checkpoint (train.py out_dir or "
                        f"save_weights output) nor a Hugging Face model directory (config.json with "
                        f"model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names of a model.safetensors.index.json, in order."""
+    try:
+        raw = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{index} is not valid JSON: {e}") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index} has no 'weight_map' object of tensor name -> shard file name; expected "
+                           f'{{"weight_map": {{"transformer.wte.weight": "model-00001-of-00002.safetensors", ...}}}}')
+    return sorted(set(weight_map.values()))
 
 
 def _torch_state_dict(obj, path: Path) -> tuple[dict, dict]:

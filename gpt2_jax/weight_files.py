@@ -60,17 +60,14 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise WeightsError(f"{path} is not a safetensors file: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: the safetensors header is a JSON {type(header).__name__}; expected an object")
     data_start, data_len = 8 + n, size - 8 - n
     metadata = header.pop("__metadata__", {}) or {}
     raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) if data_len else None
     tensors = {}
     for name, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise WeightsError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; "
-                               f"supported: {sorted(SAFETENSORS_DTYPES)}")
-        shape = tuple(info["shape"])
-        start, end = info["data_offsets"]
+        dtype, shape, start, end = _header_entry(path, name, info)
         if end > data_len:
             raise WeightsError(f"{path} is truncated: tensor {name!r} needs bytes [{start}, {end}) of the data "
                                f"section, which holds {data_len}")
@@ -79,6 +76,32 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
                                f"spans {end - start} bytes")
         tensors[name] = raw[start:end].view(dtype).reshape(shape) if end > start else np.zeros(shape, dtype)
     return tensors, metadata
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(path: Path, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one tensor of a safetensors header, checked."""
+    expected = 'expected {"dtype": "F32", "shape": [rows, ...], "data_offsets": [start, end]}'
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: safetensors header entry {name!r} is {info!r}; {expected}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise WeightsError(f"{path}: safetensors header entry {name!r} lacks {missing}; {expected}")
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise WeightsError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; "
+                           f"supported: {sorted(SAFETENSORS_DTYPES)}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise WeightsError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise WeightsError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [start, end] with "
+                           f"0 <= start <= end")
+    return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, tuple, np.dtype, Callable[[], np.ndarray]]],

@@ -372,6 +372,51 @@ def test_random_bytes_and_other_files_are_not_checkpoints(tmp_path):
         convert.load(tmp_path / "other.pt")
 
 
+def write_raw_safetensors(path, header):
+    """A safetensors file with exactly this header (as JSON) and 8 bytes of data."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(8))
+    return path
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"wte.weight": {"dtype": "F32", "data_offsets": [0, 8]}}, r"header entry 'wte.weight' lacks \['shape'\]"),
+    ({"wte.weight": 5}, "header entry 'wte.weight' is 5; expected {\"dtype\""),
+    ({"wte.weight": {"dtype": "F32", "shape": [2, "x"], "data_offsets": [0, 8]}},
+     r"tensor 'wte.weight' has shape \[2, 'x'\]; expected a list of integers >= 0"),
+    ({"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8]}},
+     r"tensor 'wte.weight' has data_offsets \[8\]; expected \[start, end\]"),
+])
+def test_malformed_safetensors_header_entries_are_named(header, message, tmp_path):
+    path = write_raw_safetensors(tmp_path / "m.safetensors", header)
+    with pytest.raises(WeightsError, match=f"{path}: .*{message}"):
+        convert.load(path, n_head=2)
+
+
+@pytest.mark.parametrize("index, message", [
+    ('{"metadata": {}}', "has no 'weight_map' object"),
+    ('{"weight_map": ', "is not valid JSON"),
+    ('{"weight_map": {"wte.weight": "gone.safetensors"}}', "names shard 'gone.safetensors', but .* does not exist"),
+])
+def test_malformed_safetensors_index_is_named(index, message, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(WeightsError, match=f"{tmp_path / 'hf' / 'model.safetensors.index.json'}.* {message}"):
+        convert.load(tmp_path / "hf", n_head=2)
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_integer_tensor_is_refused(suffix, hf_state, tmp_path):
+    hf_state["transformer.h.0.ln_1.weight"] = torch.arange(32)  # int64: not weights
+    if suffix == "pt":
+        torch.save(hf_state, tmp_path / "m.pt")
+    else:
+        save_safetensors(tmp_path / "m.safetensors", hf_state)
+    with pytest.raises(WeightsError, match=r"tensor 'transformer.h.0.ln_1.weight' has dtype (torch\.)?int64; "
+                                           "expected floating-point weights"):
+        convert.load(tmp_path / f"m.{suffix}", n_head=2)
+
+
 class RunsCode:
     """Unpickling this would create a file: proof that code ran."""
 
@@ -423,3 +468,16 @@ def test_cli_converts_hf_to_orbax_and_reference(random_hf, tmp_path, capsys):
         cfg3, params3 = convert.load(tmp_path / "ref.pt")
     tokens = tokens_for(96)
     np.testing.assert_allclose(jax_logits(cfg3, params3, tokens), jax_logits(cfg, params, tokens), atol=1e-6)
+
+
+@pytest.mark.parametrize("to, dst_is_file", [("hf", True), ("orbax", True), ("reference", False), ("llmc", False)])
+def test_cli_refuses_a_destination_of_the_wrong_kind(to, dst_is_file, random_hf, tmp_path, capsys):
+    random_hf(seed=15).save_pretrained(tmp_path / "hf")
+    dst = tmp_path / "dst"
+    if dst_is_file:
+        dst.write_text("not a directory")
+    else:
+        dst.mkdir()
+    assert convert.main([str(tmp_path / "hf"), str(dst), "--to", to]) == 2
+    kind = "a file; --to {} writes a directory" if dst_is_file else "a directory; --to {} writes a file"
+    assert f"error: destination {dst} is {kind.format(to)}" in capsys.readouterr().err
