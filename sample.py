@@ -319,6 +319,9 @@ def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from gpt2_jax import checkpoint  # orbax (0.5 s to import): a damaged checkpoint is one line, not its tracebacks
+
+    checkpoint.quiet_failed_io()
     try:
         cfg, params = load_model(args.init_from, args.dtype, args.n_head)
         if args.mesh:

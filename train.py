@@ -20,7 +20,6 @@ on TPU pods and SLURM). docs/scaling.md has the details.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import signal
 import sys
@@ -367,7 +366,9 @@ class Run:
 
     def last_complete(self) -> str:
         steps = checkpoint.complete_steps(self.out_dir)
-        return f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint of it is complete"
+        if not steps:
+            return "no checkpoint of this run is complete"
+        return f"the last complete checkpoint is step {steps[-1]}"
 
     def close(self) -> None:
         try:
@@ -495,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    checkpoint.quiet_failed_io()  # a failed save or restore is one error line, not orbax's tracebacks
     try:
         argv = join_cluster(argv)  # before anything touches a device
         model_cfg, train_cfg, params = resolve(argv)
@@ -503,10 +505,6 @@ def main(argv: list[str] | None = None) -> int:
             json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # A failed asynchronous save surfaces here as one error line; orbax's threads would log a traceback per
-    # array (absl) and asyncio one per abandoned write.
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         code = train(run)
     except checkpoint.CheckpointError as e:  # a save that failed (disk full, permissions): say which

@@ -10,8 +10,11 @@ leaves the previous steps intact and the unfinished one is ignored.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,27 @@ SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "qkv_
 
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, or does not fit the model asked for."""
+
+
+def quiet_failed_io() -> None:
+    """For scripts: once a save or restore has failed (reported once, as a CheckpointError), orbax's threads log a
+    traceback per array (absl), asyncio one per abandoned write, and its abandoned coroutines and tensorstore
+    callbacks (after orbax closed its event loop) raise unraisable exceptions at exit. Silence those; every
+    other unraisable exception still reaches the previous hook."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    previous = sys.unraisablehook
+
+    def from_orbax(unraisable) -> bool:
+        error, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        tb, files = unraisable.exc_traceback, [code.co_filename] if code else []
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        return closed_loop or any(f"{os.sep}orbax{os.sep}" in f for f in files)
+
+    sys.unraisablehook = lambda unraisable: None if from_orbax(unraisable) else previous(unraisable)
 
 
 def is_checkpoint_dir(path) -> bool:

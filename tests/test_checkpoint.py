@@ -133,6 +133,7 @@ def test_an_unfinished_save_is_ignored_and_then_removed(tmp_path, state):
 
 
 @pytest.mark.parametrize("damage", ["truncated params", "no meta", "cut meta"])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see checkpoint.quiet_failed_io
 def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, damage):
     manager = save_state(tmp_path, state, step=5)
     checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)), {"model_config": TINY.to_dict()})
