@@ -130,6 +130,9 @@ def resolve(argv: list[str]):
         base = replace(ModelConfig(), **meta["model_config"])  # activation, dropout, dtype, ... included
         check_preset(preset, base, train_cfg.out_dir)
         train_cfg = replace(replace(TrainConfig(), **meta["train_config"]), **train_over)
+        if "batch_size" not in train_over:
+            saved_processes = meta.get("data", {}).get("process_count", 1)
+            train_cfg = keep_global_batch(train_cfg, saved_processes, jax.process_count())
         return checked(replace(base, **model_over)), train_cfg, None
     if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
@@ -147,6 +150,20 @@ def resolve(argv: list[str]):
     checkpoint.check_model_config(loaded_cfg.to_dict(), replace(model_cfg, param_dtype=loaded_cfg.param_dtype), init)
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_dtype), params)
     return model_cfg, train_cfg, params
+
+
+def keep_global_batch(train_cfg: TrainConfig, saved_processes: int, processes: int) -> TrainConfig:
+    """A run resumed by another number of processes keeps the checkpoint's global batch (batch_size is per
+    process), so that it trains on the same batches; a ConfigError if that does not divide."""
+    global_batch = train_cfg.batch_size * saved_processes
+    if processes == saved_processes:
+        return train_cfg
+    if global_batch % processes:
+        raise ConfigError(f"the checkpoint's global batch ({train_cfg.batch_size} x {saved_processes} processes) "
+                          f"does not divide among {processes} processes; pass --batch_size to choose another")
+    say(f"resuming on {processes} processes instead of {saved_processes}: batch_size "
+        f"{global_batch // processes} per process keeps the global batch of {global_batch}")
+    return replace(train_cfg, batch_size=global_batch // processes)
 
 
 def check_preset(preset: str | None, saved: ModelConfig, where: str) -> None:

@@ -64,6 +64,8 @@ def parse_mesh(spec: str) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"mesh axis {name!r} has size {value}; sizes are positive (or -1 for the rest)")
         seen.add(name)
         sizes[name] = value
+    if not seen:
+        raise ValueError(f"mesh {spec!r} names no axis; write it like data:4,fsdp:2")
     if list(sizes.values()).count(-1) > 1:
         raise ValueError(f"at most one mesh axis may have size -1; got {spec!r}")
     return tuple(sizes.items())

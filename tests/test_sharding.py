@@ -39,7 +39,7 @@ def test_parse_mesh_orders_axes_and_fills_missing_with_one():
 
 @pytest.mark.parametrize("spec, words", [
     ("model:2", "'model'"), ("data:2,data:2", "twice"), ("data:x", "integer"), ("data", "integer"),
-    ("fsdp:0", "size 0"), ("data:-1,fsdp:-1", "at most one"),
+    ("fsdp:0", "size 0"), ("data:-1,fsdp:-1", "at most one"), (",,,", "names no axis"),
 ])
 def test_parse_mesh_rejects_bad_specs(spec, words):
     with pytest.raises(ValueError, match=words):

@@ -239,6 +239,17 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
         capsys, *flags, f"--data={tmp_path / 'bad.json'}")
 
 
+def test_a_resume_on_another_process_count_keeps_the_global_batch():
+    from gpt2_jax.config import TrainConfig
+
+    saved = TrainConfig(batch_size=8)  # per process, as a checkpoint of 2 processes records it: global 16
+    assert train.keep_global_batch(saved, 2, 2) == saved
+    assert train.keep_global_batch(saved, 2, 4).batch_size == 4
+    assert train.keep_global_batch(saved, 2, 1).batch_size == 16
+    with pytest.raises(train.ConfigError, match=r"global batch \(8 x 2 processes\) does not divide among 3"):
+        train.keep_global_batch(saved, 2, 3)
+
+
 def test_a_save_that_cannot_fit_stops_the_run_and_names_the_last_checkpoint(tmp_path, data_dir, capsys,
                                                                               monkeypatch):
     real = shutil.disk_usage
