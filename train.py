@@ -375,11 +375,8 @@ class Run:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:  # orbax and tensorstore raise many types; each means this save did not complete
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            if len(reason) > 200:  # tensorstore names every file on the way; the OS error comes last
-                reason = "... " + reason.rsplit(": ", 1)[-1]
-            raise checkpoint.CheckpointError(f"saving step {self.last_saved} in {self.out_dir} failed ({reason}); "
-                                             f"{self.last_complete()}") from e
+            raise checkpoint.CheckpointError(f"saving step {self.last_saved} in {self.out_dir} failed "
+                                             f"({checkpoint.io_error_reason(e)}); {self.last_complete()}") from e
 
     def last_complete(self) -> str:
         steps = checkpoint.complete_steps(self.out_dir)
@@ -468,15 +465,13 @@ def train(run: Run) -> int:
     finally:  # a CheckpointError's message goes below the bar, not onto it
         bar.close()
     run.interrupted = stopping
+    if stopping and run.last_saved != step:
+        if not run.params_finite():
+            return diverged(run, bar, f"the parameters are not finite after step {step}")
+        run.save()
+    run.close()  # the last save completes (or its failure is raised) before anything says it was saved
     if stopping:
-        if run.last_saved != step:
-            if not run.params_finite():
-                return diverged(run, bar, f"the parameters are not finite after step {step}")
-            run.save()
-        run.close()
         say(f"interrupted: saved a checkpoint of step {step} in {run.out_dir}; continue with --init_from=resume")
-    else:
-        run.close()
     stop.restore()
     return 0
 

@@ -108,18 +108,24 @@ def _item_metadata(directory: Path, step: int, item: str):
         raise _unreadable(directory, step, e) from e
 
 
+def io_error_reason(error: Exception) -> str:
+    """One line on why orbax failed to read or write: the innermost error of the chain (orbax wraps tensorstore's),
+    its type and first line; past 200 characters, only what follows its last ': ' (tensorstore names every
+    layer of its storage and every file on the way before the actual problem)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    reason = (str(error).strip().splitlines() or [""])[0]
+    if len(reason) > 200:
+        reason = "... " + reason.rsplit(": ", 1)[-1]
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+
+
 def _unreadable(directory: Path, step: int, error: Exception) -> CheckpointError:
     """A CheckpointError for a step that cannot be read, naming the older steps to fall back on."""
-    while error.__cause__ is not None:  # the innermost error says what is wrong with which file
-        error = error.__cause__
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if len(reason) > 200:  # tensorstore names every layer of its storage before the actual problem
-        reason = reason[:200] + " ..."
     older = [s for s in _steps(directory) if s < step]
     hint = (f"; the older complete steps are {older}: move {directory}/{step} aside to use step {older[-1]}"
             if older else "")
-    return CheckpointError(f"checkpoint {directory}/{step} is damaged or incomplete ({type(error).__name__}: "
-                           f"{reason}){hint}")
+    return CheckpointError(f"checkpoint {directory}/{step} is damaged or incomplete ({io_error_reason(error)}){hint}")
 
 
 def _pick_step(directory: Path, step: int | None) -> int:
