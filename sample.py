@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from gpt2_jax import sharding
-from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, replace
+from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, replace, seed_error
 from gpt2_jax.sampling import Sampler, context_length, generate_batch, restrict_vocab, row_key
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -60,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_k", type=_ranged("int", int, lambda v: v >= 0, "an integer >= 0 (0 = off)"), default=200)
     p.add_argument("--top_p", type=_ranged("float", float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
                    default=1.0)
-    p.add_argument("--seed", type=_ranged("int", int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    p.add_argument("--seed", type=_ranged("int", int, lambda v: not seed_error(v), "an integer in [0, 2**32)"),
                    default=1337)
     p.add_argument("--batch_size", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import typing
 from pathlib import Path
 
@@ -12,6 +13,13 @@ ACTIVATIONS = ("gelu_tanh", "gelu_exact")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("auto", "xla", "cudnn", "cpu_kernel")
 MATMUL_PRECISIONS = ("highest", "high", "default")
+
+
+def seed_error(seed) -> str | None:
+    """Why seed cannot seed a run or a sample (None when it can)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        return f"seed must be an integer in [0, 2**32) (jax's PRNG keys take 32 bits); got {seed!r}"
+    return None
 
 
 class ConfigError(ValueError):
@@ -191,8 +199,8 @@ class TrainConfig:
             raise ConfigError("out_dir must name a directory; got an empty string")
         if not self.eps > 0:
             raise ConfigError(f"eps must be > 0 (AdamW divides by sqrt(v) + eps); got {self.eps}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must be an integer in [0, 2**32) (jax's PRNG keys take 32 bits); got {self.seed}")
+        if seed_error(self.seed):
+            raise ConfigError(seed_error(self.seed))
         if self.num_samples and not self.sample_tokens:
             raise ConfigError("sample_tokens must be >= 1 when num_samples > 0 (or set num_samples=0)")
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import cpu_kernels
-from gpt2_jax.config import ModelConfig, replace
+from gpt2_jax.config import ModelConfig, replace, seed_error
 from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm
 
 EOT_TOKEN = 50256
@@ -128,8 +128,8 @@ def restrict_vocab(config: ModelConfig, n_tokens: int) -> ModelConfig:
 
 def row_key(seed: int, row_id: int | Sequence[int]):
     """The PRNG key of one row, from the seed and the row's id (an int or a tuple of ints), never its position."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32) (jax's PRNG keys take 32 bits); got {seed!r}")
+    if seed_error(seed):
+        raise ValueError(seed_error(seed))
     key = jax.random.key(seed)
     for part in (row_id,) if isinstance(row_id, (int, np.integer)) else row_id:
         key = jax.random.fold_in(key, int(part))
