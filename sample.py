@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2_jax import checkpoint  # orbax (0.5 s to import): a damaged checkpoint is one line, not its tracebacks
 
     checkpoint.quiet_failed_io()
+    sharding.order_host_collectives()
     try:
         cfg, params = load_model(args.init_from, args.dtype, args.n_head)
         if args.mesh:

@@ -509,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     checkpoint.quiet_failed_io()  # a failed save or restore is one error line, not orbax's tracebacks
+    sharding.order_host_collectives()
     try:
         argv = join_cluster(argv)  # before anything touches a device
         model_cfg, train_cfg, params = resolve(argv)

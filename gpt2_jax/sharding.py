@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from functools import lru_cache, partial
 from typing import Sequence
 
@@ -43,6 +44,21 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "layers": None,
 }
+
+
+def order_host_collectives() -> None:
+    """Before the backend starts: keep XLA:CPU's collectives in one order when XLA_FLAGS splits the host.
+
+    With --xla_force_host_platform_device_count=N > 1, XLA:CPU's concurrency-optimised scheduler lets a step's
+    independent collectives start in different orders on different host devices; they then wait on each other
+    until XLA aborts the process (seen: train.py --mesh=data:4,tensor:2 on 8 host devices, wte replicated, at the
+    first step, every run). With the scheduler off, the same runs complete with the same losses. The flag is
+    read when the backend starts, so this only helps before the first device is touched.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if forced and int(forced.group(1)) > 1 and "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_enable_concurrency_optimized_scheduler=false".strip()
 
 
 def parse_mesh(spec: str) -> tuple[tuple[str, int], ...]:

@@ -361,6 +361,20 @@ def test_a_data8_checkpoint_resumes_on_fsdp4(tmp_path, straight, data8, env):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
 
 
+def test_tensor_parallel_with_a_replicated_vocab_trains_like_one_device(tmp_path, data_dir, env):
+    # vocab 257 is not divisible by tensor=2, so wte stays replicated. This shape (2 layers, T=64, 8 host devices)
+    # made XLA:CPU's concurrently scheduled collectives wait on each other until XLA aborted the run (SIGABRT)
+    # at the first step; train.py turns that scheduler off when XLA_FLAGS splits the host into devices.
+    flags = ["--config=tiny", "--vocab_size=257", f"--data={data_dir}", "--batch_size=8", "--max_iters=4",
+             "--log_interval=1", "--eval_interval=10", "--num_samples=0"]
+    rc, log = run_train(*flags, "--mesh=data:4,tensor:2", out=tmp_path / "tp", env=devices_env(env, 8))
+    assert rc == 0, log
+    assert "sharding fallback: wte: vocab=257 is not divisible by tensor=2; replicated" in log
+    rc, log = run_train(*flags, out=tmp_path / "one", env=env)
+    assert rc == 0, log
+    assert_close(train_losses(tmp_path / "tp"), train_losses(tmp_path / "one"), [1, 2, 3, 4])
+
+
 def test_the_mesh_is_checked_against_the_devices(data8, capsys):
     # The mesh is saved with the run; a resume on other hardware must name a new one.
     assert ("--mesh=data:8: mesh 'data:8' (data:8,fsdp:1,tensor:1) needs 8 devices but there are 1; a resumed run "
