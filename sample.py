@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
@@ -317,6 +318,16 @@ def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple
             bar.update(len(batch))
 
 
+def sampling_failure(error: Exception, args) -> str:
+    """XLA's first line, what to try, and where the finished samples are."""
+    first, cause = sharding.runtime_error_cause(error)
+    hint = {"memory": "; a batch does not fit in device memory: lower --batch_size (or --max_new_tokens)",
+            "process": "; another process may have stopped: see its log"}.get(cause, "")
+    kept = (f"; the samples written to {args.out} are kept: add --resume to make the rest" if args.out is not None
+            else "")
+    return f"sampling failed: {first}{hint}{kept}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from gpt2_jax import checkpoint  # orbax (0.5 s to import): a damaged checkpoint is one line, not its tracebacks
@@ -346,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             run_one(cfg, params, prompts[0], args, out_file, skip)
         elif prompts:
             run_file(cfg, params, prompts, args, out_file, skip)
+    except jax.errors.JaxRuntimeError as e:
+        print(f"error: {sampling_failure(e, args)}", file=sys.stderr)
+        return 1
     finally:
         if out_file is not None:
             out_file.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -216,6 +217,19 @@ def flops_per_token(model_cfg: ModelConfig, params) -> float:
     """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention (nanoGPT's estimate)."""
     n = count_params(params) - params["wpe"].size
     return 6 * n + 12 * model_cfg.n_layer * model_cfg.n_embd * model_cfg.block_size
+
+
+class StepFailed(Exception):
+    """XLA could not compile or run a step: out of device memory, or a collective with a lost process."""
+
+
+def xla_failure(error: Exception, what: str) -> StepFailed:
+    """A StepFailed naming what failed, XLA's first line, and what to try."""
+    first, cause = sharding.runtime_error_cause(error)
+    hint = {"memory": "; the step does not fit in device memory: lower batch_size (raise gradient_accumulation_steps "
+                      "to keep the tokens a step), or set --remat=true, --dtype=bfloat16 or an fsdp mesh",
+            "process": "; another process of this run may have stopped: see its log"}.get(cause, "")
+    return StepFailed(f"{what} failed: {first}{hint}")
 
 
 class StopRequest:
@@ -418,7 +432,10 @@ def train(run: Run) -> int:
     """The loop: step, log, evaluate and save every eval_interval, stop on Ctrl-C or a non-finite loss."""
     cfg, model_cfg = run.cfg, run.model_cfg
     stop = StopRequest()
-    step_fn, eval_fn = run.compile()
+    try:
+        step_fn, eval_fn = run.compile()
+    except jax.errors.JaxRuntimeError as e:
+        raise xla_failure(e, "compiling the train and eval steps") from None
     device_peak, peak_source = peak_flops(model_cfg)
     peak = device_peak * jax.device_count()
     tokens_per_step = cfg.gradient_accumulation_steps * run.global_batch * model_cfg.block_size
@@ -426,17 +443,19 @@ def train(run: Run) -> int:
     say(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens_per_step:,} tokens a step; MFU against "
         f"{jax.device_count()} x {device_peak / 1e9:,.0f} GFLOP/s ({peak_source})")
     step = int(run.state.step)
+    doing = f"step {step + 1}"  # for an XLA error: what was running
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
                disable=not sharding.is_main_process())
     try:
         x, y = run.batch(step)
         window_start, losses, stopping = time.perf_counter(), [], False
         while step < cfg.max_iters and not stopping:
+            doing = f"step {step + 1}"
             run.state, out = step_fn(run.state, x, y, run.rng)
             step += 1
             if step < cfg.max_iters:
                 x, y = run.batch(step)  # drawn on the host while the device runs the step
-            loss, lr = float(out["loss"]), float(out["lr"])
+            loss, lr = float(out["loss"]), float(out["lr"])  # waits for the step: its errors surface here
             if not math.isfinite(loss):
                 return diverged(run, bar, f"the loss is {loss} at step {step}")
             losses.append(loss)
@@ -450,6 +469,7 @@ def train(run: Run) -> int:
             if logged or evaluating:  # one line a step: an eval step's line has val_loss besides the rest
                 record = dict(p, loss=float(np.mean(losses)))
                 if evaluating:
+                    doing = f"the evaluation after step {step}"
                     # The loss above was computed before this step's update; the update itself may have diverged.
                     record["val_loss"] = run.evaluate(eval_fn)
                     if not (math.isfinite(record["val_loss"]) and run.params_finite()):
@@ -462,6 +482,8 @@ def train(run: Run) -> int:
                         "saving a checkpoint")
                 window_start, losses = time.perf_counter(), []
             stopping = sharding.any_process(stop.requested)  # every process stops after the same step
+    except jax.errors.JaxRuntimeError as e:
+        raise xla_failure(e, doing) from None
     finally:  # a CheckpointError's message goes below the bar, not onto it
         bar.close()
     run.interrupted = stopping
@@ -522,6 +544,19 @@ def main(argv: list[str] | None = None) -> int:
         code = train(run)
     except checkpoint.CheckpointError as e:  # a save that failed (disk full, permissions): say which
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except StepFailed as e:
+        if jax.process_count() > 1:
+            # A save in flight cannot finish without the lost process, and jax.distributed's shutdown would wait
+            # for it (100 s of heartbeats), then abort with a C++ stack trace: say what happened and leave now.
+            print(f"error: {e}; {run.last_complete()}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        try:
+            run.close()  # a save in flight completes: the work it holds is not lost
+        except checkpoint.CheckpointError as saving:
+            print(f"error: {saving}", file=sys.stderr)
+        print(f"error: {e}; {run.last_complete()}", file=sys.stderr)
         return 1
     if code == 0 and not run.interrupted:  # Ctrl-C means stop: no samples after the save
         print_samples(run)

@@ -61,6 +61,19 @@ def order_host_collectives() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_enable_concurrency_optimized_scheduler=false".strip()
 
 
+def runtime_error_cause(error: Exception) -> tuple[str, str | None]:
+    """(first line of an XLA runtime error, its likely cause: "memory", "process" or None).
+
+    "memory": the device (or host) could not allocate a buffer. "process": a multi-process run, where a failed
+    collective most often means another process stopped.
+    """
+    lines = str(error).strip().splitlines()
+    first = lines[0].rstrip(".") if lines else type(error).__name__
+    if "RESOURCE_EXHAUSTED" in first or "out of memory" in first.lower():
+        return first, "memory"
+    return first, "process" if jax.process_count() > 1 else None
+
+
 def parse_mesh(spec: str) -> tuple[tuple[str, int], ...]:
     """'data:4,fsdp:2' -> (('data', 4), ('fsdp', 2), ('tensor', 1)); one size may be -1 (= the remaining devices)."""
     sizes = {name: 1 for name in MESH_AXES}

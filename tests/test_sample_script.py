@@ -104,6 +104,36 @@ def test_resume_finishes_an_interrupted_file_without_duplicates(model, tmp_path,
     assert sorted(resumed, key=key) == sorted(read_jsonl(full), key=key)
 
 
+def test_a_batch_that_fails_in_xla_keeps_the_finished_ones_for_resume(model, tmp_path, capsys, monkeypatch):
+    _, _, ckpt = model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    flags = [f"--init_from={ckpt}", f"--prompts_file={prompts}", "--max_new_tokens=4", "--batch_size=2"]
+    full = tmp_path / "full.jsonl"
+    assert sample.main(flags + [f"--out={full}"]) == 0
+    original, calls = sample.generate_batch, []
+
+    def fail_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the error XLA:CPU raises for a buffer it cannot allocate
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes.")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate_batch", fail_on_the_second_batch)
+    out = tmp_path / "out.jsonl"
+    assert sample.main(flags + [f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert err[err.index("error: "):] == (
+        "error: sampling failed: RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes; a batch does not "
+        f"fit in device memory: lower --batch_size (or --max_new_tokens); the samples written to {out} are kept: "
+        "add --resume to make the rest\n")
+    assert read_jsonl(out) == read_jsonl(full)[:2]
+    monkeypatch.setattr(sample, "generate_batch", original)
+    assert sample.main(flags + [f"--out={out}", "--resume"]) == 0
+    key = lambda r: (r["id"], r["sample"])  # noqa: E731
+    assert sorted(read_jsonl(out), key=key) == sorted(read_jsonl(full), key=key)
+
+
 def test_single_prompt_streams_the_completion(model, capsys):
     cfg, params, ckpt = model
     prompt = "Caf\u00e9 \U0001F642 says"

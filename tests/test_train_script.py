@@ -239,6 +239,20 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
         capsys, *flags, f"--data={tmp_path / 'bad.json'}")
 
 
+@pytest.mark.skipif(Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
+                    reason="the kernel would grant the allocation and the OOM killer end the test run")
+def test_a_step_that_does_not_fit_in_memory_says_so(tmp_path, data_dir, capsys):
+    # Logits of 1024 x 64 tokens over 2**20 ids: 275 GB a copy, which no allocator of this machine grants.
+    assert train.main(["--config=tiny", "--vocab_size=1048576", "--batch_size=1024", f"--data={data_dir}",
+                       "--max_iters=2", "--num_samples=0", f"--out_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    err = err[err.index("error: "):]  # after the progress bar
+    assert re.fullmatch(r"error: step 1 failed: RESOURCE_EXHAUSTED: Out of memory allocating \d+ bytes; the step "
+                        r"does not fit in device memory: lower batch_size \(raise gradient_accumulation_steps to keep "
+                        r"the tokens a step\), or set --remat=true, --dtype=bfloat16 or an fsdp mesh; no checkpoint "
+                        r"of this run is complete\n", err), err
+
+
 def test_a_resume_on_another_process_count_keeps_the_global_batch():
     from gpt2_jax.config import TrainConfig
 
@@ -392,18 +406,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_two_processes(out, data_dir, env) -> list:
+    """The straight run's flags on --mesh=fsdp:8 over 2 processes of 4 CPU devices, a checkpoint every 5 steps."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}  # each process compiles for itself
+    return [start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--mesh=fsdp:8", "--batch_size=4",
+                  "--max_iters=100000", "--eval_interval=5", f"--coordinator_address={address}",
+                  "--num_processes=2", f"--process_id={i}", out=out, env=env, log_name=f"{out.name}_process{i}")
+            for i in range(2)]
+
+
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, data_dir, env):
     """The straight run on --mesh=fsdp:8 over 2 processes of 4 CPU devices (4 rows of 8 each), until a Ctrl-C
     that reaches only process 1 after step 5."""
     out = tmp_path_factory.mktemp("runs") / "fsdp8"
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
-           and k != "JAX_COMPILATION_CACHE_DIR"}  # each process compiles for itself
-    procs = [start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--mesh=fsdp:8", "--batch_size=4",
-                   "--max_iters=100000", "--eval_interval=5", f"--coordinator_address={address}",
-                   "--num_processes=2", f"--process_id={i}", out=out, env=env, log_name=f"fsdp8_process{i}")
-             for i in range(2)]
+    procs = start_two_processes(out, data_dir, env)
     try:
         wait_until(lambda: 5 in train_losses(out) if (out / "metrics.jsonl").exists() else False, procs[0],
                    "the step-5 record")
@@ -433,6 +452,29 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_step(two_processes):
     stopped = int(re.search(r"interrupted: saved a checkpoint of step (\d+)", main_log).group(1))
     assert stopped >= 5 and checkpoint._steps(out) == sorted({5, stopped})
     assert checkpoint.read_meta(out, stopped)["step"] == stopped and "interrupted" not in other_log
+
+
+def test_a_lost_process_stops_the_other_with_one_line_and_the_last_checkpoint(tmp_path, data_dir, env):
+    out = tmp_path / "lost"
+    procs = start_two_processes(out, data_dir, env)
+    try:
+        wait_until(lambda: 5 in checkpoint.complete_steps(out) if out.exists() else False, procs[0],
+                   "the step-5 checkpoint")
+        procs[1].kill()
+        killed_at = time.monotonic()
+        rc, log = finish(procs[0], timeout=90)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    # Unhandled, the survivor printed a Python traceback, then waited out jax.distributed's 100 s heartbeat
+    # timeout and aborted with a C++ stack trace.
+    assert rc == 1 and time.monotonic() - killed_at < 30, log[-3000:]
+    error = log[log.rindex("error: "):]
+    assert re.fullmatch(r"error: (step \d+|the evaluation after step \d+) failed: .*; another process of this run "
+                        r"may have stopped: see its log; the last complete checkpoint is step (\d+)\n", error), error
+    assert int(error.split()[-1]) in checkpoint.complete_steps(out) and "Traceback" not in log
 
 
 def parse_bytes(text: str) -> float:
