@@ -88,25 +88,44 @@ def numerics(cfg, params, x, y) -> dict:
             "f32_default_precision_loss_diff": abs(float(default_loss) - float(ref_loss))}
 
 
-def ours_worker(flags: dict, attention: str, unroll: int, check: bool) -> dict:
+def step_inputs(flags: dict, attention: str, unroll: int):
+    """(model config, step-0 state, x, y, rng) of the benchmarked step: fp32 params and AdamW state."""
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax.config import TrainConfig
-    from gpt2_jax.model import causal_attention_impl
-    from gpt2_jax.training import init_train_state, make_train_step
-    from train import flops_per_token
+    from gpt2_jax.training import init_train_state
 
     cfg = model_config(flags, attention=attention, scan_unroll=unroll)
-    train_cfg = TrainConfig(batch_size=flags["batch_size"], learning_rate=1e-4, warmup_iters=0)
-    state = init_train_state(cfg, train_cfg, jax.random.PRNGKey(0))
+    state = init_train_state(cfg, train_config(flags), jax.random.PRNGKey(0))
     tokens = batch(cfg.vocab_size, flags)
-    x, y, rng = jnp.asarray(tokens[:, :-1])[None], jnp.asarray(tokens[:, 1:])[None], jax.random.PRNGKey(1)
+    return cfg, state, jnp.asarray(tokens[:, :-1])[None], jnp.asarray(tokens[:, 1:])[None], jax.random.PRNGKey(1)
+
+
+def train_config(flags: dict):
+    from gpt2_jax.config import TrainConfig
+
+    return TrainConfig(batch_size=flags["batch_size"], learning_rate=1e-4, warmup_iters=0)
+
+
+def compiled_step(cfg, flags: dict, state, x, y, rng):
+    """make_train_step jitted with the state donated, compiled for these inputs."""
+    import jax
+
+    from gpt2_jax.training import make_train_step
+
+    return jax.jit(make_train_step(cfg, train_config(flags)), donate_argnums=0).lower(state, x, y, rng).compile()
+
+
+def ours_worker(flags: dict, attention: str, unroll: int, check: bool) -> dict:
+    from gpt2_jax.model import causal_attention_impl
+    from train import flops_per_token
+
+    cfg, state, x, y, rng = step_inputs(flags, attention, unroll)
     result = {"attention_ran": causal_attention_impl(cfg, training=True), "fpt": flops_per_token(cfg, state.params)}
     if check:
         result.update(numerics(cfg, state.params, x[0, :2], y[0, :2]))
     t = time.perf_counter()
-    step = jax.jit(make_train_step(cfg, train_cfg), donate_argnums=0).lower(state, x, y, rng).compile()
+    step = compiled_step(cfg, flags, state, x, y, rng)
     result["compile_s"] = time.perf_counter() - t
     for _ in range(3):
         state, metrics = step(state, x, y, rng)
