@@ -4,15 +4,25 @@ Shard layout (llm.c): a header of 256 little-endian int32 (magic 20240520, versi
 then the tokens as uint16. nanoGPT's raw train.bin / val.bin (uint16 tokens, no header) are read too.
 
     python -m gpt2_jax.data prepare INPUT... --out DIR [--val_fraction F] [--shard_tokens N]
+
+Inputs are UTF-8 files and directories (recursive, sorted, following symbolic links, skipping hidden names). A
+.jsonl file holds one JSON object per line whose string "text" is a document; any other file is one document,
+read as open(path, encoding="utf-8-sig") reads it: a leading byte order mark dropped, CRLF and CR made LF. Each
+document is its GPT-2 tokens then <|endoftext|> (50256); a literal "<|endoftext|>" inside a document is ordinary
+text (the tokens of its characters, as tiktoken's encode_ordinary gives), so only prepare marks where documents
+end. Empty documents are skipped. Long documents are tokenized in pieces on all cores, cut only where GPT-2's
+pre-tokenizer splits anyway, so the tokens equal those of the whole text. The output appears only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +42,13 @@ _REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE_TEXT = _REPO / "data" / "shakespeare" / "shakespeare.txt"
 SHAKESPEARE_PREPARED = _REPO / "data" / "shakespeare" / "prepared"
 SHAKESPEARE_VAL_FRACTION = 0.1
-_DOCS_PER_CHUNK = 256  # documents tokenized per encode_batch call, to bound memory on large corpora
+_PIECE_CHARS = 1 << 18  # a long document is tokenized in pieces of about this many characters, in parallel
+_BATCH_CHARS = 1 << 23  # characters per encode_batch call: bounds memory (text + Python ints) on any corpus
+# GPT-2's pre-tokenizer never puts a non-space and a following space or newline into one pre-token, so a cut
+# there leaves the tokens unchanged. Python's \S is narrower than tiktoken's (Unicode White_Space is a subset
+# of str.isspace()), which only forgoes some cuts.
+_SAFE_CUT = re.compile(r"(?<=\S)[ \n]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -48,7 +64,7 @@ def write_shard(path, tokens) -> None:
     header[:3] = MAGIC, VERSION, tokens.size
     with open(path, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
+        f.write(np.ascontiguousarray(tokens, "<u2").data)  # no copy of a memory-mapped split
 
 
 def read_shard(path) -> np.ndarray:
@@ -153,14 +169,13 @@ def open_split(data_dir, split: str) -> TokenShards:
 
 
 def input_files(inputs) -> list[Path]:
-    """The files the inputs name: files as given, directories recursively (sorted), skipping hidden files and
-    anything inside a hidden directory (such as prepare's own temporary output)."""
+    """The files the inputs name: files as given, directories recursively (sorted), following symbolic links
+    (each directory once) and skipping hidden names (such as prepare's own temporary output)."""
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files += _directory_files(path)
         elif path.is_file():
             files.append(path)
         else:
@@ -168,50 +183,108 @@ def input_files(inputs) -> list[Path]:
     return files
 
 
-def iter_documents(inputs) -> Iterator[tuple[str, str]]:
-    """(source, text) for every document: a file is one, a .jsonl line's "text" is one; directories recurse."""
-    for path in input_files(inputs):
-        yield from _file_documents(path)
-
-
-def _file_documents(path: Path) -> Iterator[tuple[str, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix != ".jsonl":
-        yield str(path), text
-        return
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+def _directory_files(root: Path) -> list[Path]:
+    files, seen = [], set()
+    for parent, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # a link loop, or a second link to a directory already read
+            dirs.clear()
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{number}: expected an object with a string field \"text\"")
-        yield f"{path}:{number}", record["text"]
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # so `seen` keeps the same link everywhere
+        for path in (Path(parent, name) for name in names if not name.startswith(".")):
+            if path.is_file():
+                files.append(path)
+            elif not path.exists():
+                raise DataError(f"input {path} is a broken symbolic link")
+    return sorted(files)
 
 
-def _tokenize_into(raw_file, inputs, num_threads: int) -> int:
+def _text_blocks(path: Path) -> Iterator[str]:
+    """A UTF-8 file's text in blocks, as open(path, encoding="utf-8-sig") reads it (CRLF and CR made LF)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    line, carry = 1, ""
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(_PIECE_CHARS)
+            try:
+                text = carry + decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:  # e.object holds no newline before this block's bytes
+                line += e.object.count(b"\n", 0, e.start)
+                raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x})") from None
+            line += raw.count(b"\n")
+            carry = "\r" if raw and text.endswith("\r") else ""  # its \n may start the next block
+            yield text[: len(text) - len(carry)].replace("\r\n", "\n").replace("\r", "\n")
+            if not raw:
+                return
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    """The "text" of each line's object; lines end at LF only (JSON text may hold U+2028 and the like)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text ({e.reason}: byte {raw[e.start]:#04x})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path}:{number}: expected an object with a string field \"text\"")
+            if bad := _SURROGATE.search(record["text"]):
+                raise DataError(f"{path}:{number}: \"text\" holds the lone surrogate \\u{ord(bad[0]):04x}, "
+                                f"which is not Unicode text")
+            yield record["text"]
+
+
+def _pieces(blocks) -> Iterator[tuple[str, bool]]:
+    """(piece, is_last) for one document given in blocks: pieces of about _PIECE_CHARS, cut at _SAFE_CUT only."""
+    rest = ""
+    for block in blocks:
+        text, start = rest + block, 0
+        while cut := _SAFE_CUT.search(text, start + _PIECE_CHARS):
+            yield text[start: cut.start()], False
+            start = cut.start()
+        rest = text[start:]
+    if rest:
+        yield rest, True
+
+
+def _document_pieces(files) -> Iterator[tuple[str, bool]]:
+    """(piece, is_last) for every non-empty document of the files, in order; a document is its pieces joined."""
+    for path in files:
+        if path.suffix.lower() == ".jsonl":
+            for text in _jsonl_texts(path):
+                yield from _pieces([text])
+        else:
+            yield from _pieces(_text_blocks(path))
+
+
+def _tokenize_into(raw_file, files, num_threads: int) -> int:
     """Append every document's tokens plus <|endoftext|> to raw_file as uint16; returns the document count."""
     tok = get_tokenizer()
-    count = 0
-    chunk: list[str] = []
+    documents, chars = 0, 0
+    batch: list[tuple[str, bool]] = []
 
     def flush():
-        for ids in tok.encode_batch(chunk, num_threads=num_threads):
-            raw_file.write(np.asarray(ids + [tok.eot_token], "<u2").tobytes())
-        chunk.clear()
+        tokens = tok.encode_batch([piece for piece, _ in batch], num_threads=num_threads)
+        for ids, (_, last) in zip(tokens, batch):
+            raw_file.write(np.array(ids + [tok.eot_token] if last else ids, "<u2").tobytes())
+        batch.clear()
 
-    for _, text in iter_documents(inputs):
-        chunk.append(text)
-        count += 1
-        if len(chunk) == _DOCS_PER_CHUNK:
+    for piece, last in _document_pieces(files):
+        batch.append((piece, last))
+        documents += last
+        chars += len(piece)
+        if chars >= _BATCH_CHARS:
             flush()
+            chars = 0
     flush()
-    return count
+    return documents
 
 
 def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_000_000,
@@ -240,7 +313,7 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         with open(tmp / "all.raw", "wb") as raw_file:
             documents = _tokenize_into(raw_file, files, num_threads or os.cpu_count() or 1)
         if not documents:
-            raise DataError(f"no documents in {', '.join(map(str, inputs))} (only blank .jsonl lines)")
+            raise DataError(f"no text in {', '.join(map(str, inputs))}: every document is empty")
         tokens = np.memmap(tmp / "all.raw", dtype="<u2", mode="r")
         n_val = max(1, int(round(len(tokens) * val_fraction)))
         if n_val >= len(tokens):
@@ -277,7 +350,9 @@ def shakespeare(prepared_dir=SHAKESPEARE_PREPARED) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text files, directories or .jsonl into train/val shards")
+    prep = sub.add_parser("prepare", help="tokenize text files, directories or .jsonl into train/val shards",
+                          description=__doc__.strip().rsplit("\n\n", 1)[1],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     prep.add_argument("inputs", nargs="+", help="text files, directories, or .jsonl files with a 'text' field")
     prep.add_argument("--out", required=True, help="output directory (created; must be empty)")
     prep.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens (the last) for val")
@@ -288,10 +363,14 @@ def main(argv=None) -> int:
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
+        return 130
     print(f"{summary['documents']} documents: {summary['train_tokens']:,} train and {summary['val_tokens']:,} "
           f"val tokens in {args.out}")
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler or timeout stopping it: as Ctrl-C
     sys.exit(main())

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 from importlib import resources
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 EOT_TOKEN = 50256
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k_base: GPT-2's
 # GPT-2's pre-tokenisation regex (the one tiktoken's "gpt2" encoding uses).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -43,10 +45,13 @@ class Tokenizer:
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer() -> Tokenizer:
-    """The GPT-2 tokenizer (50,257 tokens), needing no network."""
-    path = resources.files("gpt2_jax") / "assets" / "gpt2.tiktoken"
-    with resources.as_file(path) as ranks_file:
-        ranks = load_tiktoken_bpe(str(ranks_file))
+    """The GPT-2 tokenizer (50,257 tokens), needing no network and writing nothing."""
+    # Read here, not with tiktoken's load_tiktoken_bpe: that copies the file into TIKTOKEN_CACHE_DIR (default
+    # the temp directory) and raises where that directory cannot be written.
+    contents = (resources.files("gpt2_jax") / "assets" / "gpt2.tiktoken").read_bytes()
+    if (digest := hashlib.sha256(contents).hexdigest()) != RANKS_SHA256:
+        raise ValueError(f"gpt2_jax/assets/gpt2.tiktoken has sha256 {digest}; GPT-2's ranks have {RANKS_SHA256}")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines())}
     encoding = tiktoken.Encoding(
         name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": EOT_TOKEN})
     return Tokenizer(encoding)

@@ -4,11 +4,13 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from gpt2_jax import data
+from gpt2_jax.tokenizer import get_tokenizer
 
 EOT = 50256
 HELLO_WORLD = [15496, 995]  # GPT-2 ids of "Hello world"
@@ -89,10 +91,104 @@ def test_prepare_errors_name_the_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no input files in .*empty"):
         data.prepare([tmp_path / "empty"], tmp_path / "out")
-    (tmp_path / "blank.jsonl").write_text("\n  \n")
-    with pytest.raises(data.DataError, match="no documents in .*blank.jsonl"):
+    (tmp_path / "blank.jsonl").write_text('\n  \n{"text": ""}\n')
+    with pytest.raises(data.DataError, match="no text in .*blank.jsonl: every document is empty"):
         data.prepare([tmp_path / "blank.jsonl"], tmp_path / "out")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(data.DataError, match="no text in .*empty.txt: every document is empty"):
+        data.prepare([tmp_path / "empty.txt"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def prepared_tokens(out_dir):
+    """The tokens of a directory prepared into one train and one val shard, in order."""
+    return np.concatenate([data.read_shard(out_dir / f"{split}_000000.bin") for split in ("train", "val")])
+
+
+def test_bad_text_is_an_error_naming_the_file_and_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(b"line one\nline two\ncaf\xe9\n")
+    with pytest.raises(data.DataError, match=r"latin1\.txt:3: not UTF-8 text \(invalid continuation byte: byte 0xe9\)"):
+        data.prepare([tmp_path / "latin1.txt"], tmp_path / "out")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"latin1\.jsonl:2: not UTF-8 text"):
+        data.prepare([tmp_path / "latin1.jsonl"], tmp_path / "out")
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "a"}\n\n{"text": "half an emoji \\ud83d"}\n')
+    with pytest.raises(data.DataError, match=r"surrogate\.jsonl:3: \"text\" holds the lone surrogate \\ud83d"):
+        data.prepare([tmp_path / "surrogate.jsonl"], tmp_path / "out")
+    (tmp_path / "list.jsonl").write_text('{"text": "a"}\n["text"]\n')
+    with pytest.raises(data.DataError, match=r"list\.jsonl:2: expected an object with a string field \"text\""):
+        data.prepare([tmp_path / "list.jsonl"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_files_are_read_as_open_reads_them_without_the_bom(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_PIECE_CHARS", 15)  # file blocks of 15 bytes: the first \r\n spans two of them
+    (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbfHello world\r\n to be\r or not")
+    data.prepare([tmp_path / "windows.txt"], tmp_path / "out", val_fraction=0.25)
+    tokens = prepared_tokens(tmp_path / "out")
+    # "Hello world\n to be\n or not": no byte order mark tokens (171, 119, 123), no "\r" (201)
+    np.testing.assert_array_equal(tokens, HELLO_WORLD + [198, 284, 307, 198, 393, 407, EOT])
+
+
+def test_jsonl_lines_end_only_at_line_feeds(tmp_path):
+    # A byte order mark, CRLF line ends, U+2028 and U+0085 unescaped inside strings, and an upper-case suffix.
+    lines = ["\ufeff" + json.dumps({"text": "Hello\u2028world"}, ensure_ascii=False),
+             json.dumps({"text": "Hello\x85world"}, ensure_ascii=False)]
+    (tmp_path / "dump.JSONL").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    summary = data.prepare([tmp_path / "dump.JSONL"], tmp_path / "out", val_fraction=0.2)
+    tokens = prepared_tokens(tmp_path / "out")
+    hello, world = 15496, 6894  # "Hello", "world"
+    assert summary["documents"] == 2
+    np.testing.assert_array_equal(tokens, [hello, 447, 101, world, EOT, hello, 126, 227, world, EOT])  # UTF-8 bytes
+
+
+def test_empty_documents_are_skipped_and_eot_in_text_is_text(tmp_path):
+    (tmp_path / "a.txt").write_text("Hello world")
+    (tmp_path / "b.txt").write_text("")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "<|endoftext|>"}) + "\n")
+    summary = data.prepare([tmp_path], tmp_path / "out", val_fraction=0.3)
+    tokens = prepared_tokens(tmp_path / "out")
+    literal = [27, 91, 437, 1659, 5239, 91, 29]  # "<", "|", "end", "of", "text", "|", ">"
+    assert summary["documents"] == 2
+    np.testing.assert_array_equal(tokens, HELLO_WORLD + [EOT] + literal + [EOT])
+
+
+def test_long_documents_are_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_PIECE_CHARS", 16)
+    monkeypatch.setattr(data, "_BATCH_CHARS", 64)
+    tok = get_tokenizer()
+    call_chars, real_encode_batch = [], tok.encode_batch
+
+    def encode_batch(texts, **kwargs):
+        call_chars.append(sum(map(len, texts)))
+        return real_encode_batch(texts, **kwargs)
+
+    monkeypatch.setattr(tok, "encode_batch", encode_batch)
+    # Runs of spaces and newlines, tabs, no-break and ideographic spaces, contractions and digits, around cuts.
+    text = "".join(f"Line {i}:  it's\t\tno\u00a0break \u3000 here\n\n  and   there.\n" for i in range(40))
+    (tmp_path / "long.txt").write_text(text)
+    outs = [data.prepare([tmp_path / "long.txt"], tmp_path / f"out{n}", val_fraction=0.1, num_threads=n)
+            for n in (1, 3)]
+    tokens = prepared_tokens(tmp_path / "out1")
+    np.testing.assert_array_equal(tokens, tok.encode(text) + [EOT])  # tiktoken on the whole text at once
+    assert outs[0] == outs[1]
+    for name in ("train_000000.bin", "val_000000.bin"):
+        assert (tmp_path / "out1" / name).read_bytes() == (tmp_path / "out3" / name).read_bytes()
+    assert len(call_chars) > 10 and max(call_chars) <= 64 + 2 * 16  # never the whole document (1,910 characters)
+
+
+def test_directories_follow_symbolic_links_once(tmp_path):
+    (tmp_path / "corpus" / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "corpus" / "a" / "x.txt").write_text("Hello world")
+    (tmp_path / "elsewhere" / "y.txt").write_text(" to be or not")
+    (tmp_path / "corpus" / "b").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "corpus" / "a" / "loop").symlink_to(tmp_path / "corpus")
+    files = data.input_files([tmp_path / "corpus"])
+    assert [p.relative_to(tmp_path / "corpus").as_posix() for p in files] == ["a/x.txt", "b/y.txt"]
+    (tmp_path / "corpus" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(data.DataError, match=r"input .*gone\.txt is a broken symbolic link"):
+        data.input_files([tmp_path / "corpus"])
 
 
 def test_prepare_into_its_own_input_directory_reads_only_the_inputs(tmp_path):
@@ -118,6 +214,30 @@ def test_prepare_command_line(tmp_path):
     onto_a_file = subprocess.run([sys.executable, "-m", "gpt2_jax.data", "prepare", str(tmp_path / "t.txt"),
                                   "--out", str(tmp_path / "t.txt")], capture_output=True, text=True)
     assert onto_a_file.returncode == 1 and f"output directory {tmp_path / 't.txt'} is a file" in onto_a_file.stderr
+
+
+def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch, capsys):
+    (tmp_path / "t.txt").write_text("Hello world")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(get_tokenizer(), "encode_batch", interrupt)
+    assert data.main(["prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == f"interrupted: nothing was written to {tmp_path / 'out'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]  # no output, no temporary directory
+
+
+def test_stopped_prepare_command_leaves_nothing(tmp_path):
+    corpus = (data.SHAKESPEARE_TEXT.read_text() + "\n") * 4  # 20 MB: seconds of tokenizing
+    (tmp_path / "big.txt").write_text(corpus)
+    run = subprocess.Popen([sys.executable, "-m", "gpt2_jax.data", "prepare", str(tmp_path / "big.txt"),
+                            "--out", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob(".out.tmp-*")) and run.poll() is None:
+        time.sleep(0.01)
+    run.terminate()  # SIGTERM, as a scheduler or `timeout` sends
+    assert run.wait(timeout=60) == 130 and "interrupted: nothing was written" in run.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
 
 
 def test_bundled_shakespeare_is_prepared_on_first_use(tmp_path):

@@ -15,6 +15,14 @@ def test_known_ids():
     assert tok.decode([15496, 995]) == "Hello world"
 
 
+def test_builds_offline_where_tiktoken_cannot_cache(tmp_path, monkeypatch):
+    # tiktoken's loader copies a ranks file into TIKTOKEN_CACHE_DIR and fails where that cannot be written.
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "a_file"))
+    tok = get_tokenizer.__wrapped__()
+    assert tok.encode("Hello world") == [15496, 995] and tok.n_vocab == 50257
+
+
 def test_special_tokens_only_when_asked():
     tok = get_tokenizer()
     text = "end<|endoftext|>start"
