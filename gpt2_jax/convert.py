@@ -4,7 +4,9 @@ load() detects the layout (layouts.py), checks that every expected tensor is pre
 every tensor present is used before reading any weight, then builds our parameters one at a time from
 memory-mapped tensors into buffers that jax adopts without a copy: memory peaks at the parameters plus the
 pages of the checkpoint file read, two copies of the weights (bench/convert_memory.py measures it).
-The export_* functions walk the same tables the other way.
+The export_* functions walk the same tables the other way. They refuse a destination that already holds the files
+they write, and write each file beside it and rename it when complete, so that no file is overwritten or left
+half-written.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from gpt2_jax.layouts import Checkpoint, WeightsError, open_checkpoint, to_numpy
 from gpt2_jax.model import init_params
 
 TARGETS = ("orbax", "hf", "reference", "llmc")
+# Files of a Hugging Face directory that an hf export would overwrite or sit beside (a second set of weights).
+HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 LLMC_VOCAB_MULTIPLE = 128  # llm.c pads the token table to a multiple of 128 rows
 
 
@@ -66,7 +70,8 @@ def params_from(ckpt: Checkpoint, dtype=np.float32) -> dict:
         got = tuple(ckpt.arrays[key].shape)
         if got != shape:
             raise WeightsError(f"{ckpt.source}: tensor {key!r} has shape {got}; expected {shape}")
-        if not _is_float(ckpt.arrays[key]):
+    for key in [*expected, *ckpt.aliases]:
+        if not layouts.has_float_dtype(ckpt.arrays[key]):
             raise WeightsError(f"{ckpt.source}: tensor {key!r} has dtype {ckpt.arrays[key].dtype}; expected "
                                f"floating-point weights (float32, float16, bfloat16 or float64)")
     extra = [k for k in ckpt.arrays if k not in expected and not ckpt.ignored(k) and k not in ckpt.aliases]
@@ -78,13 +83,6 @@ def params_from(ckpt: Checkpoint, dtype=np.float32) -> dict:
         if not np.array_equal(to_numpy(ckpt.arrays[alias]), to_numpy(ckpt.arrays[target])):
             raise WeightsError(f"{ckpt.source}: {alias!r} must equal {target!r} (a tied head) but differs")
     return _assemble(cfg, ckpt.entries, ckpt.arrays, np_dtype)
-
-
-def _is_float(array) -> bool:
-    """Whether a checkpoint tensor (numpy or torch) holds floating-point numbers (bfloat16 included)."""
-    if hasattr(array, "is_floating_point"):
-        return array.is_floating_point()
-    return np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16
 
 
 def _expected_tensors(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -181,12 +179,14 @@ def export_hf(config: ModelConfig, params: dict, out_dir: str | Path) -> None:
     if config.lm_head_bias:
         raise WeightsError("Hugging Face GPT-2 has no lm_head bias but this model has one (lm_head_bias=True); "
                            "export it with --to reference or --to orbax")
+    _refuse_existing(out_dir, "hf")
     cfg, flat = _complete(config, params, qkv_bias=True, untie=False, lm_head_bias=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = _their_tensors(cfg, layouts.hf_entries(cfg), flat)
-    wf.write_safetensors(out_dir / "model.safetensors", tensors, {"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config, flat["wte"].dtype), indent=2) + "\n")
+    with wf.replaced_when_done(out_dir / "config.json") as partial:  # in place only once the weights are
+        partial.write_text(json.dumps(hf_config(config, flat["wte"].dtype), indent=2) + "\n")
+        wf.write_safetensors(out_dir / "model.safetensors", tensors, {"format": "pt"})
 
 
 def hf_config(cfg: ModelConfig, dtype=np.float32) -> dict:
@@ -218,14 +218,16 @@ def export_reference(config: ModelConfig, params: dict, path: str | Path) -> Non
     path = Path(path)
     if path.suffix == ".json":
         raise WeightsError(f"{path}: the reference weights go to a .pt file; its config is written beside it as .json")
+    _refuse_existing(path, "reference")
     ref_qkv = config.qkv_bias or config.lm_head_bias
     cfg, flat = _complete(config, params, qkv_bias=ref_qkv, untie=True, lm_head_bias=ref_qkv)
     tensors = _their_tensors(cfg, layouts.reference_entries(cfg), flat)
     state = {key: _to_torch(make()) for key, _, _, make in tensors}
     state.update(torch_ref.reference_buffers(reference_config(cfg)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    path.with_suffix(".json").write_text(json.dumps(reference_config(cfg), indent=2) + "\n")
+    with wf.replaced_when_done(path.with_suffix(".json")) as json_partial, wf.replaced_when_done(path) as partial:
+        json_partial.write_text(json.dumps(reference_config(cfg), indent=2) + "\n")
+        torch.save(state, partial)
 
 
 def reference_config(cfg: ModelConfig) -> dict:
@@ -239,6 +241,7 @@ def export_llmc(config: ModelConfig, params: dict, path: str | Path, dtype: str 
     if dtype not in ("float32", "bfloat16"):
         raise WeightsError(f"llm.c files hold float32 or bfloat16 weights; got dtype {dtype!r}")
     _require(config, "llm.c", activation="gelu_tanh", layer_norm_eps=1e-5, tie_embeddings=True, lm_head_bias=False)
+    _refuse_existing(path, "llmc")
     cfg, flat = _complete(config, params, qkv_bias=True, untie=False, lm_head_bias=False)
     vocab_padded = -(-cfg.padded_vocab_size // LLMC_VOCAB_MULTIPLE) * LLMC_VOCAB_MULTIPLE
     by_name = {e.theirs[0]: e for e in layouts.linear_entries(cfg, layouts.LLMC_NAMES, vocab_padded)}
@@ -254,6 +257,7 @@ def export_llmc(config: ModelConfig, params: dict, path: str | Path, dtype: str 
     fields = dict(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                   n_embd=cfg.n_embd, vocab_padded=vocab_padded)
     names = wf.llmc_shapes(cfg.block_size, vocab_padded, cfg.n_layer, cfg.n_embd)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     wf.write_llmc(path, fields, ((name, chunks(name)) for name in names), version=3 if dtype == "float32" else 5)
 
 
@@ -274,7 +278,8 @@ def save(config: ModelConfig, params: dict, dst: str | Path, to: str = "orbax", 
 
 
 def _check_destination(dst: str | Path, to: str) -> None:
-    """Refuse a destination of the wrong kind (a file where a directory goes, or the reverse) before any work."""
+    """Refuse a destination of the wrong kind (a file where a directory goes, or the reverse) or one that the export
+    would overwrite, before any work."""
     dst = Path(dst)
     writes_directory = to in ("orbax", "hf")
     if writes_directory and dst.exists() and not dst.is_dir():
@@ -282,6 +287,22 @@ def _check_destination(dst: str | Path, to: str) -> None:
                            f"directory")
     if not writes_directory and dst.is_dir():
         raise WeightsError(f"destination {dst} is a directory; --to {to} writes a file: give a file path")
+    _refuse_existing(dst, to)
+
+
+def _refuse_existing(dst: str | Path, to: str) -> None:
+    """Refuse a destination whose files an export would overwrite (for hf, also weights it would sit beside)."""
+    dst = Path(dst)
+    if to == "hf":
+        taken = [name for name in HF_FILES if (dst / name).exists()]
+        if taken:
+            raise WeightsError(f"destination {dst} already holds {', '.join(taken)}; export into a new or empty "
+                               f"directory (an export never overwrites nor leaves two sets of weights)")
+    elif to in ("reference", "llmc"):
+        for path in (dst, dst.with_suffix(".json")) if to == "reference" else (dst,):
+            if path.exists():
+                raise WeightsError(f"destination {path} already exists; an export never overwrites: give a new "
+                                   f"path or remove it first")
 
 
 def _require(cfg: ModelConfig, target: str, **needed) -> None:
@@ -334,7 +355,6 @@ def _their_tensors(cfg: ModelConfig, entries: list[layouts.Entry], flat: dict) -
 
 
 def _to_torch(array: np.ndarray):
-    import ml_dtypes
     import torch
 
     array = np.array(array, copy=True, order="C")

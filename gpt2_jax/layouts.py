@@ -7,7 +7,9 @@ transform each way, so the same table serves reading (convert.load) and writing 
 n_head cannot be read from tensor shapes. It comes from the n_head argument, else a config JSON (an HF
 directory's config.json, or a JSON beside the file: <stem>.json first, then config.json), else from the
 OpenAI preset of the same width (768 -> 12, 1024 -> 16, 1280 -> 20, 1600 -> 25) with a warning.
-Everything else is inferred from the tensors; a config JSON that disagrees with them gives a warning.
+Everything else is inferred from the tensors; a config JSON that disagrees with them gives a warning. A config JSON
+of another model_type, or with options that change the function in ways this model cannot compute (n_inner,
+scale_attn_by_inverse_layer_idx, another activation), is refused.
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ def open_checkpoint(path: str | Path, *, n_head: int | None = None,
         else:
             arrays, meta = _torch_state_dict(wf.read_torch(path), path)
     raw_json, json_path = _config_json(path, config_path)
+    model_type = (raw_json or {}).get("model_type", "gpt2")
+    if model_type != "gpt2":  # e.g. gpt_bigcode: GPT-2's tensor names, another function
+        raise WeightsError(f"{json_path}: model_type {model_type!r} is not GPT-2; expected 'gpt2'")
     layout, prefix = _layout_of(arrays, meta, path)
     if layout == "reference":
         return _reference_checkpoint(path, arrays, raw_json, json_path, n_head)
@@ -220,11 +225,15 @@ def _read_hf_dir(path: Path) -> dict:
         return wf.read_safetensors(path / "model.safetensors")[0]
     index = path / "model.safetensors.index.json"
     if index.exists():
-        arrays = {}
+        arrays, found_in = {}, {}
         for shard in _index_shards(index):
             if not (path / shard).is_file():
                 raise WeightsError(f"{index} names shard {shard!r}, but {path / shard} does not exist")
-            arrays.update(wf.read_safetensors(path / shard)[0])
+            for name, array in wf.read_safetensors(path / shard)[0].items():
+                if name in arrays:
+                    raise WeightsError(f"{path}: tensor {name!r} is in two shards, {found_in[name]} and {shard}; "
+                                       f"expected each tensor in one shard")
+                arrays[name], found_in[name] = array, shard
         return arrays
     if (path / "pytorch_model.bin").exists():
         return _torch_state_dict(wf.read_torch(path / "pytorch_model.bin"), path / "pytorch_model.bin")[0]
@@ -328,12 +337,16 @@ def _count_layers(arrays: dict, pattern: str, path: Path) -> int:
     return max(found) + 1
 
 
-def _heads(n_head: int | None, raw_json: dict | None, keys: tuple[str, ...], n_embd: int, path: Path) -> int:
+def _heads(n_head: int | None, raw_json: dict | None, keys: tuple[str, ...], n_embd: int, path: Path,
+           json_path: Path | None) -> int:
     if n_head:
         return n_head
     for key in keys:
-        if raw_json and raw_json.get(key):
-            return int(raw_json[key])
+        if raw_json and key in raw_json:
+            value = raw_json[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise WeightsError(f"{json_path}: {key} is {value!r}; expected a positive integer")
+            return value
     if n_embd not in HEADS_BY_WIDTH:
         raise WeightsError(f"{path}: n_head cannot be read from tensor shapes and no config JSON gives it; "
                            f"pass n_head= (--n_head) or put a config JSON beside the weights")
@@ -356,7 +369,7 @@ def _reference_checkpoint(path, arrays, raw_json, json_path, n_head) -> Checkpoi
     qkv_bias = "trf_blocks.0.attention.W_Query.bias" in arrays
     _warn_disagreements(raw_json, json_path, dict(vocab_size=V, context_length=T, emb_dim=C, n_layers=L,
                                                   qkv_bias=qkv_bias))
-    heads = _heads(n_head, raw_json, ("n_heads", "n_head"), C, path)
+    heads = _heads(n_head, raw_json, ("n_heads", "n_head"), C, path, json_path)
     cfg = _config(path, vocab_size=V, block_size=T, n_layer=L, n_head=heads, n_embd=C, qkv_bias=qkv_bias,
                   lm_head_bias=qkv_bias, tie_embeddings=False)
     return Checkpoint("reference", cfg, arrays, reference_entries(cfg), str(path), is_reference_buffer)
@@ -374,7 +387,7 @@ def _nanogpt_checkpoint(path, arrays, meta, raw_json, json_path, n_head) -> Chec
         V, C = _shape(arrays, "transformer.wte.weight", path, 2)
         L = _count_layers(arrays, r"transformer\.h\.(\d+)\.", path)
         fields = dict(vocab_size=V, block_size=_shape(arrays, "transformer.wpe.weight", path, 2)[0], n_layer=L,
-                      n_head=_heads(n_head, raw_json, ("n_head",), C, path), n_embd=C,
+                      n_head=_heads(n_head, raw_json, ("n_head",), C, path, json_path), n_embd=C,
                       bias="transformer.ln_f.bias" in arrays)
     cfg = _config(path, **fields, qkv_bias=fields["bias"], activation="gelu_exact")
     aliases = {"lm_head.weight": "transformer.wte.weight"} if "lm_head.weight" in arrays else {}
@@ -387,17 +400,12 @@ def _hf_checkpoint(path, arrays, prefix, raw_json, json_path, n_head) -> Checkpo
     T = _shape(arrays, prefix + "wpe.weight", path, 2)[0]
     L = _count_layers(arrays, re.escape(prefix) + r"h\.(\d+)\.", path)
     _warn_disagreements(raw_json, json_path, dict(vocab_size=V, n_positions=T, n_embd=C, n_layer=L))
-    activation = raw.get("activation_function", "gelu_new")
-    if activation not in HF_ACTIVATIONS:
-        raise WeightsError(f"{json_path}: activation_function {activation!r} is not supported; "
-                           f"expected one of {sorted(HF_ACTIVATIONS)}")
-    if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("scale_attn_weights", True) is False:
-        raise WeightsError(f"{json_path}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false change the "
-                           f"attention and are not supported")
-    aliases, tied = {}, raw.get("tie_word_embeddings", True)
+    activation, eps, tied = _hf_options(raw, json_path, C)
+    aliases = {}
     if "lm_head.weight" in arrays:
-        same = tuple(arrays["lm_head.weight"].shape) == (V, C) and np.array_equal(
-            to_numpy(arrays["lm_head.weight"]), to_numpy(arrays[prefix + "wte.weight"]))
+        head, wte = arrays["lm_head.weight"], arrays[prefix + "wte.weight"]
+        same = tuple(head.shape) == (V, C) and has_float_dtype(head) and has_float_dtype(wte) and np.array_equal(
+            to_numpy(head), to_numpy(wte))
         if same:
             aliases["lm_head.weight"], tied = prefix + "wte.weight", True
         elif raw_json is not None and tied:
@@ -406,9 +414,34 @@ def _hf_checkpoint(path, arrays, prefix, raw_json, json_path, n_head) -> Checkpo
         else:
             tied = False
     cfg = _config(path, vocab_size=V, block_size=T, n_layer=L, n_embd=C, tie_embeddings=tied,
-                  n_head=_heads(n_head, raw_json, ("n_head",), C, path), activation=HF_ACTIVATIONS[activation],
-                  layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)))
+                  n_head=_heads(n_head, raw_json, ("n_head", "num_attention_heads"), C, path, json_path),
+                  activation=HF_ACTIVATIONS[activation], layer_norm_eps=eps)
     return Checkpoint("hf", cfg, arrays, hf_entries(cfg, prefix), str(path), is_hf_buffer, aliases)
+
+
+def _hf_options(raw: dict, json_path: Path | None, n_embd: int) -> tuple[str, float, bool]:
+    """(activation_function, layer_norm_epsilon, tie_word_embeddings) of a GPT2Config JSON, type-checked as
+    transformers does; options that change the function in ways this model cannot compute are refused."""
+    activation = raw.get("activation_function", "gelu_new")
+    if not isinstance(activation, str) or activation not in HF_ACTIVATIONS:
+        raise WeightsError(f"{json_path}: activation_function {activation!r} is not supported; "
+                           f"expected one of {sorted(HF_ACTIVATIONS)}")
+    flags = {key: raw.get(key, default) for key, default in (
+        ("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+        ("tie_word_embeddings", True))}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise WeightsError(f"{json_path}: {key} is {value!r}; expected true or false")
+    if flags["scale_attn_by_inverse_layer_idx"] or not flags["scale_attn_weights"]:
+        raise WeightsError(f"{json_path}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false change the "
+                           f"attention and are not supported")
+    if raw.get("n_inner") not in (None, 4 * n_embd):
+        raise WeightsError(f"{json_path}: n_inner={raw['n_inner']!r} is not supported; this model's MLP is "
+                           f"4 * n_embd = {4 * n_embd} wide (n_inner null)")
+    eps = raw.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise WeightsError(f"{json_path}: layer_norm_epsilon is {eps!r}; expected a number > 0")
+    return activation, float(eps), flags["tie_word_embeddings"]
 
 
 def _llmc_checkpoint(path: Path, fields: dict, stacked: dict) -> Checkpoint:
@@ -431,6 +464,12 @@ def _config(path: Path, **fields) -> ModelConfig:
         return ModelConfig(**fields)
     except ConfigError as e:
         raise WeightsError(f"{path}: the tensors describe an impossible model: {e}") from None
+
+
+def has_float_dtype(array) -> bool:
+    """Whether a checkpoint tensor (numpy or torch) holds float64, float32, float16 or bfloat16 numbers (not float8,
+    which numpy cannot hold)."""
+    return str(array.dtype).removeprefix("torch.") in ("float64", "float32", "float16", "bfloat16")
 
 
 def to_numpy(array) -> np.ndarray:

@@ -7,7 +7,9 @@ whole checkpoint is never copied into memory before conversion. torch is importe
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -31,6 +33,27 @@ class WeightsError(ValueError):
     """A weights file or directory that cannot be read or written; the message names what is wrong."""
 
 
+class WriteError(OSError):
+    """Writing a file failed (disk full, no permission); the message names the file, not its temporary name."""
+
+
+@contextlib.contextmanager
+def replaced_when_done(path: str | Path):
+    """A temporary path beside `path` to write; renamed onto path when the block succeeds and removed when it
+    fails, so that path never holds a half-written file. An OSError names path, not the temporary one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    except WriteError:  # from a nested replaced_when_done, which named its own file
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def sniff(path: str | Path) -> str:
     """The kind of a weights file from its first bytes: "safetensors", "torch" or "llmc"."""
     path = Path(path)
@@ -41,8 +64,10 @@ def sniff(path: str | Path) -> str:
         return "torch"
     if len(head) >= 4 and int.from_bytes(head[:4], "little") == LLMC_MAGIC:
         return "llmc"
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+    if len(head) == 9 and head[8:9] == b"{":  # read_safetensors says when the header runs past the end
         return "safetensors"
+    if size == 0:
+        raise WeightsError(f"{path} is empty (0 bytes): expected safetensors, a PyTorch file or an llm.c .bin")
     raise WeightsError(
         f"{path} is not a weights file this converter reads (first bytes {head[:8].hex()}): expected safetensors, "
         f"a PyTorch file (torch.save zip or pickle) or an llm.c .bin (magic {LLMC_MAGIC})")
@@ -116,7 +141,7 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, tuple, np.d
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
+    with replaced_when_done(path) as partial, open(partial, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name, shape, dtype, make in entries:
@@ -211,7 +236,7 @@ def write_llmc(path: str | Path, fields: dict[str, int], tensors: Iterable[tuple
     header[:8] = [LLMC_MAGIC, version, fields["block_size"], fields["vocab_size"], fields["n_layer"],
                   fields["n_head"], fields["n_embd"], fields["vocab_padded"]]
     shapes = llmc_shapes(fields["block_size"], fields["vocab_padded"], fields["n_layer"], fields["n_embd"])
-    with open(path, "wb") as f:
+    with replaced_when_done(path) as partial, open(partial, "wb") as f:
         f.write(header.tobytes())
         for (name, chunks), (expected, shape) in zip(tensors, shapes.items(), strict=True):
             if name != expected:

@@ -133,6 +133,61 @@ def test_export_hf_refuses_lm_head_bias(tmp_path):
         convert.export_hf(cfg, random_params(cfg), tmp_path / "out")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"n_inner": 64}, "n_inner=64 is not supported"),  # transformers would build a 64-wide MLP
+    ({"scale_attn_weights": 0}, "scale_attn_weights is 0; expected true or false"),  # 0 turns the scaling off
+    ({"layer_norm_epsilon": None}, "layer_norm_epsilon is None; expected a number > 0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false'; expected true or false"),
+    ({"n_head": "2"}, "n_head is '2'; expected a positive integer"),
+    ({"activation_function": ["gelu"]}, r"activation_function \['gelu'\] is not supported"),
+])
+def test_hf_config_values_that_transformers_would_not_take_as_ours_are_refused(change, message, random_hf,
+                                                                               tmp_path):
+    random_hf(seed=30).save_pretrained(tmp_path / "hf")
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(WeightsError, match=f"{config}: .*{message}"):
+        convert.load(tmp_path / "hf")
+
+
+def test_another_model_type_with_gpt2_tensor_names_is_refused(tmp_path):
+    """GPTBigCode without multi-query has GPT-2's tensor names in nn.Linear layout and a tanh GELU: read as a
+    nanoGPT model its logits were 0.07 off transformers'."""
+    from transformers.initialization import no_init_weights
+
+    cfg = transformers.GPTBigCodeConfig(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                        multi_query=False)
+    with no_init_weights():
+        transformers.GPTBigCodeForCausalLM(cfg).save_pretrained(tmp_path / "bigcode")
+    with pytest.raises(WeightsError, match="config.json: model_type 'gpt_bigcode' is not GPT-2"):
+        convert.load(tmp_path / "bigcode")
+
+
+def test_hf_config_with_num_attention_heads_gives_the_heads(random_hf, torch_logits, tmp_path):
+    model = random_hf(seed=31, n_head=4)
+    model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["num_attention_heads"] = config.pop("n_head")  # GPT2Config's alias of n_head
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    cfg, params = convert.load(tmp_path / "hf")
+    assert cfg.n_head == 4
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+
+
+def test_tensor_in_two_shards_is_refused(hf_state, tmp_path):
+    (tmp_path / "hf").mkdir()
+    names = sorted(hf_state)  # transformer.wte.weight last: in the second shard, and also in the first
+    first, second = names[: len(names) // 2] + ["transformer.wte.weight"], names[len(names) // 2:]
+    save_safetensors(tmp_path / "hf" / "a.safetensors", {k: hf_state[k] for k in first})
+    save_safetensors(tmp_path / "hf" / "b.safetensors", {k: hf_state[k] + 1.0 for k in second})
+    weight_map = {**{k: "a.safetensors" for k in first}, **{k: "b.safetensors" for k in second}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(WeightsError, match="'transformer.wte.weight' is in two shards, a.safetensors and "
+                                           "b.safetensors"):
+        convert.load(tmp_path / "hf", n_head=2)
+
+
 # ---------------------------------------------------------------- reference layout
 
 
@@ -357,6 +412,18 @@ def test_truncated_files_are_named(random_hf, hf_state, tmp_path):
         convert.load(truncate(tmp_path / "m.bin"))
 
 
+def test_safetensors_cut_inside_its_header_and_empty_files_are_named(hf_state, tmp_path):
+    save_safetensors(tmp_path / "m.safetensors", hf_state)
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:100])
+    with pytest.raises(WeightsError, match=r"m.safetensors is truncated or not safetensors: header of \d+ bytes, "
+                                           r"file of 100"):
+        convert.load(tmp_path / "m.safetensors", n_head=2)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"empty.safetensors is empty \(0 bytes\)"):
+        convert.load(tmp_path / "empty.safetensors")
+
+
 def test_random_bytes_and_other_files_are_not_checkpoints(tmp_path):
     (tmp_path / "noise.bin").write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(WeightsError, match="not a weights file this converter reads"):
@@ -415,6 +482,15 @@ def test_integer_tensor_is_refused(suffix, hf_state, tmp_path):
     with pytest.raises(WeightsError, match=r"tensor 'transformer.h.0.ln_1.weight' has dtype (torch\.)?int64; "
                                            "expected floating-point weights"):
         convert.load(tmp_path / f"m.{suffix}", n_head=2)
+
+
+@pytest.mark.parametrize("key", ["transformer.h.0.ln_1.weight", "lm_head.weight"])
+def test_float8_tensor_is_refused(key, hf_state, tmp_path, capsys):
+    hf_state[key] = hf_state[key].to(torch.float8_e4m3fn)  # a float dtype that numpy cannot hold
+    torch.save(hf_state, tmp_path / "m.pt")
+    assert convert.main([str(tmp_path / "m.pt"), str(tmp_path / "out"), "--n_head", "2"]) == 2
+    assert f"error: {tmp_path / 'm.pt'}: tensor '{key}' has dtype torch.float8_e4m3fn; expected floating-point " \
+           f"weights" in capsys.readouterr().err
 
 
 class RunsCode:
@@ -481,3 +557,51 @@ def test_cli_refuses_a_destination_of_the_wrong_kind(to, dst_is_file, random_hf,
     assert convert.main([str(tmp_path / "hf"), str(dst), "--to", to]) == 2
     kind = "a file; --to {} writes a directory" if dst_is_file else "a directory; --to {} writes a file"
     assert f"error: destination {dst} is {kind.format(to)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("to, existing", [("hf", "hf/model.safetensors"), ("hf", "hf/pytorch_model.bin"),
+                                          ("reference", "ref.pt"), ("reference", "ref.json"),
+                                          ("llmc", "model.bin")])
+def test_exports_never_overwrite(to, existing, tmp_path, capsys):
+    cfg = ModelConfig.from_preset("tiny")
+    params = random_params(cfg)
+    dst = tmp_path / {"hf": "hf", "reference": "ref.pt", "llmc": "model.bin"}[to]
+    (tmp_path / existing).parent.mkdir(exist_ok=True)
+    (tmp_path / existing).write_bytes(b"someone's weights")
+    with pytest.raises(WeightsError, match="already"):
+        convert.save(cfg, params, dst, to)
+    convert.save(cfg, params, tmp_path / "orbax")
+    assert convert.main([str(tmp_path / "orbax"), str(dst), "--to", to]) == 2
+    assert "already" in capsys.readouterr().err
+    assert (tmp_path / existing).read_bytes() == b"someone's weights"
+
+
+def disk_full():
+    raise OSError(28, "No space left on device")
+
+
+def test_failed_writes_leave_no_file(tmp_path, monkeypatch):
+    from gpt2_jax import weight_files
+
+    ok = lambda: np.zeros(4, np.float32)  # noqa: E731
+    entries = [("a", (4,), np.float32, ok), ("b", (4,), np.float32, disk_full)]
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'm.safetensors'}: No space left"):
+        weight_files.write_safetensors(tmp_path / "m.safetensors", entries)
+
+    def chunks():
+        yield np.zeros(4, np.float32)
+        disk_full()
+
+    fields = dict(block_size=4, vocab_size=8, n_layer=1, n_head=1, n_embd=4, vocab_padded=8)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'm.bin'}: No space left"):
+        weight_files.write_llmc(tmp_path / "m.bin", fields, [("wte", chunks())])
+
+    def torch_save_cut_short(obj, path):
+        path.write_bytes(b"PK\x03\x04 half of it")
+        disk_full()
+
+    monkeypatch.setattr(torch, "save", torch_save_cut_short)
+    cfg = ModelConfig.from_preset("tiny")
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] cannot write {tmp_path / 'ref.pt'}: No space left on device$"):
+        convert.export_reference(cfg, random_params(cfg), tmp_path / "ref.pt")
+    assert list(tmp_path.iterdir()) == []
