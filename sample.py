@@ -6,22 +6,27 @@
 
 --init_from: a train.py out_dir (orbax) or any weights gpt2_jax.convert.load reads (Hugging Face/OpenAI,
 nanoGPT ckpt.pt, llm.c .bin, the reference PyTorch layout). A prompts file holds one prompt per line, or is
-JSONL (.jsonl / .json) with a "prompt" field and an optional "id" per line. Prompts are sorted by length into
-batches; each finished batch is appended to --out at once, one JSON line per sample: id, sample, prompt,
-completion, prompt_tokens, completion_tokens, finish_reason ("stop": <|endoftext|> or a --stop string;
-"length": --max_new_tokens). A bad prompt is reported with its line number and skipped; the others are
-written and the exit status is 1. A sample's randomness depends only on --seed, its prompt id and its
-sample number, so --batch_size never changes a result.
+JSONL (.jsonl / .json) with a "prompt" field and an optional "id" per line; blank lines and a UTF-8 byte order
+mark are ignored. Prompts are sorted by length into batches; each finished batch is appended to --out at once,
+one JSON line per sample: id, sample, prompt, completion, prompt_tokens, completion_tokens, finish_reason
+("stop": <|endoftext|> or a --stop string; "length": --max_new_tokens) and settings (the flags that shape a
+sample). A bad prompt is reported with its line number and skipped; the others are written and the exit status
+is 1. --resume refuses an --out made with other settings, or one that gave an id another prompt. A sample's
+random numbers depend only on --seed, its prompt id and its sample number, never on --batch_size or its batch
+neighbours. Those change a sample only through floating-point rounding (XLA rounds products of matrices with
+different numbers of rows differently), which now and then tips a sampled token the other way.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import hashlib
 import json
+import os
+import struct
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,9 @@ from gpt2_jax import sharding
 from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, replace, seed_error
 from gpt2_jax.sampling import Sampler, context_length, generate_batch, restrict_vocab, row_key
 from gpt2_jax.tokenizer import get_tokenizer
+
+DEFAULT_NEW_TOKENS = 200
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def _ranged(name: str, cast, ok, expected: str):
@@ -55,7 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source.add_argument("--prompt", help="one prompt; its completion is printed as it is decoded")
     source.add_argument("--prompts_file", type=Path, help="text (one prompt a line) or JSONL with a 'prompt' field")
     p.add_argument("--num_samples", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=1)
-    p.add_argument("--max_new_tokens", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=200)
+    p.add_argument("--max_new_tokens", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=None,
+                   help=f"default {DEFAULT_NEW_TOKENS}, or block_size // 2 for a model with a shorter context")
     p.add_argument("--temperature", type=_ranged("float", float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
                    default=0.8)
     p.add_argument("--top_k", type=_ranged("int", int, lambda v: v >= 0, "an integer >= 0 (0 = off)"), default=200)
@@ -77,6 +86,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume and args.out is None:
         p.error("--resume needs --out")
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out {args.out} is a directory; expected a file to append JSON lines to")
+    if args.out is not None and args.prompts_file is not None and args.out.exists() and \
+            args.prompts_file.exists() and args.out.samefile(args.prompts_file):
+        p.error(f"--out {args.out} is the --prompts_file; choose another file")
     if args.out is not None and args.out.exists() and not args.resume:
         p.error(f"--out {args.out} exists; pass --resume to continue it, or choose another file")
     if args.out is not None and not args.out.absolute().parent.is_dir():
@@ -107,13 +121,20 @@ class Prompt:
 
 
 def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tuple[int, str]]]:
-    """([(line, id, text)], [(line, error)]) from a text or JSONL prompts file; ids default to the line number."""
-    jsonl = path.suffix in (".jsonl", ".json")
-    lines = path.read_bytes().splitlines()
-    if not lines:
-        raise ValueError(f"--prompts_file {path}: no prompts (the file is empty)")
+    """([(line, id, text)], [(line, error)]) from a text or JSONL prompts file; ids default to the line number.
+    Blank lines and a UTF-8 byte order mark (Windows editors write one) are skipped."""
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"--prompts_file {path}: {e.strerror}") from None
+    lines = data.removeprefix(codecs.BOM_UTF8).splitlines()
+    if not any(raw.strip() for raw in lines):
+        raise ValueError(f"--prompts_file {path}: no prompts (the file is {'blank' if data else 'empty'})")
     found, errors, seen = [], [], {}
     for line_no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
         try:  # line by line, so that one undecodable line costs only its own prompt
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -227,14 +248,24 @@ def finish(tokens: list[int], reason: str, stops: list[str]) -> tuple[str, int, 
 
 
 def sample_key(seed: int, prompt_id, k: int):
-    """A sample's PRNG key from (seed, prompt id, sample number) only."""
-    return row_key(seed, (zlib.crc32(str(prompt_id).encode()), k))
+    """A sample's PRNG key from (seed, prompt id, sample number) only. The id enters as 64 bits of a hash of its
+    JSON (7 and "7" differ), so two ids of a file share their random numbers with a chance of 2**-64."""
+    id_words = struct.unpack("<2I", hashlib.sha256(json.dumps(prompt_id).encode()).digest()[:8])
+    return row_key(seed, (*id_words, k))
 
 
-def record(prompt: Prompt, k: int, tokens: list[int], reason: str, stops: list[str]) -> dict:
-    text, n, reason = finish(tokens, reason, stops)
+def settings(args) -> dict:
+    """The flags a sample depends on besides its prompt: written on every line, and --resume must match them."""
+    return {"seed": args.seed, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens, "stop": args.stop, "sliding_window": args.sliding_window,
+            "dtype": args.dtype}
+
+
+def record(prompt: Prompt, k: int, done, args) -> dict:
+    text, n, reason = finish(done.tokens, done.finish_reason, args.stop)
     return {"id": prompt.id, "sample": k, "prompt": prompt.text, "completion": text,
-            "prompt_tokens": len(prompt.tokens), "completion_tokens": n, "finish_reason": reason}
+            "prompt_tokens": len(prompt.tokens), "completion_tokens": n, "finish_reason": reason,
+            "settings": settings(args)}
 
 
 def stop_check(stops: list[str]):
@@ -250,23 +281,28 @@ def run_one(cfg, params, prompt: Prompt, args, out_file, skip: set[tuple]) -> No
     for k in range(args.num_samples):
         if (prompt.id, k) in skip:
             continue
-        stream = TextStream(args.stop)
+        stream, closed = TextStream(args.stop), []
         print(prompt.text, end="", flush=True)
 
         def show(tokens_B, wrote_B):
-            if wrote_B[0]:
-                print(stream.feed(int(tokens_B[0])), end="", flush=True)
+            if wrote_B[0] and not closed:
+                try:
+                    print(stream.feed(int(tokens_B[0])), end="", flush=True)
+                except BrokenPipeError as e:  # raised inside XLA's callback it would become an XLA error
+                    closed.append(e)
 
         done = generate_batch(cfg, params, [prompt.tokens], [sample_key(args.seed, prompt.id, k)],
                               max_new_tokens=args.max_new_tokens, sampler=sampler,
                               on_token=None if args.mesh else show,
                               is_finished=stop_check(args.stop), sliding_window=args.sliding_window)[0]
+        if out_file is not None:
+            write_lines(out_file, [record(prompt, k, done, args)])
+        if closed:
+            raise closed[0]
         if args.mesh:  # JAX's ordered host callbacks need one device: on a mesh, print the sample once done
             print("".join(stream.feed(t) for t in done.tokens), end="", flush=True)
         print(stream.flush(), flush=True)
         print("-" * 60, flush=True)
-        if out_file is not None:
-            write_lines(out_file, [record(prompt, k, done.tokens, done.finish_reason, args.stop)])
 
 
 def write_lines(out_file, records: list[dict]) -> None:
@@ -275,22 +311,46 @@ def write_lines(out_file, records: list[dict]) -> None:
     out_file.flush()
 
 
-def done_samples(path: Path) -> set[tuple]:
-    """(id, sample) pairs already in an --out file; a last line cut short by an interruption is removed."""
+def done_samples(path: Path, prompts: list[Prompt], args) -> set[tuple]:
+    """(id, sample) pairs already in an --out file, once every line is known to be made with this run's settings
+    and to give its id the prompt this run gives it; then a last line cut short by an interruption is removed."""
     if not path.exists():
         return set()
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[:raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    done = set()
-    for line_no, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    complete = raw[:raw.rfind(b"\n") + 1]
+    if raw[len(complete):] and not raw[len(complete):].startswith(b'{"id": '):
+        raise ValueError(f"--resume: {path} ends in a line without a line break that this script did not begin")
+    texts, made_with, done = {p.id: p.text for p in prompts}, settings(args), set()
+    for line_no, line in enumerate(complete.splitlines(), start=1):
         try:
             r = json.loads(line)
-            done.add((r["id"], r["sample"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"--resume: {path}:{line_no} is not a line this script wrote") from None
+            pair, made = (r["id"], r["sample"]), dict(r["settings"])
+            hash(pair)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"--resume: {path}:{line_no} is not a line this version of sample.py writes") from None
+        differ = sorted(k for k in made_with.keys() | made.keys() if made.get(k) != made_with.get(k))
+        if differ:
+            raise ValueError(f"--resume: {path}:{line_no} was made with {_flags(made, differ)}; this run has "
+                             f"{_flags(made_with, differ)} (use those settings, or choose another --out)")
+        if pair[0] in texts and texts[pair[0]] != r.get("prompt"):
+            raise ValueError(f"--resume: {path}:{line_no} has id {pair[0]!r} for the prompt "
+                             f"{_quote(r.get('prompt'))}; this run gives it {_quote(texts[pair[0]])} "
+                             "(choose another --out)")
+        done.add(pair)
+    if len(complete) < len(raw):
+        path.write_bytes(complete)
     return done
+
+
+def _flags(values: dict, names: list[str]) -> str:
+    return " ".join(f"--{name}={json.dumps(values.get(name))}" for name in names)
+
+
+def _quote(text) -> str:
+    """text as JSON, cut after 40 characters: an error message stays one readable line."""
+    if isinstance(text, str) and len(text) > 40:
+        return json.dumps(text[:40], ensure_ascii=False) + "..."
+    return json.dumps(text, ensure_ascii=False)
 
 
 def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple]) -> None:
@@ -307,12 +367,13 @@ def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple
                                   [sample_key(args.seed, p.id, k) for p, k in batch], batch_size=B,
                                   max_new_tokens=args.max_new_tokens, sampler=sampler, is_finished=check,
                                   sliding_window=args.sliding_window)
-            records = [record(p, k, c.tokens, c.finish_reason, args.stop) for (p, k), c in zip(batch, done)]
+            records = [record(p, k, c, args) for (p, k), c in zip(batch, done)]
             if out_file is not None:
                 write_lines(out_file, records)
             else:
                 for r in records:
                     tqdm.write(json.dumps(r, ensure_ascii=False), file=sys.stdout)
+                sys.stdout.flush()  # a batch at a time down a pipe, as into --out
             made += sum(len(c.tokens) for c in done)
             bar.set_postfix_str(f"{made / (time.perf_counter() - start):.1f} tok/s")
             bar.update(len(batch))
@@ -323,19 +384,40 @@ def sampling_failure(error: Exception, args) -> str:
     first, cause = sharding.runtime_error_cause(error)
     hint = {"memory": "; a batch does not fit in device memory: lower --batch_size (or --max_new_tokens)",
             "process": "; another process may have stopped: see its log"}.get(cause, "")
-    kept = (f"; the samples written to {args.out} are kept: add --resume to make the rest" if args.out is not None
-            else "")
-    return f"sampling failed: {first}{hint}{kept}"
+    return f"sampling failed: {first}{hint}{kept_samples(args)}"
+
+
+def kept_samples(args) -> str:
+    if args.out is None:
+        return ""
+    return f"; the samples written to {args.out} are kept: add --resume to make the rest"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print(f"error: interrupted{kept_samples(args)}", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly; Python's flush at exit must not fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def run(args) -> int:
+    """main after the arguments are parsed: load, read and check the prompts, then sample them."""
     from gpt2_jax import checkpoint  # orbax (0.5 s to import): a damaged checkpoint is one line, not its tracebacks
 
     checkpoint.quiet_failed_io()
     sharding.order_host_collectives()
     try:
         cfg, params = load_model(args.init_from, args.dtype, args.n_head)
+        if args.max_new_tokens is None:  # the default leaves room for a prompt in any model's context
+            args.max_new_tokens = min(DEFAULT_NEW_TOKENS, max(1, cfg.block_size // 2))
+        if not args.sliding_window and args.max_new_tokens > cfg.block_size:  # even a one-token prompt cannot fit
+            raise ValueError(f"--max_new_tokens={args.max_new_tokens} is more than the model's block_size "
+                             f"{cfg.block_size} (lower it, or pass --sliding_window)")
         if args.mesh:
             params = sharding.shard_params(cfg, params, sharding.make_mesh(args.mesh))
         if args.prompt is not None:
@@ -345,13 +427,17 @@ def main(argv: list[str] | None = None) -> int:
             entries, line_errors = read_prompts(args.prompts_file)
             prompts, token_errors = tokenize(entries, cfg, args)
             errors = [f"{args.prompts_file}:{line}: {e}" for line, e in sorted(line_errors + token_errors)]
-        skip = done_samples(args.out) if args.resume else set()
+        skip = done_samples(args.out, prompts, args) if args.resume else set()
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
-    out_file = args.out.open("a", encoding="utf-8") if args.out is not None else None
+    try:
+        out_file = args.out.open("a", encoding="utf-8") if args.out is not None else None
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot append to it ({e.strerror})", file=sys.stderr)
+        return 1
     try:
         if args.prompt is not None and prompts:
             run_one(cfg, params, prompts[0], args, out_file, skip)
@@ -369,4 +455,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == INTERRUPTED:
+        # XLA may still be compiling or running in its own threads; tearing the interpreter down under them can
+        # crash (pure virtual method called, segmentation fault). The --out file is closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

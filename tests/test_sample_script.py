@@ -12,7 +12,7 @@ from gpt2_jax.model import init_params
 from gpt2_jax.sampling import Sampler, generate_batch
 from gpt2_jax.tokenizer import get_tokenizer
 
-FIELDS = {"id", "sample", "prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason"}
+FIELDS = {"id", "sample", "prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason", "settings"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def test_prompts_file_with_bad_lines_writes_the_good_ones(model, tmp_path, capsy
                         "--batch_size=2"])
     err = capsys.readouterr().err
     assert code == 1
-    for line, what in [(2, "not valid JSON"), (3, "expected a JSON object with a string 'prompt' field"), (4, "empty prompt"),
+    for line, what in [(2, "not valid JSON"), (3, "expected a JSON object with a string 'prompt' field"),
+                       (4, "empty prompt"),
                        (5, "prompt has 61 tokens; with --max_new_tokens=12 that exceeds block_size 64"),
                        (7, "id 'r' is already used on line 1"), (9, "not valid UTF-8 (byte 0xe9 at column 16)")]:
         assert f"prompts.jsonl:{line}: {what}" in err
@@ -104,7 +105,20 @@ def test_resume_finishes_an_interrupted_file_without_duplicates(model, tmp_path,
     assert sorted(resumed, key=key) == sorted(read_jsonl(full), key=key)
 
 
-def test_a_batch_that_fails_in_xla_keeps_the_finished_ones_for_resume(model, tmp_path, capsys, monkeypatch):
+OUT_OF_MEMORY = "RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes."  # what XLA:CPU raises
+
+
+@pytest.mark.parametrize("failure, status, message", [
+    (jax.errors.JaxRuntimeError(OUT_OF_MEMORY), 1,
+     "error: sampling failed: RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes; a batch does not fit in "
+     "device memory: lower --batch_size (or --max_new_tokens); the samples written to {out} are kept: add --resume "
+     "to make the rest\n"),
+    (KeyboardInterrupt(), 130,  # Ctrl-C
+     "error: interrupted; the samples written to {out} are kept: add --resume to make the rest\n"),
+])
+def test_a_batch_that_fails_or_is_interrupted_keeps_the_finished_ones_for_resume(model, tmp_path, capsys,
+                                                                                  monkeypatch, failure, status,
+                                                                                  message):
     _, _, ckpt = model
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {i}\n" for i in range(6)))
@@ -115,23 +129,32 @@ def test_a_batch_that_fails_in_xla_keeps_the_finished_ones_for_resume(model, tmp
 
     def fail_on_the_second_batch(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the error XLA:CPU raises for a buffer it cannot allocate
-            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes.")
+        if len(calls) == 2:
+            raise failure
         return original(*args, **kwargs)
 
     monkeypatch.setattr(sample, "generate_batch", fail_on_the_second_batch)
     out = tmp_path / "out.jsonl"
-    assert sample.main(flags + [f"--out={out}"]) == 1
+    assert sample.main(flags + [f"--out={out}"]) == status
     err = capsys.readouterr().err
-    assert err[err.index("error: "):] == (
-        "error: sampling failed: RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes; a batch does not "
-        f"fit in device memory: lower --batch_size (or --max_new_tokens); the samples written to {out} are kept: "
-        "add --resume to make the rest\n")
+    assert err[err.index("error: "):] == message.format(out=out)
     assert read_jsonl(out) == read_jsonl(full)[:2]
     monkeypatch.setattr(sample, "generate_batch", original)
     assert sample.main(flags + [f"--out={out}", "--resume"]) == 0
     key = lambda r: (r["id"], r["sample"])  # noqa: E731
     assert sorted(read_jsonl(out), key=key) == sorted(read_jsonl(full), key=key)
+
+
+def test_the_default_length_fits_a_short_context(model, tmp_path):
+    # README's `sample.py --init_from=out --prompt="ROMEO:"` on a model of block_size 64 (train.py's default model
+    # has 128): the default of 200 new tokens would not fit, so the default is block_size // 2.
+    cfg, params, ckpt = model
+    out = tmp_path / "out.jsonl"
+    assert sample.main([f"--init_from={ckpt}", "--prompt=ROMEO:", "--temperature=0", f"--out={out}"]) == 0
+    [line] = read_jsonl(out)
+    text, done = reference(cfg, params, "ROMEO:", 0, n=32, temperature=0)
+    assert line["settings"]["max_new_tokens"] == 32 and line["completion"] == text
+    assert line["completion_tokens"] == len(done.tokens)
 
 
 def test_single_prompt_streams_the_completion(model, capsys):
@@ -206,8 +229,11 @@ def test_bad_flags_are_named(model, flag, message, capsys):
 def test_missing_weights_and_empty_prompt_are_clear(model, tmp_path, capsys):
     assert sample.main([f"--init_from={tmp_path / 'nope'}", "--prompt=hi"]) == 1
     assert "no such file or directory" in capsys.readouterr().err
-    assert sample.main([f"--init_from={model[2]}", "--prompt="]) == 1
+    assert sample.main([f"--init_from={model[2]}", "--prompt=", "--max_new_tokens=4"]) == 1
     assert "--prompt: empty prompt" in capsys.readouterr().err
+    for path, why in ((tmp_path / "nope.txt", "No such file or directory"), (tmp_path, "Is a directory")):
+        assert sample.main([f"--init_from={model[2]}", f"--prompts_file={path}", "--max_new_tokens=4"]) == 1
+        assert capsys.readouterr().err == f"error: --prompts_file {path}: {why}\n"
 
 
 def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path):
@@ -301,7 +327,8 @@ def test_prompts_that_cannot_be_written_as_utf8_are_named_and_skipped(model, tmp
 
 def test_empty_prompts_file_is_an_error(model, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    assert sample.main([f"--init_from={model[2]}", f"--prompts_file={tmp_path / 'empty.txt'}"]) == 1
+    assert sample.main([f"--init_from={model[2]}", f"--prompts_file={tmp_path / 'empty.txt'}",
+                        "--max_new_tokens=4"]) == 1
     assert f"--prompts_file {tmp_path / 'empty.txt'}: no prompts (the file is empty)" in capsys.readouterr().err
 
 
@@ -332,3 +359,134 @@ def test_n_head_flag_reads_a_bare_safetensors_file(model, tmp_path, capsys):
     assert sample.main(flags + ["--n_head=2"]) == 0
     expected = "ROMEO:" + reference(cfg, params, "ROMEO:", 0, n=8, temperature=0.0)[0]
     assert capsys.readouterr().out.startswith(expected)
+
+
+def test_byte_order_mark_crlf_and_blank_lines_are_not_prompts(model, tmp_path, capsys):
+    cfg, params, ckpt = model
+    jsonl = tmp_path / "prompts.JSONL"  # a Windows editor's file: BOM, CRLF, an upper-case suffix, blank lines
+    jsonl.write_bytes(b'\xef\xbb\xbf{"prompt": "Hello", "id": "a"}\r\n\r\n  \r\n{"prompt": "World"}\r\n\r\n')
+    text = tmp_path / "prompts.txt"
+    text.write_bytes(b"\xef\xbb\xbfHello\r\n\r\nWorld\r\n \n")
+    flags = [f"--init_from={ckpt}", "--max_new_tokens=4"]
+    for path, ids in ((jsonl, ["a", 4]), (text, [1, 3])):
+        out = tmp_path / f"{path.suffix}.out.jsonl"
+        assert sample.main(flags + [f"--prompts_file={path}", f"--out={out}"]) == 0, capsys.readouterr().err
+        rows = read_jsonl(out)
+        assert [(r["id"], r["prompt"], r["prompt_tokens"]) for r in rows] == [(ids[0], "Hello", 1),
+                                                                              (ids[1], "World", 1)]
+        for r in rows:
+            assert r["completion"] == reference(cfg, params, r["prompt"], r["id"], n=4)[0]
+    (tmp_path / "blank.txt").write_text("\n \n\t\n")
+    assert sample.main(flags + [f"--prompts_file={tmp_path / 'blank.txt'}"]) == 1
+    assert f"--prompts_file {tmp_path / 'blank.txt'}: no prompts (the file is blank)" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_settings_and_ids_that_name_other_prompts(model, tmp_path, capsys):
+    _, _, ckpt = model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A\nB\n")
+    flags = [f"--init_from={ckpt}", "--max_new_tokens=4"]
+    out = tmp_path / "out.jsonl"
+    assert sample.main(flags + [f"--prompts_file={prompts}", f"--out={out}", "--seed=1", "--stop=\n"]) == 0
+    before = out.read_bytes()
+    assert read_jsonl(out)[0]["settings"] == {"seed": 1, "temperature": 0.8, "top_k": 200, "top_p": 1.0,
+                                              "max_new_tokens": 4, "stop": ["\n"], "sliding_window": False,
+                                              "dtype": "float32"}
+    capsys.readouterr()
+    resume = flags + [f"--prompts_file={prompts}", f"--out={out}", "--resume"]
+    assert sample.main(resume + ["--seed=2", "--max_new_tokens=5"]) == 1
+    assert capsys.readouterr().err == (f"error: --resume: {out}:1 was made with --max_new_tokens=4 --seed=1 --stop="
+                                       '["\\n"]; this run has --max_new_tokens=5 --seed=2 --stop=[] (use those '
+                                       "settings, or choose another --out)\n")
+    assert out.read_bytes() == before
+    prompts.write_text("new first line\nA\nB\n")  # every id (a line number) now names another prompt
+    assert sample.main(resume + ["--seed=1", "--stop=\n"]) == 1
+    assert (f'error: --resume: {out}:1 has id 1 for the prompt "A"; this run gives it "new first line" (choose '
+            "another --out)") in capsys.readouterr().err
+    assert out.read_bytes() == before
+    prompts.write_text("A\nB\n")
+    assert sample.main(resume + ["--seed=1", "--stop=\n", "--num_samples=2"]) == 0  # more samples: allowed
+    assert sorted((r["id"], r["sample"]) for r in read_jsonl(out)) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    one = tmp_path / "one.jsonl"
+    assert sample.main(flags + ["--prompt=Hello", f"--out={one}"]) == 0
+    assert sample.main(flags + ["--prompt=Bye", f"--out={one}", "--resume"]) == 1  # --prompt is always id 0
+    assert 'has id 0 for the prompt "Hello"; this run gives it "Bye"' in capsys.readouterr().err
+
+
+def test_resume_leaves_a_file_it_did_not_write_unchanged(model, tmp_path, capsys):
+    _, _, ckpt = model
+    flags = [f"--init_from={ckpt}", "--max_new_tokens=4", "--resume"]
+    notes = tmp_path / "notes.jsonl"
+    notes.write_bytes(b'{"id": 0, "sample": 0}\nsomething important')
+    assert sample.main(flags + ["--prompt=hi", f"--out={notes}"]) == 1
+    assert "ends in a line without a line break that this script did not begin" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"A\nB")
+    with pytest.raises(SystemExit) as e:
+        sample.main(flags + [f"--prompts_file={prompts}", f"--out={prompts}"])
+    assert e.value.code == 2 and f"--out {prompts} is the --prompts_file" in capsys.readouterr().err
+    assert (notes.read_bytes(), prompts.read_bytes()) == (b'{"id": 0, "sample": 0}\nsomething important', b"A\nB")
+
+
+def test_out_that_cannot_be_written_is_one_line(model, tmp_path, capsys):
+    flags = [f"--init_from={model[2]}", "--prompt=hi", "--max_new_tokens=2"]
+    for resume in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(flags + [f"--out={tmp_path}"] + resume)
+        assert e.value.code == 2 and f"--out {tmp_path} is a directory" in capsys.readouterr().err
+    assert sample.main(flags + ["--out=/proc/samples.jsonl"]) == 1  # /proc takes no new files, not even root's
+    assert capsys.readouterr().err.endswith(
+        "error: --out /proc/samples.jsonl: cannot append to it (No such file or directory)\n")
+
+
+def test_max_new_tokens_beyond_block_size_is_one_error_unless_sliding_window(model, tmp_path, capsys):
+    cfg, params, ckpt = model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A\nB\nC\n")
+    flags = [f"--init_from={ckpt}", f"--prompts_file={prompts}", "--max_new_tokens=65", "--temperature=0"]
+    assert sample.main(flags) == 1
+    assert capsys.readouterr().err == ("error: --max_new_tokens=65 is more than the model's block_size 64 (lower it, "
+                                       "or pass --sliding_window)\n")
+    out = tmp_path / "out.jsonl"
+    assert sample.main(flags + ["--sliding_window", f"--out={out}"]) == 0
+    for r in read_jsonl(out):
+        key = sample.sample_key(1337, r["id"], 0)
+        done = generate_batch(cfg, params, [get_tokenizer().encode(r["prompt"])], [key], max_new_tokens=65,
+                              sampler=Sampler(0.0), sliding_window=True)[0]
+        assert (r["completion"], r["completion_tokens"]) == (get_tokenizer().decode(done.tokens), len(done.tokens))
+
+
+def test_sample_keys_of_different_ids_differ():
+    import zlib
+
+    def key_data(*args):
+        return jax.random.key_data(sample.sample_key(*args)).tolist()
+
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")  # a known CRC-32 collision
+    ids = [7, "7", "plumless", "buckeroo", 0, "", "caf\u00e9"]
+    keys = [key_data(1337, i, 0) for i in ids]
+    assert len({tuple(k) for k in keys}) == len(ids)
+    assert key_data(1337, 7, 1) != key_data(1337, 7, 0) != key_data(1338, 7, 0)
+    assert key_data(1337, "7", 0) == keys[1]
+
+
+def test_stdout_closed_early_ends_quietly(model, tmp_path):
+    """`sample.py ... | head -c 20`: no traceback, from the batch writer nor from the streaming callback inside XLA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i}\n" for i in range(20)))
+    out = tmp_path / "one.jsonl"
+    # 20 bytes: the first batch's line, with 19 batches to go; 2 bytes: the prompt, printed before decoding starts.
+    for source, n in (([f"--prompts_file={prompts}", "--batch_size=1"], 20), (["--prompt=hi", f"--out={out}"], 2)):
+        proc = subprocess.Popen([sys.executable, str(root / "sample.py"), f"--init_from={model[2]}",
+                                 "--max_new_tokens=60", *source], cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        assert len(proc.stdout.read(n)) == n
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait() == 1 and "Traceback" not in err and "error" not in err, err
+    assert read_jsonl(out)[0]["completion_tokens"] == 60  # the sample is in --out all the same
