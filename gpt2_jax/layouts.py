@@ -29,7 +29,12 @@ from gpt2_jax.weight_files import WeightsError
 
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 PRETRAINED = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_exact"}
+# transformers' activation names -> ours. gelu_fast, gelu_accurate and gelu_python_tanh are the tanh formula
+# written another way (within 1e-12 of gelu_new in float64), gelu_python is erf's; gelu_10 clips, quick_gelu is
+# another function: both refused.
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "gelu_accurate": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu": "gelu_exact",
+                  "gelu_python": "gelu_exact"}
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,17 @@ def test_hf_bare_file_without_prefix_and_untied_head(random_hf, torch_logits, tm
     assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
 
 
+@pytest.mark.parametrize("activation, ours", [("gelu_fast", "gelu_tanh"), ("gelu_accurate", "gelu_tanh"),
+                                               ("gelu_python_tanh", "gelu_tanh"), ("gelu_python", "gelu_exact")])
+def test_hf_activation_aliases_match_transformers(random_hf, torch_logits, tmp_path, activation, ours):
+    model = random_hf(seed=4, activation=activation)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = convert.load(tmp_path / "hf")
+    assert cfg.activation == ours
+    tokens = tokens_for(96)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model, tokens)).max() <= 1e-5
+
+
 def test_hf_gpt2_shape_within_1e4(random_hf, torch_logits, tmp_path):
     model = random_hf(seed=3, std=0.02, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
     model.save_pretrained(tmp_path / "gpt2")
