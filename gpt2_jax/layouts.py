@@ -195,6 +195,9 @@ def open_checkpoint(path: str | Path, *, n_head: int | None = None,
         if config_path is None and (path / "config.json").exists():
             config_path = path / "config.json"
     else:
+        if path.suffix == ".json":  # e.g. an HF directory's config.json or model.safetensors.index.json
+            raise WeightsError(f"{path} is a JSON file, not weights: pass the directory that holds it (a Hugging "
+                               f"Face checkpoint), or the weights file itself")
         kind = wf.sniff(path)
         if kind == "llmc":
             return _llmc_checkpoint(path, *wf.read_llmc(path))

@@ -448,6 +448,9 @@ def test_random_bytes_and_other_files_are_not_checkpoints(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="does not look like a GPT-2 checkpoint"):
         convert.load(tmp_path / "other.pt")
+    (tmp_path / "config.json").write_text('{"n_head": 2}')  # an HF directory's file, given instead of the directory
+    with pytest.raises(WeightsError, match="config.json is a JSON file, not weights: pass the directory that holds"):
+        convert.load(tmp_path / "config.json")
 
 
 def write_raw_safetensors(path, header):
