@@ -5,13 +5,14 @@ then the tokens as uint16. nanoGPT's raw train.bin / val.bin (uint16 tokens, no 
 
     python -m gpt2_jax.data prepare INPUT... --out DIR [--val_fraction F] [--shard_tokens N]
 
-Inputs are UTF-8 files and directories (recursive, sorted, following symbolic links, skipping hidden names). A
-.jsonl file holds one JSON object per line whose string "text" is a document; any other file is one document,
-read as open(path, encoding="utf-8-sig") reads it: a leading byte order mark dropped, CRLF and CR made LF. Each
-document is its GPT-2 tokens then <|endoftext|> (50256); a literal "<|endoftext|>" inside a document is ordinary
-text (the tokens of its characters, as tiktoken's encode_ordinary gives), so only prepare marks where documents
-end. Empty documents are skipped. Long documents are tokenized in pieces on all cores, cut only where GPT-2's
-pre-tokenizer splits anyway, so the tokens equal those of the whole text. The output appears only when complete.
+Inputs are UTF-8 files and directories (recursive, sorted, following symbolic links, skipping hidden names and the
+output directories of earlier prepares). A .jsonl file holds one JSON object per line whose string "text" is a
+document; any other file is one document, read as open(path, encoding="utf-8-sig") reads it: a leading byte order
+mark dropped, CRLF and CR made LF. Each document is its GPT-2 tokens then <|endoftext|> (50256); a literal
+"<|endoftext|>" inside a document is ordinary text (the tokens of its characters, as tiktoken's encode_ordinary
+gives), so only prepare marks where documents end. Empty documents are skipped. Long documents are tokenized in
+pieces on all cores, cut only where GPT-2's pre-tokenizer splits anyway, so the tokens equal those of the whole
+text. The output appears only when complete.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def open_split(data_dir, split: str) -> TokenShards:
 
 def input_files(inputs) -> list[Path]:
     """The files the inputs name: files as given, directories recursively (sorted), following symbolic links
-    (each directory once) and skipping hidden names (such as prepare's own temporary output)."""
+    (each directory once) and skipping hidden names (such as prepare's own temporary output) and the output
+    directories of earlier prepares (meta.json beside llm.c shards)."""
     files = []
     for item in inputs:
         path = Path(item)
@@ -191,6 +193,9 @@ def _directory_files(root: Path) -> list[Path]:
             dirs.clear()
             continue
         seen.add(real)
+        if _is_prepared(Path(parent)):
+            dirs.clear()
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # so `seen` keeps the same link everywhere
         for path in (Path(parent, name) for name in names if not name.startswith(".")):
             if path.is_file():
@@ -198,6 +203,18 @@ def _directory_files(root: Path) -> list[Path]:
             elif not path.exists():
                 raise DataError(f"input {path} is a broken symbolic link")
     return sorted(files)
+
+
+def _is_prepared(directory: Path) -> bool:
+    """Whether a directory is prepare's output: meta.json beside a train shard that starts with the llm.c magic."""
+    magic = np.array(MAGIC, "<i4").tobytes()
+    if not (directory / "meta.json").is_file():
+        return False
+    for shard in directory.glob("train_*.bin"):
+        with open(shard, "rb") as f:
+            if f.read(4) == magic:
+                return True
+    return False
 
 
 def _text_blocks(path: Path) -> Iterator[str]:

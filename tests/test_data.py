@@ -200,6 +200,9 @@ def test_prepare_into_its_own_input_directory_reads_only_the_inputs(tmp_path):
     summary = data.prepare([corpus], corpus / "prepared", val_fraction=0.25)
     assert summary["documents"] == 2
     assert summary["train_tokens"] + summary["val_tokens"] == 2 * 3  # [15496, 995, EOT] per document
+    # A second prepare of the same directory skips the first one's shards (binary, not text).
+    again = data.prepare([corpus], corpus / "prepared2", val_fraction=0.25)
+    assert again == summary
 
 
 def test_prepare_command_line(tmp_path):
