@@ -37,6 +37,9 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for batch_size rows of up to max_len tokens (max_len <= block_size)."""
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     if max_len > config.block_size:
         raise ValueError(f"cache length {max_len} exceeds block_size {config.block_size}")
     shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
@@ -306,9 +309,10 @@ class GPT2(nn.Module):
         attn_mask [B, S]: which key slots are real tokens (S = T, or the cache length); False = padding.
         cache: a KVCache; the new keys and values are written at cache.index and (logits, cache) is returned.
         return_hidden: also return the residual stream after each block, [L, B, T, C].
+        Inputs it cannot take raise a ValueError (validate_inputs; values are checked outside jit only).
         """
         cfg = self.config
-        validate_tokens(tokens, cfg, cache)
+        validate_inputs(cfg, tokens, positions, attn_mask, cache)
         if not deterministic and cfg.dropout > 0 and not self.has_rng("dropout"):
             raise ValueError("deterministic=False with dropout > 0 needs a 'dropout' rng: "
                              "apply(..., rngs={'dropout': key})")
@@ -372,13 +376,54 @@ def validate_tokens(tokens, config: ModelConfig, cache: KVCache | None = None) -
     if tokens.shape[1] > limit:
         what = "the cache length" if cache is not None else "block_size"
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds {what} {limit}")
-    if isinstance(tokens, jax.core.Tracer):
-        return  # values are only known outside jit; callers that jit validate their inputs first
-    values = np.asarray(tokens)
-    if values.size and (values.min() < 0 or values.max() >= config.vocab_size):
+    values = _values(tokens)
+    if values is not None and values.size and (values.min() < 0 or values.max() >= config.vocab_size):
         bad = values[(values < 0) | (values >= config.vocab_size)]
         raise ValueError(f"token id {int(bad.flat[0])} is outside [0, {config.vocab_size}) "
                          f"({bad.size} such ids)")
+
+
+def _values(x):
+    """x as a numpy array, or None inside jit or vmap, where only its shape is known."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def validate_inputs(config: ModelConfig, tokens, positions=None, attn_mask=None, cache: KVCache | None = None):
+    """Raise a ValueError for inputs of GPT2.apply that it cannot take: XLA would silently clamp out-of-range
+    token ids, position ids and cache writes, and report wrong shapes from deep inside the computation.
+    Values are only checked outside jit (shapes always)."""
+    validate_tokens(tokens, config, cache)
+    B, T = tokens.shape
+    if cache is not None:
+        expected = (config.n_layer, B, cache.k.shape[2], config.n_head, config.head_dim)
+        if tuple(cache.k.shape) != expected or tuple(cache.v.shape) != expected:
+            raise ValueError(f"cache keys and values must have shape [layers, batch, slots, heads, head_dim] = "
+                             f"{expected} for tokens of shape {(B, T)}; got {tuple(cache.k.shape)} and "
+                             f"{tuple(cache.v.shape)}")
+        index = _values(cache.index)
+        if index is not None and not 0 <= int(index) <= cache.k.shape[2] - T:
+            raise ValueError(f"cache overflow: {T} tokens at cache.index {int(index)} do not fit in "
+                             f"{cache.k.shape[2]} slots")
+    if positions is not None:
+        dtype = getattr(positions, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"positions must be an integer array; got {type(positions).__name__} of dtype {dtype}")
+        _check_shape("positions", positions, (B, T), "[batch, time]")
+        values = _values(positions)
+        if values is not None and values.size and (values.min() < 0 or values.max() >= config.block_size):
+            bad = values[(values < 0) | (values >= config.block_size)]
+            raise ValueError(f"position id {int(bad.flat[0])} is outside [0, block_size={config.block_size})")
+    if attn_mask is not None:
+        S = cache.k.shape[2] if cache is not None else T
+        what = "[batch, cache length]" if cache is not None else "[batch, time]"
+        _check_shape("attn_mask", attn_mask, (B, S), what)
+
+
+def _check_shape(name: str, x, shape: tuple[int, ...], what: str) -> None:
+    """x must have shape `shape` or one that broadcasts to it (e.g. [1, T] for every row)."""
+    x_shape = tuple(getattr(x, "shape", ()))
+    if len(x_shape) != len(shape) or any(a not in (1, b) for a, b in zip(x_shape, shape)):
+        raise ValueError(f"{name} must have shape {what} = {shape}; got {x_shape}")
 
 
 def init_params(config: ModelConfig, rng, batch_size: int = 1):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import numbers
 from typing import Callable, Sequence
 
 import flax.struct
@@ -49,12 +50,13 @@ class Sampler:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
+        # An infinite temperature would silently sample uniformly; a string would fail in a comparison below.
+        if not isinstance(self.temperature, numbers.Real) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite; got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off); got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p}")
+        if not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
 
     @property
     def greedy(self) -> bool:
@@ -97,7 +99,11 @@ def sample_logits(logits_BV, keys_B, sampler: Sampler):
     """One token per row from float logits [B, V] with one PRNG key per row; returns int32 [B].
 
     Order of the filters (as in transformers): temperature, top-k, top-p, then a draw from the renormalised rest.
+    A top_k of V or more keeps every entry (as in transformers).
     """
+    if logits_BV.ndim != 2 or keys_B.shape[:1] != logits_BV.shape[:1]:
+        raise ValueError(f"sample_logits takes logits [batch, vocab] and one PRNG key per row; got logits of shape "
+                         f"{tuple(logits_BV.shape)} and keys of shape {tuple(keys_B.shape)}")
     if sampler.greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     # Shifted by the row's max first, so that a tiny temperature sends the rest towards -inf, not the max to inf;
@@ -509,15 +515,26 @@ def context_length(prompt: Sequence[int], max_new_tokens: int) -> int:
 
 def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   sliding_window: bool) -> None:
-    """Raise a ValueError naming the first prompt that is empty or does not fit with max_new_tokens."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    """Raise a ValueError naming the first prompt that is empty, not a list of token ids, or does not fit with
+    max_new_tokens."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; give at least one prompt (a list of token ids)")
     for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or np.ndim(prompt) != 1:
+            raise ValueError(f"prompt {i} must be a list of token ids; got {type(prompt).__name__} {prompt!r:.80}")
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty; give at least one token (e.g. <|endoftext|> = {EOT_TOKEN})")
-        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {config.vocab_size})")
+        # Token ids land in an int32 array: a float or a bool would be silently truncated to an id.
+        ids = np.asarray(prompt)
+        if ids.dtype.kind not in "iu":  # ints beyond int64 make an object array: the range check below names them
+            bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+            if bad is not None:
+                raise ValueError(f"prompt {i} has {bad!r}, not an integer token id")
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            bad = ids[(ids < 0) | (ids >= config.vocab_size)]
+            raise ValueError(f"prompt {i} has token id {int(bad[0])} outside [0, {config.vocab_size})")
         if not sliding_window and context_length(prompt, max_new_tokens) > config.block_size:
             raise ValueError(
                 f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} the model reads "
@@ -589,10 +606,16 @@ def generate_batch(config: ModelConfig, params, prompts: Sequence[Sequence[int]]
     with (tokens [B], wrote [B]) after every sampled token (for streaming); wrote says which rows took it.
     """
     B = batch_size or len(prompts)
-    if not 0 < len(prompts) <= B:
-        raise ValueError(f"generate_batch takes 1 to batch_size={B} prompts; got {len(prompts)}")
     check_lengths(config, prompts, max_new_tokens, sliding_window)
-    keys = list(keys) + [jax.random.key(0)] * (B - len(prompts))
+    if len(prompts) > B:
+        raise ValueError(f"generate_batch takes 1 to batch_size={B} prompts; got {len(prompts)}")
+    if isinstance(stop_tokens, (int, np.integer)):
+        raise ValueError(f"stop_tokens must be a sequence of token ids, e.g. ({stop_tokens},); got {stop_tokens!r}")
+    keys = list(keys)
+    if len(keys) != len(prompts):
+        raise ValueError(f"generate_batch takes one PRNG key per prompt; got {len(keys)} keys for "
+                         f"{len(prompts)} prompts")
+    keys = keys + [jax.random.key(0)] * (B - len(prompts))
     limits = [max_new_tokens] * len(prompts) + [0] * (B - len(prompts))
     run = functools.partial(_run, config, sampler, tuple(int(t) for t in stop_tokens), on_token is not None, params,
                             _kept_weights(config, params, B))
@@ -652,7 +675,7 @@ def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], *, max_ne
         ids = order[start:start + B]
         done = generate_batch(model_cfg, params, [prompts[i] for i in ids], [row_key(seed, i) for i in ids],
                               max_new_tokens=max_new_tokens, sampler=sampler, batch_size=B,
-                              stop_tokens=tuple(stop_tokens), sliding_window=sliding_window)
+                              stop_tokens=stop_tokens, sliding_window=sliding_window)
         for i, completion in zip(ids, done):
             out[i] = completion.tokens
     return out

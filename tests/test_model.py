@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, count_params, gelu, init_params, output_logits
+from gpt2_jax.model import GPT2, count_params, gelu, init_cache, init_params, output_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -191,6 +191,37 @@ def test_bad_tokens_raise_before_compute(tokens, message):
     params = init_params(cfg, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=message):
         GPT2(cfg).apply({"params": params}, jnp.asarray(tokens))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(positions=np.full((2, 4), 64)), r"position id 64 is outside \[0, block_size=64\)"),  # XLA clamped it
+    (dict(positions=np.full((2, 4), -1)), r"position id -1 is outside"),
+    (dict(positions=np.zeros((2, 4), np.float32)), "positions must be an integer array"),
+    (dict(positions=np.zeros((2, 3), np.int32)), r"positions must have shape \[batch, time\] = \(2, 4\); got \(2, 3\)"),
+    (dict(attn_mask=np.ones((3, 4), bool)), r"attn_mask must have shape \[batch, time\] = \(2, 4\); got \(3, 4\)"),
+    (dict(attn_mask=np.ones((2, 4), bool), cache=(2, 8, 0)),
+     r"attn_mask must have shape \[batch, cache length\] = \(2, 8\); got \(2, 4\)"),
+    (dict(cache=(3, 8, 0)), r"cache keys and values must have shape .* = \(2, 2, 8, 2, 16\)"),
+    (dict(cache=(2, 8, 6)), "cache overflow: 4 tokens at cache.index 6 do not fit in 8 slots"),  # XLA clamped it
+])
+def test_bad_positions_masks_and_caches_raise_before_compute(kwargs, message):
+    cfg = ModelConfig.from_preset("tiny")
+    params = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
+    if "cache" in kwargs:
+        batch_size, max_len, index = kwargs["cache"]
+        kwargs["cache"] = init_cache(cfg, batch_size, max_len).replace(index=jnp.int32(index))
+    with pytest.raises(ValueError, match=message):
+        GPT2(cfg).apply({"params": params}, jnp.zeros((2, 4), jnp.int32), **kwargs)
+
+
+@pytest.mark.parametrize("batch_size, max_len, message", [
+    (0, 8, "batch_size must be an integer >= 1; got 0"),
+    (2, 0, "max_len must be an integer >= 1; got 0"),
+    (2, 65, "cache length 65 exceeds block_size 64"),
+])
+def test_bad_cache_sizes_are_named(batch_size, max_len, message):
+    with pytest.raises(ValueError, match=message):
+        init_cache(ModelConfig.from_preset("tiny"), batch_size, max_len)
 
 
 def _dot_precisions(lowered_text: str) -> list[str]:

@@ -161,6 +161,31 @@ def test_bad_generate_arguments_are_named(kwargs, message):
         generate(cfg, params, [[1, 2]], max_new_tokens=2, **kwargs)
 
 
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([], {}, "prompts is empty"),  # was [] without a word
+    ([[1, 2.7]], {}, "prompt 0 has 2.7, not an integer token id"),  # was silently truncated to token 2
+    ([[1], "hello"], {}, "prompt 1 must be a list of token ids; got str 'hello'"),
+    ([1, 2], {}, "prompt 0 must be a list of token ids; got int 1"),
+    ([[1, 2]], dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1; got 2.5"),
+    ([[1, 2]], dict(stop_tokens=5), r"stop_tokens must be a sequence of token ids, e.g. \(5,\); got 5"),
+])
+def test_bad_prompts_are_named(prompts, kwargs, message):
+    cfg, params = tiny()
+    with pytest.raises(ValueError, match=message):
+        generate(cfg, params, prompts, **{"max_new_tokens": 2, **kwargs})
+
+
+def test_generate_batch_needs_one_key_per_prompt():
+    cfg, params = tiny()
+    # Too few keys used to be padded with jax.random.key(0): rows silently sharing their randomness.
+    for n_keys in (1, 3):
+        with pytest.raises(ValueError, match=f"one PRNG key per prompt; got {n_keys} keys for 2 prompts"):
+            generate_batch(cfg, params, [[1], [2]], [row_key(0, i) for i in range(n_keys)], max_new_tokens=2,
+                           sampler=SAMPLER)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate_batch(cfg, params, [], [], max_new_tokens=2, sampler=SAMPLER)
+
+
 def test_ragged_batch_rows_equal_their_output_alone():
     cfg, params = tiny()
     for prompt, row in zip(GREEDY_PROMPTS, greedy_batch()):
@@ -236,10 +261,23 @@ def test_greedy_is_argmax_for_any_key():
     (dict(top_k=-1), "top_k must be an integer >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 .* and finite; got inf"),  # was uniform sampling
+    (dict(temperature="0.7"), "temperature must be >= 0 .* and finite; got '0.7'"),
+    (dict(top_p="0.9"), r"top_p must be in \(0, 1\] \(1 = off\); got '0.9'"),
 ])
 def test_bad_sampler_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Sampler(**kwargs)
+
+
+def test_sample_logits_needs_one_key_per_row():
+    logits = jnp.zeros((2, 10))
+    keys = jax.random.split(jax.random.key(0), 2)
+    # One key for two rows used to broadcast: both rows drew the same uniform number.
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 10\) and keys of shape \(1,\)"):
+        sample_logits(logits, keys[:1], SAMPLER)
+    with pytest.raises(ValueError, match=r"logits \[batch, vocab\]"):
+        sample_logits(logits[0], keys[0], SAMPLER)
 
 
 def test_stop_token_ends_each_row_on_its_own():
