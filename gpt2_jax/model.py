@@ -13,8 +13,11 @@ sharding.py maps onto a mesh.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from typing import Callable
 
 import flax.linen as nn
 import flax.struct
@@ -45,6 +48,34 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
     shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
     dtype = dtype or config.dtype
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
+
+
+# How activations are laid out on a device mesh while a step is traced: set by sharding.with_activation_layout
+# (constrain(x, logical_axes) -> x), unset (no constraint) on one device and in plain apply calls.
+_ACTIVATION_LAYOUT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("activation_layout",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(constrain: Callable):
+    """While tracing inside this block, _laid_out(x, *axes) returns constrain(x, axes)."""
+    token = _ACTIVATION_LAYOUT.set(constrain)
+    try:
+        yield
+    finally:
+        _ACTIVATION_LAYOUT.reset(token)
+
+
+def _laid_out(x, *axes: str | None):
+    """x with the layout the active activation_layout gives these logical axes; x itself outside one."""
+    constrain = _ACTIVATION_LAYOUT.get()
+    return x if constrain is None else constrain(x, axes)
+
+
+def _activation_axes(param_axes: tuple[str | None, ...]) -> tuple[str | None, ...]:
+    # An activation is split like the weights only on heads, MLP units and vocabulary (tensor); its embed
+    # dimension stays whole, since the rows already use the fsdp axis that splits the weights' embed.
+    return tuple(a if a in ("heads", "mlp", "vocab") else None for a in param_axes)
 
 
 def _normal(std: float, axes: tuple[str | None, ...]):
@@ -78,7 +109,8 @@ class LayerNorm(nn.Module):
         c = x.shape[-1]
         weight = self.param("weight", _const(1.0, ("embed",)), (c,), cfg.param_dtype)
         bias = self.param("bias", _const(0.0, ("embed",)), (c,), cfg.param_dtype) if cfg.bias else None
-        return layer_norm(cfg, x, weight, bias)
+        # Gathered whole (C numbers) before use: their fsdp split would otherwise spread onto the activations.
+        return layer_norm(cfg, x, _laid_out(weight, None), None if bias is None else _laid_out(bias, None))
 
 
 class Linear(nn.Module):
@@ -104,7 +136,7 @@ class Linear(nn.Module):
                                 precision=cfg.precision)
         if self.use_bias:
             y = y + self.param("bias", _const(0.0, self.out_axes), self.out_shape, cfg.param_dtype).astype(cfg.dtype)
-        return y
+        return _laid_out(y, "batch", None, *_activation_axes(self.out_axes))
 
 
 def causal_attention_impl(config: ModelConfig, training: bool) -> str:
@@ -184,6 +216,7 @@ class CausalSelfAttention(nn.Module):
             y_BTHD = self._causal(q_BTHD, k_BTHD, v_BTHD, dropout)
         else:
             y_BTHD = self._attend(q_BTHD, k_BTHD, v_BTHD, mask_BTS[:, None], dropout)
+        y_BTHD = _laid_out(y_BTHD, "batch", None, "heads", None)
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
         y_BTC = Linear(cfg, (cfg.n_embd,), ("embed",), ("heads", "head_dim"), std=std, use_bias=cfg.bias,
                        name="c_proj")(y_BTHD)
@@ -288,10 +321,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTC, layer_cache, mask_BTS, cache_index):
         cfg = self.config
+        x_BTC = _laid_out(x_BTC, "batch", None, None)
         a, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
             LayerNorm(cfg, name="ln_1")(x_BTC), mask_BTS, layer_cache, cache_index)
         x_BTC = x_BTC + nn.Dropout(cfg.dropout)(a, deterministic=self.deterministic)
+        x_BTC = _laid_out(x_BTC, "batch", None, None)
         x_BTC = x_BTC + MLP(cfg, self.deterministic, name="mlp")(LayerNorm(cfg, name="ln_2")(x_BTC))
+        x_BTC = _laid_out(x_BTC, "batch", None, None)
         return x_BTC, (new_cache, x_BTC if self.return_hidden else None)
 
 
@@ -331,8 +367,10 @@ class GPT2(nn.Module):
         Vp = cfg.padded_vocab_size
         wte = self.param("wte", _normal(0.02, ("vocab", "embed")), (Vp, cfg.n_embd), cfg.param_dtype)
         wpe = self.param("wpe", _normal(0.02, (None, "embed")), (cfg.block_size, cfg.n_embd), cfg.param_dtype)
-        x_BTC = (jnp.take(wte, tokens, axis=0) + jnp.take(wpe, positions, axis=0)).astype(cfg.dtype)
-        x_BTC = nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic)
+        # The lookups read whole rows: wte and wpe are gathered on embed (as the output layer needs wte anyway).
+        x_BTC = (jnp.take(_laid_out(wte, "vocab", None), tokens, axis=0)
+                 + jnp.take(_laid_out(wpe, None, None), positions, axis=0)).astype(cfg.dtype)
+        x_BTC = _laid_out(nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic), "batch", None, None)
 
         block = Block
         if cfg.remat:
@@ -354,7 +392,7 @@ class GPT2(nn.Module):
             logits = output_logits(x_BTC, wte, cfg.precision)
         else:
             logits = Linear(cfg, (Vp,), ("vocab",), ("embed",), use_bias=cfg.lm_head_bias, name="lm_head")(x_BTC)
-        logits = logits.astype(jnp.float32)
+        logits = _laid_out(logits.astype(jnp.float32), "batch", None, "vocab")
         if Vp != cfg.vocab_size:
             logits = logits[..., : cfg.vocab_size]
         out = (logits,)

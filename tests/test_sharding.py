@@ -115,6 +115,13 @@ def test_five_sharded_steps_match_one_device(eight_devices, spec):
 
 
 @pytest.mark.parametrize("spec", MESHES)
+def test_the_step_never_gathers_the_whole_batch(eight_devices, spec):
+    # Without the activation layout, fsdp:8 all-reduced the whole batch's logits [8, 32, 512] and all-gathered
+    # its [8, 32, 128] MLP activations; only weights, gradients and tensor's per-row partial sums should move.
+    assert eight_devices["meshes"][spec]["whole_batch_collectives"] == []
+
+
+@pytest.mark.parametrize("spec", MESHES)
 def test_sharded_greedy_decoding_matches_one_device(eight_devices, spec):
     ref = eight_devices["reference"]["tokens"]
     assert len(ref) == 2 and all(len(row) == 12 for row in ref)
