@@ -9,7 +9,9 @@
 --config=NAME picks a model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini; default mini); with
 --init_from=resume or PATH the model config is the checkpoint's, and a preset must agree with its size. Every
 TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_dir, max_iters, batch_size,
-block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits.
+block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits. One run at a time writes
+to an out_dir. A resumed run may change any TrainConfig flag but these: max_iters no lower than the checkpoint's
+step, and grad_clip on (> 0) or off (0) as it was (the optimizer state differs).
 
 --mesh=data:D,fsdp:F,tensor:N lays the devices out (default: all on data); batch_size is per process.
 Multi-host: run the same command on every host with --coordinator_address=HOST:PORT --num_processes=N
@@ -19,6 +21,7 @@ on TPU pods and SLURM). docs/scaling.md has the details.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -100,9 +103,10 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
                     raise ConfigError(f"--config={value} is not valid JSON: {e}") from None
                 if not isinstance(file_overrides, dict):
                     raise ConfigError(f"{value} must hold a JSON object of overrides")
-                preset = file_overrides.pop("preset", preset)
-                if not isinstance(preset, str):
-                    raise ConfigError(f"{value}: \"preset\" must be a preset name; got {preset!r}")
+                if "preset" in file_overrides:
+                    preset = file_overrides.pop("preset")
+                    if not isinstance(preset, str):
+                        raise ConfigError(f"{value}: \"preset\" must be a preset name; got {preset!r}")
             else:
                 preset = value
         else:
@@ -126,11 +130,16 @@ def resolve(argv: list[str]):
     preset, model_over, train_over = read_flags(argv)
     train_cfg = TrainConfig(**train_over)
     init = train_cfg.init_from
+    if Path(train_cfg.out_dir).exists() and not Path(train_cfg.out_dir).is_dir():
+        raise ConfigError(f"out_dir {train_cfg.out_dir} is a file; pick a directory")
     if init == "resume":
         meta = checkpoint.read_meta(train_cfg.out_dir)
         base = replace(ModelConfig(), **meta["model_config"])  # activation, dropout, dtype, ... included
         check_preset(preset, base, train_cfg.out_dir)
         train_cfg = replace(replace(TrainConfig(), **meta["train_config"]), **train_over)
+        if train_cfg.max_iters < meta["step"]:
+            raise ConfigError(f"{train_cfg.out_dir} is at step {meta['step']}, past max_iters={train_cfg.max_iters}; "
+                              f"pass --max_iters={meta['step']} or more")
         if "batch_size" not in train_over:
             saved_processes = meta.get("data", {}).get("process_count", 1)
             train_cfg = keep_global_batch(train_cfg, saved_processes, jax.process_count())
@@ -258,7 +267,10 @@ class Metrics:
             return
         if self.path.exists():  # a resumed run drops what the interrupted run logged after its checkpoint
             self.records = [r for r in self.read() if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        # Through a temporary file: a kill while it is written leaves the old log, not a cut one.
+        temporary = self.path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(temporary, self.path)
 
     def read(self) -> list[dict]:
         """The records of an existing metrics.jsonl; a line cut off by a kill (or otherwise unreadable) is skipped
@@ -316,6 +328,7 @@ class Run:
         self.global_batch = train_cfg.batch_size * jax.process_count()
         self.rows = sharding.process_batch_rows(self.mesh, self.global_batch)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = lock_out_dir(self.out_dir) if sharding.is_main_process() else None
         rng = jax.random.PRNGKey(train_cfg.seed)
         if train_cfg.init_from == "resume":
             self.state, meta = checkpoint.restore_train_state(
@@ -403,6 +416,25 @@ class Run:
             self.confirm_saved()
         finally:
             self.manager.close()
+            if self.lock is not None:
+                os.close(self.lock)
+                self.lock = None
+
+
+def lock_out_dir(out_dir: Path) -> int | None:
+    """An open descriptor of out_dir holding an exclusive lock (released when the process ends), so that two runs
+    never save into one directory; a ConfigError if another process holds it; None where locks do not work."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another train.py is writing to out_dir {out_dir}; wait for it to end or pick another "
+                          f"--out_dir") from None
+    except OSError:  # a filesystem without locks (some network mounts): the run goes on unguarded
+        os.close(fd)
+        return None
+    return fd
 
 
 def make_run_mesh(train_cfg: TrainConfig):
@@ -540,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
             json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started; no checkpoint was written", file=sys.stderr)
+        return 130
     try:
         code = train(run)
     except checkpoint.CheckpointError as e:  # a save that failed (disk full, permissions): say which
@@ -559,7 +594,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}; {run.last_complete()}", file=sys.stderr)
         return 1
     if code == 0 and not run.interrupted:  # Ctrl-C means stop: no samples after the save
-        print_samples(run)
+        try:
+            print_samples(run)
+        except KeyboardInterrupt:
+            print(f"interrupted while sampling; the checkpoints in {run.out_dir} are complete", file=sys.stderr)
+            return 130
     return code
 
 

@@ -4,6 +4,7 @@ A directory holds one subdirectory per saved step, each with up to three items:
   params     the model parameters (a pytree in model.py's layout)
   opt_state  the optimizer state (train.py checkpoints only; save_weights leaves it out)
   meta       JSON: model and train config, step, rng, data position, git commit, val loss
+and, for a step saved with a val loss, orbax's `metrics` item, from which a reopened manager knows the best step.
 orbax writes a step into a temporary directory and renames it when complete, so a run killed during a save
 leaves the previous steps intact and the unfinished one is ignored.
 """
@@ -91,19 +92,22 @@ def _handlers() -> dict:
             "meta": ocp.JsonCheckpointHandler()}
 
 
+def _reader() -> ocp.Checkpointer:
+    """A plain Checkpointer for one step directory (reading needs no manager), knowing the manager's metrics item."""
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers(), metrics=ocp.JsonCheckpointHandler()))
+
+
 def _restore(directory: Path, step: int, **items):
-    """Restore the named items of one step directory (a plain Checkpointer: reading needs no manager)."""
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
+    """Restore the named items of one step directory."""
     try:
-        return checkpointer.restore((directory / str(step)).absolute(), args=ocp.args.Composite(**items))
+        return _reader().restore((directory / str(step)).absolute(), args=ocp.args.Composite(**items))
     except Exception as e:  # orbax wraps tensorstore's errors on damaged files in a bare Exception
         raise _unreadable(directory, step, e) from e
 
 
 def _item_metadata(directory: Path, step: int, item: str):
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
     try:
-        return checkpointer.metadata((directory / str(step)).absolute()).item_metadata[item]
+        return _reader().metadata((directory / str(step)).absolute()).item_metadata[item]
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise _unreadable(directory, step, e) from e
 
@@ -145,7 +149,10 @@ def open_manager(directory, keep: int = 3, async_save: bool = True) -> ocp.Check
         LatestN(n=keep),
         BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+    # best_fn only makes orbax write each step's metrics to disk (BestN decides what is kept): without it a
+    # resumed run's manager knows no val loss of the steps before it, and LatestN deletes the best one.
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m["val_loss"],
+                                           best_mode="min", enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=_handlers(), options=options)
 

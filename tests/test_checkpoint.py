@@ -114,6 +114,19 @@ def test_keeps_the_last_n_steps_and_the_best_val_loss(tmp_path, state):
     assert checkpoint.read_meta(tmp_path, 20)["val_loss"] == 3.0
 
 
+def test_the_best_val_loss_outlives_a_resume(tmp_path, state):
+    # A resumed run opens a new manager: it must know the val loss of the steps saved before it.
+    for losses in ({10: 3.0, 20: 4.0}, {30: 5.0, 40: None, 50: 6.0}):
+        manager = checkpoint.open_manager(tmp_path, keep=1)
+        for step, val in losses.items():
+            checkpoint.save_train_state(manager, state.replace(step=jnp.int32(step)),
+                                        {"model_config": TINY.to_dict()}, val_loss=val)
+        manager.wait_until_finished()
+        manager.close()
+    assert checkpoint._steps(tmp_path) == [10, 50]
+    assert checkpoint.read_meta(tmp_path, 10)["val_loss"] == 3.0
+
+
 def test_an_unfinished_save_is_ignored_and_then_removed(tmp_path, state):
     save_state(tmp_path, state, step=5).wait_until_finished()
     # What a process killed in the middle of saving step 7 leaves: orbax's temporary directory, never renamed.

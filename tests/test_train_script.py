@@ -197,6 +197,9 @@ def test_config_file_then_flags(tmp_path):
                                                   "--dtype=bfloat16", "--block_size=16", f"--out_dir={tmp_path}"])
     assert model_cfg == ModelConfig.from_preset("tiny", n_layer=3, dtype="bfloat16", block_size=16)
     assert (train_cfg.max_iters, train_cfg.learning_rate, params) == (7, 1.0, None)
+    (tmp_path / "plain.json").write_text('{"n_layer": 3}')  # no "preset": the default one
+    model_cfg, _, _ = train.resolve([f"--config={tmp_path / 'plain.json'}", f"--out_dir={tmp_path}"])
+    assert model_cfg == ModelConfig.from_preset(train.DEFAULT_PRESET, n_layer=3)
 
 
 def main_error(capsys, *argv) -> str:
@@ -237,6 +240,38 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
     assert '"preset" must be a preset name' in main_error(capsys, *flags, f"--config={tmp_path / 'listed.json'}")
     assert f"data directory {tmp_path / 'bad.json'} is a file" in main_error(
         capsys, *flags, f"--data={tmp_path / 'bad.json'}")
+    assert f"out_dir {tmp_path / 'bad.json'} is a file" in main_error(
+        capsys, *flags, f"--out_dir={tmp_path / 'bad.json'}")
+    assert f"{out} is at step 20, past max_iters=10; pass --max_iters=20 or more" in main_error(
+        capsys, "--init_from=resume", f"--out_dir={out}", "--max_iters=10")
+
+
+def test_two_runs_never_share_an_out_dir(tmp_path, data_dir, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    held = train.lock_out_dir(busy)  # what a running train.py holds; a second open file description conflicts
+    try:
+        assert f"another train.py is writing to out_dir {busy}" in main_error(
+            capsys, *MODEL_FLAGS, f"--data={data_dir}", f"--out_dir={busy}")
+    finally:
+        os.close(held)
+    assert not (busy / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_before_training_or_while_sampling_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    flags = [*MODEL_FLAGS, f"--out_dir={tmp_path}"]
+    monkeypatch.setattr(train, "Run", interrupt)
+    assert train.main(flags) == 130
+    assert capsys.readouterr().err == "interrupted before training started; no checkpoint was written\n"
+    monkeypatch.setattr(train, "Run", lambda *args: type("FinishedRun", (), {"interrupted": False,
+                                                                          "out_dir": tmp_path})())
+    monkeypatch.setattr(train, "train", lambda run: 0)
+    monkeypatch.setattr(train, "print_samples", interrupt)
+    assert train.main(flags) == 130
+    assert capsys.readouterr().err == f"interrupted while sampling; the checkpoints in {tmp_path} are complete\n"
 
 
 @pytest.mark.skipif(Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
@@ -290,6 +325,7 @@ def test_a_cut_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     metrics = train.Metrics(tmp_path, start_step=10)
     assert [r["step"] for r in metrics.records] == [5, 10]
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # the temporary file renamed
     out = capsys.readouterr().out
     assert "metrics.jsonl:3 is not a metrics record; dropped" in out and "metrics.jsonl:4 is not" in out
 
