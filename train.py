@@ -140,6 +140,10 @@ def resolve(argv: list[str]):
         if train_cfg.max_iters < meta["step"]:
             raise ConfigError(f"{train_cfg.out_dir} is at step {meta['step']}, past max_iters={train_cfg.max_iters}; "
                               f"pass --max_iters={meta['step']} or more")
+        saved_clip = meta["train_config"].get("grad_clip", TrainConfig().grad_clip)
+        if (saved_clip > 0) != (train_cfg.grad_clip > 0):  # clipping adds a stage to the optimizer state
+            raise ConfigError(f"{train_cfg.out_dir} was saved with grad_clip={saved_clip}; a resumed run keeps "
+                              f"clipping {'on (grad_clip > 0)' if saved_clip > 0 else 'off (grad_clip=0)'}")
         if "batch_size" not in train_over:
             saved_processes = meta.get("data", {}).get("process_count", 1)
             train_cfg = keep_global_batch(train_cfg, saved_processes, jax.process_count())

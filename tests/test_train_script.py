@@ -244,6 +244,8 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
         capsys, *flags, f"--out_dir={tmp_path / 'bad.json'}")
     assert f"{out} is at step 20, past max_iters=10; pass --max_iters=20 or more" in main_error(
         capsys, "--init_from=resume", f"--out_dir={out}", "--max_iters=10")
+    assert f"{out} was saved with grad_clip=1.0; a resumed run keeps clipping on (grad_clip > 0)" in main_error(
+        capsys, "--init_from=resume", f"--out_dir={out}", "--grad_clip=0")
 
 
 def test_two_runs_never_share_an_out_dir(tmp_path, data_dir, capsys):
