@@ -13,10 +13,8 @@ activations (with tensor alone, the whole batch is every device's batch). The la
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -24,20 +22,6 @@ import flags as flags_module  # bench/flags.py
 
 DEFAULTS = {"mesh": "fsdp:8", "devices": 8, "n_layer": 2, "n_head": 12, "n_embd": 768, "vocab_size": 50304,
             "block_size": 256, "batch_size": 16, "scan_unroll": 2}
-COLLECTIVE = re.compile(r"=\s+(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                        r"(?:-start)?\(")
-
-
-def collectives(hlo: str) -> dict[str, collections.Counter]:
-    """{kind: Counter(per-device result type)} of the collectives in an HLO module's text."""
-    found = collections.defaultdict(collections.Counter)
-    for line in hlo.splitlines():
-        op = COLLECTIVE.search(line)
-        if op:
-            found[op.group(2)][re.sub(r"\{[^}]*\}|/\*[^*]*\*/", "", op.group(1))] += 1
-    return found
-
-
 def main(flags: dict) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={flags['devices']}")
@@ -60,11 +44,11 @@ def main(flags: dict) -> dict:
                                  sharding=sharding.batch_sharding(mesh))
     rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
     step = sharding.make_sharded_train_step(cfg, train_cfg, mesh).lower(state, batch, batch, rng).compile()
-    found = collectives(step.as_text())
-    whole = f"[{flags['batch_size']},{flags['block_size']}"
+    hlo = step.as_text()
+    found = sharding.collectives(hlo)
     return {"mesh": flags["mesh"], "counts": {k: sum(v.values()) for k, v in found.items()},
             "shapes": {k: dict(v.most_common()) for k, v in found.items()},
-            "whole_batch": [f"{k} {s}" for k, v in found.items() for s in v if whole + "," in s or whole + "]" in s]}
+            "whole_batch": sharding.whole_batch_collectives(hlo, flags["batch_size"], flags["block_size"])}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ collectives that the input and output shardings imply.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import re
@@ -220,6 +221,27 @@ def cache_shardings(model_cfg: ModelConfig, mesh: Mesh, batch_size: int, max_len
     spec, _ = logical_to_mesh_spec(P("layers", "batch", None, "heads", "head_dim"), shape, mesh)
     kv = NamedSharding(mesh, spec)
     return KVCache(k=kv, v=kv, index=replicated(mesh))
+
+
+_COLLECTIVE = re.compile(r"=\s+(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                         r"(?:-start)?\(")
+
+
+def collectives(hlo: str) -> dict[str, collections.Counter]:
+    """{kind: Counter(per-device result type)} of the collectives in a compiled step's HLO text."""
+    found = collections.defaultdict(collections.Counter)
+    for line in hlo.splitlines():
+        op = _COLLECTIVE.search(line)
+        if op:
+            found[op.group(2)][re.sub(r"\{[^}]*\}|/\*[^*]*\*/", "", op.group(1))] += 1
+    return found
+
+
+def whole_batch_collectives(hlo: str, batch_size: int, seq_len: int) -> list[str]:
+    """The collectives of a compiled step that move a [batch_size, seq_len, ...] array: with the rows split over
+    data and fsdp, the whole batch's activations, which a step should never gather."""
+    leading = re.compile(rf"\[{batch_size},{seq_len}[,\]]")
+    return [f"{kind} {t}" for kind, types in collectives(hlo).items() for t in types if leading.search(t)]
 
 
 def with_activation_layout(fn, mesh: Mesh, rules=None):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -119,18 +118,6 @@ def reference(x, y, rng):
     return state, losses, unsharded_bytes
 
 
-def whole_batch_collectives(hlo: str) -> list[str]:
-    """The collectives of a compiled (per-device) step that move a tensor of the whole batch's [BATCH, SEQ, ...]
-    activations: a batch split over data and fsdp should never be gathered."""
-    found = []
-    for line in hlo.splitlines():
-        op = re.search(r"=\s+(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(",
-                       line)
-        if op and re.search(rf"\[{BATCH},{SEQ}[,\]]", op.group(1)):
-            found.append(f"{op.group(2)} {op.group(1)}")
-    return found
-
-
 def run_mesh(spec, x, y, rng):
     mesh = sh.make_mesh(spec)
     state = sh.create_sharded_state(MODEL, TRAIN, mesh, rng)
@@ -150,7 +137,7 @@ def run_mesh(spec, x, y, rng):
                          "c_attn_spec": str(state.params["h"]["attn"]["c_attn"]["weight"].sharding.spec),
                          "c_fc_spec": str(state.params["h"]["mlp"]["c_fc"]["weight"].sharding.spec),
                          "mu_wte_spec": str(state.opt_state[1][0].mu["wte"].sharding.spec),
-                         "whole_batch_collectives": whole_batch_collectives(step.as_text()),
+                         "whole_batch_collectives": sh.whole_batch_collectives(step.as_text(), BATCH, SEQ),
                          "tokens": greedy_generate(state.params)}
 
 
