@@ -415,8 +415,7 @@ def validate_tokens(tokens, config: ModelConfig, cache: KVCache | None = None) -
         what = "the cache length" if cache is not None else "block_size"
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds {what} {limit}")
     values = _values(tokens)
-    if values is not None and values.size and (values.min() < 0 or values.max() >= config.vocab_size):
-        bad = values[(values < 0) | (values >= config.vocab_size)]
+    if values is not None and (bad := outside(values, config.vocab_size)).size:
         raise ValueError(f"token id {int(bad.flat[0])} is outside [0, {config.vocab_size}) "
                          f"({bad.size} such ids)")
 
@@ -424,6 +423,11 @@ def validate_tokens(tokens, config: ModelConfig, cache: KVCache | None = None) -
 def _values(x):
     """x as a numpy array, or None inside jit or vmap, where only its shape is known."""
     return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def outside(values: np.ndarray, limit: int) -> np.ndarray:
+    """The entries of values outside [0, limit), in order."""
+    return values[(values < 0) | (values >= limit)]
 
 
 def validate_inputs(config: ModelConfig, tokens, positions=None, attn_mask=None, cache: KVCache | None = None):
@@ -448,8 +452,7 @@ def validate_inputs(config: ModelConfig, tokens, positions=None, attn_mask=None,
             raise ValueError(f"positions must be an integer array; got {type(positions).__name__} of dtype {dtype}")
         _check_shape("positions", positions, (B, T), "[batch, time]")
         values = _values(positions)
-        if values is not None and values.size and (values.min() < 0 or values.max() >= config.block_size):
-            bad = values[(values < 0) | (values >= config.block_size)]
+        if values is not None and (bad := outside(values, config.block_size)).size:
             raise ValueError(f"position id {int(bad.flat[0])} is outside [0, block_size={config.block_size})")
     if attn_mask is not None:
         S = cache.k.shape[2] if cache is not None else T

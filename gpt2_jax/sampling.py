@@ -28,7 +28,7 @@ import numpy as np
 
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, replace, seed_error
-from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm
+from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm, outside
 
 EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
@@ -532,8 +532,8 @@ def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
             bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
             if bad is not None:
                 raise ValueError(f"prompt {i} has {bad!r}, not an integer token id")
-        if ids.min() < 0 or ids.max() >= config.vocab_size:
-            bad = ids[(ids < 0) | (ids >= config.vocab_size)]
+        bad = outside(ids, config.vocab_size)
+        if bad.size:
             raise ValueError(f"prompt {i} has token id {int(bad[0])} outside [0, {config.vocab_size})")
         if not sliding_window and context_length(prompt, max_new_tokens) > config.block_size:
             raise ValueError(
