@@ -585,17 +585,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except StepFailed as e:
-        if jax.process_count() > 1:
+        alone = jax.process_count() == 1
+        if alone:
+            try:
+                run.close()  # a save in flight completes: the work it holds is not lost
+            except checkpoint.CheckpointError as saving:
+                print(f"error: {saving}", file=sys.stderr)
+        print(f"error: {e}; {run.last_complete()}", file=sys.stderr, flush=True)
+        if not alone:
             # A save in flight cannot finish without the lost process, and jax.distributed's shutdown would wait
-            # for it (100 s of heartbeats), then abort with a C++ stack trace: say what happened and leave now.
-            print(f"error: {e}; {run.last_complete()}", file=sys.stderr, flush=True)
+            # for it (100 s of heartbeats), then abort with a C++ stack trace: leave now.
             sys.stdout.flush()
             os._exit(1)
-        try:
-            run.close()  # a save in flight completes: the work it holds is not lost
-        except checkpoint.CheckpointError as saving:
-            print(f"error: {saving}", file=sys.stderr)
-        print(f"error: {e}; {run.last_complete()}", file=sys.stderr)
         return 1
     if code == 0 and not run.interrupted:  # Ctrl-C means stop: no samples after the save
         try:
