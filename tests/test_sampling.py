@@ -406,3 +406,36 @@ def test_decoding_follows_the_params_it_is_given(kernel, monkeypatch):
     assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[2]] != [r.tokens for r in rows[1]]
     assert [r.tokens for r in generate_batch(cfg, second, GREEDY_PROMPTS, keys, **kw)] == [r.tokens for r in alone]
     assert len(sampling._WEIGHTS_CACHE) == 1 and sampling._WEIGHTS_CACHE[0][1] == several_rows
+
+
+def test_top_k_keeps_the_entries_tied_with_the_kth_as_transformers_does():
+    import torch
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    # bfloat16 logits tie often: three entries share the 2nd largest value, two the 5th. top_p values where
+    # transformers does not split a tie (its top-p drops tied entries in sort order; ours keeps them all).
+    logits = [2.0, 1.0, 1.0, 1.0, 0.5, 0.5, -1.0, 0.0]
+    for top_k, top_p in [(2, 1.0), (5, 1.0), (2, 0.4), (5, 0.8)]:
+        scores = torch.tensor([logits])
+        for warper in [TopKLogitsWarper(top_k)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else []):
+            scores = warper(None, scores)
+        expected = torch.softmax(scores, -1)[0].numpy()
+        empirical = draw(logits, Sampler(1.0, top_k, top_p))
+        assert np.all(empirical[expected == 0] == 0), (top_k, top_p)
+        assert 0.5 * np.abs(empirical - expected).sum() < 0.015, (top_k, top_p, empirical, expected)
+    # top_k=2 keeps 2.0 and all three 1.0s: e / (e**2 + 3e) = 0.175 each (the first 1.0 alone would get 0.27).
+    np.testing.assert_allclose(draw(logits, Sampler(1.0, 2))[1:4], np.e / (np.e**2 + 3 * np.e), atol=0.01)
+
+
+def test_a_row_whose_logits_become_nan_stops_there_and_says_so():
+    cfg, params = tiny(block_size=64)
+    broken = dict(params, wpe=params["wpe"].at[5].set(jnp.nan))  # any row fed at position 5 gets NaN logits
+    prompts = [[464, 3290, 318], [464]]  # fed at positions 2, 3, 4, 5 and 0, 1, 2, 3
+    greedy = dict(max_new_tokens=4, sampler=Sampler(0.0), stop_tokens=())
+    clean = generate_batch(cfg, params, prompts, [row_key(0, 0), row_key(0, 1)], **greedy)
+    for sampler in (Sampler(0.0), SAMPLER):
+        done = generate_batch(cfg, broken, prompts, [row_key(0, 0), row_key(0, 1)], **dict(greedy, sampler=sampler))
+        assert [c.finish_reason for c in done] == ["nonfinite", "length"]
+        assert len(done[0].tokens) == 3 and len(done[1].tokens) == 4
+        if sampler.greedy:
+            assert done[0].tokens == clean[0].tokens[:3] and done[1].tokens == clean[1].tokens
