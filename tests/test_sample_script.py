@@ -1,6 +1,8 @@
 """sample.py end to end on a tiny checkpoint: JSONL output, bad lines, --resume, streaming, stop strings, flags."""
 
 import json
+import re
+import shutil
 
 import jax
 import pytest
@@ -389,9 +391,10 @@ def test_resume_refuses_other_settings_and_ids_that_name_other_prompts(model, tm
     out = tmp_path / "out.jsonl"
     assert sample.main(flags + [f"--prompts_file={prompts}", f"--out={out}", "--seed=1", "--stop=\n"]) == 0
     before = out.read_bytes()
-    assert read_jsonl(out)[0]["settings"] == {"seed": 1, "temperature": 0.8, "top_k": 200, "top_p": 1.0,
-                                              "max_new_tokens": 4, "stop": ["\n"], "sliding_window": False,
-                                              "dtype": "float32"}
+    made_with = read_jsonl(out)[0]["settings"]
+    assert re.fullmatch("[0-9a-f]{16}", made_with.pop("weights"))
+    assert made_with == {"seed": 1, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "max_new_tokens": 4,
+                         "stop": ["\n"], "sliding_window": False, "dtype": "float32"}
     capsys.readouterr()
     resume = flags + [f"--prompts_file={prompts}", f"--out={out}", "--resume"]
     assert sample.main(resume + ["--seed=2", "--max_new_tokens=5"]) == 1
@@ -411,6 +414,39 @@ def test_resume_refuses_other_settings_and_ids_that_name_other_prompts(model, tm
     assert sample.main(flags + ["--prompt=Hello", f"--out={one}"]) == 0
     assert sample.main(flags + ["--prompt=Bye", f"--out={one}", "--resume"]) == 1  # --prompt is always id 0
     assert 'has id 0 for the prompt "Hello"; this run gives it "Bye"' in capsys.readouterr().err
+
+
+def test_resume_refuses_other_weights_but_follows_moved_ones(model, tmp_path, capsys):
+    cfg, params, ckpt = model
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt, moved)
+    other = tmp_path / "other"
+    checkpoint.save_weights(other, cfg, jax.tree.map(lambda a: a.at[(0,) * a.ndim].add(1e-3), params))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A\nB\n")
+    out = tmp_path / "out.jsonl"
+    flags = ["--max_new_tokens=4", f"--prompts_file={prompts}", f"--out={out}"]
+    assert sample.main([f"--init_from={ckpt}", "--num_samples=1"] + flags) == 0
+    before = out.read_bytes()
+    assert sample.main([f"--init_from={other}", "--num_samples=2", "--resume"] + flags) == 1
+    err = capsys.readouterr().err
+    assert f"error: --resume: {out}:1 was made from other weights (SHA-256 " in err
+    assert f"--init_from {other} gives " in err and out.read_bytes() == before
+    assert sample.main([f"--init_from={moved}", "--num_samples=2", "--resume"] + flags) == 0  # same weights
+    assert sorted((r["id"], r["sample"]) for r in read_jsonl(out)) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_nan_logits_end_the_sample_with_an_error_and_a_nonfinite_line(model, tmp_path, capsys):
+    cfg, params, _ = model
+    path = tmp_path / "broken"
+    checkpoint.save_weights(path, cfg, dict(params, wpe=params["wpe"].at[4].set(float("nan"))))
+    out = tmp_path / "out.jsonl"
+    assert sample.main([f"--init_from={path}", "--prompt=Hello there", f"--out={out}", "--max_new_tokens=5",
+                        "--dtype=float16"]) == 1
+    line = read_jsonl(out)[0]  # "Hello there" is 2 tokens: positions 2 and 3 are drawn before position 4 fails
+    assert (line["finish_reason"], line["completion_tokens"]) == ("nonfinite", 3)
+    assert ("error: prompt 0 sample 0: the model's logits became NaN or infinite after 3 new tokens, so the "
+            "sample stops there; float16 overflows past 65504: try --dtype=bfloat16") in capsys.readouterr().err
 
 
 def test_resume_leaves_a_file_it_did_not_write_unchanged(model, tmp_path, capsys):
