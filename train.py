@@ -147,6 +147,9 @@ def resolve(argv: list[str]):
         if "batch_size" not in train_over:
             saved_processes = meta.get("data", {}).get("process_count", 1)
             train_cfg = keep_global_batch(train_cfg, saved_processes, jax.process_count())
+        changes = resume_changes(meta["train_config"], train_cfg, train_over)
+        if changes:
+            say(changes)
         return checked(replace(base, **model_over)), train_cfg, None
     if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
@@ -164,6 +167,21 @@ def resolve(argv: list[str]):
     checkpoint.check_model_config(loaded_cfg.to_dict(), replace(model_cfg, param_dtype=loaded_cfg.param_dtype), init)
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_dtype), params)
     return model_cfg, train_cfg, params
+
+
+# Settings that choose the batches: changed on resume, the run no longer sees an uninterrupted run's batches.
+BATCH_SETTINGS = ("data", "seed", "batch_size", "gradient_accumulation_steps")
+
+
+def resume_changes(saved: dict, train_cfg: TrainConfig, flags: dict) -> str | None:
+    """The line that names the flags by which a resumed run differs from its checkpoint's train config."""
+    changed = [k for k in sorted(flags) if k != "init_from" and k in saved and saved[k] != getattr(train_cfg, k)]
+    if not changed:
+        return None
+    line = "resuming with " + ", ".join(f"{k} {saved[k]!r} -> {getattr(train_cfg, k)!r}" for k in changed)
+    if any(k in BATCH_SETTINGS for k in changed):
+        line += " (the checkpoint's on the left); the batches from here differ from an uninterrupted run's"
+    return line
 
 
 def keep_global_batch(train_cfg: TrainConfig, saved_processes: int, processes: int) -> TrainConfig:

@@ -301,6 +301,19 @@ def test_a_resume_on_another_process_count_keeps_the_global_batch():
         train.keep_global_batch(saved, 2, 3)
 
 
+def test_a_resume_names_the_flags_that_change_the_checkpoints_settings():
+    from gpt2_jax.config import TrainConfig
+
+    saved = TrainConfig(seed=1, learning_rate=6e-4, max_iters=20).to_dict()
+    flags = {"init_from": "resume", "max_iters": 40, "learning_rate": 6e-4}  # the same learning rate: no change
+    assert train.resume_changes(saved, TrainConfig(**flags), flags) == "resuming with max_iters 20 -> 40"
+    flags = dict(flags, seed=2)
+    assert train.resume_changes(saved, TrainConfig(**flags), flags) == (
+        "resuming with max_iters 20 -> 40, seed 1 -> 2 (the checkpoint's on the left); the batches from here differ "
+        "from an uninterrupted run's")
+    assert train.resume_changes(saved, TrainConfig(**saved), {"init_from": "resume"}) is None
+
+
 def test_a_save_that_cannot_fit_stops_the_run_and_names_the_last_checkpoint(tmp_path, data_dir, capsys,
                                                                               monkeypatch):
     real = shutil.disk_usage
