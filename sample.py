@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import sharding
-from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, replace, seed_error
+from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, plain_warnings, replace, seed_error
 from gpt2_jax.sampling import Sampler, context_length, generate_batch, restrict_vocab, row_key
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -493,6 +493,7 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     status = main()
     if status == INTERRUPTED:
         # XLA may still be compiling or running in its own threads; tearing the interpreter down under them can

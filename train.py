@@ -37,7 +37,8 @@ from matplotlib.figure import Figure  # the object API draws off-screen without 
 from tqdm import tqdm
 
 from gpt2_jax import checkpoint, convert, data, sharding
-from gpt2_jax.config import ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides, replace
+from gpt2_jax.config import (ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides, plain_warnings,
+                             replace)
 from gpt2_jax.model import causal_attention_impl, count_params
 from gpt2_jax.sampling import context_length, generate, restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
@@ -626,4 +627,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

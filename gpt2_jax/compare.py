@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import convert, layouts
-from gpt2_jax.config import ModelConfig
+from gpt2_jax.config import ModelConfig, plain_warnings
 from gpt2_jax.model import GPT2, count_params
 
 DEFAULT_ATOL = 1e-4
@@ -263,4 +263,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

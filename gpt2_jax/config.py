@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import typing
+import warnings
 from pathlib import Path
 
 ACTIVATIONS = ("gelu_tanh", "gelu_exact")
@@ -24,6 +25,11 @@ def seed_error(seed) -> str | None:
 
 class ConfigError(ValueError):
     """A config key or value that is not allowed; the message names it."""
+
+
+def plain_warnings() -> None:
+    """Print warnings as `warning: MESSAGE` lines: the scripts' users need the message, not our source line."""
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
 
 
 @dataclasses.dataclass(frozen=True)

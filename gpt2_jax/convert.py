@@ -23,7 +23,7 @@ import numpy as np
 
 from gpt2_jax import layouts
 from gpt2_jax import weight_files as wf
-from gpt2_jax.config import ModelConfig, replace
+from gpt2_jax.config import ModelConfig, plain_warnings, replace
 from gpt2_jax.layouts import Checkpoint, WeightsError, open_checkpoint, to_numpy
 from gpt2_jax.model import init_params
 
@@ -391,4 +391,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

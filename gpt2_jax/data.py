@@ -31,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
+from gpt2_jax.config import plain_warnings
 from gpt2_jax.tokenizer import get_tokenizer
 
 MAGIC = 20240520
@@ -389,5 +390,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler or timeout stopping it: as Ctrl-C
     sys.exit(main())
