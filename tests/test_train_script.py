@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -547,3 +548,15 @@ def test_fsdp8_prints_an_eighth_of_the_state_per_device(two_processes):
     assert params == pytest.approx(4 * ((n - whole) / 8 + whole), rel=1e-3)
     assert 1 / 8 < params / params_whole < 1 / 7
     assert (opt_whole, opt) == (pytest.approx(2 * params_whole, rel=1e-3), pytest.approx(2 * params, rel=1e-3))
+
+
+@pytest.mark.parametrize("kind, dtype, tflops", [
+    ("NVIDIA GB200", "bfloat16", 2500.0), ("NVIDIA B200", "bfloat16", 2250.0), ("NVIDIA H100 NVL", "bfloat16", 835.0),
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0), ("NVIDIA H100 PCIe", "bfloat16", 756.0),
+    ("AMD Instinct MI300X", "bfloat16", 1307.4), ("TPU v5 lite", "bfloat16", 197.0),
+])
+def test_peak_flops_takes_the_most_specific_datasheet_row(monkeypatch, kind, dtype, tflops):
+    """The first matching name wins, so "gb200" must not be read as "b200", nor "h100 nvl" as "h100"."""
+    monkeypatch.setattr(jax, "local_devices", lambda: [types.SimpleNamespace(device_kind=kind)])
+    peak, source = train.peak_flops(ModelConfig.from_preset("tiny", dtype=dtype))
+    assert (peak, source) == (tflops * 1e12, f"{kind} datasheet")
