@@ -12,20 +12,24 @@ mark dropped, CRLF and CR made LF. Each document is its GPT-2 tokens then <|endo
 "<|endoftext|>" inside a document is ordinary text (the tokens of its characters, as tiktoken's encode_ordinary
 gives), so only prepare marks where documents end. Empty documents are skipped. Long documents are tokenized in
 pieces on all cores, cut only where GPT-2's pre-tokenizer splits anyway, so the tokens equal those of the whole
-text. The output appears only when complete.
+text. A file reached twice is read once. The output appears only when complete; the hidden temporary directory of
+a prepare killed outright (kill -9, the OOM killer) is removed by the next prepare of the same output on that host.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import glob
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -173,16 +177,25 @@ def open_split(data_dir, split: str) -> TokenShards:
 def input_files(inputs) -> list[Path]:
     """The files the inputs name: files as given, directories recursively (sorted), following symbolic links
     (each directory once) and skipping hidden names (such as prepare's own temporary output) and the output
-    directories of earlier prepares (meta.json beside llm.c shards)."""
-    files = []
+    directories of earlier prepares (meta.json beside llm.c shards). A file reached twice (named twice, or
+    through a link) is read once, with a warning: a document in both train and val would make val loss a lie."""
+    found = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += _directory_files(path)
+            found += _directory_files(path)
         elif path.is_file():
-            files.append(path)
+            found.append(path)
         else:
             raise DataError(f"input {path} does not exist")
+    files, first = [], {}
+    for path in found:
+        real = os.path.realpath(path)
+        if real in first:
+            warnings.warn(f"input {path} is the same file as {first[real]}; it is read once", stacklevel=2)
+            continue
+        first[real] = path
+        files.append(path)
     return files
 
 
@@ -325,7 +338,8 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
     if not files:
         raise DataError(f"no input files in {', '.join(map(str, inputs))}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _remove_abandoned_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir, os.getpid()), dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
     try:
         with open(tmp / "all.raw", "wb") as raw_file:
@@ -349,6 +363,31 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+def _temporary_prefix(out_dir: Path, pid: int) -> str:
+    """prepare's temporary directory beside out_dir: hidden, and naming the host and process that write it."""
+    return f".{out_dir.name}.tmp-{socket.gethostname()}-{pid}-"
+
+
+def _remove_abandoned_temporaries(out_dir: Path) -> None:
+    """Delete the temporary directories that killed prepares of out_dir on this host left behind (kill -9 or the
+    OOM killer skip the cleanup; a large corpus leaves gigabytes). Another live process's are left alone."""
+    host_prefix = _temporary_prefix(out_dir, 0).removesuffix("0-")
+    for tmp in out_dir.parent.glob(glob.escape(host_prefix) + "*"):
+        pid = tmp.name[len(host_prefix):].partition("-")[0]
+        if pid.isdigit() and tmp.is_dir() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def shakespeare(prepared_dir=SHAKESPEARE_PREPARED) -> Path:

@@ -1,6 +1,7 @@
 """Shards (llm.c and nanoGPT formats), text preparation, the bundled corpus, and deterministic batches."""
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -241,6 +242,44 @@ def test_stopped_prepare_command_leaves_nothing(tmp_path):
     run.terminate()  # SIGTERM, as a scheduler or `timeout` sends
     assert run.wait(timeout=60) == 130 and "interrupted: nothing was written" in run.stderr.read()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_a_prepare_killed_with_sigkill_is_cleaned_up_by_the_next(tmp_path):
+    corpus = (data.SHAKESPEARE_TEXT.read_text() + "\n") * 4
+    (tmp_path / "big.txt").write_text(corpus)
+    run = subprocess.Popen([sys.executable, "-m", "gpt2_jax.data", "prepare", str(tmp_path / "big.txt"),
+                            "--out", str(tmp_path / "out")])
+    while not list(tmp_path.glob(".out.tmp-*/all.raw")) and run.poll() is None:
+        time.sleep(0.01)
+    run.kill()  # as the OOM killer does: no cleanup runs
+    run.wait(timeout=60)
+    left = list(tmp_path.glob(".out.tmp-*"))
+    assert len(left) == 1
+    other_host = tmp_path / ".out.tmp-another-host-1-abc"  # a shared filesystem: not ours to judge
+    live = tmp_path / (data._temporary_prefix(tmp_path / "out", os.getpid()) + "xyz")  # a prepare running here
+    other_host.mkdir()
+    live.mkdir()
+    (tmp_path / "small.txt").write_text("Hello world. " * 50)
+    data.prepare([tmp_path / "small.txt"], tmp_path / "out")
+    assert not left[0].exists() and other_host.is_dir() and live.is_dir()
+    assert data.open_split(tmp_path / "out", "train").n_tokens > 0
+
+
+def test_a_file_reached_twice_is_read_once(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Hello world")  # [15496, 995]
+    (corpus / "b.txt").write_text("Bye")
+    (tmp_path / "link.txt").symlink_to(corpus / "a.txt")
+    with pytest.warns(UserWarning) as caught:
+        summary = data.prepare([corpus, corpus / "a.txt", tmp_path / "link.txt"], tmp_path / "out")
+    assert [str(w.message) for w in caught] == [
+        f"input {corpus / 'a.txt'} is the same file as {corpus / 'a.txt'}; it is read once",
+        f"input {tmp_path / 'link.txt'} is the same file as {corpus / 'a.txt'}; it is read once"]
+    assert summary["documents"] == 2  # a.txt and b.txt, each once
+    bye = get_tokenizer().encode("Bye")
+    tokens = np.concatenate([data.open_split(tmp_path / "out", s).shards[0] for s in ("train", "val")])
+    assert tokens.tolist() == [15496, 995, EOT, *bye, EOT]
 
 
 def test_bundled_shakespeare_is_prepared_on_first_use(tmp_path):
