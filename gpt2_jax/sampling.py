@@ -602,7 +602,8 @@ def _empty_state(config: ModelConfig, B: int, S: int, N: int, keys, limits) -> D
         k=tuple(kv[:config.n_layer]), v=tuple(kv[config.n_layer:]), index=zeros(()),
         mask_BS=zeros((B, S), bool), last_B=zeros(B), wrote_B=zeros(B, bool), position_B=zeros(B),
         tokens_BN=zeros((B, N)), num_tokens_B=zeros(B), limit_B=jax.device_put(limit_B),
-        done_B=jax.device_put(limit_B == 0), stopped_B=zeros(B, bool), failed_B=zeros(B, bool), keys_B=keys, step=zeros(()))
+        done_B=jax.device_put(limit_B == 0), stopped_B=zeros(B, bool), failed_B=zeros(B, bool), keys_B=keys,
+        step=zeros(()))
 
 
 def _contexts(config: ModelConfig, prompts, state: DecodeState | None, starts: list[int]) -> list[list[int]]:
