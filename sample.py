@@ -105,10 +105,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load_model(path: str, dtype: str, n_head: int | None = None) -> tuple[ModelConfig, dict]:
     """(config, params) from --init_from, with params and compute in dtype, and logits for the tokenizer's ids
     only (a padded vocabulary's extra ids cannot be decoded)."""
-    if not Path(path).exists():
+    from gpt2_jax import convert, layouts
+
+    if not layouts.weights_exist(path):
         raise FileNotFoundError(f"--init_from {path!r}: no such file or directory (give a train.py out_dir "
                                 "or a weights file that gpt2_jax.convert reads)")
-    from gpt2_jax import convert
 
     cfg, params = convert.load(path, dtype=jnp.dtype(dtype), n_head=n_head)
     cfg = restrict_vocab(cfg, get_tokenizer().n_vocab)

@@ -36,7 +36,7 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API draws off-screen without choosing a pyplot backend
 from tqdm import tqdm
 
-from gpt2_jax import checkpoint, convert, data, sharding
+from gpt2_jax import checkpoint, convert, data, layouts, sharding
 from gpt2_jax.config import (ConfigError, ModelConfig, PRESETS, TrainConfig, parse_overrides, plain_warnings,
                              replace)
 from gpt2_jax.model import causal_attention_impl, count_params
@@ -159,7 +159,7 @@ def resolve(argv: list[str]):
                           f"--init_from=resume or pick another --out_dir")
     if init == "scratch":
         return checked(ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over)), train_cfg, None
-    if not Path(init).exists():
+    if not layouts.weights_exist(init):
         raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; {init} does not exist")
     loaded_cfg, params = convert.load(init)
     check_preset(preset, loaded_cfg, init)

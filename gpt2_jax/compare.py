@@ -3,9 +3,9 @@
 The torch side takes the file's tensors under their own key names, as read from the file, and none of
 convert's mapping: transformers' GPT2LMHeadModel for the Hugging Face layout, torch_ref's ReferenceGPT or
 NanoGPT for the reference and nanoGPT layouts, each through load_state_dict, and any tensor the model lacks
-or does not take is an error (from_pretrained would initialise it at random, silently). llm.c files and orbax
-directories have no torch reader: they are exported with convert.export_hf (export_reference for a model with
-an lm_head bias) and that export is loaded.
+or does not take is an error (from_pretrained would initialise it at random, silently). llm.c files, OpenAI's
+TensorFlow checkpoints and orbax directories have no torch reader: they are exported with convert.export_hf
+(export_reference for a model with an lm_head bias) and that export is loaded.
 
 Tolerance: the run is within tolerance when max |Δlogits| <= atol (default 1e-4, right for float32 weights at
 GPT-2 scale) and every block's residual stream is within atol * max(1, max |h|) of torch, the relative form
@@ -87,7 +87,7 @@ def torch_model_for(path: str | Path, workdir: Path, n_head: int | None = None):
         return _via_export(*convert.load(path), workdir)
     ckpt = layouts.open_checkpoint(path, n_head=n_head)
     cfg = ckpt.config
-    if ckpt.layout == "llmc":
+    if ckpt.layout in ("llmc", "openai_tf"):
         return _via_export(cfg, convert.params_from(ckpt), workdir)
     state = {k: torch.from_numpy(np.array(layouts.to_numpy(v), np.float32)) for k, v in ckpt.arrays.items()}
     if ckpt.layout == "hf":

@@ -1,4 +1,5 @@
-"""GPT-2 weights in and out: Hugging Face/OpenAI, nanoGPT, llm.c, the reference PyTorch GPT-2, and orbax.
+"""GPT-2 weights in and out: Hugging Face/OpenAI, nanoGPT, llm.c, the reference PyTorch GPT-2, and orbax; OpenAI's
+original TensorFlow checkpoints in only.
 
 load() detects the layout (layouts.py), checks that every expected tensor is present with its shape and that
 every tensor present is used before reading any weight, then builds our parameters one at a time from
@@ -41,7 +42,9 @@ def load(path: str | Path, dtype=jnp.float32, *, n_head: int | None = None,
     """(ModelConfig, params) from any supported weights file or directory, params cast to dtype.
 
     Reads Hugging Face/OpenAI (directory or bare safetensors/pytorch_model.bin), nanoGPT ckpt.pt, llm.c .bin,
-    the reference PyTorch layout, and this project's orbax checkpoints (a train.py out_dir: its latest step).
+    the reference PyTorch layout, OpenAI's TensorFlow release (the directory download_model.py fills, or a
+    checkpoint prefix or its .index file), and this project's orbax checkpoints (a train.py out_dir: its
+    latest step).
     """
     np_dtype = _float_dtype(dtype)
     path = Path(path)
@@ -369,7 +372,8 @@ def _to_torch(array: np.ndarray):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.convert", description=(
         "Convert GPT-2 weights: SRC is a Hugging Face directory or file, a nanoGPT ckpt.pt, an llm.c .bin, a "
-        "reference PyTorch state_dict or an orbax directory (detected from the content)."))
+        "reference PyTorch state_dict, OpenAI's TensorFlow checkpoint (its directory, prefix or .index file) or "
+        "an orbax directory (detected from the content)."))
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--to", choices=TARGETS, default="orbax",

@@ -1,12 +1,14 @@
 """GPT-2 checkpoint layouts: one table per layout mapping checkpoint tensors to our parameters, and detection.
 
-The layout is detected from the content (file magic, tensor names and shapes), never from the file name. Each
+The layout is detected from the content (file magic, tensor names and shapes), never from the file name (but a
+TensorFlow checkpoint, OpenAI's original release, is a set of files found through its PREFIX.index). Each
 table is a list of Entry rows: which checkpoint tensors make one of our parameters, their shapes, and the
 transform each way, so the same table serves reading (convert.load) and writing (convert.export_*).
 
 n_head cannot be read from tensor shapes. It comes from the n_head argument, else a config JSON (an HF
 directory's config.json, or a JSON beside the file: <stem>.json first, then config.json), else from the
-OpenAI preset of the same width (768 -> 12, 1024 -> 16, 1280 -> 20, 1600 -> 25) with a warning.
+OpenAI preset of the same width (768 -> 12, 1024 -> 16, 1280 -> 20, 1600 -> 25) with a warning. A TensorFlow
+checkpoint's config JSON is the hparams.json beside it.
 Everything else is inferred from the tensors; a config JSON that disagrees with them gives a warning. A config JSON
 of another model_type, or with options that change the function in ways this model cannot compute (n_inner,
 scale_attn_by_inverse_layer_idx, another activation), is refused.
@@ -23,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from gpt2_jax import tf_checkpoint
 from gpt2_jax import weight_files as wf
 from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.weight_files import WeightsError
@@ -71,7 +74,7 @@ def _vocab_entry(ours: str, theirs: str, cfg: ModelConfig, their_rows: int, widt
 class Checkpoint:
     """A readable weights file: its layout, the config inferred from it, and its tensors (not yet read)."""
 
-    layout: str  # hf | nanogpt | reference | llmc
+    layout: str  # hf | nanogpt | reference | llmc | openai_tf
     config: ModelConfig
     arrays: dict  # name -> numpy array or torch tensor, memory-mapped where possible
     entries: list[Entry]
@@ -107,6 +110,32 @@ def hf_entries(cfg: ModelConfig, prefix: str = "transformer.") -> list[Entry]:
         Entry("h.mlp.c_proj.weight", (h + "mlp.c_proj.weight",), ((4 * C, C),), lambda w: w.T, lambda w: (w.T,)),
         _same("h.mlp.c_proj.bias", h + "mlp.c_proj.bias", (C,)),
     ]
+
+
+def openai_tf_entries(cfg: ModelConfig) -> list[Entry]:
+    """OpenAI's TensorFlow release (model/h{i}/attn/c_attn/w, ...): Hugging Face's tensors under their original
+    names, the block weights with the leading 1 of a width-1 convolution ([1, in, out])."""
+    entries = []
+    for e in hf_entries(cfg, prefix=""):
+        name = _openai_tf_name(e.theirs[0])
+        if e.ours.startswith("h.") and len(e.shapes[0]) == 2:
+            entries.append(Entry(e.ours, (name,), ((1, *e.shapes[0]),), lambda w, f=e.to_ours: f(w[0]),
+                                 lambda a, f=e.to_theirs: (f(a)[0][None],)))
+        else:
+            entries.append(Entry(e.ours, (name,), e.shapes, e.to_ours, e.to_theirs))
+    return entries
+
+
+def _openai_tf_name(hf_name: str) -> str:
+    """'h.{i}.ln_1.weight' -> 'model/h{i}/ln_1/g', 'h.{i}.mlp.c_fc.weight' -> 'model/h{i}/mlp/c_fc/w', 'wte.weight'
+    -> 'model/wte'."""
+    *parts, leaf = hf_name.split(".")
+    if parts[0] in ("wte", "wpe"):
+        return f"model/{parts[0]}"
+    if parts[0] == "h":
+        parts[:2] = ["h" + parts[1]]
+    suffix = "b" if leaf == "bias" else "g" if parts[-1].startswith("ln_") else "w"
+    return "model/" + "/".join(parts) + "/" + suffix
 
 
 def linear_entries(cfg: ModelConfig, names: dict[str, str], vocab_rows: int) -> list[Entry]:
@@ -183,10 +212,18 @@ def is_hf_buffer(key: str) -> bool:
 # ---------------------------------------------------------------- reading
 
 
+def weights_exist(path: str | Path) -> bool:
+    """Whether path names weights: an existing file or directory, or a TensorFlow checkpoint prefix."""
+    return Path(path).exists() or tf_checkpoint.checkpoint_prefix(path) is not None
+
+
 def open_checkpoint(path: str | Path, *, n_head: int | None = None,
                     config_path: str | Path | None = None) -> Checkpoint:
     """Detect the layout of a weights file or Hugging Face directory and infer its ModelConfig (reads no weights)."""
     path = Path(path)
+    tf_prefix = tf_checkpoint.checkpoint_prefix(path)
+    if tf_prefix is not None and not (path.is_dir() and _is_hf_dir(path)):
+        return _openai_tf_checkpoint(tf_prefix, config_path, n_head)
     if not path.exists():
         raise FileNotFoundError(_missing_message(path))
     meta: dict = {}
@@ -226,6 +263,11 @@ def _missing_message(path: Path) -> str:
                 f"a directory (e.g. `huggingface-cli download {repo} model.safetensors config.json "
                 f"--local-dir {name}`) and pass that directory's path.")
     return f"no such weights file or directory: {path}"
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.json", "model.safetensors", "model.safetensors.index.json",
+                                                     "pytorch_model.bin"))
 
 
 def _read_hf_dir(path: Path) -> dict:
@@ -425,6 +467,22 @@ def _hf_checkpoint(path, arrays, prefix, raw_json, json_path, n_head) -> Checkpo
                   n_head=_heads(n_head, raw_json, ("n_head", "num_attention_heads"), C, path, json_path),
                   activation=HF_ACTIVATIONS[activation], layer_norm_eps=eps)
     return Checkpoint("hf", cfg, arrays, hf_entries(cfg, prefix), str(path), is_hf_buffer, aliases)
+
+
+def _openai_tf_checkpoint(prefix: Path, config_path, n_head: int | None) -> Checkpoint:
+    """OpenAI's TensorFlow checkpoint; its hparams.json (n_vocab, n_ctx, n_embd, n_head, n_layer) gives n_head."""
+    arrays = tf_checkpoint.read_tf_checkpoint(prefix)
+    if config_path is None and (prefix.parent / "hparams.json").exists():
+        config_path = prefix.parent / "hparams.json"
+    raw_json, json_path = _config_json(prefix, config_path)
+    V, C = _shape(arrays, "model/wte", prefix, 2)
+    T = _shape(arrays, "model/wpe", prefix, 2)[0]
+    L = _count_layers(arrays, r"model/h(\d+)/", prefix)
+    _warn_disagreements(raw_json, json_path, dict(n_vocab=V, n_ctx=T, n_embd=C, n_layer=L))
+    # OpenAI's model.py: GELU's tanh form, LayerNorm epsilon 1e-5, logits from wte (tied).
+    cfg = _config(prefix, vocab_size=V, block_size=T, n_layer=L, n_embd=C, activation="gelu_tanh",
+                  layer_norm_eps=1e-5, n_head=_heads(n_head, raw_json, ("n_head",), C, prefix, json_path))
+    return Checkpoint("openai_tf", cfg, arrays, openai_tf_entries(cfg), str(prefix))
 
 
 def _hf_options(raw: dict, json_path: Path | None, n_embd: int) -> tuple[str, float, bool]:

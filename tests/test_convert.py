@@ -3,7 +3,9 @@
 import functools
 import json
 import pickle
+import shutil
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -619,3 +621,64 @@ def test_failed_writes_leave_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=rf"^\[Errno 28\] cannot write {tmp_path / 'ref.pt'}: No space left on device$"):
         convert.export_reference(cfg, random_params(cfg), tmp_path / "ref.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- OpenAI's TensorFlow release
+
+OPENAI_TF = Path(__file__).resolve().parent / "data" / "openai_tf"  # written by TensorFlow: see its make.py
+
+
+def openai_tf_in_transformers(random_hf):
+    """transformers' GPT2LMHeadModel holding the fixture's values, named as Hugging Face converted OpenAI's."""
+    values = np.load(OPENAI_TF / "values.npz")
+    state = {"transformer.wte.weight": values["model/wte"], "transformer.wpe.weight": values["model/wpe"],
+             "transformer.ln_f.weight": values["model/ln_f/g"], "transformer.ln_f.bias": values["model/ln_f/b"]}
+    for i in range(12):
+        for module in ("ln_1", "ln_2"):
+            state[f"transformer.h.{i}.{module}.weight"] = values[f"model/h{i}/{module}/g"]
+            state[f"transformer.h.{i}.{module}.bias"] = values[f"model/h{i}/{module}/b"]
+        for module in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"):
+            hf = f"transformer.h.{i}.{module.replace('/', '.')}"
+            state[hf + ".weight"] = values[f"model/h{i}/{module}/w"][0]  # conv1d [1, in, out] -> Conv1D [in, out]
+            state[hf + ".bias"] = values[f"model/h{i}/{module}/b"]
+    model = random_hf(n_layer=12, n_head=2, n_embd=8, vocab_size=64, n_positions=16)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") or k == "lm_head.weight" for k in missing)
+    model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("name", ["", "model.ckpt", "model.ckpt.index"])
+def test_openai_tensorflow_checkpoint_matches_transformers(name, random_hf, torch_logits):
+    cfg, params = convert.load(OPENAI_TF / name if name else OPENAI_TF)  # its directory, prefix or .index file
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size) == (12, 2, 8, 64, 16)
+    assert cfg.tie_embeddings and cfg.activation == "gelu_tanh" and cfg.layer_norm_eps == 1e-5
+    tokens = tokens_for(64)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(openai_tf_in_transformers(random_hf), tokens)).max() \
+        <= 1e-5
+
+
+def test_damaged_tensorflow_checkpoints_are_named(tmp_path):
+    from gpt2_jax.layouts import weights_exist
+
+    copy = tmp_path / "124M"
+    shutil.copytree(OPENAI_TF, copy)
+    assert weights_exist(copy / "model.ckpt") and not weights_exist(copy / "other.ckpt")
+    data = copy / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:40_000])
+    with pytest.raises(WeightsError, match=r"model.ckpt.data-00000-of-00001 is truncated: tensor 'model/\S+' needs"):
+        convert.load(copy)
+    data.unlink()
+    with pytest.raises(WeightsError, match="tensor 'model/h0/attn/c_attn/b' is in model.ckpt.data-00000-of-00001, "
+                                           "which does not exist"):
+        convert.load(copy)
+    index = copy / "model.ckpt.index"
+    index.write_bytes(index.read_bytes()[:-3])
+    with pytest.raises(WeightsError, match="model.ckpt.index is truncated or not a TensorFlow checkpoint index"):
+        convert.load(copy)
+    (copy / "hparams.json").unlink()
+    shutil.copy(OPENAI_TF / "model.ckpt.index", index)
+    shutil.copy(OPENAI_TF / data.name, data)
+    with pytest.raises(WeightsError, match="n_head cannot be read from tensor shapes"):  # width 8: no OpenAI preset
+        convert.load(copy)
+    assert convert.load(copy, n_head=2)[0].n_head == 2
