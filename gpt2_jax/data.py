@@ -8,7 +8,8 @@ then the tokens as uint16. nanoGPT's raw train.bin / val.bin (uint16 tokens, no 
 Inputs are UTF-8 files and directories (recursive, sorted, following symbolic links, skipping hidden names and the
 output directories of earlier prepares). A .jsonl file holds one JSON object per line whose string "text" is a
 document; any other file is one document, read as open(path, encoding="utf-8-sig") reads it: a leading byte order
-mark dropped, CRLF and CR made LF. Each document is its GPT-2 tokens then <|endoftext|> (50256); a literal
+mark dropped, CRLF and CR made LF. Files ending in .gz, .bz2 or .xz are decompressed as they are read (a
+.jsonl.gz is JSONL). Each document is its GPT-2 tokens then <|endoftext|> (50256); a literal
 "<|endoftext|>" inside a document is ordinary text (the tokens of its characters, as tiktoken's encode_ordinary
 gives), so only prepare marks where documents end. Empty documents are skipped. Long documents are tokenized in
 pieces on all cores, cut only where GPT-2's pre-tokenizer splits anyway, so the tokens equal those of the whole
@@ -19,9 +20,12 @@ a prepare killed outright (kill -9, the OOM killer) is removed by the next prepa
 from __future__ import annotations
 
 import argparse
+import bz2
 import codecs
 import glob
+import gzip
 import json
+import lzma
 import os
 import re
 import shutil
@@ -55,6 +59,7 @@ _BATCH_CHARS = 1 << 23  # characters per encode_batch call: bounds memory (text 
 # of str.isspace()), which only forgoes some cuts.
 _SAFE_CUT = re.compile(r"(?<=\S)[ \n]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # read through the standard library
 
 
 class DataError(ValueError):
@@ -235,7 +240,7 @@ def _text_blocks(path: Path) -> Iterator[str]:
     """A UTF-8 file's text in blocks, as open(path, encoding="utf-8-sig") reads it (CRLF and CR made LF)."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     line, carry = 1, ""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         while True:
             raw = f.read(_PIECE_CHARS)
             try:
@@ -252,7 +257,7 @@ def _text_blocks(path: Path) -> Iterator[str]:
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
     """The "text" of each line's object; lines end at LF only (JSON text may hold U+2028 and the like)."""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -285,14 +290,23 @@ def _pieces(blocks) -> Iterator[tuple[str, bool]]:
         yield rest, True
 
 
+def _open_binary(path: Path):
+    return COMPRESSED.get(path.suffix.lower(), open)(path, "rb")
+
+
 def _document_pieces(files) -> Iterator[tuple[str, bool]]:
     """(piece, is_last) for every non-empty document of the files, in order; a document is its pieces joined."""
     for path in files:
-        if path.suffix.lower() == ".jsonl":
-            for text in _jsonl_texts(path):
-                yield from _pieces([text])
-        else:
-            yield from _pieces(_text_blocks(path))
+        compression = path.suffix.lower() if path.suffix.lower() in COMPRESSED else ""
+        try:
+            if path.name.lower().removesuffix(compression).endswith(".jsonl"):
+                for text in _jsonl_texts(path):
+                    yield from _pieces([text])
+            else:
+                yield from _pieces(_text_blocks(path))
+        except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or cut-short archive, a failing disk
+            what = f"not a complete {compression[1:]} file" if compression else "cannot be read"
+            raise DataError(f"{path}: {what} ({e})") from None
 
 
 def _tokenize_into(raw_file, files, num_threads: int) -> int:

@@ -282,6 +282,27 @@ def test_a_file_reached_twice_is_read_once(tmp_path):
     assert tokens.tolist() == [15496, 995, EOT, *bye, EOT]
 
 
+def test_compressed_inputs_are_read_as_their_text(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt.gz").write_bytes(gzip.compress(b"Hello world"))  # [15496, 995]
+    (corpus / "b.jsonl.bz2").write_bytes(bz2.compress(b'{"text": "Bye"}\n{"text": "Hello world"}\n'))
+    (corpus / "c.TXT.xz").write_bytes(lzma.compress("caf\u00e9\r\n".encode()))
+    summary = data.prepare([corpus], tmp_path / "out")
+    assert summary["documents"] == 4
+    tokens = np.concatenate([data.open_split(tmp_path / "out", s).shards[0] for s in ("train", "val")])
+    encode = get_tokenizer().encode
+    assert tokens.tolist() == [15496, 995, EOT, *encode("Bye"), EOT, 15496, 995, EOT, *encode("caf\u00e9\n"), EOT]
+    (corpus / "d.txt.gz").write_bytes(gzip.compress(b"x" * 100_000)[:50])  # cut short, as an interrupted copy
+    with pytest.raises(data.DataError, match=r"d.txt.gz: not a complete gz file \(Compressed file ended"):
+        data.prepare([corpus], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
 def test_bundled_shakespeare_is_prepared_on_first_use(tmp_path):
     out = data.shakespeare(tmp_path / "prepared")
     train, val = data.open_split(out, "train"), data.open_split(out, "val")
