@@ -566,6 +566,20 @@ def diverged(run: Run, bar, what: str) -> int:
     return 1
 
 
+def interrupted_again(run: Run) -> int:
+    """Stop a run that a second Ctrl-C interrupted: the save in flight (of a step already done) completes, as its
+    work would otherwise be lost; the steps since it are not saved. One line names the last complete checkpoint."""
+    try:
+        run.close()
+    except checkpoint.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:  # a third Ctrl-C: leave the save in flight to orbax's temporary directory
+        pass
+    print(f"interrupted again: stopped without saving the steps since the last save; {run.last_complete()}",
+          file=sys.stderr)
+    return 130
+
+
 def print_samples(run: Run) -> None:
     """A few samples from the trained model, each starting from a newline."""
     cfg = run.cfg
@@ -602,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     try:
         code = train(run)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asked for a save): stop now, without a traceback
+        return interrupted_again(run)
     except checkpoint.CheckpointError as e:  # a save that failed (disk full, permissions): say which
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,9 +108,12 @@ def _restore(directory: Path, step: int, **items):
 
 def _item_metadata(directory: Path, step: int, item: str):
     try:
-        return _reader().metadata((directory / str(step)).absolute()).item_metadata[item]
+        metadata = _reader().metadata((directory / str(step)).absolute()).item_metadata[item]
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise _unreadable(directory, step, e) from e
+    if metadata is None:  # orbax reads an item whose _METADATA file is gone as None, not as an error
+        raise _unreadable(directory, step, FileNotFoundError(f"{item}/_METADATA is missing"))
+    return metadata
 
 
 def io_error_reason(error: Exception) -> str:
@@ -119,6 +123,8 @@ def io_error_reason(error: Exception) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     reason = (str(error).strip().splitlines() or [""])[0]
+    # tensorstore appends the JSON spec of the store it opened (about 800 characters that name no problem)
+    reason = re.sub(r"\s*\[(?:tensorstore_spec|source locations)=.*$", "", reason)
     if len(reason) > 200:
         reason = "... " + reason.rsplit(": ", 1)[-1]
     return f"{type(error).__name__}: {reason}" if reason else type(error).__name__

@@ -1,6 +1,7 @@
 """Checkpoints: weights round trip, full train state, keep policy, unfinished saves, and mismatch errors."""
 
 import asyncio
+import re
 import shutil
 import threading
 
@@ -145,7 +146,8 @@ def test_an_unfinished_save_is_ignored_and_then_removed(tmp_path, state):
     assert checkpoint._steps(tmp_path) == [5, 6]
 
 
-@pytest.mark.parametrize("damage", ["truncated params", "no meta", "cut meta"])
+@pytest.mark.parametrize("damage", ["truncated params", "no meta", "cut meta", "no params metadata",
+                                    "no opt_state metadata"])
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see checkpoint.quiet_failed_io
 def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, damage):
     manager = save_state(tmp_path, state, step=5)
@@ -157,15 +159,33 @@ def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, dam
                 f.write_bytes(f.read_bytes()[:10])
     elif damage == "no meta":
         shutil.rmtree(tmp_path / "6" / "meta")
+    elif damage.endswith("metadata"):  # the tree of names and shapes, read before any array
+        (tmp_path / "6" / damage.split()[1] / "_METADATA").unlink()
     else:
         (tmp_path / "6" / "meta" / "metadata").write_text('{"format": "gpt2_jax", "st')
     message = rf"checkpoint {tmp_path}/6 is damaged or incomplete \(.*\); the older complete steps are \[5\]"
     with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
-    with pytest.raises(checkpoint.CheckpointError, match=message):
-        checkpoint.load_weights(tmp_path)
+    if damage != "no opt_state metadata":  # weights alone do not read the optimizer state
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load_weights(tmp_path)
     restored, meta = checkpoint.restore_train_state(tmp_path, TINY, TRAIN, step=5)  # the older step is whole
     assert meta["step"] == 5
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see checkpoint.quiet_failed_io
+def test_a_damaged_step_is_one_short_line_without_tensorstores_spec(tmp_path, state):
+    manager = save_state(tmp_path, state, step=5)
+    checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)), {"model_config": TINY.to_dict()})
+    manager.wait_until_finished()
+    (tmp_path / "6" / "params" / "manifest.ocdbt").unlink()  # the index of the arrays' data files
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
+    message = str(raised.value)
+    assert re.fullmatch(rf"checkpoint {tmp_path}/6 is damaged or incomplete \(ValueError: .*Metadata at "
+                        rf"\"h\..*\" in OCDBT database at local file \"{tmp_path}/6/params/\" does not exist\); the older complete steps are \[5\]: move "
+                        rf"{tmp_path}/6 aside to use step 5", message), message
+    assert len(message) < 400 + 3 * len(str(tmp_path)), message
 
 
 def test_another_model_config_is_a_clear_error(tmp_path, state):

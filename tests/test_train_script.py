@@ -277,6 +277,30 @@ def test_ctrl_c_before_training_or_while_sampling_is_one_line(tmp_path, monkeypa
     assert capsys.readouterr().err == f"interrupted while sampling; the checkpoints in {tmp_path} are complete\n"
 
 
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, data_dir, monkeypatch, capsys):
+    # The first Ctrl-C only asks for a save; the second raises KeyboardInterrupt wherever the run is, here in
+    # the step-20 evaluation, after the step-10 checkpoint.
+    evaluate, calls = train.Run.evaluate, []
+
+    def interrupted_at_the_second_eval(run, eval_fn):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(run, eval_fn)
+
+    monkeypatch.setattr(train.Run, "evaluate", interrupted_at_the_second_eval)
+    out = tmp_path / "run"
+    try:
+        rc = train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"])
+    except KeyboardInterrupt:
+        pytest.fail("a second Ctrl-C escaped train.main as a traceback")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("interrupted again: stopped without saving the steps since the last save; "
+                                    "the last complete checkpoint is step 10"), err
+    assert checkpoint._steps(out) == [10]
+
+
 @pytest.mark.skipif(Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
                     reason="the kernel would grant the allocation and the OOM killer end the test run")
 def test_a_step_that_does_not_fit_in_memory_says_so(tmp_path, data_dir, capsys):
