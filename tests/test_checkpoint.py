@@ -183,8 +183,8 @@ def test_a_damaged_step_is_one_short_line_without_tensorstores_spec(tmp_path, st
         checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
     message = str(raised.value)
     assert re.fullmatch(rf"checkpoint {tmp_path}/6 is damaged or incomplete \(ValueError: .*Metadata at "
-                        rf"\"h\..*\" in OCDBT database at local file \"{tmp_path}/6/params/\" does not exist\); the older complete steps are \[5\]: move "
-                        rf"{tmp_path}/6 aside to use step 5", message), message
+                        rf"\"h\..*\" in OCDBT database at local file \"{tmp_path}/6/params/\" does not exist\); "
+                        rf"the older complete steps are \[5\]: move {tmp_path}/6 aside to use step 5", message), message
     assert len(message) < 400 + 3 * len(str(tmp_path)), message
 
 
