@@ -44,15 +44,19 @@ def load(path: str | Path, dtype=jnp.float32, *, n_head: int | None = None,
     Reads Hugging Face/OpenAI (directory or bare safetensors/pytorch_model.bin), nanoGPT ckpt.pt, llm.c .bin,
     the reference PyTorch layout, OpenAI's TensorFlow release (the directory download_model.py fills, or a
     checkpoint prefix or its .index file), and this project's orbax checkpoints (a train.py out_dir: its
-    latest step).
+    latest step; one of its step directories, such as out/15: that step).
     """
     np_dtype = _float_dtype(dtype)
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.name.isdigit():
         from gpt2_jax import checkpoint  # orbax is only needed for orbax directories
 
-        if checkpoint.is_checkpoint_dir(path):
-            cfg, params = checkpoint.load_weights(path, dtype=jnp.dtype(np_dtype))
+        # A step directory reaches the steps an out_dir keeps besides its latest, such as the best val loss
+        # (one that is not there, a CheckpointError naming the steps that are).
+        is_step = path.name.isdigit() and checkpoint.is_checkpoint_dir(path.parent)
+        if is_step or checkpoint.is_checkpoint_dir(path):
+            directory, step = (path.parent, int(path.name)) if is_step else (path, None)
+            cfg, params = checkpoint.load_weights(directory, step, dtype=jnp.dtype(np_dtype))
             return replace(cfg, param_dtype=np_dtype.name), params
     ckpt = open_checkpoint(path, n_head=n_head, config_path=config_path)
     return replace(ckpt.config, param_dtype=np_dtype.name), params_from(ckpt, np_dtype)

@@ -562,6 +562,35 @@ def test_cli_converts_hf_to_orbax_and_reference(random_hf, tmp_path, capsys):
     np.testing.assert_allclose(jax_logits(cfg3, params3, tokens), jax_logits(cfg, params, tokens), atol=1e-6)
 
 
+def test_a_step_directory_of_an_out_dir_loads_that_step(tmp_path, capsys):
+    # train.py keeps the best val loss besides the latest steps: its step directory is how one reaches it.
+    from gpt2_jax import checkpoint
+    from gpt2_jax.config import TrainConfig
+    from gpt2_jax.training import init_train_state
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=96)
+    state = init_train_state(cfg, TrainConfig(), jax.random.PRNGKey(0))
+    best, latest = random_params(cfg, seed=1), random_params(cfg, seed=2)
+    manager = checkpoint.open_manager(tmp_path / "out")
+    for step, params, val_loss in ((15, best, 1.0), (20, latest, 2.0)):
+        checkpoint.save_train_state(manager, state.replace(step=jnp.int32(step), params=params),
+                                    {"model_config": cfg.to_dict()}, val_loss)
+    manager.close()
+    assert_same_params(convert.load(tmp_path / "out")[1], latest)
+    loaded_cfg, params = convert.load(tmp_path / "out" / "15")
+    assert loaded_cfg == cfg
+    assert_same_params(params, best)
+    assert convert.main([str(tmp_path / "out" / "15"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    tokens = tokens_for(96)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, jax_logits(cfg, best, tokens), atol=1e-5)
+    capsys.readouterr()
+    assert convert.main([str(tmp_path / "out" / "16"), str(tmp_path / "hf16"), "--to", "hf"]) == 2
+    assert f"{tmp_path / 'out'} has no checkpoint of step 16; it has steps [15, 20]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("to, dst_is_file", [("hf", True), ("orbax", True), ("reference", False), ("llmc", False)])
 def test_cli_refuses_a_destination_of_the_wrong_kind(to, dst_is_file, random_hf, tmp_path, capsys):
     random_hf(seed=15).save_pretrained(tmp_path / "hf")
