@@ -150,10 +150,12 @@ def resolve(argv: list[str]):
         if "batch_size" not in train_over:
             saved_processes = meta.get("data", {}).get("process_count", 1)
             train_cfg = keep_global_batch(train_cfg, saved_processes, jax.process_count())
-        changes = resume_changes(meta["train_config"], train_cfg, train_over)
+        model_cfg = checked(replace(base, **model_over))
+        changes = resume_changes([(meta["train_config"], train_cfg, train_over),
+                                  (meta["model_config"], model_cfg, model_over)])
         if changes:
             say(changes)
-        return checked(replace(base, **model_over)), train_cfg, None
+        return model_cfg, train_cfg, None
     if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
                           f"--init_from=resume or pick another --out_dir")
@@ -176,13 +178,16 @@ def resolve(argv: list[str]):
 BATCH_SETTINGS = ("data", "seed", "batch_size", "gradient_accumulation_steps")
 
 
-def resume_changes(saved: dict, train_cfg: TrainConfig, flags: dict) -> str | None:
-    """The line that names the flags by which a resumed run differs from its checkpoint's train config."""
-    changed = [k for k in sorted(flags) if k != "init_from" and k in saved and saved[k] != getattr(train_cfg, k)]
+def resume_changes(configs: list[tuple[dict, object, dict]]) -> str | None:
+    """The line that names the flags by which a resumed run differs from its checkpoint, given (the checkpoint's
+    config as a dict, the run's config, the run's flags) for the train and the model config. out_dir is not a
+    change (a moved or copied checkpoint)."""
+    changed = [(k, saved[k], getattr(cfg, k)) for saved, cfg, flags in configs for k in sorted(flags)
+               if k not in ("init_from", "out_dir") and k in saved and saved[k] != getattr(cfg, k)]
     if not changed:
         return None
-    line = "resuming with " + ", ".join(f"{k} {saved[k]!r} -> {getattr(train_cfg, k)!r}" for k in changed)
-    if any(k in BATCH_SETTINGS for k in changed):
+    line = "resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)
+    if any(k in BATCH_SETTINGS for k, _, _ in changed):
         line += " (the checkpoint's on the left); the batches from here differ from an uninterrupted run's"
     return line
 
@@ -360,6 +365,10 @@ class Run:
                 self.out_dir, model_cfg, train_cfg, sharding=sharding.state_shardings(model_cfg, train_cfg, self.mesh))
             rng = np.asarray(meta["rng"], np.uint32)
             say(f"resumed {self.out_dir} at step {meta['step']} (val loss {meta.get('val_loss')})")
+            saved_tokens = meta.get("data", {}).get("train_tokens")
+            if saved_tokens not in (None, self.train_data.n_tokens):  # the shards were prepared again, or replaced
+                say(f"the train data in {self.data_dir} holds {self.train_data.n_tokens:,} tokens, the checkpoint's "
+                    f"held {saved_tokens:,}: the batches from here differ from an uninterrupted run's")
         else:
             self.state = sharding.create_sharded_state(model_cfg, train_cfg, self.mesh, rng, params)
         self.rng = jax.device_put(rng, sharding.replicated(self.mesh))

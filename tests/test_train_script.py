@@ -329,14 +329,33 @@ def test_a_resume_on_another_process_count_keeps_the_global_batch():
 def test_a_resume_names_the_flags_that_change_the_checkpoints_settings():
     from gpt2_jax.config import TrainConfig
 
-    saved = TrainConfig(seed=1, learning_rate=6e-4, max_iters=20).to_dict()
-    flags = {"init_from": "resume", "max_iters": 40, "learning_rate": 6e-4}  # the same learning rate: no change
-    assert train.resume_changes(saved, TrainConfig(**flags), flags) == "resuming with max_iters 20 -> 40"
+    saved = TrainConfig(seed=1, learning_rate=6e-4, max_iters=20, out_dir="old").to_dict()
+    model = ModelConfig.from_preset("tiny", dropout=0.1)
+    # The same learning rate, another out_dir (a copied checkpoint): no change.
+    flags = {"init_from": "resume", "max_iters": 40, "learning_rate": 6e-4, "out_dir": "new"}
+    run_model = ModelConfig.from_preset("tiny", dropout=0.0)
+    assert train.resume_changes([(saved, TrainConfig(**flags), flags), (model.to_dict(), model, {})]) == \
+        "resuming with max_iters 20 -> 40"
     flags = dict(flags, seed=2)
-    assert train.resume_changes(saved, TrainConfig(**flags), flags) == (
-        "resuming with max_iters 20 -> 40, seed 1 -> 2 (the checkpoint's on the left); the batches from here differ "
-        "from an uninterrupted run's")
-    assert train.resume_changes(saved, TrainConfig(**saved), {"init_from": "resume"}) is None
+    assert train.resume_changes([(saved, TrainConfig(**flags), flags),
+                                 (model.to_dict(), run_model, {"dropout": 0.0})]) == (
+        "resuming with max_iters 20 -> 40, seed 1 -> 2, dropout 0.1 -> 0.0 (the checkpoint's on the left); the "
+        "batches from here differ from an uninterrupted run's")
+    assert train.resume_changes([(saved, TrainConfig(**saved), {"init_from": "resume"})]) is None
+
+
+def test_a_resume_on_data_that_changed_says_so(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    data.write_shard(data_dir / "train_000000.bin", rng.integers(0, VOCAB, 4000))
+    data.write_shard(data_dir / "val_000000.bin", rng.integers(0, VOCAB, 1000))
+    flags = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={tmp_path / 'out'}"]
+    assert train.main(flags + ["--max_iters=10"]) == 0
+    data.write_shard(data_dir / "train_000001.bin", rng.integers(0, VOCAB, 500))  # prepared again, with more text
+    assert train.main(flags + ["--init_from=resume"]) == 0
+    assert (f"the train data in {data_dir} holds 4,500 tokens, the checkpoint's held 4,000: the batches from here "
+            "differ from an uninterrupted run's") in capsys.readouterr().out
 
 
 def test_a_save_that_cannot_fit_stops_the_run_and_names_the_last_checkpoint(tmp_path, data_dir, capsys,
