@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import codecs
+import fcntl
 import glob
 import gzip
 import json
@@ -34,6 +35,7 @@ import socket
 import sys
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -304,7 +306,8 @@ def _document_pieces(files) -> Iterator[tuple[str, bool]]:
                     yield from _pieces([text])
             else:
                 yield from _pieces(_text_blocks(path))
-        except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or cut-short archive, a failing disk
+        # A damaged or cut-short archive (gzip raises zlib.error for a damaged deflate stream), a failing disk.
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
             what = f"not a complete {compression[1:]} file" if compression else "cannot be read"
             raise DataError(f"{path}: {what} ({e})") from None
 
@@ -354,6 +357,7 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_temporaries(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir, os.getpid()), dir=out_dir.parent))
+    lock = _lock(tmp)  # held until this prepare ends, however it ends: the next one knows a dead prepare's by it
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
     try:
         with open(tmp / "all.raw", "wb") as raw_file:
@@ -376,6 +380,8 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         os.replace(tmp, out_dir)  # atomic; replaces only a missing or empty directory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return summary
 
 
@@ -386,12 +392,46 @@ def _temporary_prefix(out_dir: Path, pid: int) -> str:
 
 def _remove_abandoned_temporaries(out_dir: Path) -> None:
     """Delete the temporary directories that killed prepares of out_dir on this host left behind (kill -9 or the
-    OOM killer skip the cleanup; a large corpus leaves gigabytes). Another live process's are left alone."""
-    host_prefix = _temporary_prefix(out_dir, 0).removesuffix("0-")
-    for tmp in out_dir.parent.glob(glob.escape(host_prefix) + "*"):
-        pid = tmp.name[len(host_prefix):].partition("-")[0]
-        if pid.isdigit() and tmp.is_dir() and not _process_alive(int(pid)):
+    OOM killer skip the cleanup; a large corpus leaves gigabytes). Another live process's are left alone: its pid
+    is alive here, or it holds its directory's lock (a prepare in another PID namespace, such as another container
+    with this host name, has a pid this process cannot see)."""
+    ours = _temporary_prefix(out_dir, 0).removesuffix("0-")
+    for tmp in out_dir.parent.glob(glob.escape(ours) + "*"):
+        # HOST-PID-RANDOM, and mkdtemp's RANDOM has no '-': read from the right, so that host 'a' never takes
+        # the directory of host 'a-7' (a shared filesystem) for one of its own pid 7's.
+        head, pid, _ = (tmp.name.rsplit("-", 2) + ["", ""])[:3]
+        if (f"{head}-" == ours and pid.isdigit() and tmp.is_dir() and not _process_alive(int(pid))
+                and not _locked(tmp)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor of the directory path holding an exclusive lock (released when the process ends, as
+    train.py's out_dir lock); None where locks do not work."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds path's lock (False where locks do not work: the pid alone then decides)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # cannot be judged: keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _process_alive(pid: int) -> bool:

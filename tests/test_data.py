@@ -265,6 +265,30 @@ def test_a_prepare_killed_with_sigkill_is_cleaned_up_by_the_next(tmp_path):
     assert data.open_split(tmp_path / "out", "train").n_tokens > 0
 
 
+def test_a_live_prepare_elsewhere_keeps_its_temporary_directory(tmp_path):
+    import fcntl
+    import socket
+
+    (tmp_path / "small.txt").write_text("Hello world. " * 50)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a pid that no process of this PID namespace has now
+    # Host 'HOST-31337' on a shared filesystem: its name begins as this host's would, and the pid it carries is dead.
+    other_host = tmp_path / f".out.tmp-{socket.gethostname()}-31337-{dead}-abcdefgh"
+    # A prepare on this host name in another PID namespace (another container): its pid is not ours to see, but
+    # it holds its directory's lock.
+    other_namespace = tmp_path / (data._temporary_prefix(tmp_path / "out", dead) + "abcdefgh")
+    abandoned = tmp_path / (data._temporary_prefix(tmp_path / "out", dead) + "ijklmnop")
+    for path in (other_host, other_namespace, abandoned):
+        path.mkdir()
+    fd = os.open(other_namespace, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        data.prepare([tmp_path / "small.txt"], tmp_path / "out")
+    finally:
+        os.close(fd)
+    assert other_host.is_dir() and other_namespace.is_dir() and not abandoned.exists()
+
+
 def test_a_file_reached_twice_is_read_once(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -301,6 +325,12 @@ def test_compressed_inputs_are_read_as_their_text(tmp_path):
     with pytest.raises(data.DataError, match=r"d.txt.gz: not a complete gz file \(Compressed file ended"):
         data.prepare([corpus], tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+    damaged = bytearray(gzip.compress(b"x" * 100_000))
+    damaged[12] ^= 0x55  # the first byte of the deflate stream: zlib reports invalid code lengths
+    (corpus / "d.txt.gz").write_bytes(bytes(damaged))
+    with pytest.raises(data.DataError, match=r"d.txt.gz: not a complete gz file \(Error -3 while decompressing"):
+        data.prepare([corpus], tmp_path / "out3")
+    assert not (tmp_path / "out3").exists()
 
 
 def test_bundled_shakespeare_is_prepared_on_first_use(tmp_path):
