@@ -8,6 +8,7 @@ tensor becomes a read-only memory-mapped numpy view, so nothing is copied before
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -23,22 +24,51 @@ TF_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 14: np.dtype(ml_dtypes.bflo
 
 
 def checkpoint_prefix(path: str | Path) -> Path | None:
-    """The checkpoint prefix that path names (a directory holding one, the prefix, or its .index file), or None."""
+    """The checkpoint prefix that path names (a directory holding one, the prefix, or one of its files), or None."""
     path = Path(path)
     if path.is_dir():
         indexes = sorted(path.glob("*.index"))
         named = path / "model.ckpt.index"  # OpenAI's download_model.py layout
-        index = named if named in indexes else indexes[0] if len(indexes) == 1 else None
+        latest = _latest_index(path)  # the newest of a fine-tuning run's several, as tf.train.latest_checkpoint
+        index = latest or (named if named in indexes else indexes[0] if len(indexes) == 1 else None)
         return index.with_suffix("") if index is not None else None
     if path.suffix == ".index" and path.is_file():
         return path.with_suffix("")
+    # The checkpoint's other files (OpenAI's directory holds model.ckpt.meta and model.ckpt.data-00000-of-00001).
+    other = re.fullmatch(r"(.+)\.(meta|data-\d{5}-of-\d{5})", path.name)
+    if other is not None and path.is_file() and (path.parent / f"{other.group(1)}.index").is_file():
+        return path.parent / other.group(1)
     if Path(f"{path}.index").is_file():
         return path
     return None
 
 
+def _latest_index(directory: Path) -> Path | None:
+    """The .index of the checkpoint that the `checkpoint` file TensorFlow's Saver writes beside its checkpoints
+    names (model_checkpoint_path, relative to the directory or absolute), or None."""
+    try:
+        state = (directory / "checkpoint").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', state, re.MULTILINE)
+    if found is None:
+        return None
+    # An absolute path written on another machine: the checkpoint of that name in this directory.
+    for prefix in (directory / found.group(1), directory / Path(found.group(1)).name):
+        if Path(f"{prefix}.index").is_file():
+            return Path(f"{prefix}.index")
+    return None
+
+
+def is_training_state(name: str) -> bool:
+    """Whether a tensor is a TF training run's bookkeeping rather than the model: a step counter, Adam's slots and
+    beta powers (gpt-2-simple's fine-tuned checkpoints hold them), TF2's object graph."""
+    return not name.startswith("model/") or name.rsplit("/", 1)[-1] in ("Adam", "Adam_1")
+
+
 def read_tf_checkpoint(prefix: str | Path) -> dict[str, np.ndarray]:
-    """name -> memory-mapped array of every tensor of the checkpoint PREFIX."""
+    """name -> memory-mapped array of every tensor of the checkpoint PREFIX but its training state (which may
+    hold integers and strings)."""
     prefix = Path(prefix)
     index = Path(f"{prefix}.index")
     entries = dict(_table_entries(index))
@@ -52,7 +82,8 @@ def read_tf_checkpoint(prefix: str | Path) -> dict[str, np.ndarray]:
     arrays = {}
     for key, value in sorted(entries.items()):
         name = key.decode("utf-8", errors="replace")
-        arrays[name] = _tensor(prefix, name, _fields(value, index), shards, maps)
+        if not is_training_state(name):
+            arrays[name] = _tensor(prefix, name, _fields(value, index), shards, maps)
     return arrays
 
 

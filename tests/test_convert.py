@@ -654,7 +654,7 @@ def test_failed_writes_leave_no_file(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- OpenAI's TensorFlow release
 
-OPENAI_TF = Path(__file__).resolve().parent / "data" / "openai_tf"  # written by TensorFlow: see its make.py
+OPENAI_TF = Path(__file__).resolve().parent / "data" / "openai_tf"  # written by TensorFlow: data/make_tf.py
 
 
 def openai_tf_in_transformers(random_hf):
@@ -677,7 +677,7 @@ def openai_tf_in_transformers(random_hf):
     return model
 
 
-@pytest.mark.parametrize("name", ["", "model.ckpt", "model.ckpt.index"])
+@pytest.mark.parametrize("name", ["", "model.ckpt", "model.ckpt.index", "model.ckpt.data-00000-of-00001"])
 def test_openai_tensorflow_checkpoint_matches_transformers(name, random_hf, torch_logits):
     cfg, params = convert.load(OPENAI_TF / name if name else OPENAI_TF)  # its directory, prefix or .index file
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size) == (12, 2, 8, 64, 16)
@@ -711,3 +711,29 @@ def test_damaged_tensorflow_checkpoints_are_named(tmp_path):
     with pytest.raises(WeightsError, match="n_head cannot be read from tensor shapes"):  # width 8: no OpenAI preset
         convert.load(copy)
     assert convert.load(copy, n_head=2)[0].n_head == 2
+
+
+def test_a_directory_of_several_tensorflow_checkpoints_reads_the_latest(tmp_path):
+    # A fine-tuning run's directory (TF's Saver keeps several): the `checkpoint` file names the newest.
+    values = np.load(OPENAI_TF / "values.npz")
+    for step in (1000, 2000):
+        shutil.copy(OPENAI_TF / "model.ckpt.index", tmp_path / f"model-{step}.index")
+        shutil.copy(OPENAI_TF / "model.ckpt.data-00000-of-00001", tmp_path / f"model-{step}.data-00000-of-00001")
+    shutil.copy(OPENAI_TF / "hparams.json", tmp_path)
+    data = tmp_path / "model-1000.data-00000-of-00001"
+    data.write_bytes(b"\0" * data.stat().st_size)  # the older one holds other weights
+    (tmp_path / "checkpoint").write_text(f'model_checkpoint_path: "/elsewhere/{tmp_path.name}/model-2000"\n'
+                                         'all_model_checkpoint_paths: "model-1000"\n'
+                                         'all_model_checkpoint_paths: "model-2000"\n')
+    _, params = convert.load(tmp_path)
+    np.testing.assert_array_equal(params["wte"], values["model/wte"])
+
+
+def test_a_fine_tuning_runs_tensorflow_checkpoint_loads_its_model_without_the_training_state():
+    # TF's Saver wrote model-1.* with global_step, beta1_power/beta2_power and Adam slots beside the model, and a
+    # `checkpoint` file naming model-1 by the absolute path of the machine that wrote it (data/make_tf.py).
+    values = np.load(OPENAI_TF.parent / "tf_finetuned" / "values.npz")
+    cfg, params = convert.load(OPENAI_TF.parent / "tf_finetuned")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (1, 2, 8)
+    np.testing.assert_array_equal(params["wte"], values["model/wte"])
+    np.testing.assert_array_equal(params["h"]["mlp"]["c_fc"]["weight"][0], values["model/h0/mlp/c_fc/w"][0].T)
