@@ -358,7 +358,10 @@ def done_samples(path: Path, prompts: list[Prompt], args) -> set[tuple]:
             hash(pair)
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"--resume: {path}:{line_no} is not a line this version of sample.py writes") from None
-        if made.get("weights") != made_with["weights"]:
+        if "weights" not in made:  # written before the settings named the weights: they cannot be checked
+            raise ValueError(f"--resume: {path}:{line_no} has no SHA-256 of its weights (an earlier sample.py wrote "
+                             "it), so this run cannot tell whether --init_from holds them: choose another --out")
+        if made["weights"] != made_with["weights"]:
             raise ValueError(f"--resume: {path}:{line_no} was made from other weights (SHA-256 "
                              f"{made.get('weights')}; --init_from {args.init_from} gives {made_with['weights']}): "
                              "use those weights, or choose another --out")

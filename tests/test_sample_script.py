@@ -439,6 +439,16 @@ def test_resume_refuses_other_weights_but_follows_moved_ones(model, tmp_path, ca
     assert f"--init_from {other} gives " in err and out.read_bytes() == before
     assert sample.main([f"--init_from={moved}", "--num_samples=2", "--resume"] + flags) == 0  # same weights
     assert sorted((r["id"], r["sample"]) for r in read_jsonl(out)) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    older = tmp_path / "older.jsonl"  # as sample.py wrote it before settings held the weights' digest
+    lines = read_jsonl(out)
+    older.write_text("".join(json.dumps(dict(r, settings={k: v for k, v in r["settings"].items() if k != "weights"}))
+                             + "\n" for r in lines))
+    flags[-1] = f"--out={older}"
+    capsys.readouterr()
+    assert sample.main([f"--init_from={ckpt}", "--num_samples=3", "--resume"] + flags) == 1
+    assert capsys.readouterr().err == (f"error: --resume: {older}:1 has no SHA-256 of its weights (an earlier "
+                                       "sample.py wrote it), so this run cannot tell whether --init_from holds "
+                                       "them: choose another --out\n")
 
 
 def test_nan_logits_end_the_sample_with_an_error_and_a_nonfinite_line(model, tmp_path, capsys):
