@@ -183,13 +183,25 @@ def resume_changes(configs: list[tuple[dict, object, dict]]) -> str | None:
     config as a dict, the run's config, the run's flags) for the train and the model config. out_dir is not a
     change (a moved or copied checkpoint)."""
     changed = [(k, saved[k], getattr(cfg, k)) for saved, cfg, flags in configs for k in sorted(flags)
-               if k not in ("init_from", "out_dir") and k in saved and saved[k] != getattr(cfg, k)]
+               if k not in ("init_from", "out_dir") and k in saved
+               and not _same_setting(k, saved[k], getattr(cfg, k))]
     if not changed:
         return None
     line = "resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed)
     if any(k in BATCH_SETTINGS for k, _, _ in changed):
         line += " (the checkpoint's on the left); the batches from here differ from an uninterrupted run's"
     return line
+
+
+def _same_setting(key: str, saved, value) -> bool:
+    """Whether a resumed run's value of key is the checkpoint's: --data naming the same directory another way
+    (data/mine, ./data/mine/, its absolute path) is the same data."""
+    if key == "data" and saved and value:
+        try:
+            return os.path.samefile(saved, value)
+        except OSError:  # one of them is gone: compare the names
+            return os.path.normpath(saved) == os.path.normpath(value)
+    return saved == value
 
 
 def keep_global_batch(train_cfg: TrainConfig, saved_processes: int, processes: int) -> TrainConfig:

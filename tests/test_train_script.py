@@ -326,7 +326,7 @@ def test_a_resume_on_another_process_count_keeps_the_global_batch():
         train.keep_global_batch(saved, 2, 3)
 
 
-def test_a_resume_names_the_flags_that_change_the_checkpoints_settings():
+def test_a_resume_names_the_flags_that_change_the_checkpoints_settings(tmp_path, monkeypatch):
     from gpt2_jax.config import TrainConfig
 
     saved = TrainConfig(seed=1, learning_rate=6e-4, max_iters=20, out_dir="old").to_dict()
@@ -342,6 +342,15 @@ def test_a_resume_names_the_flags_that_change_the_checkpoints_settings():
         "resuming with max_iters 20 -> 40, seed 1 -> 2, dropout 0.1 -> 0.0 (the checkpoint's on the left); the "
         "batches from here differ from an uninterrupted run's")
     assert train.resume_changes([(saved, TrainConfig(**saved), {"init_from": "resume"})]) is None
+
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig(data="mine").to_dict()
+    for same in ("./mine/", str(tmp_path / "mine")):  # the same directory, named another way: no change
+        flags = {"init_from": "resume", "data": same}
+        assert train.resume_changes([(saved, TrainConfig(**flags), flags)]) is None
+    flags = {"init_from": "resume", "data": "other"}
+    assert train.resume_changes([(saved, TrainConfig(**flags), flags)]).startswith("resuming with data 'mine' -> ")
 
 
 def test_a_resume_on_data_that_changed_says_so(tmp_path, capsys):
