@@ -635,6 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted before training started; no checkpoint was written", file=sys.stderr)
         return 130
+    except jax.errors.JaxRuntimeError as e:  # placing the state on the mesh: out of memory, or a stopped process
+        # No save is in flight: a plain return lets jax.distributed's shutdown meet a process that stopped with
+        # an error of its own at its shutdown barrier (os._exit here would abort that one with a C++ stack trace).
+        print(f"error: {xla_failure(e, 'setting up the run')}; training did not start", file=sys.stderr)
+        return 1
     try:
         code = train(run)
     except KeyboardInterrupt:  # a second Ctrl-C (the first asked for a save): stop now, without a traceback

@@ -581,6 +581,32 @@ def test_a_lost_process_stops_the_other_with_one_line_and_the_last_checkpoint(tm
     assert int(error.split()[-1]) in checkpoint.complete_steps(out) and "Traceback" not in log
 
 
+def test_a_process_that_stops_before_training_stops_the_other_with_one_line(tmp_path, data_dir, env):
+    # Process 1 cannot find its data (say, not copied to its host) and exits; process 0 has gone on to place the
+    # state on the mesh, whose first cross-process transfer then fails. Unhandled, that was a 50-line traceback.
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"}
+    common = [*MODEL_FLAGS, "--batch_size=4", "--max_iters=5", "--num_samples=0", "--mesh=fsdp:8",
+              f"--coordinator_address={address}", "--num_processes=2"]
+    out = tmp_path / "early"
+    procs = [start(*common, f"--data={data}", f"--process_id={i}", out=out, env=env, log_name=f"early{i}")
+             for i, data in enumerate([data_dir, tmp_path / "missing"])]
+    try:
+        (rc, log), (other_rc, other_log) = (finish(p, timeout=150) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert other_rc == 2 and f"error: data directory {tmp_path / 'missing'} does not exist" in other_log, other_log
+    assert rc == 1 and "Traceback" not in log, log[-3000:]
+    assert "stack trace" not in log + other_log, (log + other_log)[-3000:]
+    error = log[log.rindex("error: "):]
+    assert re.fullmatch(r"error: setting up the run failed: .*; another process of this run may have stopped: see "
+                        r"its log; training did not start\n", error), error
+
+
 def parse_bytes(text: str) -> float:
     number, unit = text.split()
     return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6}[unit]
