@@ -5,6 +5,9 @@ imported) and compare its JSON with the unsharded reference it also computes.
 """
 
 import json
+import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +95,45 @@ def test_initialize_distributed_names_what_is_missing(no_cluster_env):
     no_cluster_env.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer; got 'two'"):
         sh.initialize_distributed()
+
+
+# Prints the process count and the GPUs that jax.distributed.initialize made visible (a config update, so it
+# shows on a CPU-only jax too). argv: nothing (SLURM detection alone), or the coordinator address and process id.
+VISIBLE_GPUS = """
+import sys
+import jax
+import jax._src.distributed as distributed
+from gpt2_jax import sharding
+seen = []
+update = distributed.config.update
+distributed.config.update = lambda k, v: seen.append(v) if k == "jax_cuda_visible_devices" else update(k, v)
+if len(sys.argv) > 1:
+    sharding.initialize_distributed(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+else:
+    sharding.initialize_distributed()
+print(jax.process_count(), seen)
+"""
+
+
+def slurm_tasks_visible_gpus(address=None, **env) -> list[str]:
+    """What 2 tasks of a SLURM job step that SLURM numbered as one task per node (SLURM_LOCALID 0) print."""
+    job = str(random.randrange(10_000, 60_000))  # SLURM's coordinator port comes from the job id
+    runs = [subprocess.Popen([sys.executable, "-c", VISIBLE_GPUS, *((address, str(i)) if address else ())],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu", SLURM_JOB_ID=job,
+                                      SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
+                                      SLURM_LOCALID="0", **env)) for i in range(2)]
+    return [run.communicate(timeout=120)[0].strip() for run in runs]
+
+
+def test_slurm_gives_each_task_one_gpu_unless_jax_local_device_ids():
+    """docs/scaling.md's SLURM recipe rests on this: one task per node would drive one GPU, not the node's 8."""
+    assert slurm_tasks_visible_gpus() == ["2 ['0']"] * 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert slurm_tasks_visible_gpus(f"127.0.0.1:{port}") == ["2 ['0']"] * 2  # also with the cluster flags
+    assert slurm_tasks_visible_gpus(JAX_LOCAL_DEVICE_IDS="0,1,2,3,4,5,6,7") == ["2 ['0,1,2,3,4,5,6,7']"] * 2
 
 
 @pytest.fixture(scope="module")
