@@ -204,6 +204,15 @@ def _same_setting(key: str, saved, value) -> bool:
     return saved == value
 
 
+def data_change(meta: dict, data_dir: Path, n_tokens: int) -> str | None:
+    """The line that says a resumed run's train data is not its checkpoint's (prepared again, or replaced)."""
+    saved = meta.get("data", {}).get("train_tokens")
+    if saved in (None, n_tokens):
+        return None
+    return (f"the train data in {data_dir} holds {n_tokens:,} tokens, the checkpoint's held {saved:,}: the batches "
+            "from here differ from an uninterrupted run's")
+
+
 def keep_global_batch(train_cfg: TrainConfig, saved_processes: int, processes: int) -> TrainConfig:
     """A run resumed by another number of processes keeps the checkpoint's global batch (batch_size is per
     process), so that it trains on the same batches; a ConfigError if that does not divide."""
@@ -377,10 +386,9 @@ class Run:
                 self.out_dir, model_cfg, train_cfg, sharding=sharding.state_shardings(model_cfg, train_cfg, self.mesh))
             rng = np.asarray(meta["rng"], np.uint32)
             say(f"resumed {self.out_dir} at step {meta['step']} (val loss {meta.get('val_loss')})")
-            saved_tokens = meta.get("data", {}).get("train_tokens")
-            if saved_tokens not in (None, self.train_data.n_tokens):  # the shards were prepared again, or replaced
-                say(f"the train data in {self.data_dir} holds {self.train_data.n_tokens:,} tokens, the checkpoint's "
-                    f"held {saved_tokens:,}: the batches from here differ from an uninterrupted run's")
+            changed = data_change(meta, self.data_dir, self.train_data.n_tokens)
+            if changed:
+                say(changed)
         else:
             self.state = sharding.create_sharded_state(model_cfg, train_cfg, self.mesh, rng, params)
         self.rng = jax.device_put(rng, sharding.replicated(self.mesh))

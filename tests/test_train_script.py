@@ -353,18 +353,13 @@ def test_a_resume_names_the_flags_that_change_the_checkpoints_settings(tmp_path,
     assert train.resume_changes([(saved, TrainConfig(**flags), flags)]).startswith("resuming with data 'mine' -> ")
 
 
-def test_a_resume_on_data_that_changed_says_so(tmp_path, capsys):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    rng = np.random.default_rng(0)
-    data.write_shard(data_dir / "train_000000.bin", rng.integers(0, VOCAB, 4000))
-    data.write_shard(data_dir / "val_000000.bin", rng.integers(0, VOCAB, 1000))
-    flags = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={tmp_path / 'out'}"]
-    assert train.main(flags + ["--max_iters=10"]) == 0
-    data.write_shard(data_dir / "train_000001.bin", rng.integers(0, VOCAB, 500))  # prepared again, with more text
-    assert train.main(flags + ["--init_from=resume"]) == 0
-    assert (f"the train data in {data_dir} holds 4,500 tokens, the checkpoint's held 4,000: the batches from here "
-            "differ from an uninterrupted run's") in capsys.readouterr().out
+def test_a_resume_on_data_that_changed_says_so(straight, data_dir):
+    meta = checkpoint.read_meta(straight[0])  # a run on data_dir's 4,000 train tokens
+    assert meta["data"]["train_tokens"] == 4000 and train.data_change(meta, data_dir, 4000) is None
+    assert train.data_change(meta, data_dir, 4500) == (
+        f"the train data in {data_dir} holds 4,500 tokens, the checkpoint's held 4,000: the batches from here "
+        "differ from an uninterrupted run's")
+    assert train.data_change({}, data_dir, 4500) is None  # a checkpoint that did not record it
 
 
 def test_a_save_that_cannot_fit_stops_the_run_and_names_the_last_checkpoint(tmp_path, data_dir, capsys,
