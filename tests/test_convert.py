@@ -2,8 +2,11 @@
 
 import functools
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -737,3 +740,16 @@ def test_a_fine_tuning_runs_tensorflow_checkpoint_loads_its_model_without_the_tr
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (1, 2, 8)
     np.testing.assert_array_equal(params["wte"], values["model/wte"])
     np.testing.assert_array_equal(params["h"]["mlp"]["c_fc"]["weight"][0], values["model/h0/mlp/c_fc/w"][0].T)
+
+
+def test_warnings_of_the_command_line_tools_are_one_plain_line(tmp_path):
+    cfg = ModelConfig.from_preset("tiny", n_embd=768, n_head=12, n_layer=1, vocab_size=256, block_size=16)
+    convert.export_hf(cfg, random_params(cfg), tmp_path / "hf")
+    bare = tmp_path / "model.safetensors"
+    (tmp_path / "hf" / "model.safetensors").rename(bare)  # no config JSON: n_head is guessed with a warning
+    out = subprocess.run([sys.executable, "-m", "gpt2_jax.convert", str(bare), str(tmp_path / "orbax")],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == (f"warning: {bare}: no config JSON gives n_head; using 12, the OpenAI GPT-2 value for "
+                          "n_embd=768\n")

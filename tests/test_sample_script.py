@@ -1,12 +1,8 @@
 """sample.py end to end on a tiny checkpoint: JSONL output, bad lines, --resume, streaming, stop strings, flags."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import pytest
@@ -18,7 +14,6 @@ from gpt2_jax.model import init_params
 from gpt2_jax.sampling import Sampler, generate_batch
 from gpt2_jax.tokenizer import get_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 FIELDS = {"id", "sample", "prompt", "completion", "prompt_tokens", "completion_tokens", "finish_reason", "settings"}
 
 
@@ -542,16 +537,3 @@ def test_stdout_closed_early_ends_quietly(model, tmp_path):
         assert proc.wait() == 1 and "Traceback" not in err and "error" not in err, err
     assert read_jsonl(out)[0]["completion_tokens"] == 60  # the sample is in --out all the same
 
-
-def test_warnings_are_one_plain_line(tmp_path):
-    from gpt2_jax import convert
-
-    cfg = ModelConfig.from_preset("tiny", n_embd=768, n_head=12, n_layer=1, vocab_size=256, block_size=16)
-    convert.export_hf(cfg, init_params(cfg, jax.random.PRNGKey(0)), tmp_path / "hf")
-    bare = tmp_path / "model.safetensors"
-    (tmp_path / "hf" / "model.safetensors").rename(bare)  # no config JSON: n_head is guessed with a warning
-    out = subprocess.run([sys.executable, "sample.py", f"--init_from={bare}", "--prompt=a", "--max_new_tokens=2"],
-                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert out.returncode == 0, out.stderr
-    assert out.stderr == (f"warning: {bare}: no config JSON gives n_head; using 12, the OpenAI GPT-2 value for "
-                          "n_embd=768\n")
