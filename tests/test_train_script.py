@@ -505,14 +505,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_two_processes(out, data_dir, env) -> list:
-    """The straight run's flags on --mesh=fsdp:8 over 2 processes of 4 CPU devices, a checkpoint every 5 steps."""
+def start_two_processes(out, data_dir, env, *flags) -> list:
+    """The straight run's flags (then flags) on --mesh=fsdp:8 over 2 processes of 4 CPU devices, a checkpoint every
+    5 steps."""
     address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
            and k != "JAX_COMPILATION_CACHE_DIR"}  # each process compiles for itself
     return [start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--mesh=fsdp:8", "--batch_size=4",
                   "--max_iters=100000", "--eval_interval=5", f"--coordinator_address={address}",
-                  "--num_processes=2", f"--process_id={i}", out=out, env=env, log_name=f"{out.name}_process{i}")
+                  "--num_processes=2", f"--process_id={i}", *flags, out=out, env=env,
+                  log_name=f"{out.name}_process{i}")
             for i in range(2)]
 
 
@@ -555,10 +557,13 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_step(two_processes):
 
 def test_a_lost_process_stops_the_other_with_one_line_and_the_last_checkpoint(tmp_path, data_dir, env):
     out = tmp_path / "lost"
-    procs = start_two_processes(out, data_dir, env)
+    procs = start_two_processes(out, data_dir, env, "--log_interval=1")
+    # The kill lands in step 8 or 9, where gloo fails at once, not in the step-5 or step-10 save's cross-process
+    # barrier, where the survivor would wait out jax.distributed's 100 s heartbeat timeout instead.
+    logged = out / "metrics.jsonl"
     try:
-        wait_until(lambda: 5 in checkpoint.complete_steps(out) if out.exists() else False, procs[0],
-                   "the step-5 checkpoint")
+        wait_until(lambda: 5 in checkpoint.complete_steps(out) and '"step": 7,' in logged.read_text()
+                   if logged.exists() else False, procs[0], "step 7 after the step-5 checkpoint")
         procs[1].kill()
         killed_at = time.monotonic()
         rc, log = finish(procs[0], timeout=90)
