@@ -80,10 +80,8 @@ def torch_model_for(path: str | Path, workdir: Path, n_head: int | None = None):
 
     from gpt2_jax import torch_ref
 
-    from gpt2_jax import checkpoint
-
     path = Path(path)
-    if path.is_dir() and checkpoint.is_checkpoint_dir(path):  # orbax has no torch reader of its own
+    if convert.orbax_source(path) is not None:  # an out_dir or one of its steps: orbax has no torch reader
         return _via_export(*convert.load(path), workdir)
     ckpt = layouts.open_checkpoint(path, n_head=n_head)
     cfg = ckpt.config

@@ -48,18 +48,27 @@ def load(path: str | Path, dtype=jnp.float32, *, n_head: int | None = None,
     """
     np_dtype = _float_dtype(dtype)
     path = Path(path)
-    if path.is_dir() or path.name.isdigit():
+    orbax = orbax_source(path)
+    if orbax is not None:
         from gpt2_jax import checkpoint  # orbax is only needed for orbax directories
 
-        # A step directory reaches the steps an out_dir keeps besides its latest, such as the best val loss
-        # (one that is not there, a CheckpointError naming the steps that are).
-        is_step = path.name.isdigit() and checkpoint.is_checkpoint_dir(path.parent)
-        if is_step or checkpoint.is_checkpoint_dir(path):
-            directory, step = (path.parent, int(path.name)) if is_step else (path, None)
-            cfg, params = checkpoint.load_weights(directory, step, dtype=jnp.dtype(np_dtype))
-            return replace(cfg, param_dtype=np_dtype.name), params
+        cfg, params = checkpoint.load_weights(*orbax, dtype=jnp.dtype(np_dtype))
+        return replace(cfg, param_dtype=np_dtype.name), params
     ckpt = open_checkpoint(path, n_head=n_head, config_path=config_path)
     return replace(ckpt.config, param_dtype=np_dtype.name), params_from(ckpt, np_dtype)
+
+
+def orbax_source(path: Path) -> tuple[Path, int | None] | None:
+    """(out_dir, step or None for its latest) when path is an orbax out_dir or one of its step directories, else
+    None. A step directory reaches the steps an out_dir keeps besides its latest, such as the best val loss (one
+    that is not there: load_weights names the steps that are)."""
+    if not (path.is_dir() or path.name.isdigit()):
+        return None
+    from gpt2_jax import checkpoint  # orbax is only needed for orbax directories
+
+    if path.name.isdigit() and checkpoint.is_checkpoint_dir(path.parent):
+        return path.parent, int(path.name)
+    return (path, None) if checkpoint.is_checkpoint_dir(path) else None
 
 
 def params_from(ckpt: Checkpoint, dtype=np.float32) -> dict:

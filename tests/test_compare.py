@@ -72,6 +72,9 @@ def test_nanogpt_llmc_and_orbax_are_within_tolerance(random_nanogpt, tmp_path):
     convert.save(tanh_cfg, params, tmp_path / "orbax")
     report = compare.compare(tmp_path / "orbax", steps=3, against=tmp_path / "model.bin")
     assert report["within_tolerance"] and report["max_abs_logit_diff"] <= 1e-5
+    step, = (p for p in (tmp_path / "orbax").iterdir() if p.name.isdigit())  # out/STEP, as for the best val loss
+    report = compare.compare(step, steps=3)
+    assert report["torch_model"] == "transformers.GPT2LMHeadModel (after export)" and report["within_tolerance"]
 
 
 def test_wrapped_state_dict_and_short_config_json_are_compared_with_their_own_weights(random_hf, tmp_path):
