@@ -395,10 +395,13 @@ def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple
     how many samples hit non-finite logits."""
     jobs = [(p, k) for p in sorted(prompts, key=lambda p: len(p.tokens)) for k in range(args.num_samples)
             if (p.id, k) not in skip]
+    if not jobs:
+        print(f"every sample is already in {args.out}: nothing to do", file=sys.stderr)
+        return 0
     sampler, check = Sampler(args.temperature, args.top_k, args.top_p), stop_check(args.stop)
     B = min(args.batch_size, max(1, len(jobs)))
     start, made, failed = time.perf_counter(), 0, 0
-    with tqdm(total=len(jobs), unit="prompt", file=sys.stderr) as bar:
+    with tqdm(total=len(jobs), unit="sample", file=sys.stderr) as bar:
         for i in range(0, len(jobs), B):
             batch = jobs[i:i + B]
             done = generate_batch(cfg, params, [p.tokens for p, _ in batch],

@@ -166,9 +166,12 @@ def resolve(argv: list[str]):
     loaded_cfg, params = convert.load(init)
     check_preset(preset, loaded_cfg, init)
     model_cfg = checked(replace(loaded_cfg, **model_over))  # e.g. gelu_exact for nanoGPT and HF "gelu" weights
+    cut = ""
     if model_cfg.block_size < loaded_cfg.block_size:  # fine-tune with a shorter context: keep the first positions
         params = dict(params, wpe=params["wpe"][: model_cfg.block_size])
+        cut = f" (wpe cut to its first {model_cfg.block_size} of {loaded_cfg.block_size} positions)"
         loaded_cfg = replace(loaded_cfg, block_size=model_cfg.block_size)
+    say(f"initialised from the weights in {init}{cut}")
     checkpoint.check_model_config(loaded_cfg.to_dict(), replace(model_cfg, param_dtype=loaded_cfg.param_dtype), init)
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_dtype), params)
     return model_cfg, train_cfg, params
@@ -385,7 +388,9 @@ class Run:
             self.state, meta = checkpoint.restore_train_state(
                 self.out_dir, model_cfg, train_cfg, sharding=sharding.state_shardings(model_cfg, train_cfg, self.mesh))
             rng = np.asarray(meta["rng"], np.uint32)
-            say(f"resumed {self.out_dir} at step {meta['step']} (val loss {meta.get('val_loss')})")
+            val = meta.get("val_loss")
+            say(f"resumed {self.out_dir} at step {meta['step']} "
+                + (f"(val loss {val:.4f})" if val is not None else "(saved between evals: no val loss)"))
             changed = data_change(meta, self.data_dir, self.train_data.n_tokens)
             if changed:
                 say(changed)

@@ -105,6 +105,10 @@ def test_resume_finishes_an_interrupted_file_without_duplicates(model, tmp_path,
     assert len(resumed) == 14
     key = lambda r: (r["id"], r["sample"])  # noqa: E731
     assert sorted(resumed, key=key) == sorted(read_jsonl(full), key=key)
+    capsys.readouterr()
+    assert sample.main(flags + [f"--out={cut}", "--resume"]) == 0  # once more: nothing left to make
+    assert capsys.readouterr().err == f"every sample is already in {cut}: nothing to do\n"
+    assert read_jsonl(cut) == resumed
 
 
 OUT_OF_MEMORY = "RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes."  # what XLA:CPU raises

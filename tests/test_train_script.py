@@ -413,6 +413,8 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
     argv = [f"--init_from={tmp_path / 'weights'}", "--block_size=32", f"--data={data_dir}", f"--out_dir={out}",
             "--max_iters=1", "--log_interval=1", "--eval_iters=1", "--batch_size=4", "--num_samples=0"]
     assert train.main(argv) == 0, capsys.readouterr()
+    assert (f"initialised from the weights in {tmp_path / 'weights'} (wpe cut to its first 32 of 64 positions)"
+            in capsys.readouterr().out)
     meta = checkpoint.read_meta(out)
     assert meta["model_config"] == ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32).to_dict()
     # The first loss is that of the loaded weights (first 32 positions) on the first batch, computed here by hand.
