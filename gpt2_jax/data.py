@@ -357,7 +357,7 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_temporaries(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir, os.getpid()), dir=out_dir.parent))
-    lock = _lock(tmp)  # held until this prepare ends, however it ends: the next one knows a dead prepare's by it
+    lock = lock_directory(tmp)  # held until this prepare ends, however it ends: the next one knows a dead one's by it
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
     try:
         with open(tmp / "all.raw", "wb") as raw_file:
@@ -405,13 +405,17 @@ def _remove_abandoned_temporaries(out_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _lock(path: Path) -> int | None:
-    """An open descriptor of the directory path holding an exclusive lock (released when the process ends, as
-    train.py's out_dir lock); None where locks do not work."""
+def lock_directory(path: Path) -> int | None:
+    """An open descriptor of the directory path holding an exclusive lock, released when it is closed or the
+    process ends (kill -9 included); None where locks do not work (some network mounts). BlockingIOError if
+    another process holds it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # a filesystem without locks
         os.close(fd)
         return None
     return fd
@@ -420,16 +424,12 @@ def _lock(path: Path) -> int | None:
 def _locked(path: Path) -> bool:
     """Whether another process holds path's lock (False where locks do not work: the pid alone then decides)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return True  # cannot be judged: keep it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = lock_directory(path)
     except BlockingIOError:
         return True
     except OSError:
-        return False
-    finally:
+        return True  # cannot be opened, so cannot be judged: keep it
+    if fd is not None:
         os.close(fd)
     return False
 
