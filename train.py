@@ -21,7 +21,6 @@ on TPU pods and SLURM). docs/scaling.md has the details.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -479,21 +478,23 @@ class Run:
                 os.close(self.lock)
                 self.lock = None
 
+    def close_after_failure(self) -> None:
+        """close() for a run that is stopping on a failure: the save in flight completes (its work is not lost); a
+        save that fails too is printed, not raised, so that the failure the run stops on is still reported."""
+        try:
+            self.close()
+        except checkpoint.CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+
 
 def lock_out_dir(out_dir: Path) -> int | None:
-    """An open descriptor of out_dir holding an exclusive lock (released when the process ends), so that two runs
-    never save into one directory; a ConfigError if another process holds it; None where locks do not work."""
-    fd = os.open(out_dir, os.O_RDONLY)
+    """data.lock_directory on out_dir, so that two runs never save into one directory; a ConfigError if another
+    process holds it; None where locks do not work (the run goes on unguarded)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return data.lock_directory(out_dir)
     except BlockingIOError:
-        os.close(fd)
         raise ConfigError(f"another train.py is writing to out_dir {out_dir}; wait for it to end or pick another "
                           f"--out_dir") from None
-    except OSError:  # a filesystem without locks (some network mounts): the run goes on unguarded
-        os.close(fd)
-        return None
-    return fd
 
 
 def make_run_mesh(train_cfg: TrainConfig):
@@ -604,9 +605,7 @@ def interrupted_again(run: Run) -> int:
     """Stop a run that a second Ctrl-C interrupted: the save in flight (of a step already done) completes, as its
     work would otherwise be lost; the steps since it are not saved. One line names the last complete checkpoint."""
     try:
-        run.close()
-    except checkpoint.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        run.close_after_failure()
     except KeyboardInterrupt:  # a third Ctrl-C: leave the save in flight to orbax's temporary directory
         pass
     print(f"interrupted again: stopped without saving the steps since the last save; {run.last_complete()}",
@@ -663,10 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as e:
         alone = jax.process_count() == 1
         if alone:
-            try:
-                run.close()  # a save in flight completes: the work it holds is not lost
-            except checkpoint.CheckpointError as saving:
-                print(f"error: {saving}", file=sys.stderr)
+            run.close_after_failure()
         print(f"error: {e}; {run.last_complete()}", file=sys.stderr, flush=True)
         if not alone:
             # A save in flight cannot finish without the lost process, and jax.distributed's shutdown would wait
