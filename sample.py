@@ -363,7 +363,7 @@ def done_samples(path: Path, prompts: list[Prompt], args) -> set[tuple]:
                              "it), so this run cannot tell whether --init_from holds them: choose another --out")
         if made["weights"] != made_with["weights"]:
             raise ValueError(f"--resume: {path}:{line_no} was made from other weights (SHA-256 "
-                             f"{made.get('weights')}; --init_from {args.init_from} gives {made_with['weights']}): "
+                             f"{made['weights']}; --init_from {args.init_from} gives {made_with['weights']}): "
                              "use those weights, or choose another --out")
         differ = sorted(k for k in made_with.keys() | made.keys() if made.get(k) != made_with.get(k))
         if differ:

@@ -134,13 +134,13 @@ def _sample_top_k(logits_BV, keys_B, sampler: Sampler):
     kth_B = values_BK.min(axis=-1)
     at_kth_BK = values_BK == kth_B[:, None]
     tied_BV = logits_BV == kth_B[:, None]
-    tied_B = jnp.sum(tied_BV, axis=-1)
-    weight_BK = jnp.where(at_kth_BK, tied_B[:, None] / jnp.sum(at_kth_BK, axis=-1, keepdims=True), 1.0)
+    tied_B, in_top_B = jnp.sum(tied_BV, axis=-1), jnp.sum(at_kth_BK, axis=-1)  # in all V, in the top k
+    weight_BK = jnp.where(at_kth_BK, (tied_B / in_top_B)[:, None], 1.0)
     if sampler.top_p < 1.0:
         values_BK = top_p_filter(values_BK, sampler.top_p, weight_BK)
     choice_B = draw(keys_B, values_BK + jnp.log(weight_BK))
     token_B = jnp.take_along_axis(index_BK, choice_B[:, None], axis=-1)[:, 0]
-    beyond_B = jnp.take_along_axis(at_kth_BK, choice_B[:, None], axis=-1)[:, 0] & (tied_B > jnp.sum(at_kth_BK, -1))
+    beyond_B = jnp.take_along_axis(at_kth_BK, choice_B[:, None], axis=-1)[:, 0] & (tied_B > in_top_B)
 
     def pick_tied(token_B):  # the r-th entry tied with the k-th, r uniform (a cumsum over V: only when needed)
         r_B = jax.vmap(lambda key, n: jax.random.randint(jax.random.fold_in(key, 1), (), 0, n))(keys_B, tied_B)
