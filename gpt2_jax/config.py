@@ -16,9 +16,16 @@ ATTENTIONS = ("auto", "xla", "cudnn", "cpu_kernel")
 MATMUL_PRECISIONS = ("highest", "high", "default")
 
 
+def is_integer(value, minimum: int | None = None) -> bool:
+    """Whether value is a Python or NumPy integer (a bool is not one) and, given minimum, at least minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return False
+    return minimum is None or value >= minimum
+
+
 def seed_error(seed) -> str | None:
     """Why seed cannot seed a run or a sample (None when it can)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+    if not is_integer(seed, 0) or seed >= 2**32:
         return f"seed must be an integer in [0, 2**32) (jax's PRNG keys take 32 bits); got {seed!r}"
     return None
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from gpt2_jax import tf_checkpoint
 from gpt2_jax import weight_files as wf
-from gpt2_jax.config import ConfigError, ModelConfig
+from gpt2_jax.config import ConfigError, ModelConfig, is_integer
 from gpt2_jax.weight_files import WeightsError
 
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
@@ -394,7 +394,7 @@ def _heads(n_head: int | None, raw_json: dict | None, keys: tuple[str, ...], n_e
     for key in keys:
         if raw_json and key in raw_json:
             value = raw_json[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_integer(value, 1):
                 raise WeightsError(f"{json_path}: {key} is {value!r}; expected a positive integer")
             return value
     if n_embd not in HEADS_BY_WIDTH:

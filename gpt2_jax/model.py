@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import cpu_kernels
-from gpt2_jax.config import ConfigError, ModelConfig
+from gpt2_jax.config import ConfigError, ModelConfig, is_integer
 
 
 @flax.struct.dataclass
@@ -41,7 +41,7 @@ class KVCache:
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for batch_size rows of up to max_len tokens (max_len <= block_size)."""
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_integer(value, 1):
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     if max_len > config.block_size:
         raise ValueError(f"cache length {max_len} exceeds block_size {config.block_size}")

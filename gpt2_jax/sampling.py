@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import cpu_kernels
-from gpt2_jax.config import ModelConfig, replace, seed_error
+from gpt2_jax.config import ModelConfig, is_integer, replace, seed_error
 from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm, outside
 
 EOT_TOKEN = 50256
@@ -53,7 +53,7 @@ class Sampler:
         # An infinite temperature would silently sample uniformly; a string would fail in a comparison below.
         if not isinstance(self.temperature, numbers.Real) or not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite; got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_integer(self.top_k, 0):
             raise ValueError(f"top_k must be an integer >= 0 (0 = off); got {self.top_k!r}")
         if not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
@@ -553,7 +553,7 @@ def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
                   sliding_window: bool) -> None:
     """Raise a ValueError naming the first prompt that is empty, not a list of token ids, or does not fit with
     max_new_tokens."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not is_integer(max_new_tokens, 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     if len(prompts) == 0:
         raise ValueError("prompts is empty; give at least one prompt (a list of token ids)")
@@ -565,7 +565,7 @@ def check_lengths(config: ModelConfig, prompts: Sequence[Sequence[int]], max_new
         # Token ids land in an int32 array: a float or a bool would be silently truncated to an id.
         ids = np.asarray(prompt)
         if ids.dtype.kind not in "iu":  # ints beyond int64 make an object array: the range check below names them
-            bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+            bad = next((t for t in prompt if not is_integer(t)), None)
             if bad is not None:
                 raise ValueError(f"prompt {i} has {bad!r}, not an integer token id")
         bad = outside(ids, config.vocab_size)
@@ -703,7 +703,7 @@ def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], *, max_ne
              stop_tokens=(EOT_TOKEN,), batch_size: int = 16, sliding_window: bool = False) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded); row i's randomness comes from (seed, i) only."""
     sampler = Sampler(temperature, top_k, top_p)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_integer(batch_size, 1):
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     check_lengths(model_cfg, prompts, max_new_tokens, sliding_window)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch

@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from gpt2_jax.config import is_integer
+
 LLMC_MAGIC = 20240326
 LLMC_DTYPES = {3: np.dtype(np.float32), 5: np.dtype(ml_dtypes.bfloat16)}  # llm.c file version -> weight dtype
 LLMC_HEADER_INTS = 256
@@ -103,10 +105,6 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return tensors, metadata
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _header_entry(path: Path, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, start, end) of one tensor of a safetensors header, checked."""
     expected = 'expected {"dtype": "F32", "shape": [rows, ...], "data_offsets": [start, end]}'
@@ -120,9 +118,9 @@ def _header_entry(path: Path, name: str, info) -> tuple[np.dtype, tuple[int, ...
         raise WeightsError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; "
                            f"supported: {sorted(SAFETENSORS_DTYPES)}")
     shape, offsets = info["shape"], info["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_integer(d, 0) for d in shape):
         raise WeightsError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of integers >= 0")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_integer(o, 0) for o in offsets)
             and offsets[0] <= offsets[1]):
         raise WeightsError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [start, end] with "
                            f"0 <= start <= end")
