@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import functools
 import numbers
+import warnings
 from typing import Callable, Sequence
 
 import flax.struct
@@ -701,7 +702,10 @@ def _apply_host_stops(state: DecodeState, is_finished: Callable[[list[int]], boo
 def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens=(EOT_TOKEN,), batch_size: int = 16, sliding_window: bool = False) -> list[list[int]]:
-    """New tokens for each prompt (stop token excluded); row i's randomness comes from (seed, i) only."""
+    """New tokens for each prompt (stop token excluded); row i's randomness comes from (seed, i) only.
+
+    A prompt whose logits became NaN or infinite keeps the tokens drawn before, with a warning naming it
+    (generate_batch's Completion.finish_reason says "nonfinite")."""
     sampler = Sampler(temperature, top_k, top_p)
     if not is_integer(batch_size, 1):
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
@@ -709,6 +713,7 @@ def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], *, max_ne
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     B = min(batch_size, _bucket(len(prompts), minimum=1))
     out: list[list[int]] = [[] for _ in prompts]
+    failed: list[int] = []
     for start in range(0, len(order), B):
         ids = order[start:start + B]
         done = generate_batch(model_cfg, params, [prompts[i] for i in ids], [row_key(seed, i) for i in ids],
@@ -716,4 +721,10 @@ def generate(model_cfg: ModelConfig, params, prompts: list[list[int]], *, max_ne
                               stop_tokens=stop_tokens, sliding_window=sliding_window)
         for i, completion in zip(ids, done):
             out[i] = completion.tokens
+            if completion.finish_reason == "nonfinite":
+                failed.append(i)
+    if failed:
+        warnings.warn(f"the model's logits became NaN or infinite for {len(failed)} of {len(prompts)} prompts "
+                      f"(prompt {', '.join(map(str, failed[:5]))}{', ...' if len(failed) > 5 else ''}): their "
+                      f"samples stop there (float16 overflow or damaged weights?)", RuntimeWarning, stacklevel=2)
     return out

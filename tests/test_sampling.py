@@ -439,3 +439,6 @@ def test_a_row_whose_logits_become_nan_stops_there_and_says_so():
         assert len(done[0].tokens) == 3 and len(done[1].tokens) == 4
         if sampler.greedy:
             assert done[0].tokens == clean[0].tokens[:3] and done[1].tokens == clean[1].tokens
+    with pytest.warns(RuntimeWarning, match=r"NaN or infinite for 1 of 2 prompts \(prompt 0\)"):
+        out = generate(cfg, broken, prompts, max_new_tokens=4, temperature=0.0, stop_tokens=())
+    assert out == [c.tokens for c in generate_batch(cfg, broken, prompts, [row_key(0, 0), row_key(0, 1)], **greedy)]
