@@ -155,13 +155,13 @@ def resolve(argv: list[str]):
         if changes:
             say(changes)
         return model_cfg, train_cfg, None
+    if init != "scratch" and not layouts.weights_exist(init):
+        raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; {init} does not exist")
     if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
                           f"--init_from=resume or pick another --out_dir")
     if init == "scratch":
         return checked(ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over)), train_cfg, None
-    if not layouts.weights_exist(init):
-        raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; {init} does not exist")
     loaded_cfg, params = convert.load(init)
     check_preset(preset, loaded_cfg, init)
     model_cfg = checked(replace(loaded_cfg, **model_over))  # e.g. gelu_exact for nanoGPT and HF "gelu" weights

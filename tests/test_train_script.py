@@ -221,6 +221,9 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
         capsys, *flags, "--vocab_size=200")
     assert "no train data in" in main_error(capsys, *flags[:-2], f"--data={tmp_path}", flags[-1])
     assert "does not exist" in main_error(capsys, *flags, f"--init_from={tmp_path / 'nothing'}")
+    # the mistyped weights path is the error, not the out_dir that --init_from=PATH cannot continue
+    assert f"{tmp_path / 'nothing'} does not exist" in main_error(
+        capsys, *MODEL_FLAGS, f"--data={data_dir}", f"--out_dir={out}", f"--init_from={tmp_path / 'nothing'}")
     assert "holds no complete checkpoint" in main_error(capsys, "--init_from=resume", f"--out_dir={tmp_path}")
     (tmp_path / "bad.json").write_text('{"n_layer": 2, "max_iter": 5}')
     assert "keys ['max_iter'] are neither" in main_error(capsys, *flags, f"--config={tmp_path / 'bad.json'}")
