@@ -16,7 +16,8 @@ step, and grad_clip on (> 0) or off (0) as it was (the optimizer state differs).
 --mesh=data:D,fsdp:F,tensor:N lays the devices out (default: all on data); batch_size is per process.
 Multi-host: run the same command on every host with --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or --coordinator_address=auto
-on TPU pods and SLURM). docs/scaling.md has the details.
+on TPU pods and SLURM); --join_timeout=SECONDS (default 300) is how long to wait for all of them to start.
+docs/scaling.md has the details.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from gpt2_jax.tokenizer import get_tokenizer
 
 DEFAULT_PRESET = "mini"
 # Flags that say how to join a multi-process run; not TrainConfig fields, so no checkpoint records them.
-CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id")
+CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id", "join_timeout")
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
 # Dense peak TFLOP/s per chip: (16-bit; float32 at matmul_precision "default"/"high": TF32 on NVIDIA since Ampere,
 # one bf16 pass on TPU; float32 at "highest": CUDA cores on NVIDIA, six bf16 passes on TPU). Matched against
@@ -85,11 +86,22 @@ def join_cluster(argv: list[str]) -> list[str]:
             except ValueError:
                 raise ConfigError(f"--{key} must be an integer; got {found[key]!r}") from None
     try:
+        timeout = float(found.get("join_timeout", 300))
+    except ValueError:
+        raise ConfigError(f"--join_timeout must be a number of seconds; got {found['join_timeout']!r}") from None
+    try:
         sharding.initialize_distributed(found.get("coordinator_address"), numbers.get("num_processes"),
-                                        numbers.get("process_id"))
+                                        numbers.get("process_id"), timeout, on_timeout=give_up_joining)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return rest
+
+
+def give_up_joining(message: str) -> None:
+    """Called from a timer thread while the main thread waits inside jax.distributed.initialize."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:

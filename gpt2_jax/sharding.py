@@ -17,8 +17,9 @@ import collections
 import math
 import os
 import re
+import threading
 from functools import lru_cache, partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -314,13 +315,18 @@ def format_bytes(n: int) -> str:
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+                           process_id: int | None = None, join_timeout_s: float = 300.0,
+                           on_timeout: Callable[[str], None] | None = None) -> bool:
     """Join a multi-process run; returns False (and does nothing) for a single process.
 
     Values come from the arguments, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
     coordinator_address="auto", or a SLURM job step of several tasks, lets JAX detect everything
-    (SLURM, Open MPI, Cloud TPU pods). Must run before anything touches a device.
+    (SLURM, Open MPI, Cloud TPU pods). Must run before anything touches a device. When not every process has
+    joined after join_timeout_s, on_timeout(message) is called from another thread (JAX itself would end the
+    process with a C++ check failure a minute later); it should report and end the process.
     """
+    if not 0 < join_timeout_s < math.inf:
+        raise ValueError(f"join_timeout must be a finite number of seconds > 0; got {join_timeout_s!r}")
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
@@ -328,7 +334,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     # CPU processes exchange collectives through gloo; GPU and TPU use their own and ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address == "auto" or (address is None and num is None and pid is None and slurm_tasks > 1):
-        jax.distributed.initialize()
+        _join(join_timeout_s, on_timeout, "the processes of the cluster that JAX detected")
         return True
     if address is None and num is None and pid is None:
         return False
@@ -339,8 +345,26 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                          "JAX_NUM_PROCESSES, JAX_PROCESS_ID), or coordinator_address=auto")
     if not 0 <= pid < num:
         raise ValueError(f"process_id {pid} must be in [0, num_processes={num})")
-    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    _join(join_timeout_s, on_timeout, f"process {pid}: the {num} processes at {address}",
+          coordinator_address=address, num_processes=num, process_id=pid)
     return True
+
+
+def _join(timeout_s: float, on_timeout: Callable[[str], None] | None, who: str, **where) -> None:
+    timer = None
+    if on_timeout is not None:
+        message = (f"{who} did not all join within {timeout_s:g} s; start the same command on every host with "
+                   f"the same coordinator address and process count and a distinct process id, or allow "
+                   f"longer with --join_timeout=SECONDS")
+        timer = threading.Timer(timeout_s, on_timeout, args=(message,))
+        timer.daemon = True
+        timer.start()
+    try:
+        # JAX's own deadline a minute later, so that on_timeout speaks first.
+        jax.distributed.initialize(**where, initialization_timeout=math.ceil(timeout_s) + 60)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def is_main_process() -> bool:

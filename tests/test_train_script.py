@@ -510,6 +510,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_process_that_never_joins_is_named_after_join_timeout(tmp_path, data_dir, env, capsys):
+    # Process 1 never starts. JAX would wait 300 s, then end process 0 with a C++ check failure and stack trace.
+    assert "join_timeout must be a finite number of seconds > 0; got inf" in main_error(capsys, "--join_timeout=inf")
+    address = f"127.0.0.1:{free_port()}"
+    began = time.monotonic()
+    code, log = run_train(*MODEL_FLAGS, f"--data={data_dir}", f"--coordinator_address={address}",
+                          "--num_processes=2", "--process_id=0", "--join_timeout=2", out=tmp_path / "alone", env=env)
+    assert code == 1 and time.monotonic() - began < 60, log
+    assert f"error: process 0: the 2 processes at {address} did not all join within 2 s;" in log
+    assert "Check failure" not in log and not (tmp_path / "alone").exists()
+
+
 def start_two_processes(out, data_dir, env, *flags) -> list:
     """The straight run's flags (then flags) on --mesh=fsdp:8 over 2 processes of 4 CPU devices, a checkpoint every
     5 steps."""
