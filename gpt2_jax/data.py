@@ -9,7 +9,7 @@ Inputs are UTF-8 files and directories (recursive, sorted, following symbolic li
 output directories of earlier prepares). A .jsonl file holds one JSON object per line whose string "text" is a
 document; any other file is one document, read as open(path, encoding="utf-8-sig") reads it: a leading byte order
 mark dropped, CRLF and CR made LF. Files ending in .gz, .bz2 or .xz are decompressed as they are read (a
-.jsonl.gz is JSONL). Each document is its GPT-2 tokens then <|endoftext|> (50256); a literal
+.jsonl.gz is JSONL), and .zst (The Pile's .jsonl.zst) when the zstandard package is installed. Each document is its GPT-2 tokens then <|endoftext|> (50256); a literal
 "<|endoftext|>" inside a document is ordinary text (the tokens of its characters, as tiktoken's encode_ordinary
 gives), so only prepare marks where documents end. Empty documents are skipped. Long documents are tokenized in
 pieces on all cores, cut only where GPT-2's pre-tokenizer splits anyway, so the tokens equal those of the whole
@@ -25,6 +25,7 @@ import codecs
 import fcntl
 import glob
 import gzip
+import io
 import json
 import lzma
 import os
@@ -61,11 +62,64 @@ _BATCH_CHARS = 1 << 23  # characters per encode_batch call: bounds memory (text 
 # of str.isspace()), which only forgoes some cuts.
 _SAFE_CUT = re.compile(r"(?<=\S)[ \n]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # read through the standard library
 
 
 class DataError(ValueError):
     """A data file or directory that cannot be used; the message names it."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes: every frame in turn (zstd -d of concatenated frames), and an EOFError
+    for a file cut short (zstandard's own stream reader returns the bytes it got and says nothing)."""
+
+    def __init__(self, path: Path):
+        try:
+            import zstandard  # optional: only .zst inputs need it
+        except ImportError:
+            raise DataError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard); "
+                            f"or decompress it first (zstd -d)") from None
+        self._file = open(path, "rb")
+        self._errors = (zstandard.ZstdError,)
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = None
+        self._ready, self._start = b"", 0  # decompressed bytes not yet handed out: self._ready[self._start:]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._start == len(self._ready):
+            raw = self._file.read(1 << 20)
+            if not raw:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("the compressed data ends inside a zstd frame")
+                return 0
+            out = []
+            while raw:
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._context.decompressobj()
+                try:
+                    out.append(self._frame.decompress(raw))
+                except self._errors as e:
+                    raise OSError(str(e)) from None
+                raw = self._frame.unused_data if self._frame.eof else b""
+            self._ready, self._start = b"".join(out), 0
+        n = min(len(buffer), len(self._ready) - self._start)
+        buffer[:n] = self._ready[self._start:self._start + n]
+        self._start += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _zstd_open(path: Path, mode: str):
+    return io.BufferedReader(_ZstdReader(path))
+
+
+# read through the standard library, and zstandard's decompressor
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open}
 
 
 def write_shard(path, tokens) -> None:

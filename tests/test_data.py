@@ -333,6 +333,33 @@ def test_compressed_inputs_are_read_as_their_text(tmp_path):
     assert not (tmp_path / "out3").exists()
 
 
+def test_zstd_inputs_are_read_frame_after_frame_and_a_cut_is_an_error(tmp_path, monkeypatch):
+    import zstandard
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    long_text = "".join(f"line {i}\n" for i in range(200_000))  # 1.4 MB: several reads of the compressed file
+    frames = [zstandard.ZstdCompressor().compress(json.dumps({"text": t}).encode() + b"\n")
+              for t in ("Hello world", long_text)]
+    (corpus / "pile.jsonl.zst").write_bytes(b"".join(frames))  # two frames, as `cat a.zst b.zst` gives
+    summary = data.prepare([corpus], tmp_path / "out")
+    assert summary["documents"] == 2
+    tokens = np.concatenate([data.open_split(tmp_path / "out", s).shards[0] for s in ("train", "val")])
+    assert tokens.tolist()[:3] == [15496, 995, EOT] and len(tokens) == 3 + len(get_tokenizer().encode(long_text)) + 1
+    (corpus / "pile.jsonl.zst").write_bytes(frames[0] + frames[1][: len(frames[1]) // 2])  # an interrupted copy
+    with pytest.raises(data.DataError, match=r"pile.jsonl.zst: not a complete zst file \(the compressed data ends "):
+        data.prepare([corpus], tmp_path / "out2")
+    damaged = bytearray(frames[1])
+    damaged[4] ^= 0xFF  # the frame header descriptor
+    (corpus / "pile.jsonl.zst").write_bytes(bytes(damaged))
+    with pytest.raises(data.DataError, match=r"pile.jsonl.zst: not a complete zst file \("):
+        data.prepare([corpus], tmp_path / "out3")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # not installed
+    with pytest.raises(data.DataError, match=r"pile.jsonl.zst: reading .zst files needs the zstandard package"):
+        data.prepare([corpus], tmp_path / "out4")
+    assert not any((tmp_path / f"out{i}").exists() for i in (2, 3, 4))
+
+
 def test_bundled_shakespeare_is_prepared_on_first_use(tmp_path):
     out = data.shakespeare(tmp_path / "prepared")
     train, val = data.open_split(out, "train"), data.open_split(out, "val")
