@@ -190,8 +190,10 @@ def export_hf(config: ModelConfig, params: dict, out_dir: str | Path) -> None:
     """Write model.safetensors + config.json that transformers' GPT2LMHeadModel.from_pretrained loads.
 
     Biases the model lacks (bias=False, qkv_bias=False) are written as zeros, which computes the same function;
-    an untied head is written untied (tie_word_embeddings false). GPT-2 in transformers has no lm_head bias.
+    an untied head is written untied (tie_word_embeddings false), unless it equals wte. GPT-2 in transformers has
+    no lm_head bias: an all-zero one (a reference export's) is left out, any other is refused.
     """
+    config, params = _without_redundant_head(config, params)
     if config.lm_head_bias:
         raise WeightsError("Hugging Face GPT-2 has no lm_head bias but this model has one (lm_head_bias=True); "
                            "export it with --to reference or --to orbax")
@@ -256,6 +258,7 @@ def export_llmc(config: ModelConfig, params: dict, path: str | Path, dtype: str 
     """Write an llm.c GPT-2 .bin: version 3 (float32) or 5 (bfloat16), token table padded to 128 rows."""
     if dtype not in ("float32", "bfloat16"):
         raise WeightsError(f"llm.c files hold float32 or bfloat16 weights; got dtype {dtype!r}")
+    config, params = _without_redundant_head(config, params)
     _require(config, "llm.c", activation="gelu_tanh", layer_norm_eps=1e-5, tie_embeddings=True, lm_head_bias=False)
     _refuse_existing(path, "llmc")
     cfg, flat = _complete(config, params, qkv_bias=True, untie=False, lm_head_bias=False)
@@ -325,6 +328,26 @@ def _require(cfg: ModelConfig, target: str, **needed) -> None:
     for key, value in needed.items():
         if getattr(cfg, key) != value:
             raise WeightsError(f"{target} needs {key}={value!r}; this model has {key}={getattr(cfg, key)!r}")
+
+
+def _without_redundant_head(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+    """The same function with fewer parameters, for layouts that cannot hold them (HF, llm.c): an all-zero lm_head
+    bias is dropped, and an untied head equal to wte (in its vocab_size rows) becomes tied. The reference layout
+    writes both (its out_head is untied, with a bias when the qkv projections have one), so that reading such a
+    file back gives them."""
+    if not cfg.tie_embeddings and isinstance(params.get("lm_head"), dict):
+        head = dict(params["lm_head"])
+        if cfg.lm_head_bias and "bias" in head and not np.any(np.asarray(head["bias"])):
+            del head["bias"]
+            cfg = replace(cfg, lm_head_bias=False)
+        params = {**params, "lm_head": head}
+        V = cfg.vocab_size
+        if not cfg.lm_head_bias and "weight" in head and tuple(np.shape(head["weight"])) == tuple(
+                np.shape(params["wte"])) and np.array_equal(np.asarray(head["weight"])[:V],
+                                                            np.asarray(params["wte"])[:V]):
+            params = {k: v for k, v in params.items() if k != "lm_head"}
+            cfg = replace(cfg, tie_embeddings=True)
+    return cfg, params
 
 
 def _complete(cfg: ModelConfig, params: dict, *, qkv_bias: bool, untie: bool,

@@ -5,8 +5,9 @@ TensorFlow checkpoint, OpenAI's original release, is a set of files found throug
 table is a list of Entry rows: which checkpoint tensors make one of our parameters, their shapes, and the
 transform each way, so the same table serves reading (convert.load) and writing (convert.export_*).
 
-n_head cannot be read from tensor shapes. It comes from the n_head argument, else a config JSON (an HF
-directory's config.json, or a JSON beside the file: <stem>.json first, then config.json), else from the
+n_head cannot be read from tensor shapes. It comes from a config JSON (an HF directory's config.json, or a JSON
+beside the file: <stem>.json first, then config.json; nanoGPT's model_args, llm.c's header), else from the n_head
+argument (which must agree with the file's config where both give it), else from the
 OpenAI preset of the same width (768 -> 12, 1024 -> 16, 1280 -> 20, 1600 -> 25) with a warning. A TensorFlow
 checkpoint's config JSON is the hparams.json beside it.
 Everything else is inferred from the tensors; a config JSON that disagrees with them gives a warning. A config JSON
@@ -237,7 +238,7 @@ def open_checkpoint(path: str | Path, *, n_head: int | None = None,
                                f"Face checkpoint), or the weights file itself")
         kind = wf.sniff(path)
         if kind == "llmc":
-            return _llmc_checkpoint(path, *wf.read_llmc(path))
+            return _llmc_checkpoint(path, *wf.read_llmc(path), n_head=n_head)
         if kind == "safetensors":
             arrays = wf.read_safetensors(path)[0]
         else:
@@ -389,20 +390,30 @@ def _count_layers(arrays: dict, pattern: str, path: Path) -> int:
 
 def _heads(n_head: int | None, raw_json: dict | None, keys: tuple[str, ...], n_embd: int, path: Path,
            json_path: Path | None) -> int:
-    if n_head:
-        return n_head
     for key in keys:
         if raw_json and key in raw_json:
             value = raw_json[key]
             if not is_integer(value, 1):
                 raise WeightsError(f"{json_path}: {key} is {value!r}; expected a positive integer")
-            return value
+            return _agreed_heads(n_head, value, f"{json_path} ({key})")
+    if n_head:
+        return n_head
     if n_embd not in HEADS_BY_WIDTH:
         raise WeightsError(f"{path}: n_head cannot be read from tensor shapes and no config JSON gives it; "
                            f"pass n_head= (--n_head) or put a config JSON beside the weights")
     warnings.warn(f"{path}: no config JSON gives n_head; using {HEADS_BY_WIDTH[n_embd]}, the OpenAI GPT-2 value "
                   f"for n_embd={n_embd}", stacklevel=3)
     return HEADS_BY_WIDTH[n_embd]
+
+
+def _agreed_heads(n_head: int | None, stored: int, where: str) -> int:
+    """The heads the file's own config gives; an n_head argument (--n_head) that disagrees with them is an error:
+    the same weights split into other heads are another function, which nothing downstream would notice."""
+    if n_head and n_head != stored:
+        raise WeightsError(f"n_head={n_head} was given but {where} says n_head={stored}; the heads cannot be read "
+                           f"from tensor shapes, and a wrong count computes another function: drop --n_head "
+                           f"(or correct the config)")
+    return stored
 
 
 def _warn_disagreements(raw_json: dict | None, json_path: Path | None, found: dict[str, object]) -> None:
@@ -432,7 +443,8 @@ def _nanogpt_checkpoint(path, arrays, meta, raw_json, json_path, n_head) -> Chec
         if missing:
             raise WeightsError(f"{path}: nanoGPT model_args lacks {missing}")
         fields = dict(vocab_size=args["vocab_size"], block_size=args["block_size"], n_layer=args["n_layer"],
-                      n_head=n_head or args["n_head"], n_embd=args["n_embd"], bias=bool(args["bias"]))
+                      n_head=_agreed_heads(n_head, args["n_head"], f"{path} (nanoGPT model_args)"),
+                      n_embd=args["n_embd"], bias=bool(args["bias"]))
     else:
         V, C = _shape(arrays, "transformer.wte.weight", path, 2)
         L = _count_layers(arrays, r"transformer\.h\.(\d+)\.", path)
@@ -510,7 +522,8 @@ def _hf_options(raw: dict, json_path: Path | None, n_embd: int) -> tuple[str, fl
     return activation, float(eps), flags["tie_word_embeddings"]
 
 
-def _llmc_checkpoint(path: Path, fields: dict, stacked: dict) -> Checkpoint:
+def _llmc_checkpoint(path: Path, fields: dict, stacked: dict, n_head: int | None = None) -> Checkpoint:
+    _agreed_heads(n_head, fields["n_head"], f"{path} (llm.c header)")
     V, Vp = fields["vocab_size"], fields["vocab_padded"]
     pad = next((p for p in (2 ** k for k in range(16, -1, -1)) if Vp % p == 0 and -(-V // p) * p == Vp), Vp)
     cfg = _config(path, vocab_size=V, block_size=fields["block_size"], n_layer=fields["n_layer"],

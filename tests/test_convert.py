@@ -204,6 +204,24 @@ def test_tensor_in_two_shards_is_refused(hf_state, tmp_path):
         convert.load(tmp_path / "hf", n_head=2)
 
 
+def test_n_head_that_disagrees_with_the_files_config_is_refused(random_hf, random_nanogpt, tmp_path):
+    # The heads cannot be read from tensor shapes: an --n_head that contradicts config.json (nanoGPT's model_args,
+    # llm.c's header) would silently load another function, and compare would build its torch side from the same
+    # wrong count and report a match.
+    random_hf(seed=32, n_head=2).save_pretrained(tmp_path / "hf")
+    with pytest.raises(WeightsError, match=r"n_head=4 was given but .*config.json \(n_head\) says n_head=2"):
+        convert.load(tmp_path / "hf", n_head=4)
+    assert convert.load(tmp_path / "hf", n_head=2)[0].n_head == 2  # agreeing is fine
+    model, args = random_nanogpt(seed=33)
+    torch.save({"model": model.state_dict(), "model_args": args}, tmp_path / "ckpt.pt")
+    with pytest.raises(WeightsError, match=r"n_head=4 was given but .*model_args\) says n_head=2"):
+        convert.load(tmp_path / "ckpt.pt", n_head=4)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=100)
+    convert.export_llmc(cfg, random_params(cfg), tmp_path / "m.bin")
+    with pytest.raises(WeightsError, match=r"n_head=4 was given but .*llm.c header\) says n_head=2"):
+        convert.load(tmp_path / "m.bin", n_head=4)
+
+
 # ---------------------------------------------------------------- reference layout
 
 
@@ -269,6 +287,31 @@ def test_export_reference_of_tied_biasless_model_is_the_same_function(torch_logi
     model.load_state_dict(state, strict=True)
     tokens = tokens_for(96)
     assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model.eval(), tokens)).max() <= 1e-5
+
+
+def test_hf_reference_hf_round_trip_is_bitwise(random_hf, tmp_path):
+    # The reference layout gives out_head a bias whenever the qkv projections have one, and no tying: an HF model
+    # exported to it comes back with a zero lm_head bias and a head equal to wte, the same function that HF (and
+    # llm.c) can hold, so that exporting it back must work and give the original file.
+    from safetensors.numpy import load_file
+
+    random_hf(seed=34).save_pretrained(tmp_path / "hf")
+    cfg, params = convert.load(tmp_path / "hf")
+    convert.export_reference(cfg, params, tmp_path / "ref.pt")
+    cfg2, params2 = convert.load(tmp_path / "ref.pt")
+    assert cfg2.lm_head_bias and not cfg2.tie_embeddings
+    convert.export_hf(cfg2, params2, tmp_path / "hf2")
+    original, again = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    assert sorted(original) == sorted(again)
+    for key in original:
+        np.testing.assert_array_equal(original[key], again[key], err_msg=key)
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["tie_word_embeddings"] is True
+    convert.export_llmc(cfg2, params2, tmp_path / "a.bin")
+    convert.export_llmc(cfg, params, tmp_path / "b.bin")
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    params2["lm_head"]["bias"] = params2["lm_head"]["bias"].at[3].set(1e-3)  # a real bias is still refused
+    with pytest.raises(WeightsError, match="no lm_head bias"):
+        convert.export_hf(cfg2, params2, tmp_path / "hf3")
 
 
 # ---------------------------------------------------------------- nanoGPT
