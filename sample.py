@@ -24,6 +24,7 @@ import argparse
 import codecs
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
@@ -67,7 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num_samples", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=1)
     p.add_argument("--max_new_tokens", type=_ranged("int", int, lambda v: v >= 1, "an integer >= 1"), default=None,
                    help=f"default {DEFAULT_NEW_TOKENS}, or block_size // 2 for a model with a shorter context")
-    p.add_argument("--temperature", type=_ranged("float", float, lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    p.add_argument("--temperature", type=_ranged("float", float, lambda v: 0 <= v < math.inf,
+                                                 "a finite number >= 0 (0 = greedy)"),
                    default=0.8)
     p.add_argument("--top_k", type=_ranged("int", int, lambda v: v >= 0, "an integer >= 0 (0 = off)"), default=200)
     p.add_argument("--top_p", type=_ranged("float", float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),

@@ -130,12 +130,13 @@ def io_error_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
 
 
-def _unreadable(directory: Path, step: int, error: Exception) -> CheckpointError:
+def _unreadable(directory: Path, step: int, error: Exception | str) -> CheckpointError:
     """A CheckpointError for a step that cannot be read, naming the older steps to fall back on."""
     older = [s for s in _steps(directory) if s < step]
     hint = (f"; the older complete steps are {older}: move {directory}/{step} aside to use step {older[-1]}"
             if older else "")
-    return CheckpointError(f"checkpoint {directory}/{step} is damaged or incomplete ({io_error_reason(error)}){hint}")
+    reason = error if isinstance(error, str) else io_error_reason(error)
+    return CheckpointError(f"checkpoint {directory}/{step} is damaged or incomplete ({reason}){hint}")
 
 
 def _pick_step(directory: Path, step: int | None) -> int:
@@ -193,6 +194,10 @@ def save_weights(directory, model_config: ModelConfig, params) -> None:
     directory = Path(directory)
     if _steps(directory):
         raise CheckpointError(f"{directory} already holds a checkpoint; save weights into a new directory")
+    if directory.name.isdigit() and int(directory.name) in _steps(directory.parent):
+        # orbax would nest a checkpoint inside that step, which every later load of it then warns about
+        raise CheckpointError(f"{directory} is step {directory.name} of the checkpoint in {directory.parent}; "
+                              "save weights into a new directory")
     meta = {"format": FORMAT, "step": 0, "model_config": model_config.to_dict()}
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(directory.absolute(), item_handlers=_handlers(), options=options) as manager:
@@ -257,6 +262,8 @@ def restore_train_state(directory, model_config: ModelConfig, train_config: Trai
     meta = read_meta(directory, step)
     check_model_config(meta["model_config"], model_config, where)
     if not (directory / str(step) / "opt_state").is_dir():
+        if "val_loss" in meta:  # save_train_state's meta (save_weights has none): its opt_state item is lost
+            raise _unreadable(directory, step, "its opt_state item is missing")
         raise CheckpointError(f"{where} holds weights only (no optimizer state); it cannot be resumed, "
                               f"but --init_from={directory} fine-tunes from it")
     target = abstract_train_state(model_config, train_config, sharding)

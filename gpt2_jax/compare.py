@@ -39,12 +39,36 @@ def compare(src: str | Path, *, text: str | None = None, steps: int = DEFAULT_ST
             against: str | Path | None = None, n_head: int | None = None) -> dict:
     """Load src in JAX (float32) and in torch (or `against` in torch) and compare them on text's tokens."""
     cfg, params = convert.load(src, jnp.float32, n_head=n_head)
+    if against is not None:
+        _check_same_shape(cfg, _config_of(against, n_head), src, against)
     with tempfile.TemporaryDirectory() as workdir:
         model, blocks, torch_name = torch_model_for(against or src, Path(workdir), n_head=n_head)
         tokens = text_tokens(cfg, text, steps)
         report = compare_models(cfg, params, model, blocks, tokens, steps, atol)
     return {"src": str(src), "torch_src": str(against or src), "torch_model": torch_name,
             "n_params": count_params(params), **report}
+
+
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_embd")
+
+
+def _config_of(path: str | Path, n_head: int | None = None) -> ModelConfig:
+    """The ModelConfig of a weights file or directory, from its config and tensor shapes (no weights read)."""
+    orbax = convert.orbax_source(Path(path))
+    if orbax is not None:
+        from gpt2_jax import checkpoint
+
+        return ModelConfig(**checkpoint.read_meta(*orbax)["model_config"])
+    return layouts.open_checkpoint(Path(path), n_head=n_head).config
+
+
+def _check_same_shape(cfg: ModelConfig, other: ModelConfig, src, against) -> None:
+    """A ValueError when --against is a model of another shape: its logits cannot be compared with src's (and torch
+    would fail with an IndexError on a token or position it does not have)."""
+    diffs = [f"{k}={getattr(other, k)} (src: {getattr(cfg, k)})" for k in SHAPE_FIELDS
+             if getattr(other, k) != getattr(cfg, k)]
+    if diffs:
+        raise ValueError(f"--against {against} is not a model of {src}'s shape: {', '.join(diffs)}")
 
 
 def text_tokens(cfg: ModelConfig, text: str | None, steps: int) -> np.ndarray:
@@ -248,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.steps < 0 or args.atol <= 0:
+    if args.steps < 0 or not args.atol > 0:  # (not > 0: also NaN, which no difference would exceed)
         parser.error("--steps must be >= 0 and --atol > 0")
     try:
         report = compare(args.src, text=args.text, steps=args.steps, atol=args.atol, against=args.against,

@@ -247,6 +247,8 @@ def input_files(inputs) -> list[Path]:
             found += _directory_files(path)
         elif path.is_file():
             found.append(path)
+        elif path.exists():  # a FIFO, socket or device: reading one would block or never end
+            raise DataError(f"input {path} is neither a regular file nor a directory")
         else:
             raise DataError(f"input {path} does not exist")
     files, first = [], {}

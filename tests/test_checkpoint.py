@@ -147,7 +147,7 @@ def test_an_unfinished_save_is_ignored_and_then_removed(tmp_path, state):
 
 
 @pytest.mark.parametrize("damage", ["truncated params", "no meta", "cut meta", "no params metadata",
-                                    "no opt_state metadata"])
+                                    "no opt_state metadata", "no opt_state"])
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see checkpoint.quiet_failed_io
 def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, damage):
     manager = save_state(tmp_path, state, step=5)
@@ -157,6 +157,8 @@ def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, dam
         for f in (tmp_path / "6" / "params").rglob("*"):
             if f.is_file() and f.parent.name == "d":  # the arrays' data files
                 f.write_bytes(f.read_bytes()[:10])
+    elif damage == "no opt_state":  # not a weights-only directory (whose advice would be to fine-tune from it)
+        shutil.rmtree(tmp_path / "6" / "opt_state")
     elif damage == "no meta":
         shutil.rmtree(tmp_path / "6" / "meta")
     elif damage.endswith("metadata"):  # the tree of names and shapes, read before any array
@@ -166,7 +168,7 @@ def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, dam
     message = rf"checkpoint {tmp_path}/6 is damaged or incomplete \(.*\); the older complete steps are \[5\]"
     with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.restore_train_state(tmp_path, TINY, TRAIN)
-    if damage != "no opt_state metadata":  # weights alone do not read the optimizer state
+    if not damage.startswith("no opt_state"):  # weights alone do not read the optimizer state
         with pytest.raises(checkpoint.CheckpointError, match=message):
             checkpoint.load_weights(tmp_path)
     restored, meta = checkpoint.restore_train_state(tmp_path, TINY, TRAIN, step=5)  # the older step is whole

@@ -97,3 +97,15 @@ def test_text_longer_than_a_file_name_is_text(tmp_path):
     text = "word " * 60  # 300 characters: too long for a file name (ENAMETOOLONG)
     tokens = compare.text_tokens(ModelConfig.from_preset("tiny"), text, steps=1)
     assert tokens.tolist() == get_tokenizer().encode(text)
+
+
+def test_against_a_model_of_another_shape_and_nan_atol_are_one_line_errors(random_hf, tmp_path, capsys):
+    random_hf(seed=24, vocab_size=VOCAB).save_pretrained(tmp_path / "hf")
+    random_hf(seed=25, vocab_size=300).save_pretrained(tmp_path / "small")  # torch: IndexError on GPT-2 tokens
+    capsys.readouterr()  # transformers' progress bars
+    assert compare.main([str(tmp_path / "hf"), "--against", str(tmp_path / "small"), "--steps", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: --against {tmp_path / 'small'} is not a model of {tmp_path / 'hf'}'s "
+                                       f"shape: vocab_size=300 (src: {VOCAB})\n")
+    with pytest.raises(SystemExit) as e:
+        compare.main([str(tmp_path / "hf"), "--atol", "nan"])
+    assert e.value.code == 2 and "--atol > 0" in capsys.readouterr().err

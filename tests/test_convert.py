@@ -667,6 +667,16 @@ def test_exports_never_overwrite(to, existing, tmp_path, capsys):
     assert (tmp_path / existing).read_bytes() == b"someone's weights"
 
 
+def test_orbax_export_refuses_a_step_directory_of_a_checkpoint(tmp_path, capsys):
+    cfg = ModelConfig.from_preset("tiny")
+    convert.save(cfg, random_params(cfg), tmp_path / "orbax")
+    step = tmp_path / "orbax" / "0"
+    before = sorted(p.name for p in step.iterdir())
+    assert convert.main([str(tmp_path / "orbax"), str(step)]) == 2
+    assert f"error: {step} is step 0 of the checkpoint in {tmp_path / 'orbax'}" in capsys.readouterr().err
+    assert sorted(p.name for p in step.iterdir()) == before
+
+
 def disk_full():
     raise OSError(28, "No space left on device")
 

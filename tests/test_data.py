@@ -89,6 +89,9 @@ def test_prepare_errors_name_the_input(tmp_path):
         data.prepare([tmp_path / "bad.jsonl"], tmp_path / "out")
     with pytest.raises(data.DataError, match="input .*nothing.txt does not exist"):
         data.prepare([tmp_path / "nothing.txt"], tmp_path / "out")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(data.DataError, match="input .*fifo is neither a regular file nor a directory"):
+        data.prepare([tmp_path / "fifo"], tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no input files in .*empty"):
         data.prepare([tmp_path / "empty"], tmp_path / "out")

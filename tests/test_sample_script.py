@@ -217,7 +217,8 @@ def test_text_stream_holds_back_partial_utf8_and_stop_strings():
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--temperature=-1", "argument --temperature: must be >= 0"),
+    ("--temperature=-1", "argument --temperature: must be a finite number >= 0"),
+    ("--temperature=inf", "argument --temperature: must be a finite number >= 0"),
     ("--top_p=0", r"argument --top_p: must be in (0, 1]"),
     ("--top_p=1.5", r"argument --top_p: must be in (0, 1]"),
     ("--top_k=-1", "argument --top_k: must be an integer >= 0"),
