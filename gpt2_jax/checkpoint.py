@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
-from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig, replace
 from gpt2_jax.model import init_params
 from gpt2_jax.training import TrainState, init_train_state
 
@@ -211,6 +211,15 @@ def read_meta(directory, step: int | None = None) -> dict:
     meta = _restore(directory, step, meta=ocp.args.JsonRestore())["meta"]
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise CheckpointError(f"{directory}/{step} has no gpt2_jax meta item with a model_config")
+    for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
+        saved = meta.get(key, {})
+        try:  # another version's fields, or a hand-edited file: not to be read as a bad --flag
+            if not isinstance(saved, dict):
+                raise ConfigError(f"{saved!r:.60} is not a JSON object")
+            replace(cls(), **saved)
+        except ConfigError as e:
+            raise CheckpointError(f"{directory}/{step}: its saved {key} does not fit this version of gpt2_jax "
+                                  f"({e})") from None
     return meta
 
 

@@ -175,6 +175,24 @@ def test_a_damaged_latest_step_is_named_with_the_older_ones(tmp_path, state, dam
     assert meta["step"] == 5
 
 
+def test_a_saved_config_from_another_version_names_the_checkpoint(tmp_path, state):
+    # A key this version does not know would otherwise read as a mistyped --flag.
+    manager = save_state(tmp_path, state, step=5)
+    checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)),
+                                {"model_config": {**TINY.to_dict(), "rope_theta": 1e4}, "train_config": "?"})
+    manager.wait_until_finished()
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{tmp_path}/6: its saved model_config does not fit this "
+                                                         r"version of gpt2_jax \(unknown ModelConfig key\(s\) \['rope_theta'\]"):
+        checkpoint.load_weights(tmp_path)
+    manager = save_state(tmp_path / "b", state, step=5)
+    checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)), {"model_config": TINY.to_dict(),
+                                                                          "train_config": {"batch_size": "8"}})
+    manager.wait_until_finished()
+    with pytest.raises(checkpoint.CheckpointError, match=r"6: its saved train_config does not fit .*batch_size must "
+                                                         r"be int; got '8'"):
+        checkpoint.read_meta(tmp_path / "b")
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see checkpoint.quiet_failed_io
 def test_a_damaged_step_is_one_short_line_without_tensorstores_spec(tmp_path, state):
     manager = save_state(tmp_path, state, step=5)
