@@ -6,10 +6,12 @@ then the tokens as uint16. nanoGPT's raw train.bin / val.bin (uint16 tokens, no 
     python -m gpt2_jax.data prepare INPUT... --out DIR [--val_fraction F] [--shard_tokens N]
 
 Inputs are UTF-8 files and directories (recursive, sorted, following symbolic links, skipping hidden names and the
-output directories of earlier prepares). A .jsonl file holds one JSON object per line whose string "text" is a
-document; any other file is one document, read as open(path, encoding="utf-8-sig") reads it: a leading byte order
-mark dropped, CRLF and CR made LF. Files ending in .gz, .bz2 or .xz are decompressed as they are read (a
-.jsonl.gz is JSONL), and .zst (The Pile's .jsonl.zst) when the zstandard package is installed. Each document is its GPT-2 tokens then <|endoftext|> (50256); a literal
+output directories of earlier prepares). A .jsonl or .json file holds one JSON object per line (JSON Lines, as
+datasets' to_json writes) whose string "text" is a document; any other file is one document, read as
+open(path, encoding="utf-8-sig") reads it: a leading byte order mark dropped, CRLF and CR made LF; a tar or zip
+archive is an error (extract it first). Files ending in .gz, .bz2 or .xz are decompressed as they are read (a
+.jsonl.gz is JSONL), and .zst (The Pile's .jsonl.zst) when the zstandard package is installed. Each document is
+its GPT-2 tokens then <|endoftext|> (50256); a literal
 "<|endoftext|>" inside a document is ordinary text (the tokens of its characters, as tiktoken's encode_ordinary
 gives), so only prepare marks where documents end. Empty documents are skipped. Long documents are tokenized in
 pieces on all cores, cut only where GPT-2's pre-tokenizer splits anyway, so the tokens equal those of the whole
@@ -294,6 +296,15 @@ def _is_prepared(directory: Path) -> bool:
     return False
 
 
+def _archive_kind(head: bytes) -> str | None:
+    """'tar' or 'zip' when the first bytes of a file (after decompression) are those of one."""
+    if head[257:262] == b"ustar":  # POSIX and GNU tar headers
+        return "tar"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first local file header, or an empty zip
+        return "zip"
+    return None
+
+
 def _text_blocks(path: Path) -> Iterator[str]:
     """A UTF-8 file's text in blocks, as open(path, encoding="utf-8-sig") reads it (CRLF and CR made LF)."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
@@ -301,6 +312,8 @@ def _text_blocks(path: Path) -> Iterator[str]:
     with _open_binary(path) as f:
         while True:
             raw = f.read(_PIECE_CHARS)
+            if line == 1 and (kind := _archive_kind(raw)):  # its member names and headers would become text
+                raise DataError(f"{path} is a {kind} archive; extract it and pass the directory")
             try:
                 text = carry + decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:  # e.object holds no newline before this block's bytes
@@ -311,6 +324,9 @@ def _text_blocks(path: Path) -> Iterator[str]:
             yield text[: len(text) - len(carry)].replace("\r\n", "\n").replace("\r", "\n")
             if not raw:
                 return
+
+
+_JSON_LINES = 'a .jsonl or .json input is JSON Lines: one {"text": ...} object per line'
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
@@ -326,9 +342,9 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); {_JSON_LINES}") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{number}: expected an object with a string field \"text\"")
+                raise DataError(f"{path}:{number}: expected an object with a string field \"text\"; {_JSON_LINES}")
             if bad := _SURROGATE.search(record["text"]):
                 raise DataError(f"{path}:{number}: \"text\" holds the lone surrogate \\u{ord(bad[0]):04x}, "
                                 f"which is not Unicode text")
@@ -357,7 +373,7 @@ def _document_pieces(files) -> Iterator[tuple[str, bool]]:
     for path in files:
         compression = path.suffix.lower() if path.suffix.lower() in COMPRESSED else ""
         try:
-            if path.name.lower().removesuffix(compression).endswith(".jsonl"):
+            if path.name.lower().removesuffix(compression).endswith((".jsonl", ".json")):
                 for text in _jsonl_texts(path):
                     yield from _pieces([text])
             else:
@@ -520,7 +536,7 @@ def main(argv=None) -> int:
     prep = sub.add_parser("prepare", help="tokenize text files, directories or .jsonl into train/val shards",
                           description=__doc__.strip().rsplit("\n\n", 1)[1],
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    prep.add_argument("inputs", nargs="+", help="text files, directories, or .jsonl files with a 'text' field")
+    prep.add_argument("inputs", nargs="+", help="text files, directories, or .jsonl/.json files of {'text': ...} lines")
     prep.add_argument("--out", required=True, help="output directory (created; must be empty)")
     prep.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens (the last) for val")
     prep.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")

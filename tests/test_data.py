@@ -125,6 +125,29 @@ def test_bad_text_is_an_error_naming_the_file_and_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_json_is_json_lines_and_archives_are_refused(tmp_path):
+    import tarfile
+    import zipfile
+
+    (tmp_path / "records.json").write_text('{"text": "Hello world"}\n{"text": "Hello world"}\n')  # to_json's layout
+    data.prepare([tmp_path / "records.json"], tmp_path / "out")
+    assert prepared_tokens(tmp_path / "out").tolist() == [15496, 995, EOT, 15496, 995, EOT]
+    (tmp_path / "pretty.json").write_text('[\n  {"text": "Hello world"}\n]\n')  # not JSON Lines: not its brackets as text
+    with pytest.raises(data.DataError, match=r"pretty\.json:1: not valid JSON .*; a \.jsonl or \.json input is "
+                                             r"JSON Lines: one \{\"text\": \.\.\.\} object per line"):
+        data.prepare([tmp_path / "pretty.json"], tmp_path / "out2")
+    (tmp_path / "a.txt").write_text("Hello world")
+    with tarfile.open(tmp_path / "corpus.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "a.txt", arcname="a.txt")
+    with pytest.raises(data.DataError, match=r"corpus\.tar\.gz is a tar archive; extract it"):
+        data.prepare([tmp_path / "corpus.tar.gz"], tmp_path / "out2")
+    with zipfile.ZipFile(tmp_path / "corpus.zip", "w") as z:  # stored, not deflated: every byte is ASCII text
+        z.write(tmp_path / "a.txt", "a.txt")
+    with pytest.raises(data.DataError, match=r"corpus\.zip is a zip archive; extract it"):
+        data.prepare([tmp_path / "corpus.zip"], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
 def test_text_files_are_read_as_open_reads_them_without_the_bom(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_PIECE_CHARS", 15)  # file blocks of 15 bytes: the first \r\n spans two of them
     (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbfHello world\r\n to be\r or not")
