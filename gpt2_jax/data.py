@@ -536,7 +536,7 @@ def main(argv=None) -> int:
     prep = sub.add_parser("prepare", help="tokenize text files, directories or .jsonl into train/val shards",
                           description=__doc__.strip().rsplit("\n\n", 1)[1],
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    prep.add_argument("inputs", nargs="+", help="text files, directories, or .jsonl/.json files of {'text': ...} lines")
+    prep.add_argument("inputs", nargs="+", help="text files, directories, .jsonl/.json files")
     prep.add_argument("--out", required=True, help="output directory (created; must be empty)")
     prep.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens (the last) for val")
     prep.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")

@@ -181,8 +181,8 @@ def test_a_saved_config_from_another_version_names_the_checkpoint(tmp_path, stat
     checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)),
                                 {"model_config": {**TINY.to_dict(), "rope_theta": 1e4}, "train_config": "?"})
     manager.wait_until_finished()
-    with pytest.raises(checkpoint.CheckpointError, match=rf"{tmp_path}/6: its saved model_config does not fit this "
-                                                         r"version of gpt2_jax \(unknown ModelConfig key\(s\) \['rope_theta'\]"):
+    message = r"/6: its saved model_config does not fit this version of gpt2_jax \(unknown ModelConfig key\(s\) \['rope"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.load_weights(tmp_path)
     manager = save_state(tmp_path / "b", state, step=5)
     checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)), {"model_config": TINY.to_dict(),

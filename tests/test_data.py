@@ -132,7 +132,8 @@ def test_json_is_json_lines_and_archives_are_refused(tmp_path):
     (tmp_path / "records.json").write_text('{"text": "Hello world"}\n{"text": "Hello world"}\n')  # to_json's layout
     data.prepare([tmp_path / "records.json"], tmp_path / "out")
     assert prepared_tokens(tmp_path / "out").tolist() == [15496, 995, EOT, 15496, 995, EOT]
-    (tmp_path / "pretty.json").write_text('[\n  {"text": "Hello world"}\n]\n')  # not JSON Lines: not its brackets as text
+    # Not JSON Lines: an error, not its brackets trained on as text.
+    (tmp_path / "pretty.json").write_text('[\n  {"text": "Hello world"}\n]\n')
     with pytest.raises(data.DataError, match=r"pretty\.json:1: not valid JSON .*; a \.jsonl or \.json input is "
                                              r"JSON Lines: one \{\"text\": \.\.\.\} object per line"):
         data.prepare([tmp_path / "pretty.json"], tmp_path / "out2")
