@@ -75,8 +75,13 @@ def text_tokens(cfg: ModelConfig, text: str | None, steps: int) -> np.ndarray:
     """GPT-2 tokens of text (or of the file it names), cut to leave room for `steps` greedy tokens."""
     from gpt2_jax.tokenizer import get_tokenizer
 
-    if text is not None and _is_file(text):
-        text = Path(text).read_text()
+    if text is not None and _names(text, Path.is_file):
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--text file {text} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    elif text is not None and _names(text, Path.is_dir):  # a path meant as a file, not a text to compare on
+        raise ValueError(f"--text {text} is a directory; give a text or a UTF-8 text file")
     tokens = np.asarray(get_tokenizer().encode(text if text is not None else DEFAULT_TEXT), np.int32)
     room = cfg.block_size - steps
     if room < 2:
@@ -90,10 +95,10 @@ def text_tokens(cfg: ModelConfig, text: str | None, steps: int) -> np.ndarray:
     return tokens
 
 
-def _is_file(text: str) -> bool:
-    """Whether text names a file; a text too long to be a file name is not one."""
+def _names(text: str, is_kind) -> bool:
+    """Whether text names a file (is_kind=Path.is_file) or directory; a text too long to be a name is neither."""
     try:
-        return Path(text).is_file()
+        return is_kind(Path(text))
     except OSError:  # e.g. ENAMETOOLONG
         return False
 

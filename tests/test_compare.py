@@ -99,6 +99,14 @@ def test_text_longer_than_a_file_name_is_text(tmp_path):
     assert tokens.tolist() == get_tokenizer().encode(text)
 
 
+def test_text_that_names_a_binary_file_or_a_directory_is_an_error(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\x00\xd0\xff")
+    with pytest.raises(ValueError, match=r"--text file .*weights\.bin is not UTF-8 text \(invalid continuation byte"):
+        compare.text_tokens(ModelConfig.from_preset("tiny"), str(tmp_path / "weights.bin"), steps=1)
+    with pytest.raises(ValueError, match=r"--text .* is a directory; give a text or a UTF-8 text file"):
+        compare.text_tokens(ModelConfig.from_preset("tiny"), str(tmp_path), steps=1)
+
+
 def test_against_a_model_of_another_shape_and_nan_atol_are_one_line_errors(random_hf, tmp_path, capsys):
     random_hf(seed=24, vocab_size=VOCAB).save_pretrained(tmp_path / "hf")
     random_hf(seed=25, vocab_size=300).save_pretrained(tmp_path / "small")  # torch: IndexError on GPT-2 tokens
