@@ -97,6 +97,16 @@ def join_cluster(argv: list[str]) -> list[str]:
     return rest
 
 
+def missing_weights(init: str) -> str:
+    """Why --init_from=init names no weights: empty, no such path, or a step that its out_dir does not have."""
+    if not init:
+        return "it is empty"
+    parent = Path(init).parent
+    if Path(init).name.isdigit() and checkpoint.is_checkpoint_dir(parent):
+        return f"{parent} has no step {Path(init).name}; it has steps {checkpoint.complete_steps(parent)}"
+    return f"{init} does not exist"
+
+
 def give_up_joining(message: str) -> None:
     """Called from a timer thread while the main thread waits inside jax.distributed.initialize."""
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -167,8 +177,9 @@ def resolve(argv: list[str]):
         if changes:
             say(changes)
         return model_cfg, train_cfg, None
-    if init != "scratch" and not layouts.weights_exist(init):
-        raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; {init} does not exist")
+    if init != "scratch" and (not init or not layouts.weights_exist(init)):
+        raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; "
+                          f"{missing_weights(init)}")
     if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
                           f"--init_from=resume or pick another --out_dir")

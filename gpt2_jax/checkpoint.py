@@ -67,6 +67,11 @@ def is_checkpoint_dir(path) -> bool:
     return bool(_steps(Path(path)))
 
 
+def complete_steps(path) -> list[int]:
+    """The steps of a checkpoint directory that have their params item, in order ([] for anything else)."""
+    return _steps(Path(path))
+
+
 def check_free_space(directory, state) -> None:
     """Raise a CheckpointError if directory's file system cannot hold one more checkpoint of state."""
     needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
@@ -141,6 +146,9 @@ def _unreadable(directory: Path, step: int, error: Exception | str) -> Checkpoin
 
 def _pick_step(directory: Path, step: int | None) -> int:
     steps = _steps(directory)
+    if not steps and not directory.is_dir():
+        raise CheckpointError(f"{directory} does not exist" if not directory.exists() else f"{directory} is a file, "
+                              f"not a checkpoint directory")
     if not steps:
         raise CheckpointError(f"{directory} holds no complete checkpoint (no step directory with a 'params' item)")
     if step is None:

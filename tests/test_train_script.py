@@ -225,6 +225,11 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
     assert f"{tmp_path / 'nothing'} does not exist" in main_error(
         capsys, *MODEL_FLAGS, f"--data={data_dir}", f"--out_dir={out}", f"--init_from={tmp_path / 'nothing'}")
     assert "holds no complete checkpoint" in main_error(capsys, "--init_from=resume", f"--out_dir={tmp_path}")
+    assert f"{tmp_path / 'none'} does not exist" in main_error(capsys, "--init_from=resume",
+                                                               f"--out_dir={tmp_path / 'none'}")
+    assert "--init_from must be scratch, resume or an existing weights path; it is empty" in main_error(
+        capsys, *flags, "--init_from=")
+    assert f"{out} has no step 3; it has steps [" in main_error(capsys, *flags, f"--init_from={out / '3'}")
     (tmp_path / "bad.json").write_text('{"n_layer": 2, "max_iter": 5}')
     assert "keys ['max_iter'] are neither" in main_error(capsys, *flags, f"--config={tmp_path / 'bad.json'}")
     (tmp_path / "broken.json").write_text('{n_layer: 2}')
