@@ -221,6 +221,8 @@ def weights_exist(path: str | Path) -> bool:
 def open_checkpoint(path: str | Path, *, n_head: int | None = None,
                     config_path: str | Path | None = None) -> Checkpoint:
     """Detect the layout of a weights file or Hugging Face directory and infer its ModelConfig (reads no weights)."""
+    if n_head is not None and not is_integer(n_head, 1):  # the user's number, not the weights, is wrong
+        raise ConfigError(f"n_head must be an integer >= 1; got {n_head!r}")
     path = Path(path)
     tf_prefix = tf_checkpoint.checkpoint_prefix(path)
     if tf_prefix is not None and not (path.is_dir() and _is_hf_dir(path)):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax import convert
-from gpt2_jax.config import ModelConfig
+from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.model import GPT2
 from gpt2_jax.weight_files import WeightsError
 
@@ -220,6 +220,8 @@ def test_n_head_that_disagrees_with_the_files_config_is_refused(random_hf, rando
     convert.export_llmc(cfg, random_params(cfg), tmp_path / "m.bin")
     with pytest.raises(WeightsError, match=r"n_head=4 was given but .*llm.c header\) says n_head=2"):
         convert.load(tmp_path / "m.bin", n_head=4)
+    with pytest.raises(ConfigError, match=r"n_head must be an integer >= 1; got -2"):  # not the weights' fault
+        convert.load(tmp_path / "m.bin", n_head=-2)
 
 
 # ---------------------------------------------------------------- reference layout
