@@ -4,18 +4,20 @@
     python sample.py --init_from=gpt2.safetensors --prompts_file=prompts.jsonl --out=samples.jsonl --batch_size=16
     python sample.py --init_from=out --prompts_file=prompts.txt --out=samples.jsonl --resume    # after a Ctrl-C
 
---init_from: a train.py out_dir (orbax) or any weights gpt2_jax.convert.load reads (Hugging Face/OpenAI,
-nanoGPT ckpt.pt, llm.c .bin, the reference PyTorch layout). A prompts file holds one prompt per line, or is
-JSONL (.jsonl / .json) with a "prompt" field and an optional "id" per line; blank lines and a UTF-8 byte order
-mark are ignored. Prompts are sorted by length into batches; each finished batch is appended to --out at once,
-one JSON line per sample: id, sample, prompt, completion, prompt_tokens, completion_tokens, finish_reason
-("stop": <|endoftext|> or a --stop string; "length": --max_new_tokens; "nonfinite": the model's logits became
-NaN or infinite, reported as an error too) and settings (the flags that shape a sample, and a SHA-256 of the
-weights). A bad prompt is reported with its line number and skipped; the others are written and the exit status
-is 1. --resume refuses an --out made with other settings or weights, or one that gave an id another prompt. A sample's
-random numbers depend only on --seed, its prompt id and its sample number, never on --batch_size or its batch
-neighbours. Those change a sample only through floating-point rounding (XLA rounds products of matrices with
-different numbers of rows differently), which now and then tips a sampled token the other way.
+--init_from: a train.py out_dir (orbax) or any weights gpt2_jax.convert.load reads (Hugging Face/OpenAI, nanoGPT
+ckpt.pt, llm.c .bin, the reference PyTorch layout). A prompts file holds one prompt per line, or is JSONL (.jsonl
+/ .json) with a "prompt" field and an optional "id" per line (other fields are ignored, with a warning: settings
+come from the flags only); blank lines and a UTF-8 byte order mark are ignored. A prompt without an "id" (every
+prompt of a text file) has its line number as id, blank lines counted. Prompts are sorted by length into batches;
+each finished batch is appended to --out at once, one JSON line per sample: id, sample, prompt, completion,
+prompt_tokens, completion_tokens, finish_reason ("stop": <|endoftext|> or a --stop string; "length":
+--max_new_tokens; "nonfinite": the model's logits became NaN or infinite, reported as an error too) and settings
+(the flags that shape a sample, and a SHA-256 of the weights). A bad prompt is reported with its line number and
+skipped; the others are written and the exit status is 1. --resume refuses an --out made with other settings or
+weights, or one that gave an id another prompt. A sample's random numbers depend only on --seed, its prompt id and
+its sample number, never on --batch_size or its batch neighbours. Those change a sample only through
+floating-point rounding (XLA rounds products of matrices with different numbers of rows differently), which now
+and then tips a sampled token the other way.
 """
 
 from __future__ import annotations
@@ -125,9 +127,11 @@ class Prompt:
     tokens: list[int]
 
 
-def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tuple[int, str]]]:
-    """([(line, id, text)], [(line, error)]) from a text or JSONL prompts file; ids default to the line number.
-    Blank lines and a UTF-8 byte order mark (Windows editors write one) are skipped."""
+def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tuple[int, str]],
+                                      dict[str, list[int]]]:
+    """([(line, id, text)], [(line, error)], {ignored JSONL field: its lines}) from a text or JSONL prompts file;
+    ids default to the line number. Blank lines and a UTF-8 byte order mark (Windows editors write one) are
+    skipped."""
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     try:
         data = path.read_bytes()
@@ -136,7 +140,10 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tup
     lines = data.removeprefix(codecs.BOM_UTF8).splitlines()
     if not any(raw.strip() for raw in lines):
         raise ValueError(f"--prompts_file {path}: no prompts (the file is {'blank' if data else 'empty'})")
-    found, errors, seen = [], [], {}
+    if jsonl and data.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):  # not one error per line of it
+        raise ValueError(f"--prompts_file {path} holds a JSON array; a .jsonl or .json prompts file is JSON Lines: "
+                         f"one {{\"prompt\": ...}} object per line")
+    found, errors, seen, ignored = [], [], {}, {}
     for line_no, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -156,6 +163,8 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tup
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             errors.append((line_no, "expected a JSON object with a string 'prompt' field"))
             continue
+        for field in record.keys() - {"prompt", "id"}:  # e.g. a per-prompt max_new_tokens: not supported
+            ignored.setdefault(field, []).append(line_no)
         pid = record.get("id", line_no)
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             errors.append((line_no, f"'id' must be a string or an integer; got {pid!r}"))
@@ -166,7 +175,18 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str]], list[tup
         else:
             seen[pid] = line_no
             found.append((line_no, pid, record["prompt"]))
-    return found, errors
+    return found, errors, ignored
+
+
+def ignored_fields_warning(path: Path, ignored: dict[str, list[int]]) -> str | None:
+    """One line naming the JSONL fields sample.py does not read (settings come from the flags only), or None."""
+    if not ignored:
+        return None
+    fields = ", ".join(f"{json.dumps(name, ensure_ascii=False)} (line {lines[0]}"
+                       + (f" and {len(lines) - 1} more)" if len(lines) > 1 else ")")
+                       for name, lines in sorted(ignored.items()))
+    return (f"warning: {path}: only 'prompt' and 'id' are read; ignored: {fields}. Every prompt is sampled with "
+            "the command-line settings (there are no per-prompt settings)")
 
 
 def utf8_error(text: str) -> str | None:
@@ -470,7 +490,9 @@ def run(args) -> int:
             prompts, errors = tokenize([(0, 0, args.prompt)], cfg, args)
             errors = [f"--prompt: {e}" for _, e in errors]
         else:
-            entries, line_errors = read_prompts(args.prompts_file)
+            entries, line_errors, ignored = read_prompts(args.prompts_file)
+            if warning := ignored_fields_warning(args.prompts_file, ignored):
+                print(warning, file=sys.stderr)
             prompts, token_errors = tokenize(entries, cfg, args)
             errors = [f"{args.prompts_file}:{line}: {e}" for line, e in sorted(line_errors + token_errors)]
         skip = done_samples(args.out, prompts, args) if args.resume else set()

@@ -388,6 +388,36 @@ def test_byte_order_mark_crlf_and_blank_lines_are_not_prompts(model, tmp_path, c
     assert f"--prompts_file {tmp_path / 'blank.txt'}: no prompts (the file is blank)" in capsys.readouterr().err
 
 
+def test_jsonl_fields_sample_py_does_not_read_are_named_in_one_warning(model, tmp_path, capsys):
+    cfg, params, ckpt = model
+    # Per-prompt settings look supported; they are not, and must not pass silently.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Hello", "id": "a", "max_new_tokens": 2, "temperature": 0},
+        {"prompt": "World", "id": "b"},
+        {"prompt": "Again", "id": "c", "max_new_tokens": 3, "source": "web"},
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert sample.main([f"--init_from={ckpt}", f"--prompts_file={prompts}", f"--out={out}",
+                        "--max_new_tokens=4"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {prompts}: only 'prompt' and 'id' are read; ignored: \"max_new_tokens\" (line 1 "
+                        "and 1 more), \"source\" (line 3), \"temperature\" (line 1). Every prompt is sampled with the "
+                        "command-line settings (there are no per-prompt settings)"]
+    for r in read_jsonl(out):  # sampled with the flags
+        assert r["completion"] == reference(cfg, params, r["prompt"], r["id"], n=4)[0]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "Hello", "id": "a"}) + "\n")
+    assert sample.main([f"--init_from={ckpt}", f"--prompts_file={plain}", "--max_new_tokens=2"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    array = tmp_path / "array.json"
+    array.write_text('[\n  {"prompt": "Hello"},\n  {"prompt": "World"}\n]\n')
+    assert sample.main([f"--init_from={ckpt}", f"--prompts_file={array}"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f'error: --prompts_file {array} holds a JSON array; a .jsonl or .json prompts file is JSON Lines: one '
+        '{"prompt": ...} object per line']
+
+
 def test_resume_refuses_other_settings_and_ids_that_name_other_prompts(model, tmp_path, capsys):
     _, _, ckpt = model
     prompts = tmp_path / "prompts.txt"
