@@ -7,6 +7,8 @@ bandwidth; the packed panels are one contiguous stream each.
 causal_attention is the causal self-attention of a training step, forward and backward, in float32
 (kernels/causal_attention.cc): each (batch row, head) in cache-sized buffers, blocks above the diagonal skipped,
 q, k and v read straight from the fused qkv projection.
+adamw_update is one AdamW step of a float32 parameter in place, in one pass over memory (kernels/adamw.cc):
+optim.fused_update's arithmetic, which XLA:CPU computes in three passes that read the gradient three times.
 The kernels are compiled with the system C++ compiler (-march=native, AVX-512 needed) into the user's cache
 directory the first time they are needed on a machine (one library per source, compiler, jaxlib version and CPU
 model), and each process registers them as XLA FFI targets. Where that fails (no
@@ -32,12 +34,14 @@ import jaxlib
 PANEL_WIDTH = 48
 MAX_ROWS = 8
 ATTENTION_HEAD_SIZES = (16, 32, 48, 64)
-_SOURCES = [Path(__file__).parent / "kernels" / name for name in ("panel_matmul.cc", "causal_attention.cc")]
+_SOURCES = [Path(__file__).parent / "kernels" / name for name in ("panel_matmul.cc", "causal_attention.cc",
+                                                                   "adamw.cc")]
 _HEADERS = [Path(__file__).parent / "kernels" / "share_work.h"]
 _TARGETS = {jnp.dtype(jnp.float32): ("gpt2_jax_panel_matmul", "PanelMatmul"),
             jnp.dtype(jnp.bfloat16): ("gpt2_jax_panel_matmul_bf16", "PanelMatmulBf16"),
             "attention_forward": ("gpt2_jax_causal_attention_fwd", "CausalAttentionForward"),
-            "attention_backward": ("gpt2_jax_causal_attention_bwd", "CausalAttentionBackward")}
+            "attention_backward": ("gpt2_jax_causal_attention_bwd", "CausalAttentionBackward"),
+            "adamw": ("gpt2_jax_adamw", "AdamW")}
 _state: dict = {}  # "error": why the kernel is unavailable, or "loaded": True
 
 
@@ -171,3 +175,23 @@ def causal_attention(qkv_BT3HD):
     if qkv_BT3HD.dtype != jnp.float32:
         raise ValueError(f"causal_attention takes float32 qkv; got {qkv_BT3HD.dtype}")
     return _attention(qkv_BT3HD)
+
+
+ADAMW_HYPER = ("scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "correction1", "correction2", "eps",
+               "lr", "decay")  # the order kernels/adamw.cc reads them in
+
+
+def adamw_update(g, m, v, p, hyper):
+    """(m, v, p) after one AdamW step, computed in place: g, m, v, p float32 arrays of one shape, hyper the float32
+    scalars named in ADAMW_HYPER (decay: the weight decay, 0 for a parameter without it)."""
+    if not available():
+        raise RuntimeError(f"the AdamW kernel cannot run here: {unavailable_reason()}")
+    if any(a.dtype != jnp.float32 or a.shape != p.shape for a in (g, m, v, p)):
+        raise ValueError(f"adamw_update takes float32 g, m, v, p of one shape; got "
+                         f"{[(a.dtype.name, a.shape) for a in (g, m, v, p)]}")
+    hyper = jnp.asarray(hyper, jnp.float32)
+    if hyper.shape != (len(ADAMW_HYPER),):
+        raise ValueError(f"adamw_update takes {len(ADAMW_HYPER)} scalars {ADAMW_HYPER}; got shape {hyper.shape}")
+    out = tuple(jax.ShapeDtypeStruct(p.shape, jnp.float32) for _ in range(3))
+    call = jax.ffi.ffi_call(_TARGETS["adamw"][0], out, input_output_aliases={1: 0, 2: 1, 3: 2})
+    return call(g, m, v, p, hyper)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gpt2_jax import cpu_kernels
 from gpt2_jax.config import TrainConfig
 
 
@@ -57,14 +58,16 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def fused_update(cfg: TrainConfig, grads, opt_state, params, grad_scale=1.0):
+def fused_update(cfg: TrainConfig, grads, opt_state, params, grad_scale=1.0, kernel: bool | None = None):
     """make_optimizer(cfg)'s update and optax.apply_updates in one elementwise pass per parameter.
 
     grads are multiplied by grad_scale first (train_step passes 1 / token count, so the division costs no
     extra pass). Returns (new params, new opt_state, global norm of the scaled grads). The optax chain runs
     clip, Adam moments, bias correction, decay, -lr scaling and the final add as separate tree_maps whose
     intermediates XLA:CPU keeps in memory; here each leaf reads g, m, v, p once and writes m, v, p once
-    (gpt2 124M on 2 CPU cores: 0.35 s -> 0.23 s per step, bench notes in bench/train.py).
+    (gpt2 124M on 2 CPU cores: 0.35 s -> 0.23 s per step, bench notes in bench/train.py). XLA:CPU still makes
+    that three loops (one per output); on one CPU device cpu_kernels.adamw_update makes it one, with the same
+    bits (kernel=None: where it runs; False: never).
     """
     chained = not isinstance(opt_state[0], optax.ScaleByAdamState)  # clip + adamw, or adamw alone
     adam, masked, schedule = opt_state[-1] if chained else opt_state
@@ -80,7 +83,15 @@ def fused_update(cfg: TrainConfig, grads, opt_state, params, grad_scale=1.0):
     lr = lr_at(schedule.count, cfg)
     mask = decay_mask(params, cfg.decay_embeddings)
 
+    if kernel is None:
+        kernel = jax.default_backend() == "cpu" and jax.device_count() == 1 and cpu_kernels.available()
+    constants = [cfg.beta1, 1 - cfg.beta1, cfg.beta2, 1 - cfg.beta2]
+
     def leaf(g, m, v, p, decay):
+        if kernel and all(a.dtype == jnp.float32 for a in (g, m, v, p)):
+            hyper = jnp.stack([scale, *constants, bc1, bc2, cfg.eps, lr, cfg.weight_decay if decay else 0.0])
+            m, v, p = cpu_kernels.adamw_update(g, m, v, p, hyper.astype(jnp.float32))
+            return p, m, v
         g = g.astype(jnp.float32) * scale
         m = cfg.beta1 * m + (1 - cfg.beta1) * g
         v = cfg.beta2 * v + (1 - cfg.beta2) * (g * g)

@@ -194,3 +194,63 @@ def test_the_attention_kernel_is_taken_only_where_it_can_run(monkeypatch):
     assert causal_attention_impl(ModelConfig.from_preset("tiny"), training=True) == "xla"
     with pytest.raises(ConfigError, match="cannot run here: disabled by GPT2_JAX_CPU_KERNELS=0"):
         causal_attention_impl(ModelConfig.from_preset("tiny", attention="cpu_kernel"), training=True)
+
+
+def adamw_by_hand(g, m, v, p, h):
+    """optim.fused_update's arithmetic in numpy float32, one operation at a time (IEEE, no fused multiply-add)."""
+    scale, b1, c1, b2, c2, bc1, bc2, eps, lr, decay = (np.float32(x) for x in h)
+    g = g * scale
+    m = b1 * m + c1 * g
+    v = b2 * v + c2 * (g * g)
+    u = (m / bc1) / (np.sqrt(v / bc2) + eps)
+    if decay:
+        u = u + decay * p
+    return m, v, p - lr * u
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(5,), (3, 17), (12, 768, 31)])  # shorter than a vector, tails, many chunks
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_adamw_kernel_equals_the_update_by_hand_bit_for_bit(shape, decay):
+    rng = np.random.default_rng(len(shape))
+    g, m, p = (rng.standard_normal(shape, np.float32) for _ in range(3))
+    v = rng.random(shape, np.float32) * 0.01
+    h = [0.25, 0.9, 1 - 0.9, 0.95, 1 - 0.95, 1 - 0.9**3, 1 - 0.95**3, 1e-8, 3e-4, decay]
+    got = jax.jit(cpu_kernels.adamw_update)(*map(jnp.asarray, (g, m, v, p)), jnp.asarray(h, jnp.float32))
+    for name, a, b in zip("mvp", got, adamw_by_hand(g, m, v, p, h)):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=name)
+
+
+@needs_kernel
+def test_fused_update_with_the_adamw_kernel_follows_the_xla_update():
+    # XLA contracts multiply-adds and divides by multiplying with a reciprocal; the kernel does neither, so the two
+    # differ in the last bits of some elements, and only there, over steps with clipping, decay and warmup.
+    from gpt2_jax.config import TrainConfig
+    from gpt2_jax.optim import fused_update
+    from gpt2_jax.training import init_train_state
+
+    cfg = ModelConfig.from_preset("tiny")
+    train_cfg = TrainConfig(learning_rate=1e-2, warmup_iters=2, grad_clip=1.0)
+    state = init_train_state(cfg, train_cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    runs = {kernel: (state.params, state.opt_state) for kernel in (False, True)}
+    for step in range(4):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape, np.float32) * 3.0 ** -step),
+                             state.params)
+        for kernel, (params, opt_state) in runs.items():
+            params, opt_state, _ = jax.jit(fused_update, static_argnums=(0, 5))(train_cfg, grads, opt_state,
+                                                                              params, 0.5, kernel)
+            runs[kernel] = params, opt_state
+        for a, b in zip(jax.tree.leaves(runs[False]), jax.tree.leaves(runs[True])):
+            # (a moment that nearly cancels, b1 * m + (1 - b1) * g, keeps only its absolute error)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=1e-6 * np.abs(a).max())
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(runs[False]), jax.tree.leaves(runs[True])))
+
+
+@needs_kernel
+def test_adamw_kernel_names_bad_input():
+    x = jnp.zeros((4,), jnp.float32)
+    with pytest.raises(ValueError, match=r"float32 g, m, v, p of one shape; got .*bfloat16"):
+        cpu_kernels.adamw_update(x.astype(jnp.bfloat16), x, x, x, jnp.zeros(10))
+    with pytest.raises(ValueError, match=r"takes 10 scalars"):
+        cpu_kernels.adamw_update(x, x, x, x, jnp.zeros(9))
