@@ -338,17 +338,21 @@ class GPT2(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, deterministic: bool = True, positions=None, attn_mask=None,
-                 cache: KVCache | None = None, return_hidden: bool = False):
+                 cache: KVCache | None = None, return_hidden: bool = False, head: bool = True):
         """Forward pass.
 
         positions [B, T]: position ids (default 0..T-1, or cache.index.. with a cache).
         attn_mask [B, S]: which key slots are real tokens (S = T, or the cache length); False = padding.
         cache: a KVCache; the new keys and values are written at cache.index and (logits, cache) is returned.
         return_hidden: also return the residual stream after each block, [L, B, T, C].
+        head=False: return the final LayerNorm's output [B, T, C] instead of logits (for a loss that applies the
+        output layer itself: training.tied_output_loss); no cache or return_hidden with it.
         Inputs it cannot take raise a ValueError (validate_inputs; values are checked outside jit only).
         """
         cfg = self.config
         validate_inputs(cfg, tokens, positions, attn_mask, cache)
+        if not head and (cache is not None or return_hidden):
+            raise ValueError("head=False returns the features alone: no cache or return_hidden with it")
         if not deterministic and cfg.dropout > 0 and not self.has_rng("dropout"):
             raise ValueError("deterministic=False with dropout > 0 needs a 'dropout' rng: "
                              "apply(..., rngs={'dropout': key})")
@@ -388,6 +392,10 @@ class GPT2(nn.Module):
         x_BTC, (new_kv, hidden_LBTC) = blocks(x_BTC, layer_caches, mask_BTS, start)
 
         x_BTC = LayerNorm(cfg, name="ln_f")(x_BTC)
+        if not head:
+            if not cfg.tie_embeddings:  # lm_head's params would not be created (nor trained)
+                raise ValueError("head=False needs tied embeddings (the output layer is wte)")
+            return x_BTC
         if cfg.tie_embeddings:
             logits = output_logits(x_BTC, wte, cfg.precision)
         else:

@@ -10,7 +10,8 @@ import pytest
 from gpt2_jax.config import ModelConfig, TrainConfig, replace
 from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.optim import decay_mask, fused_update, lr_at, make_optimizer
-from gpt2_jax.training import cross_entropy, init_train_state, make_eval_step, make_train_step
+from gpt2_jax.training import (cross_entropy, init_train_state, make_eval_step, make_train_step,
+                               tied_output_loss)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -175,6 +176,44 @@ def test_cross_entropy_and_grad_match_torch(label_smoothing):
     np.testing.assert_allclose(float(loss_sum), ref.item(), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), t_logits.grad.numpy(), atol=1e-6)
     assert np.all(np.asarray(grad)[0, 2] == 0.0)
+
+
+@pytest.mark.parametrize("label_smoothing, pad_rows, tokens", [(0.0, 0, 8 * 128), (0.05, 14, 8 * 128), (0.1, 14, 60)])
+def test_tied_output_loss_and_its_grads_match_torch(label_smoothing, pad_rows, tokens):
+    # The output layer and the loss chunk by chunk (8 chunks of 128 tokens; 60 tokens: one), on a wte with
+    # pad_vocab_to's extra rows, which torch's logits do not have: they get no probability and no gradient.
+    V, C = 300, 16
+    cfg = ModelConfig.from_preset("tiny", vocab_size=V, n_embd=C)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, tokens // 2, C)).astype(np.float32)
+    w = (0.3 * rng.standard_normal((V + pad_rows, C))).astype(np.float32)
+    labels = rng.integers(0, V, (2, tokens // 2))
+    labels[0, 3] = labels[1, -1] = -1  # ignored
+    (loss_sum, count), (dx, dw) = jax.value_and_grad(
+        lambda x, w: tied_output_loss(x, w, jnp.asarray(labels), cfg, -1, label_smoothing), argnums=(0, 1),
+        has_aux=True)(jnp.asarray(x), jnp.asarray(w))
+    t_x, t_w = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy((t_x @ t_w[:V].T).flatten(0, 1), torch.tensor(labels).flatten(),
+                                            ignore_index=-1, label_smoothing=label_smoothing, reduction="sum")
+    ref.backward()
+    assert float(count) == tokens - 2
+    np.testing.assert_allclose(float(loss_sum), ref.item(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), t_x.grad.numpy(), atol=1e-5 * np.abs(t_x.grad.numpy()).max())
+    np.testing.assert_allclose(np.asarray(dw), t_w.grad.numpy(), atol=1e-5 * np.abs(t_w.grad.numpy()).max())
+    assert not np.asarray(dw)[V:].any() and not np.asarray(dx)[0, 3].any()
+
+
+def test_the_models_features_times_wte_are_its_logits():
+    cfg = ModelConfig.from_preset("tiny", pad_vocab_to=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)
+    features = GPT2(cfg).apply({"params": params}, tokens, head=False)
+    logits = GPT2(cfg).apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(features @ params["wte"][: cfg.vocab_size].T), np.asarray(logits),
+                               atol=1e-5)
+    untied = replace(cfg, tie_embeddings=False)
+    with pytest.raises(ValueError, match="head=False needs tied embeddings"):
+        GPT2(untied).apply({"params": init_params(untied, jax.random.PRNGKey(0))}, tokens, head=False)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
