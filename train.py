@@ -97,7 +97,7 @@ def join_cluster(argv: list[str]) -> list[str]:
     return rest
 
 
-def missing_weights(init: str) -> str:
+def why_no_weights(init: str) -> str:
     """Why --init_from=init names no weights: empty, no such path, or a step that its out_dir does not have."""
     if not init:
         return "it is empty"
@@ -160,7 +160,8 @@ def resolve(argv: list[str]):
         meta = checkpoint.read_meta(train_cfg.out_dir)
         base = replace(ModelConfig(), **meta["model_config"])  # activation, dropout, dtype, ... included
         check_preset(preset, base, train_cfg.out_dir)
-        train_cfg = replace(replace(TrainConfig(), **meta["train_config"]), **train_over)
+        saved = checkpoint.saved_config(meta, "train_config", TrainConfig, f"{train_cfg.out_dir}/{meta['step']}")
+        train_cfg = replace(saved, **train_over)
         if train_cfg.max_iters < meta["step"]:
             raise ConfigError(f"{train_cfg.out_dir} is at step {meta['step']}, past max_iters={train_cfg.max_iters}; "
                               f"pass --max_iters={meta['step']} or more")
@@ -179,7 +180,7 @@ def resolve(argv: list[str]):
         return model_cfg, train_cfg, None
     if init != "scratch" and (not init or not layouts.weights_exist(init)):
         raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; "
-                          f"{missing_weights(init)}")
+                          f"{why_no_weights(init)}")
     if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
                           f"--init_from=resume or pick another --out_dir")

@@ -219,16 +219,20 @@ def read_meta(directory, step: int | None = None) -> dict:
     meta = _restore(directory, step, meta=ocp.args.JsonRestore())["meta"]
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise CheckpointError(f"{directory}/{step} has no gpt2_jax meta item with a model_config")
-    for key, cls in (("model_config", ModelConfig), ("train_config", TrainConfig)):
-        saved = meta.get(key, {})
-        try:  # another version's fields, or a hand-edited file: not to be read as a bad --flag
-            if not isinstance(saved, dict):
-                raise ConfigError(f"{saved!r:.60} is not a JSON object")
-            replace(cls(), **saved)
-        except ConfigError as e:
-            raise CheckpointError(f"{directory}/{step}: its saved {key} does not fit this version of gpt2_jax "
-                                  f"({e})") from None
+    saved_config(meta, "model_config", ModelConfig, f"{directory}/{step}")
     return meta
+
+
+def saved_config(meta: dict, key: str, cls, where: str):
+    """meta[key] as a cls (ModelConfig or TrainConfig): a CheckpointError naming `where` if this version cannot
+    use it (another version's fields, a hand-edited file), not an error that reads like a mistyped --flag."""
+    saved = meta.get(key, {})
+    try:
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{saved!r:.60} is not a JSON object")
+        return replace(cls(), **saved)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its saved {key} does not fit this version of gpt2_jax ({e})") from None
 
 
 def load_weights(directory, step: int | None = None, dtype=jnp.float32) -> tuple[ModelConfig, Any]:

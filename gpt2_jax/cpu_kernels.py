@@ -109,6 +109,11 @@ def available() -> bool:
     return "loaded" in _state
 
 
+def one_cpu_device() -> bool:
+    """Whether this process computes on a single CPU device, where the kernels apply (nothing is sharded)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
 def unavailable_reason() -> str | None:
     """Why the kernels cannot run here, or None if they can."""
     return None if available() else _state["error"]
@@ -193,5 +198,6 @@ def adamw_update(g, m, v, p, hyper):
     if hyper.shape != (len(ADAMW_HYPER),):
         raise ValueError(f"adamw_update takes {len(ADAMW_HYPER)} scalars {ADAMW_HYPER}; got shape {hyper.shape}")
     out = tuple(jax.ShapeDtypeStruct(p.shape, jnp.float32) for _ in range(3))
-    call = jax.ffi.ffi_call(_TARGETS["adamw"][0], out, input_output_aliases={1: 0, 2: 1, 3: 2})
+    call = jax.ffi.ffi_call(_TARGETS["adamw"][0], out, input_output_aliases={1: 0, 2: 1, 3: 2},
+                            vmap_method="sequential")
     return call(g, m, v, p, hyper)

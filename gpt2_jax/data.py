@@ -75,6 +75,7 @@ class _ZstdReader(io.RawIOBase):
     for a file cut short (zstandard's own stream reader returns the bytes it got and says nothing)."""
 
     def __init__(self, path: Path):
+        self._file = None
         try:
             import zstandard  # optional: only .zst inputs need it
         except ImportError:
@@ -91,7 +92,7 @@ class _ZstdReader(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while self._start == len(self._ready):
-            raw = self._file.read(1 << 20)
+            raw = self._file.read(1 << 16)  # zstd packs 1000:1 and more: a small read bounds the output
             if not raw:
                 if self._frame is not None and not self._frame.eof:
                     raise EOFError("the compressed data ends inside a zstd frame")
@@ -112,7 +113,8 @@ class _ZstdReader(io.RawIOBase):
         return n
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         super().close()
 
 
@@ -298,7 +300,7 @@ def _is_prepared(directory: Path) -> bool:
 
 def _archive_kind(head: bytes) -> str | None:
     """'tar' or 'zip' when the first bytes of a file (after decompression) are those of one."""
-    if head[257:262] == b"ustar":  # POSIX and GNU tar headers
+    if head[257:265] in (b"ustar\x0000", b"ustar  \x00"):  # POSIX and GNU tar headers (text holds no NUL)
         return "tar"
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first local file header, or an empty zip
         return "zip"
@@ -308,11 +310,11 @@ def _archive_kind(head: bytes) -> str | None:
 def _text_blocks(path: Path) -> Iterator[str]:
     """A UTF-8 file's text in blocks, as open(path, encoding="utf-8-sig") reads it (CRLF and CR made LF)."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
-    line, carry = 1, ""
+    line, carry, first = 1, "", True
     with _open_binary(path) as f:
         while True:
             raw = f.read(_PIECE_CHARS)
-            if line == 1 and (kind := _archive_kind(raw)):  # its member names and headers would become text
+            if first and (kind := _archive_kind(raw)):  # its member names and headers would become text
                 raise DataError(f"{path} is a {kind} archive; extract it and pass the directory")
             try:
                 text = carry + decoder.decode(raw, final=not raw)
@@ -320,6 +322,7 @@ def _text_blocks(path: Path) -> Iterator[str]:
                 line += e.object.count(b"\n", 0, e.start)
                 raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x})") from None
             line += raw.count(b"\n")
+            first = False
             carry = "\r" if raw and text.endswith("\r") else ""  # its \n may start the next block
             yield text[: len(text) - len(carry)].replace("\r\n", "\n").replace("\r", "\n")
             if not raw:

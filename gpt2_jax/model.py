@@ -172,7 +172,7 @@ def _cudnn_blockers(config: ModelConfig, dropout: bool) -> list[str]:
 
 def _cpu_kernel_blockers(config: ModelConfig, dropout: bool) -> list[str]:
     reasons = []
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    if not cpu_kernels.one_cpu_device():
         reasons.append(f"it runs on one CPU device only (jax has {jax.device_count()} {jax.default_backend()})")
     if config.dtype != "float32":
         reasons.append(f"it computes in float32 only (dtype is {config.dtype})")
@@ -353,6 +353,8 @@ class GPT2(nn.Module):
         validate_inputs(cfg, tokens, positions, attn_mask, cache)
         if not head and (cache is not None or return_hidden):
             raise ValueError("head=False returns the features alone: no cache or return_hidden with it")
+        if not head and not cfg.tie_embeddings:  # lm_head's params would not be created (nor trained)
+            raise ValueError("head=False needs tied embeddings (the output layer is wte)")
         if not deterministic and cfg.dropout > 0 and not self.has_rng("dropout"):
             raise ValueError("deterministic=False with dropout > 0 needs a 'dropout' rng: "
                              "apply(..., rngs={'dropout': key})")
@@ -393,8 +395,6 @@ class GPT2(nn.Module):
 
         x_BTC = LayerNorm(cfg, name="ln_f")(x_BTC)
         if not head:
-            if not cfg.tie_embeddings:  # lm_head's params would not be created (nor trained)
-                raise ValueError("head=False needs tied embeddings (the output layer is wte)")
             return x_BTC
         if cfg.tie_embeddings:
             logits = output_logits(x_BTC, wte, cfg.precision)

@@ -66,8 +66,9 @@ def fused_update(cfg: TrainConfig, grads, opt_state, params, grad_scale=1.0, ker
     clip, Adam moments, bias correction, decay, -lr scaling and the final add as separate tree_maps whose
     intermediates XLA:CPU keeps in memory; here each leaf reads g, m, v, p once and writes m, v, p once
     (gpt2 124M on 2 CPU cores: 0.35 s -> 0.23 s per step, bench notes in bench/train.py). XLA:CPU still makes
-    that three loops (one per output); on one CPU device cpu_kernels.adamw_update makes it one, with the same
-    bits (kernel=None: where it runs; False: never).
+    that three loops (one per output); on one CPU device cpu_kernels.adamw_update makes it one (IEEE float32
+    operation by operation, where XLA contracts multiply-adds: the last bit of some elements differs).
+    kernel=None: the kernel where it runs; False: never.
     """
     chained = not isinstance(opt_state[0], optax.ScaleByAdamState)  # clip + adamw, or adamw alone
     adam, masked, schedule = opt_state[-1] if chained else opt_state
@@ -84,13 +85,15 @@ def fused_update(cfg: TrainConfig, grads, opt_state, params, grad_scale=1.0, ker
     mask = decay_mask(params, cfg.decay_embeddings)
 
     if kernel is None:
-        kernel = jax.default_backend() == "cpu" and jax.device_count() == 1 and cpu_kernels.available()
-    constants = [cfg.beta1, 1 - cfg.beta1, cfg.beta2, 1 - cfg.beta2]
+        kernel = cpu_kernels.one_cpu_device() and cpu_kernels.available()
+    hyper = dict(scale=scale, beta1=cfg.beta1, one_minus_beta1=1 - cfg.beta1, beta2=cfg.beta2,
+                 one_minus_beta2=1 - cfg.beta2, correction1=bc1, correction2=bc2, eps=cfg.eps, lr=lr)
 
     def leaf(g, m, v, p, decay):
         if kernel and all(a.dtype == jnp.float32 for a in (g, m, v, p)):
-            hyper = jnp.stack([scale, *constants, bc1, bc2, cfg.eps, lr, cfg.weight_decay if decay else 0.0])
-            m, v, p = cpu_kernels.adamw_update(g, m, v, p, hyper.astype(jnp.float32))
+            values = dict(hyper, decay=cfg.weight_decay if decay else 0.0)
+            scalars = jnp.stack([jnp.asarray(values[name], jnp.float32) for name in cpu_kernels.ADAMW_HYPER])
+            m, v, p = cpu_kernels.adamw_update(g, m, v, p, scalars)
             return p, m, v
         g = g.astype(jnp.float32) * scale
         m = cfg.beta1 * m + (1 - cfg.beta1) * g

@@ -314,6 +314,9 @@ def format_bytes(n: int) -> str:
     return f"{n / 1000**power:.4g} {units[power]}"
 
 
+MAX_JOIN_TIMEOUT_S = 7 * 24 * 3600
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, join_timeout_s: float = 300.0,
                            on_timeout: Callable[[str], None] | None = None) -> bool:
@@ -325,8 +328,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     joined after join_timeout_s, on_timeout(message) is called from another thread (JAX itself would end the
     process with a C++ check failure a minute later); it should report and end the process.
     """
-    if not 0 < join_timeout_s < math.inf:
-        raise ValueError(f"join_timeout must be a finite number of seconds > 0; got {join_timeout_s!r}")
+    if not 0 < join_timeout_s <= MAX_JOIN_TIMEOUT_S:  # (JAX takes a C int of seconds)
+        raise ValueError(f"join_timeout must be a number of seconds in (0, {MAX_JOIN_TIMEOUT_S}] (a week); "
+                         f"got {join_timeout_s!r}")
     address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
@@ -334,7 +338,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     # CPU processes exchange collectives through gloo; GPU and TPU use their own and ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address == "auto" or (address is None and num is None and pid is None and slurm_tasks > 1):
-        _join(join_timeout_s, on_timeout, "the processes of the cluster that JAX detected")
+        _join(join_timeout_s, on_timeout, "the processes of the cluster that JAX detected",
+              "check that every task of the job started")
         return True
     if address is None and num is None and pid is None:
         return False
@@ -346,16 +351,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if not 0 <= pid < num:
         raise ValueError(f"process_id {pid} must be in [0, num_processes={num})")
     _join(join_timeout_s, on_timeout, f"process {pid}: the {num} processes at {address}",
-          coordinator_address=address, num_processes=num, process_id=pid)
+          "start the same command on every host with the same coordinator address and process count and a "
+          "distinct process id", coordinator_address=address, num_processes=num, process_id=pid)
     return True
 
 
-def _join(timeout_s: float, on_timeout: Callable[[str], None] | None, who: str, **where) -> None:
+def _join(timeout_s: float, on_timeout: Callable[[str], None] | None, who: str, advice: str, **where) -> None:
     timer = None
     if on_timeout is not None:
-        message = (f"{who} did not all join within {timeout_s:g} s; start the same command on every host with "
-                   f"the same coordinator address and process count and a distinct process id, or allow "
-                   f"longer with --join_timeout=SECONDS")
+        message = f"{who} did not all join within {timeout_s:g} s; {advice}, or allow longer with --join_timeout"
         timer = threading.Timer(timeout_s, on_timeout, args=(message,))
         timer.daemon = True
         timer.start()

@@ -9,6 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, TrainConfig
 from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.optim import fused_update, lr_at, make_optimizer
@@ -97,6 +98,8 @@ def tied_output_loss(x_BTC, wte_VC, labels_BT, config: ModelConfig, ignore_index
     A/B on 2 CPU cores, best of the same steps: the mini model's step (C = 128, 8 x 128 tokens) 383 -> 330 ms,
     gpt2's (4 x 256) 4.47 -> 4.39 s; compile 1.7 -> 2.1 s.
     Padded vocabulary rows (pad_vocab_to) get no probability and a zero gradient, as when the logits are cut.
+    The chunks divide B*T evenly, at most MAX_LOSS_CHUNKS of them: larger batches get larger chunks, and a B*T
+    with no divisor near LOSS_CHUNK_ROWS (a prime) is one chunk, the whole logits as without chunking.
     """
     B, T, C = x_BTC.shape
     N = B * T
@@ -167,7 +170,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable:
     model = GPT2(model_cfg)
     # On one CPU device the tied output layer and the loss go chunk by chunk (tied_output_loss); elsewhere XLA
     # fuses the passes over the logits itself, and a sharded vocabulary is laid out by the model.
-    chunked = model_cfg.tie_embeddings and jax.default_backend() == "cpu" and jax.device_count() == 1
+    chunked = model_cfg.tie_embeddings and cpu_kernels.one_cpu_device()
 
     def micro_loss(params, x, y, rng):
         features = dict(deterministic=model_cfg.dropout == 0.0, rngs={"dropout": rng})

@@ -188,9 +188,10 @@ def test_a_saved_config_from_another_version_names_the_checkpoint(tmp_path, stat
     checkpoint.save_train_state(manager, state.replace(step=jnp.int32(6)), {"model_config": TINY.to_dict(),
                                                                           "train_config": {"batch_size": "8"}})
     manager.wait_until_finished()
-    with pytest.raises(checkpoint.CheckpointError, match=r"6: its saved train_config does not fit .*batch_size must "
+    meta = checkpoint.read_meta(tmp_path / "b")  # weights and their model_config are still readable
+    with pytest.raises(checkpoint.CheckpointError, match=r"b/6: its saved train_config does not fit .*batch_size must "
                                                          r"be int; got '8'"):
-        checkpoint.read_meta(tmp_path / "b")
+        checkpoint.saved_config(meta, "train_config", TrainConfig, f"{tmp_path / 'b'}/6")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see checkpoint.quiet_failed_io

@@ -147,6 +147,8 @@ def test_json_is_json_lines_and_archives_are_refused(tmp_path):
     with pytest.raises(data.DataError, match=r"corpus\.zip is a zip archive; extract it"):
         data.prepare([tmp_path / "corpus.zip"], tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+    (tmp_path / "recipes.txt").write_text("x" * 256 + "custard tart")  # "ustar" where a tar header has it
+    data.prepare([tmp_path / "recipes.txt"], tmp_path / "out3")
 
 
 def test_text_files_are_read_as_open_reads_them_without_the_bom(tmp_path, monkeypatch):
@@ -365,7 +367,7 @@ def test_zstd_inputs_are_read_frame_after_frame_and_a_cut_is_an_error(tmp_path, 
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    long_text = "".join(f"line {i}\n" for i in range(200_000))  # 1.4 MB: several reads of the compressed file
+    long_text = "".join(f"line {i}\n" for i in range(200_000))  # 1.4 MB, 97 KB compressed: two 64 KiB reads
     frames = [zstandard.ZstdCompressor().compress(json.dumps({"text": t}).encode() + b"\n")
               for t in ("Hello world", long_text)]
     (corpus / "pile.jsonl.zst").write_bytes(b"".join(frames))  # two frames, as `cat a.zst b.zst` gives

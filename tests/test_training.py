@@ -203,6 +203,31 @@ def test_tied_output_loss_and_its_grads_match_torch(label_smoothing, pad_rows, t
     assert not np.asarray(dw)[V:].any() and not np.asarray(dx)[0, 3].any()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_losses_take_any_cotangent_per_token(dtype):
+    # tied_output_loss sums the losses (a cotangent of 1 per token); the custom VJP under it takes any, e.g. a
+    # per-token weighting, scaling rows of x and of dx rather than the [N, V] gradient it kept.
+    from gpt2_jax.training import _tied_losses
+
+    V, C, N = 200, 16, 256
+    cfg = ModelConfig.from_preset("tiny", vocab_size=V, n_embd=C, dtype=dtype)
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((N, C)).astype(np.float32), (0.3 * rng.standard_normal((V, C))).astype(np.float32)
+    labels, weights = rng.integers(0, V, N), rng.random(N).astype(np.float32)
+
+    def ours(x, w):
+        losses = _tied_losses(x.astype(cfg.dtype), w, jnp.asarray(labels), V, -100, 0.0, cfg.precision, 2)
+        return jnp.sum(losses * weights)
+
+    dx, dw = jax.grad(ours, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    t_x, t_w = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    losses = torch.nn.functional.cross_entropy(t_x @ t_w.T, torch.tensor(labels), reduction="none")
+    (losses * torch.tensor(weights)).sum().backward()
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bfloat16: x, w and the logits' gradient rounded to 8 bits
+    for ours_grad, ref in ((dx, t_x.grad.numpy()), (dw, t_w.grad.numpy())):
+        np.testing.assert_allclose(np.asarray(ours_grad, np.float32), ref, atol=tol * np.abs(ref).max())
+
+
 def test_the_models_features_times_wte_are_its_logits():
     cfg = ModelConfig.from_preset("tiny", pad_vocab_to=64)
     params = init_params(cfg, jax.random.PRNGKey(0))

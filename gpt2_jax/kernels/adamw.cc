@@ -2,8 +2,10 @@
 //
 // XLA:CPU splits that update into one loop per output (m, v, p), each recomputing what it needs from g, m and v,
 // so it reads g three times and m and v twice; here every element of g, m, v and p is read once and m, v and p
-// are written once (their results alias the inputs). The same operations in the same order as the XLA graph,
-// without contracting a multiply and an add into an FMA (XLA does not either), so both give the same bits.
+// are written once (their results alias the inputs). The same operations in the same order as the Python code,
+// each rounded to float32 (IEEE, no multiply and add contracted into an FMA): what numpy computes, bit for bit.
+// XLA contracts multiply-adds and multiplies by a reciprocal instead of dividing by a scalar, so the two paths
+// differ in the last bit of some elements.
 // Chunks of the arrays are shared between the calling thread and XLA's intra-op thread pool (share_work.h).
 #include <immintrin.h>
 
