@@ -1,6 +1,6 @@
 """Train GPT-2: from scratch, resumed, or fine-tuned from converted weights.
 
-    python train.py                                    # the mini model on Shakespeare, ~7 minutes on 2 idle CPU cores
+    python train.py                                    # the mini model on Shakespeare, ~5.5 minutes on 2 idle CPU cores
     python train.py --config=gpt2 --init_from=PATH --learning_rate=3e-5   # fine-tune converted weights
     python train.py --config=run.json --max_iters=500  # a JSON of overrides ("preset": a model preset)
     python train.py --init_from=resume --out_dir=out   # continue the latest checkpoint in out_dir

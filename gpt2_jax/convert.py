@@ -52,7 +52,9 @@ def load(path: str | Path, dtype=jnp.float32, *, n_head: int | None = None,
     if orbax is not None:
         from gpt2_jax import checkpoint  # orbax is only needed for orbax directories
 
+        layouts.check_n_head(n_head)
         cfg, params = checkpoint.load_weights(*orbax, dtype=jnp.dtype(np_dtype))
+        layouts.agreed_heads(n_head, cfg.n_head, f"{path} (its saved model config)")
         return replace(cfg, param_dtype=np_dtype.name), params
     ckpt = open_checkpoint(path, n_head=n_head, config_path=config_path)
     return replace(ckpt.config, param_dtype=np_dtype.name), params_from(ckpt, np_dtype)

@@ -218,11 +218,17 @@ def weights_exist(path: str | Path) -> bool:
     return Path(path).exists() or tf_checkpoint.checkpoint_prefix(path) is not None
 
 
+def check_n_head(n_head: int | None) -> None:
+    """A ConfigError for an n_head argument (--n_head) that no model can have: the user's number, not the weights,
+    is wrong."""
+    if n_head is not None and not is_integer(n_head, 1):
+        raise ConfigError(f"n_head must be an integer >= 1; got {n_head!r}")
+
+
 def open_checkpoint(path: str | Path, *, n_head: int | None = None,
                     config_path: str | Path | None = None) -> Checkpoint:
     """Detect the layout of a weights file or Hugging Face directory and infer its ModelConfig (reads no weights)."""
-    if n_head is not None and not is_integer(n_head, 1):  # the user's number, not the weights, is wrong
-        raise ConfigError(f"n_head must be an integer >= 1; got {n_head!r}")
+    check_n_head(n_head)
     path = Path(path)
     tf_prefix = tf_checkpoint.checkpoint_prefix(path)
     if tf_prefix is not None and not (path.is_dir() and _is_hf_dir(path)):
@@ -397,7 +403,7 @@ def _heads(n_head: int | None, raw_json: dict | None, keys: tuple[str, ...], n_e
             value = raw_json[key]
             if not is_integer(value, 1):
                 raise WeightsError(f"{json_path}: {key} is {value!r}; expected a positive integer")
-            return _agreed_heads(n_head, value, f"{json_path} ({key})")
+            return agreed_heads(n_head, value, f"{json_path} ({key})")
     if n_head:
         return n_head
     if n_embd not in HEADS_BY_WIDTH:
@@ -408,7 +414,7 @@ def _heads(n_head: int | None, raw_json: dict | None, keys: tuple[str, ...], n_e
     return HEADS_BY_WIDTH[n_embd]
 
 
-def _agreed_heads(n_head: int | None, stored: int, where: str) -> int:
+def agreed_heads(n_head: int | None, stored: int, where: str) -> int:
     """The heads the file's own config gives; an n_head argument (--n_head) that disagrees with them is an error:
     the same weights split into other heads are another function, which nothing downstream would notice."""
     if n_head and n_head != stored:
@@ -445,7 +451,7 @@ def _nanogpt_checkpoint(path, arrays, meta, raw_json, json_path, n_head) -> Chec
         if missing:
             raise WeightsError(f"{path}: nanoGPT model_args lacks {missing}")
         fields = dict(vocab_size=args["vocab_size"], block_size=args["block_size"], n_layer=args["n_layer"],
-                      n_head=_agreed_heads(n_head, args["n_head"], f"{path} (nanoGPT model_args)"),
+                      n_head=agreed_heads(n_head, args["n_head"], f"{path} (nanoGPT model_args)"),
                       n_embd=args["n_embd"], bias=bool(args["bias"]))
     else:
         V, C = _shape(arrays, "transformer.wte.weight", path, 2)
@@ -525,7 +531,7 @@ def _hf_options(raw: dict, json_path: Path | None, n_embd: int) -> tuple[str, fl
 
 
 def _llmc_checkpoint(path: Path, fields: dict, stacked: dict, n_head: int | None = None) -> Checkpoint:
-    _agreed_heads(n_head, fields["n_head"], f"{path} (llm.c header)")
+    agreed_heads(n_head, fields["n_head"], f"{path} (llm.c header)")
     V, Vp = fields["vocab_size"], fields["vocab_padded"]
     pad = next((p for p in (2 ** k for k in range(16, -1, -1)) if Vp % p == 0 and -(-V // p) * p == Vp), Vp)
     cfg = _config(path, vocab_size=V, block_size=fields["block_size"], n_layer=fields["n_layer"],

@@ -222,6 +222,12 @@ def test_n_head_that_disagrees_with_the_files_config_is_refused(random_hf, rando
         convert.load(tmp_path / "m.bin", n_head=4)
     with pytest.raises(ConfigError, match=r"n_head must be an integer >= 1; got -2"):  # not the weights' fault
         convert.load(tmp_path / "m.bin", n_head=-2)
+    convert.save(cfg, random_params(cfg), tmp_path / "orbax", "orbax")  # an orbax checkpoint's saved config too
+    with pytest.raises(WeightsError, match=r"n_head=4 was given but .*orbax \(its saved model config\) says n_head=2"):
+        convert.load(tmp_path / "orbax", n_head=4)
+    with pytest.raises(ConfigError, match=r"n_head must be an integer >= 1; got 0"):
+        convert.load(tmp_path / "orbax", n_head=0)
+    assert convert.load(tmp_path / "orbax", n_head=2)[0].n_head == 2
 
 
 # ---------------------------------------------------------------- reference layout
@@ -303,7 +309,8 @@ def test_hf_reference_hf_round_trip_is_bitwise(random_hf, tmp_path):
     cfg2, params2 = convert.load(tmp_path / "ref.pt")
     assert cfg2.lm_head_bias and not cfg2.tie_embeddings
     convert.export_hf(cfg2, params2, tmp_path / "hf2")
-    original, again = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    again = load_file(tmp_path / "hf2" / "model.safetensors")
     assert sorted(original) == sorted(again)
     for key in original:
         np.testing.assert_array_equal(original[key], again[key], err_msg=key)
