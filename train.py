@@ -189,13 +189,17 @@ def resolve(argv: list[str]):
     loaded_cfg, params = convert.load(init)
     check_preset(preset, loaded_cfg, init)
     model_cfg = checked(replace(loaded_cfg, **model_over))  # e.g. gelu_exact for nanoGPT and HF "gelu" weights
+    if model_cfg.block_size > loaded_cfg.block_size:  # wpe has no rows for the extra positions
+        raise ConfigError(f"--block_size={model_cfg.block_size} is longer than the {loaded_cfg.block_size} positions "
+                          f"of the weights in {init}; a fine-tune keeps or shortens the context "
+                          f"(--block_size={loaded_cfg.block_size} or less)")
     cut = ""
     if model_cfg.block_size < loaded_cfg.block_size:  # fine-tune with a shorter context: keep the first positions
         params = dict(params, wpe=params["wpe"][: model_cfg.block_size])
         cut = f" (wpe cut to its first {model_cfg.block_size} of {loaded_cfg.block_size} positions)"
         loaded_cfg = replace(loaded_cfg, block_size=model_cfg.block_size)
-    say(f"initialised from the weights in {init}{cut}")
     checkpoint.check_model_config(loaded_cfg.to_dict(), replace(model_cfg, param_dtype=loaded_cfg.param_dtype), init)
+    say(f"initialised from the weights in {init}{cut}")
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_dtype), params)
     return model_cfg, train_cfg, params
 

@@ -28,6 +28,8 @@ def lr_at(step, cfg: TrainConfig):
         decayed = lr - ratio * (lr - min_lr)
     else:
         decayed = jnp.asarray(lr, jnp.float32)
+    if cfg.lr_schedule != "constant":  # as get_lr: past lr_decay_iters min_lr, also at warmup_iters > lr_decay_iters
+        decayed = jnp.where(step > cfg.lr_decay_iters, min_lr, decayed)
     return jnp.where(step < cfg.warmup_iters, warm, decayed)
 
 
@@ -96,12 +98,14 @@ def fused_update(cfg: TrainConfig, grads, opt_state, params, grad_scale=1.0, ker
             m, v, p = cpu_kernels.adamw_update(g, m, v, p, scalars)
             return p, m, v
         g = g.astype(jnp.float32) * scale
-        m = cfg.beta1 * m + (1 - cfg.beta1) * g
-        v = cfg.beta2 * v + (1 - cfg.beta2) * (g * g)
-        u = (m / bc1) / (jnp.sqrt(v / bc2) + cfg.eps)
+        m_new = cfg.beta1 * m + (1 - cfg.beta1) * g
+        v_new = cfg.beta2 * v + (1 - cfg.beta2) * (g * g)
+        u = (m_new / bc1) / (jnp.sqrt(v_new / bc2) + cfg.eps)
         if decay and cfg.weight_decay:
             u = u + cfg.weight_decay * p
-        return p - (lr * u).astype(p.dtype), m, v
+        # m and v keep the state's dtypes (bfloat16 with param_dtype=bfloat16, as optax.adamw makes them): a
+        # state whose dtypes changed after one step no longer fits the compiled step nor the checkpoint's layout.
+        return p - (lr * u).astype(p.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
     out = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, mask)
     treedef = jax.tree.structure(params)

@@ -425,6 +425,10 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
             in capsys.readouterr().out)
     meta = checkpoint.read_meta(out)
     assert meta["model_config"] == ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32).to_dict()
+    # A longer context than the weights' wpe cannot be made up: the error says so (and nothing claims a load).
+    with pytest.raises(train.ConfigError, match=r"--block_size=128 is longer than the 64 positions of the weights"):
+        train.resolve([f"--init_from={tmp_path / 'weights'}", "--block_size=128", f"--out_dir={tmp_path / 'long'}"])
+    assert "initialised" not in capsys.readouterr().out
     # The first loss is that of the loaded weights (first 32 positions) on the first batch, computed here by hand.
     x, y = data.open_split(data_dir, "train").batch(meta["train_config"]["seed"], 0, 4, 32)
     cropped = dict(params, wpe=params["wpe"][:32])

@@ -156,6 +156,15 @@ def test_schedules_by_hand(schedule, expected):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_shorter_than_warmup_is_get_lr(schedule):
+    # lr_decay_iters < warmup_iters (e.g. --lr_decay_iters=max_iters in a short run): get_lr goes from warmup
+    # straight to min_lr; step warmup_iters must not jump back to the peak learning rate for one step.
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=30, lr_decay_iters=20, lr_schedule=schedule)
+    for step in (0, 19, 20, 21, 29, 30, 31, 100):
+        assert float(lr_at(step, cfg)) == pytest.approx(nanogpt_lr(step, cfg), rel=1e-6), step
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.05])
 def test_cross_entropy_and_grad_match_torch(label_smoothing):
     rng = np.random.default_rng(0)
@@ -303,6 +312,18 @@ def test_fused_update_is_the_optax_chain(grad_clip, decay_embeddings):
         np.testing.assert_allclose(float(norm), float(optax_norm(sums) / 8.0), rtol=1e-6)
     assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
     assert max_rel_err((ours_params, ours_state), jax.tree.map(np.asarray, (ref_params, ref_state))) <= 1e-6
+
+
+def test_fused_update_keeps_bf16_state_dtypes():
+    # param_dtype=bfloat16: optax.adamw's moments are bfloat16; the update must keep them so (a state that turned
+    # float32 after one step no longer fit train.py's compiled step: "Argument types differ" at step 2).
+    cfg = TrainConfig(learning_rate=1e-2, warmup_iters=0)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), init_params(TINY, jax.random.PRNGKey(0)))
+    state = make_optimizer(cfg).init(params)
+    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    new_params, new_state, _ = jax.jit(lambda g, s, p: fused_update(cfg, g, s, p, 0.5))(grads, state, params)
+    dtypes = lambda tree: [leaf.dtype for leaf in jax.tree.leaves(tree)]
+    assert dtypes(new_state) == dtypes(state) and dtypes(new_params) == dtypes(params)
 
 
 def optax_norm(tree):
