@@ -146,10 +146,11 @@ def _unreadable(directory: Path, step: int, error: Exception | str) -> Checkpoin
 
 def _pick_step(directory: Path, step: int | None) -> int:
     steps = _steps(directory)
-    if not steps and not directory.is_dir():
-        raise CheckpointError(f"{directory} does not exist" if not directory.exists() else f"{directory} is a file, "
-                              f"not a checkpoint directory")
     if not steps:
+        if not directory.exists():
+            raise CheckpointError(f"{directory} does not exist")
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} is a file, not a checkpoint directory")
         raise CheckpointError(f"{directory} holds no complete checkpoint (no step directory with a 'params' item)")
     if step is None:
         return steps[-1]

@@ -49,10 +49,21 @@ def _row_sum(a_BTV):
     return jnp.einsum("...v,v->...", a_BTV, ones_V, precision=jax.lax.Precision.HIGHEST)  # no bf16/tf32 passes
 
 
+def _real_columns(columns: int, vocab_size: int | None):
+    """A [columns] mask of the columns that are classes, or None when all of them are."""
+    if vocab_size is None or vocab_size == columns:
+        return None
+    return jnp.arange(columns) < vocab_size
+
+
 def _token_losses_fwd(logits_BTV, labels_BT, ignore_index, label_smoothing, vocab_size=None):
     # p = exp(logits - max) is kept for the backward pass instead of the logits (same size), so the
     # exponentials are computed once; only [B, T] numbers are kept besides it. vocab_size: the classes, where
-    # the logits have more columns, set to -inf (tied_output_loss's padded vocabulary).
+    # the logits have more columns (tied_output_loss's padded vocabulary): those get no probability.
+    real_V = _real_columns(logits_BTV.shape[-1], vocab_size)
+    raw_BTV = logits_BTV
+    if real_V is not None:
+        logits_BTV = jnp.where(real_V, logits_BTV, -jnp.inf)
     max_BT = logits_BTV.max(-1)
     p_BTV = jnp.exp(logits_BTV - max_BT[..., None])
     sum_BT = _row_sum(p_BTV)
@@ -62,10 +73,8 @@ def _token_losses_fwd(logits_BTV, labels_BT, ignore_index, label_smoothing, voca
     target_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0]
     loss_BT = lse_BT - target_BT
     if label_smoothing:
-        V = vocab_size or logits_BTV.shape[-1]
-        real_BTV = logits_BTV if V == logits_BTV.shape[-1] else jnp.where(jnp.arange(logits_BTV.shape[-1]) < V,
-                                                                          logits_BTV, 0.0)
-        mean_BT = _row_sum(real_BTV) / V
+        V = vocab_size or raw_BTV.shape[-1]
+        mean_BT = _row_sum(raw_BTV if real_V is None else jnp.where(real_V, raw_BTV, 0.0)) / V
         loss_BT = (1.0 - label_smoothing) * loss_BT + label_smoothing * (lse_BT - mean_BT)
     return jnp.where(valid_BT, loss_BT, 0.0), (p_BTV, sum_BT, safe_BT, valid_BT)
 
@@ -79,6 +88,9 @@ def _token_losses_bwd(ignore_index, label_smoothing, residuals, g_BT, vocab_size
     onehot_BTV = jnp.arange(p_BTV.shape[-1], dtype=safe_BT.dtype) == safe_BT[..., None]
     probs_BTV = p_BTV * (1.0 / sum_BT)[..., None]
     d_BTV = probs_BTV - jnp.where(onehot_BTV, 1.0 - label_smoothing, 0.0) - label_smoothing / V
+    real_V = _real_columns(p_BTV.shape[-1], vocab_size)
+    if real_V is not None:  # no gradient for the columns that are no classes (their p is 0, but not eps / V)
+        d_BTV = jnp.where(real_V, d_BTV, 0.0)
     return g_BT[..., None] * d_BTV, None
 
 
@@ -119,16 +131,11 @@ def _tied_losses(x_NC, w_VC, labels_N, vocab_size, ignore_index, label_smoothing
 def _tied_losses_fwd(x_NC, w_VC, labels_N, vocab_size, ignore_index, label_smoothing, precision, chunks):
     N, C = x_NC.shape
     w_VC_x = w_VC.astype(x_NC.dtype)
-    real_V = jnp.arange(w_VC.shape[0]) < vocab_size  # False on pad_vocab_to's extra rows
 
-    def chunk(x_nC, labels_n):
+    def chunk(x_nC, labels_n):  # pad_vocab_to's extra rows of w are no classes (the vocab_size argument)
         logits_nV = jnp.einsum("nc,vc->nv", x_nC, w_VC_x, preferred_element_type=jnp.float32, precision=precision)
-        if w_VC.shape[0] != vocab_size:
-            logits_nV = jnp.where(real_V, logits_nV, -jnp.inf)
         losses_n, residuals = _token_losses_fwd(logits_nV, labels_n, ignore_index, label_smoothing, vocab_size)
         d_nV = _token_losses_bwd(ignore_index, label_smoothing, residuals, jnp.ones_like(losses_n), vocab_size)[0]
-        if w_VC.shape[0] != vocab_size:
-            d_nV = jnp.where(real_V, d_nV, 0.0)
         return losses_n, d_nV.astype(x_NC.dtype)
 
     if chunks == 1:
