@@ -187,10 +187,12 @@ def test_cross_entropy_and_grad_match_torch(label_smoothing):
     assert np.all(np.asarray(grad)[0, 2] == 0.0)
 
 
-@pytest.mark.parametrize("label_smoothing, pad_rows, tokens", [(0.0, 0, 8 * 128), (0.05, 14, 8 * 128), (0.1, 14, 60)])
+@pytest.mark.parametrize("label_smoothing, pad_rows, tokens",
+                         [(0.0, 0, 8 * 128), (0.05, 14, 8 * 128), (0.1, 14, 60), (0.05, 14, 2 * 521)])
 def test_tied_output_loss_and_its_grads_match_torch(label_smoothing, pad_rows, tokens):
-    # The output layer and the loss chunk by chunk (8 chunks of 128 tokens; 60 tokens: one), on a wte with
-    # pad_vocab_to's extra rows, which torch's logits do not have: they get no probability and no gradient.
+    # The output layer and the loss chunk by chunk (8 chunks of 128 tokens; 60 tokens: one; 1042 tokens: 8 chunks
+    # of 131, the last padded with 6 ignored tokens), on a wte with pad_vocab_to's extra rows, which torch's logits
+    # do not have: they get no probability and no gradient.
     V, C = 300, 16
     cfg = ModelConfig.from_preset("tiny", vocab_size=V, n_embd=C)
     rng = np.random.default_rng(1)
