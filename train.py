@@ -5,6 +5,7 @@
     python train.py --config=run.json --max_iters=500  # a JSON of overrides ("preset": a model preset)
     python train.py --init_from=resume --out_dir=out   # continue the latest checkpoint in out_dir
     python train.py --config=gpt2-xl --mesh=fsdp:8     # params and optimizer state split over 8 devices
+    python train.py --eval_only=true --init_from=PATH --data=DIR   # train and val loss of weights; writes nothing
 
 --config=NAME picks a model preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini; default mini); with
 --init_from=resume or PATH the model config is the checkpoint's, and a preset must agree with its size. Every
@@ -46,6 +47,19 @@ from gpt2_jax.tokenizer import get_tokenizer
 DEFAULT_PRESET = "mini"
 # Flags that say how to join a multi-process run; not TrainConfig fields, so no checkpoint records them.
 CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id", "join_timeout")
+# nanoGPT's flags that have no counterpart here, and what its users do instead.
+NANOGPT_FLAGS = {
+    "decay_lr": "--lr_schedule=constant keeps the learning rate after warmup (add --warmup_iters=0 for none)",
+    "always_save_checkpoint": "every eval saves a checkpoint, and --keep_checkpoints=N keeps the last N plus the "
+                              "best val loss",
+    "compile": "the train step is always compiled by XLA",
+    "device": "JAX runs on the accelerator it finds (JAX_PLATFORMS=cpu keeps it on the CPU)",
+    "backend": "processes join with --coordinator_address, --num_processes and --process_id (docs/scaling.md)",
+    "dataset": "--data=DIR names a prepared shard directory or a nanoGPT data/<dataset> directory with train.bin",
+    "wandb_log": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
+    "wandb_project": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
+    "wandb_run_name": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
+}
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
 # Dense peak TFLOP/s per chip: (16-bit; float32 at matmul_precision "default"/"high": TF32 on NVIDIA since Ampere,
 # one bf16 pass on TPU; float32 at "highest": CUDA cores on NVIDIA, six bf16 passes on TPU). Matched against
@@ -137,7 +151,12 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
             rest.append(arg)
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    nanogpt_only([a[2:].partition("=")[0] for a in rest if a.startswith("--")], "--")
+    nanogpt_only(file_overrides, "config file key ")
     (train_flags, model_flags), positional = parse_overrides(rest, TrainConfig, ModelConfig)
+    if any(p.endswith(".py") for p in positional):
+        raise ConfigError(f"{positional[0]}: nanoGPT's Python config files are not read; write its settings as a "
+                          "JSON object of overrides and pass --config=FILE.json (or write them as --key=value)")
     if positional:
         raise ConfigError(f"unexpected argument(s) {positional}; flags are written --key=value")
     model_keys = set(ModelConfig.__dataclass_fields__)
@@ -149,6 +168,13 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
     return preset, model, train
 
 
+def nanogpt_only(keys, prefix: str) -> None:
+    """A ConfigError for the first of keys that is one of nanoGPT's flags without a counterpart here."""
+    for key in keys:
+        if key in NANOGPT_FLAGS:
+            raise ConfigError(f"{prefix}{key} is nanoGPT's, with no counterpart here: {NANOGPT_FLAGS[key]}")
+
+
 def resolve(argv: list[str]):
     """The run's (ModelConfig, TrainConfig, initial params or None) after checking every input up front."""
     preset, model_over, train_over = read_flags(argv)
@@ -158,9 +184,10 @@ def resolve(argv: list[str]):
         raise ConfigError(f"out_dir {train_cfg.out_dir} is a file; pick a directory")
     if init == "resume":
         meta = checkpoint.read_meta(train_cfg.out_dir)
-        base = replace(ModelConfig(), **meta["model_config"])  # activation, dropout, dtype, ... included
+        where = f"{train_cfg.out_dir}/{meta['step']}"
+        base = checkpoint.saved_config(meta, "model_config", ModelConfig, where)  # activation, dropout, dtype, ...
         check_preset(preset, base, train_cfg.out_dir)
-        saved = checkpoint.saved_config(meta, "train_config", TrainConfig, f"{train_cfg.out_dir}/{meta['step']}")
+        saved = checkpoint.saved_config(meta, "train_config", TrainConfig, where)
         train_cfg = replace(saved, **train_over)
         if train_cfg.max_iters < meta["step"]:
             raise ConfigError(f"{train_cfg.out_dir} is at step {meta['step']}, past max_iters={train_cfg.max_iters}; "
@@ -173,15 +200,16 @@ def resolve(argv: list[str]):
             saved_processes = meta.get("data", {}).get("process_count", 1)
             train_cfg = keep_global_batch(train_cfg, saved_processes, jax.process_count())
         model_cfg = checked(replace(base, **model_over))
+        checkpoint.check_model_config(meta["model_config"], model_cfg, where)  # before "resuming with" is said
         changes = resume_changes([(meta["train_config"], train_cfg, train_over),
                                   (meta["model_config"], model_cfg, model_over)])
-        if changes:
+        if changes and not train_cfg.eval_only:
             say(changes)
         return model_cfg, train_cfg, None
     if init != "scratch" and (not init or not layouts.weights_exist(init)):
         raise ConfigError(f"--init_from must be scratch, resume or an existing weights path; "
                           f"{why_no_weights(init)}")
-    if checkpoint.is_checkpoint_dir(train_cfg.out_dir):
+    if checkpoint.is_checkpoint_dir(train_cfg.out_dir) and not train_cfg.eval_only:
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
                           f"--init_from=resume or pick another --out_dir")
     if init == "scratch":
@@ -392,9 +420,68 @@ class Metrics:
         fig.savefig(self.png, dpi=100)
 
 
+def mean_loss(eval_fn, params, batches: Batches, split: str, n: int) -> float:
+    """The mean of eval_fn over the first n eval batches of a split (the same ones every time, so evals compare)."""
+    losses = [eval_fn(params, *batches.eval_batch(split, i)) for i in range(n)]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def evaluate_only(model_cfg: ModelConfig, train_cfg: TrainConfig, params) -> int:
+    """--eval_only: the train and val loss of the starting weights over eval_iters batches each; writes nothing."""
+    mesh = make_run_mesh(train_cfg)
+    batches = Batches(model_cfg, train_cfg, mesh)
+    where = f"the weights in {train_cfg.init_from}"
+    if train_cfg.init_from == "scratch":
+        where = f"the initial weights of seed {train_cfg.seed}"
+    if train_cfg.init_from == "resume":  # only the params of its latest step: no optimizer state is needed
+        step = checkpoint.complete_steps(train_cfg.out_dir)[-1]
+        params = checkpoint.load_weights(train_cfg.out_dir, step, dtype=jnp.dtype(model_cfg.param_dtype))[1]
+        where = f"step {step} of {train_cfg.out_dir}"
+    try:
+        if params is None:  # the weights a training run with this seed starts from
+            params = sharding.create_sharded_state(model_cfg, train_cfg, mesh,
+                                                   jax.random.PRNGKey(train_cfg.seed)).params
+        else:
+            params = sharding.shard_params(model_cfg, params, mesh)
+        eval_fn = sharding.make_sharded_eval_step(model_cfg, train_cfg, mesh)
+        losses = {split: mean_loss(eval_fn, params, batches, split, train_cfg.eval_iters) for split in ("train", "val")}
+    except jax.errors.JaxRuntimeError as e:
+        print(f"error: {xla_failure(e, 'the evaluation')}", file=sys.stderr)
+        return 1
+    say(f"{where}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (the first {train_cfg.eval_iters} "
+        f"batches of {batches.global_batch} x {model_cfg.block_size} tokens of each split of {batches.data_dir})")
+    return 0
+
+
 @jax.jit
 def _all_finite(params):
     return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params)]))
+
+
+class Batches:
+    """A run's train and val batches, placed on its mesh: each process reads and feeds only its own rows."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, mesh):
+        self.cfg, self.block_size, self.mesh = train_cfg, model_cfg.block_size, mesh
+        self.data_dir, (self.train_data, self.val_data) = open_data(model_cfg, train_cfg)
+        # batch_size rows per process: the global batch, which the data and fsdp axes split.
+        self.global_batch = train_cfg.batch_size * jax.process_count()
+        self.rows = sharding.process_batch_rows(mesh, self.global_batch)
+
+    def train_batch(self, step: int, accumulation: int | None = None):
+        """The global x, y [A, B, T] of a step (A: gradient_accumulation_steps unless given)."""
+        A = self.cfg.gradient_accumulation_steps if accumulation is None else accumulation
+        x, y = self.train_data.batch(self.cfg.seed, step, self.global_batch, self.block_size, A, rows=self.rows)
+        return self._placed(x), self._placed(y)
+
+    def eval_batch(self, split: str, index: int):
+        """The global x, y [B, T] of batch `index` of the "train" or "val" split, for an evaluation."""
+        tokens = self.train_data if split == "train" else self.val_data
+        x, y = tokens.batch(self.cfg.seed, index, self.global_batch, self.block_size, rows=self.rows)
+        return self._placed(x[0]), self._placed(y[0])
+
+    def _placed(self, local):
+        return sharding.host_local_to_global(local, self.mesh, self.global_batch)
 
 
 class Run:
@@ -403,11 +490,8 @@ class Run:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params):
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.out_dir = Path(train_cfg.out_dir)
-        self.data_dir, (self.train_data, self.val_data) = open_data(model_cfg, train_cfg)
         self.mesh = make_run_mesh(train_cfg)
-        # batch_size rows per process: the global batch, which the data and fsdp axes split.
-        self.global_batch = train_cfg.batch_size * jax.process_count()
-        self.rows = sharding.process_batch_rows(self.mesh, self.global_batch)
+        self.batches = Batches(model_cfg, train_cfg, self.mesh)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lock = lock_out_dir(self.out_dir) if sharding.is_main_process() else None
         rng = jax.random.PRNGKey(train_cfg.seed)
@@ -418,7 +502,7 @@ class Run:
             val = meta.get("val_loss")
             say(f"resumed {self.out_dir} at step {meta['step']} "
                 + (f"(val loss {val:.4f})" if val is not None else "(saved between evals: no val loss)"))
-            changed = data_change(meta, self.data_dir, self.train_data.n_tokens)
+            changed = data_change(meta, self.batches.data_dir, self.batches.train_data.n_tokens)
             if changed:
                 say(changed)
         else:
@@ -435,33 +519,20 @@ class Run:
         self.git_commit = checkpoint.git_commit()
         self.interrupted = False  # set by train(): stopped by Ctrl-C or SIGTERM (after saving)
 
-    def batch(self, step: int):
-        """The global x, y [A, B, T] of a step; this process reads and feeds only its own rows of it."""
-        c = self.cfg
-        x, y = self.train_data.batch(c.seed, step, self.global_batch, self.model_cfg.block_size,
-                                     c.gradient_accumulation_steps, rows=self.rows)
-        return tuple(sharding.host_local_to_global(a, self.mesh, self.global_batch) for a in (x, y))
-
-    def val_batch(self, index: int):
-        """The global x, y [B, T] of val batch `index`, fed like the train batches."""
-        x, y = self.val_data.batch(self.cfg.seed, index, self.global_batch, self.model_cfg.block_size, rows=self.rows)
-        return tuple(sharding.host_local_to_global(a[0], self.mesh, self.global_batch) for a in (x, y))
-
     def compile(self):
         """The jitted, state-donating train step and the eval step, compiled before the clock starts."""
         start = time.perf_counter()
-        x, y = self.batch(int(self.state.step))
+        x, y = self.batches.train_batch(int(self.state.step))
         step_fn = sharding.make_sharded_train_step(self.model_cfg, self.cfg, self.mesh)
         step_fn = step_fn.lower(self.state, x, y, self.rng).compile()
         eval_fn = sharding.make_sharded_eval_step(self.model_cfg, self.cfg, self.mesh)
-        eval_fn = eval_fn.lower(self.state.params, *self.val_batch(0)).compile()
+        eval_fn = eval_fn.lower(self.state.params, *self.batches.eval_batch("val", 0)).compile()
         say(f"compiled the train and eval steps in {time.perf_counter() - start:.1f} s")
         return step_fn, eval_fn
 
     def evaluate(self, eval_fn) -> float:
         """Mean val loss over eval_iters batches (the same batches at every eval, so evals compare)."""
-        losses = [eval_fn(self.state.params, *self.val_batch(i)) for i in range(self.cfg.eval_iters)]
-        return float(np.mean(jax.device_get(losses)))
+        return mean_loss(eval_fn, self.state.params, self.batches, "val", self.cfg.eval_iters)
 
     def params_finite(self) -> bool:
         """True if no parameter is NaN or infinite (checked before a save, so that no diverged state is kept)."""
@@ -472,8 +543,8 @@ class Run:
         meta = {"model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict(),
                 "rng": np.asarray(jax.random.key_data(self.rng)).tolist(), "git_commit": self.git_commit,
                 # Batches are a pure function of (seed, step, process), so the step is the data position.
-                "data": {"dir": str(self.data_dir), "seed": self.cfg.seed, "next_batch": step,
-                         "train_tokens": self.train_data.n_tokens, "process_count": jax.process_count()}}
+                "data": {"dir": str(self.batches.data_dir), "seed": self.cfg.seed, "next_batch": step,
+                         "train_tokens": self.batches.train_data.n_tokens, "process_count": jax.process_count()}}
         self.confirm_saved()
         try:
             checkpoint.check_free_space(self.out_dir, self.state)  # before orbax starts writing, not halfway
@@ -558,7 +629,7 @@ def train(run: Run) -> int:
         raise xla_failure(e, "compiling the train and eval steps") from None
     device_peak, peak_source = peak_flops(model_cfg)
     peak = device_peak * jax.device_count()
-    tokens_per_step = cfg.gradient_accumulation_steps * run.global_batch * model_cfg.block_size
+    tokens_per_step = cfg.gradient_accumulation_steps * run.batches.global_batch * model_cfg.block_size
     flops_per_step = flops_per_token(model_cfg, run.state.params) * tokens_per_step
     say(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens_per_step:,} tokens a step; MFU against "
         f"{jax.device_count()} x {device_peak / 1e9:,.0f} GFLOP/s ({peak_source})")
@@ -567,14 +638,14 @@ def train(run: Run) -> int:
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
                disable=not sharding.is_main_process())
     try:
-        x, y = run.batch(step)
+        x, y = run.batches.train_batch(step)
         window_start, losses, stopping = time.perf_counter(), [], False
         while step < cfg.max_iters and not stopping:
             doing = f"step {step + 1}"
             run.state, out = step_fn(run.state, x, y, run.rng)
             step += 1
             if step < cfg.max_iters:
-                x, y = run.batch(step)  # drawn on the host while the device runs the step
+                x, y = run.batches.train_batch(step)  # drawn on the host while the device runs the step
             loss, lr = float(out["loss"]), float(out["lr"])  # waits for the step: its errors surface here
             if not math.isfinite(loss):
                 return diverged(run, bar, f"the loss is {loss} at step {step}")
@@ -667,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = join_cluster(argv)  # before anything touches a device
         model_cfg, train_cfg, params = resolve(argv)
+        if train_cfg.eval_only:
+            return evaluate_only(model_cfg, train_cfg, params)
         run = Run(model_cfg, train_cfg, params)
     except (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError,
             json.JSONDecodeError) as e:

@@ -241,7 +241,7 @@ def load_weights(directory, step: int | None = None, dtype=jnp.float32) -> tuple
     directory = Path(directory)
     step = _pick_step(directory, step)
     meta = read_meta(directory, step)
-    model_config = ModelConfig(**meta["model_config"])
+    model_config = saved_config(meta, "model_config", ModelConfig, f"{directory}/{step}")
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own device
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=sharding),
                           _abstract_params(model_config))

@@ -58,7 +58,8 @@ def _config_of(path: str | Path, n_head: int | None = None) -> ModelConfig:
     if orbax is not None:
         from gpt2_jax import checkpoint
 
-        return ModelConfig(**checkpoint.read_meta(*orbax)["model_config"])
+        meta = checkpoint.read_meta(*orbax)
+        return checkpoint.saved_config(meta, "model_config", ModelConfig, f"{orbax[0]}/{meta['step']}")
     return layouts.open_checkpoint(Path(path), n_head=n_head).config
 
 

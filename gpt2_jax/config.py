@@ -179,6 +179,7 @@ class TrainConfig:
     ignore_index: int = -100
     eval_interval: int = 100
     eval_iters: int = 10
+    eval_only: bool = False  # evaluate the starting weights (train and val loss) and exit; nothing is written
     log_interval: int = 10
     keep_checkpoints: int = 3
     num_samples: int = 3  # samples printed at the end of training

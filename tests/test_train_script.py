@@ -215,8 +215,9 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
     assert "unknown model preset 'gpt3'" in main_error(capsys, *flags, "--config=gpt3")
     assert f"{out} already holds checkpoints" in main_error(capsys, *MODEL_FLAGS, f"--data={data_dir}",
                                                             f"--out_dir={out}")
-    assert "was saved for another model: n_layer=2 (this run: 3)" in main_error(
-        capsys, "--init_from=resume", f"--out_dir={out}", "--n_layer=3")
+    refused = main_error(capsys, "--init_from=resume", f"--out_dir={out}", "--n_layer=3")
+    assert f"checkpoint {out}/20 was saved for another model: n_layer=2 (this run: 3)" in refused
+    assert "resuming with" not in capsys.readouterr().out  # no change is announced before the refusal
     assert "train_000000.bin: token id 255 is outside the model's vocabulary (vocab_size 200)" in main_error(
         capsys, *flags, "--vocab_size=200")
     assert "no train data in" in main_error(capsys, *flags[:-2], f"--data={tmp_path}", flags[-1])
@@ -255,6 +256,51 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
         capsys, "--init_from=resume", f"--out_dir={out}", "--max_iters=10")
     assert f"{out} was saved with grad_clip=1.0; a resumed run keeps clipping on (grad_clip > 0)" in main_error(
         capsys, "--init_from=resume", f"--out_dir={out}", "--grad_clip=0")
+
+
+def test_nanogpt_flags_without_a_counterpart_say_what_to_use(tmp_path, capsys):
+    for flag, advice in [("--decay_lr=False", "--lr_schedule=constant"), ("--compile=True", "compiled by XLA"),
+                         ("--wandb_log=True", "metrics.jsonl"), ("--dataset=owt", "--data=DIR")]:
+        assert f"{flag.partition('=')[0]} is nanoGPT's, with no counterpart here: " in main_error(capsys, flag)
+        assert advice in main_error(capsys, flag)
+    (tmp_path / "run.json").write_text('{"always_save_checkpoint": false}')
+    assert "config file key always_save_checkpoint is nanoGPT's" in main_error(capsys, f"--config={tmp_path}/run.json")
+    assert "nanoGPT's Python config files are not read" in main_error(capsys, "config/train_shakespeare_char.py")
+
+
+def hand_loss(model_cfg: ModelConfig, params, split, seed: int, batches: int, B: int) -> float:
+    """The mean cross entropy of the first `batches` batches of a split, computed here from the logits."""
+    losses = []
+    for i in range(batches):
+        x, y = split.batch(seed, i, B, model_cfg.block_size)
+        logits = GPT2(model_cfg).apply({"params": params}, jnp.asarray(x[0]), deterministic=True)
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        losses.append(-np.mean(np.take_along_axis(logp, y[0][..., None], axis=-1)))
+    return float(np.mean(losses))
+
+
+def test_eval_only_prints_both_losses_of_the_weights_and_writes_nothing(tmp_path, data_dir, straight, capsys):
+    out, _ = straight
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert train.main(["--eval_only=true", "--init_from=resume", f"--out_dir={out}", "--eval_iters=3"]) == 0
+    printed = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    got = re.search(r"step 20 of \S+: train loss (\S+), val loss (\S+) \(the first 3 batches of 8 x 32 tokens", printed)
+    assert got, printed
+    meta = checkpoint.read_meta(out)
+    model_cfg = ModelConfig(**meta["model_config"])
+    params = checkpoint.load_weights(out)[1]
+    seed = meta["train_config"]["seed"]
+    for value, split in zip(got.groups(), ("train", "val")):
+        expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), seed, 3, 8)
+        assert float(value) == pytest.approx(expected, abs=1e-4)
+    # From a weights path into an out_dir that does not exist: none is made, and a full one is no obstacle.
+    fresh = tmp_path / "never"
+    assert train.main(["--eval_only=true", f"--init_from={out}/10", f"--out_dir={fresh}", "--eval_iters=1",
+                       f"--data={data_dir}"]) == 0
+    assert f"the weights in {out}/10: train loss" in capsys.readouterr().out and not fresh.exists()
+    assert train.main(["--eval_only=true", f"--init_from={out}/10", f"--out_dir={out}", "--eval_iters=1",
+                       f"--data={data_dir}"]) == 0
 
 
 def test_two_runs_never_share_an_out_dir(tmp_path, data_dir, capsys):
