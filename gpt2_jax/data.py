@@ -51,6 +51,7 @@ MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
+MAX_SHARD_TOKENS = 2**31 - 1  # the header holds the token count as an int32
 RAW_NAMES = ("train.bin", "val.bin")  # nanoGPT's headerless files
 SPLITS = ("train", "val")
 _REPO = Path(__file__).resolve().parent.parent
@@ -129,6 +130,8 @@ COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zst
 def write_shard(path, tokens) -> None:
     """Write tokens (each < 65536) as one llm.c shard."""
     tokens = np.asarray(tokens)
+    if tokens.size > MAX_SHARD_TOKENS:
+        raise DataError(f"{path}: {tokens.size} tokens do not fit one llm.c shard (at most {MAX_SHARD_TOKENS})")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise DataError(f"{path}: token ids must be in [0, 65536) to fit uint16; got max {tokens.max()}")
     header = np.zeros(HEADER_INTS, "<i4")
@@ -243,7 +246,8 @@ def input_files(inputs) -> list[Path]:
     """The files the inputs name: files as given, directories recursively (sorted), following symbolic links
     (each directory once) and skipping hidden names (such as prepare's own temporary output) and the output
     directories of earlier prepares (meta.json beside llm.c shards). A file reached twice (named twice, or
-    through a link) is read once, with a warning: a document in both train and val would make val loss a lie."""
+    through a symbolic or hard link) is read once, with a warning: a document in both train and val would make
+    val loss a lie. A directory that cannot be listed is an error."""
     found = []
     for item in inputs:
         path = Path(item)
@@ -257,18 +261,24 @@ def input_files(inputs) -> list[Path]:
             raise DataError(f"input {path} does not exist")
     files, first = [], {}
     for path in found:
-        real = os.path.realpath(path)
-        if real in first:
-            warnings.warn(f"input {path} is the same file as {first[real]}; it is read once", stacklevel=2)
+        stat = os.stat(path)
+        same = (stat.st_dev, stat.st_ino)  # one file, however it is reached: a symbolic or a hard link
+        if same in first:
+            warnings.warn(f"input {path} is the same file as {first[same]}; it is read once", stacklevel=2)
             continue
-        first[real] = path
+        first[same] = path
         files.append(path)
     return files
 
 
+def _unreadable_directory(error: OSError):
+    """os.walk's onerror: a directory that cannot be listed is an error, not a silent gap in the corpus."""
+    raise DataError(f"input directory {error.filename} cannot be read ({error.strerror})")
+
+
 def _directory_files(root: Path) -> list[Path]:
     files, seen = [], set()
-    for parent, dirs, names in os.walk(root, followlinks=True):
+    for parent, dirs, names in os.walk(root, onerror=_unreadable_directory, followlinks=True):
         real = os.path.realpath(parent)
         if real in seen:  # a link loop, or a second link to a directory already read
             dirs.clear()
@@ -356,15 +366,20 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
 
 def _pieces(blocks) -> Iterator[tuple[str, bool]]:
     """(piece, is_last) for one document given in blocks: pieces of about _PIECE_CHARS, cut at _SAFE_CUT only."""
-    rest = ""
+    # Each block is searched once and each piece joined once, so megabytes with no cut (CJK on one line, base64)
+    # take linear time: the piece so far is held in parts, and only its last character (the look-behind) is kept.
+    parts, held, last = [], 0, ""  # the piece so far, its length, and its last character
     for block in blocks:
-        text, start = rest + block, 0
-        while cut := _SAFE_CUT.search(text, start + _PIECE_CHARS):
-            yield text[start: cut.start()], False
-            start = cut.start()
-        rest = text[start:]
-    if rest:
-        yield rest, True
+        text, start = last + block, len(last)
+        while cut := _SAFE_CUT.search(text, max(start, start + _PIECE_CHARS - held)):
+            parts.append(text[start: cut.start()])
+            yield "".join(parts), False
+            parts, held, start = [], 0, cut.start()
+        parts.append(text[start:])
+        held += len(text) - start
+        last = text[-1:]
+    if held:
+        yield "".join(parts), True
 
 
 def _open_binary(path: Path):
@@ -419,13 +434,19 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1); got {val_fraction}")
-    if shard_tokens <= 0:
-        raise DataError(f"shard_tokens must be positive; got {shard_tokens}")
+    if not 0 < shard_tokens <= MAX_SHARD_TOKENS:
+        raise DataError(f"shard_tokens must be in [1, {MAX_SHARD_TOKENS}] (an llm.c shard header holds the count as "
+                        f"an int32); got {shard_tokens}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"output directory {out_dir} is a file")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise DataError(f"output directory {out_dir} is not empty")
+    if out_dir.is_symlink():  # the finished output is renamed onto the directory it names, not onto the link
+        out_dir = out_dir.resolve()
+    if os.path.ismount(out_dir):
+        raise DataError(f"output directory {out_dir} is a mount point, which the finished output cannot be renamed "
+                        f"onto; pass a new directory inside it")
     files = input_files(inputs)  # listed before the temporary directory exists, which may be among them
     if not files:
         raise DataError(f"no input files in {', '.join(map(str, inputs))}")

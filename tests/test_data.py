@@ -207,6 +207,22 @@ def test_long_documents_are_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp
     assert len(call_chars) > 10 and max(call_chars) <= 64 + 2 * 16  # never the whole document (1,910 characters)
 
 
+def test_text_without_cuts_is_searched_in_linear_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_PIECE_CHARS", 16)
+    searched, real_search = [], data._SAFE_CUT.search
+
+    class Counting:
+        def search(self, text, pos):
+            searched.append(len(text) - pos)
+            return real_search(text, pos)
+
+    monkeypatch.setattr(data, "_SAFE_CUT", Counting())
+    blocks = ["\u4e00\u4e8c\uff0c" * 20] * 200 + [" tail"]  # 12,000 characters with one cut, near the end
+    pieces = list(data._pieces(blocks))
+    assert "".join(p for p, _ in pieces) == "".join(blocks) and [last for _, last in pieces] == [False, True]
+    assert sum(searched) <= 2 * len("".join(blocks))  # each block once, not the whole held text again per block
+
+
 def test_directories_follow_symbolic_links_once(tmp_path):
     (tmp_path / "corpus" / "a").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
@@ -221,6 +237,23 @@ def test_directories_follow_symbolic_links_once(tmp_path):
         data.input_files([tmp_path / "corpus"])
 
 
+def test_a_directory_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "corpus" / "secret").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("Hello world")
+    (tmp_path / "corpus" / "secret" / "b.txt").write_text(" to be or not")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as chmod 000 does for anyone but root
+        if os.fspath(path).endswith("secret"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(data.DataError, match=r"input directory .*secret cannot be read \(Permission denied\)"):
+        data.prepare([tmp_path / "corpus"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_into_its_own_input_directory_reads_only_the_inputs(tmp_path):
     # The output (and prepare's hidden temporary directory beside it) lies inside the input directory.
     corpus = tmp_path / "corpus"
@@ -233,6 +266,30 @@ def test_prepare_into_its_own_input_directory_reads_only_the_inputs(tmp_path):
     # A second prepare of the same directory skips the first one's shards (binary, not text).
     again = data.prepare([corpus], corpus / "prepared2", val_fraction=0.25)
     assert again == summary
+
+
+def test_shard_tokens_must_fit_the_int32_count_of_the_header(tmp_path):
+    (tmp_path / "t.txt").write_text("Hello world")
+    with pytest.raises(data.DataError, match=r"shard_tokens must be in \[1, 2147483647\]"):
+        data.prepare([tmp_path / "t.txt"], tmp_path / "out", shard_tokens=2**31)  # before any tokenizing
+    too_many = np.broadcast_to(np.uint16(1), (2**31,))  # no memory: one element seen 2**31 times
+    with pytest.raises(data.DataError, match=r"big_train_000000\.bin: 2147483648 tokens do not fit one llm.c shard"):
+        data.write_shard(tmp_path / "big_train_000000.bin", too_many)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_output_through_a_symbolic_link_or_onto_a_mount_point(tmp_path, monkeypatch):
+    (tmp_path / "t.txt").write_text("Hello world")
+    (tmp_path / "big" / "owt").mkdir(parents=True)  # an empty directory on another disk, linked from here
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "owt").symlink_to(tmp_path / "big" / "owt")
+    data.prepare([tmp_path / "t.txt"], tmp_path / "data" / "owt", val_fraction=0.3)
+    assert prepared_tokens(tmp_path / "data" / "owt").tolist() == HELLO_WORLD + [EOT]
+    assert (tmp_path / "data" / "owt").is_symlink() and os.listdir(tmp_path / "data") == ["owt"]
+    (tmp_path / "volume").mkdir()  # a docker -v bind mount, a fresh empty disk: renaming onto it fails (EBUSY)
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == str(tmp_path / "volume"))
+    with pytest.raises(data.DataError, match=r"output directory .*volume is a mount point.*a new directory inside it"):
+        data.prepare([tmp_path / "t.txt"], tmp_path / "volume")
 
 
 def test_prepare_command_line(tmp_path):
@@ -333,6 +390,17 @@ def test_a_file_reached_twice_is_read_once(tmp_path):
     bye = get_tokenizer().encode("Bye")
     tokens = np.concatenate([data.open_split(tmp_path / "out", s).shards[0] for s in ("train", "val")])
     assert tokens.tolist() == [15496, 995, EOT, *bye, EOT]
+
+
+def test_a_hard_linked_file_is_read_once(tmp_path):
+    (tmp_path / "corpus" / "a").mkdir(parents=True)
+    (tmp_path / "corpus" / "b").mkdir()
+    (tmp_path / "corpus" / "a" / "doc.txt").write_text("Hello world")
+    os.link(tmp_path / "corpus" / "a" / "doc.txt", tmp_path / "corpus" / "b" / "doc.txt")  # as cp -al makes
+    with pytest.warns(UserWarning, match=r"b/doc\.txt is the same file as .*a/doc\.txt; it is read once"):
+        summary = data.prepare([tmp_path / "corpus"], tmp_path / "out", val_fraction=0.3)
+    assert summary["documents"] == 1
+    assert prepared_tokens(tmp_path / "out").tolist() == HELLO_WORLD + [EOT]
 
 
 def test_compressed_inputs_are_read_as_their_text(tmp_path):
