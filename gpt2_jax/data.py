@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import codecs
+import errno
 import fcntl
 import glob
 import gzip
@@ -460,25 +461,39 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
             documents = _tokenize_into(raw_file, files, num_threads or os.cpu_count() or 1)
         if not documents:
             raise DataError(f"no text in {', '.join(map(str, inputs))}: every document is empty")
-        tokens = np.memmap(tmp / "all.raw", dtype="<u2", mode="r")
-        n_val = max(1, int(round(len(tokens) * val_fraction)))
-        if n_val >= len(tokens):
-            raise DataError(f"{len(tokens)} tokens are too few to split into train and val")
-        splits = {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val:]}
-        for name, split in splits.items():
-            for i, start in enumerate(range(0, len(split), shard_tokens)):
-                write_shard(tmp / f"{name}_{i:06d}.bin", split[start: start + shard_tokens])
-        summary = {"tokenizer": "gpt2", "documents": documents, "train_tokens": len(splits["train"]),
+        n_tokens = (tmp / "all.raw").stat().st_size // 2
+        n_val = max(1, int(round(n_tokens * val_fraction)))
+        if n_val >= n_tokens:
+            raise DataError(f"{n_tokens} tokens are too few to split into train and val")
+        _split_into_shards(tmp / "all.raw", {"train": (0, n_tokens - n_val), "val": (n_tokens - n_val, n_tokens)},
+                           shard_tokens)
+        summary = {"tokenizer": "gpt2", "documents": documents, "train_tokens": n_tokens - n_val,
                    "val_tokens": n_val, "val_fraction": val_fraction, "inputs": [str(p) for p in inputs]}
-        del tokens, splits
-        (tmp / "all.raw").unlink()
         (tmp / "meta.json").write_text(json.dumps(summary, indent=1) + "\n")
         os.replace(tmp, out_dir)  # atomic; replaces only a missing or empty directory
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(f"the disk of {out_dir.parent} is full (prepare needs about 2 bytes a token, plus one "
+                        f"shard of {shard_tokens:,} tokens, while it writes); nothing was written") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if lock is not None:
             os.close(lock)
     return summary
+
+
+def _split_into_shards(raw_path: Path, splits: dict[str, tuple[int, int]], shard_tokens: int) -> None:
+    """Write the token ranges of raw_path's splits as shards of shard_tokens, from the last shard to the first,
+    cutting each one's tokens off raw_path once written: the disk holds the tokens once, plus one shard."""
+    shards = [(f"{name}_{i:06d}.bin", start, min(start + shard_tokens, end))
+              for name, (begin, end) in splits.items() for i, start in enumerate(range(begin, end, shard_tokens))]
+    for name, start, end in reversed(shards):
+        tokens = np.memmap(raw_path, "<u2", mode="r", offset=2 * start, shape=(end - start,))
+        write_shard(raw_path.parent / name, tokens)
+        del tokens  # unmapped before its part of the file is cut off
+        os.truncate(raw_path, 2 * start)
+    raw_path.unlink()
 
 
 def _temporary_prefix(out_dir: Path, pid: int) -> str:

@@ -1,11 +1,13 @@
 """Shards (llm.c and nanoGPT formats), text preparation, the bundled corpus, and deterministic batches."""
 
+import errno
 import json
 import os
 import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +83,32 @@ def test_prepare_splits_into_shards_of_the_given_size(tmp_path):
     assert [len(s) for s in train.shards] == [8, 8, 1]
     joined = np.concatenate(train.shards + data.open_split(tmp_path / "out", "val").shards)
     np.testing.assert_array_equal(joined, TO_BE_OR_NOT * 5 + [EOT])
+
+
+def test_prepare_holds_the_tokens_on_disk_once_plus_one_shard(tmp_path, monkeypatch):
+    # The shards are written last to first, each cut off the raw token file once written; a full disk is one line.
+    (tmp_path / "t.txt").write_text(" to be or not" * 5)  # 20 tokens + EOT: train shards of 8, 8, 1; val 4
+    written, real_write = [], data.write_shard
+
+    def write_shard(path, tokens):
+        written.append((Path(path).name, (Path(path).parent / "all.raw").stat().st_size // 2, len(tokens)))
+        real_write(path, tokens)
+
+    monkeypatch.setattr(data, "write_shard", write_shard)
+    data.prepare([tmp_path / "t.txt"], tmp_path / "out", val_fraction=0.2, shard_tokens=8)
+    assert written == [("val_000000.bin", 21, 4), ("train_000002.bin", 17, 1), ("train_000001.bin", 16, 8),
+                       ("train_000000.bin", 8, 8)]
+    train = data.open_split(tmp_path / "out", "train")
+    joined = np.concatenate(train.shards + data.open_split(tmp_path / "out", "val").shards)
+    np.testing.assert_array_equal(joined, TO_BE_OR_NOT * 5 + [EOT])
+
+    def disk_full(path, tokens):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "write_shard", disk_full)
+    with pytest.raises(data.DataError, match=r"the disk of .* is full \(prepare needs about 2 bytes a token"):
+        data.prepare([tmp_path / "t.txt"], tmp_path / "full", val_fraction=0.2, shard_tokens=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t.txt"]
 
 
 def test_prepare_errors_name_the_input(tmp_path):
