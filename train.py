@@ -61,6 +61,7 @@ NANOGPT_FLAGS = {
     "wandb_run_name": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
 }
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
+SAMPLE_PROMPT = "\n"  # the samples at the end of training start from a newline
 # Dense peak TFLOP/s per chip: (16-bit; float32 at matmul_precision "default"/"high": TF32 on NVIDIA since Ampere,
 # one bf16 pass on TPU; float32 at "highest": CUDA cores on NVIDIA, six bf16 passes on TPU). Matched against
 # jax's device_kind, first match wins.
@@ -295,6 +296,15 @@ def check_preset(preset: str | None, saved: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where} is not a {preset} model: {', '.join(diffs)}")
 
 
+def check_samples(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """A ConfigError before training, not a traceback after it, if the final samples' prompt is no token of the
+    model's vocabulary."""
+    top = max(get_tokenizer().encode(SAMPLE_PROMPT)) if train_cfg.num_samples else -1
+    if top >= model_cfg.vocab_size:
+        raise ConfigError(f"num_samples={train_cfg.num_samples}: the samples at the end start from a newline, token "
+                          f"{top}, which is outside vocab_size {model_cfg.vocab_size}; pass --num_samples=0")
+
+
 def checked(model_cfg: ModelConfig) -> ModelConfig:
     """model_cfg, once its attention choice is known to run here in training (a ConfigError says why not)."""
     causal_attention_impl(model_cfg, training=True)
@@ -366,6 +376,14 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+class LogError(Exception):
+    """metrics.jsonl or loss.png could not be written (disk full, read-only file system)."""
+
+
+def log_error(path: Path, error: OSError) -> LogError:
+    return LogError(f"cannot write {path} ({error.strerror or error})")
+
+
 class Metrics:
     """metrics.jsonl (one object a line) and the loss-curve PNG in out_dir."""
 
@@ -378,8 +396,13 @@ class Metrics:
             self.records = [r for r in self.read() if r["step"] <= start_step]
         # Through a temporary file: a kill while it is written leaves the old log, not a cut one.
         temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(temporary, self.path)
+        try:
+            temporary.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            os.replace(temporary, self.path)
+        except OSError as e:
+            raise log_error(self.path, e) from None
+        if self.png.exists():  # the curve loses the dropped steps too, not only at the next eval
+            self.plot()
 
     def read(self) -> list[dict]:
         """The records of an existing metrics.jsonl; a line cut off by a kill (or otherwise unreadable) is skipped
@@ -400,8 +423,11 @@ class Metrics:
         self.records.append(record)
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise log_error(self.path, e) from None
 
     def plot(self) -> None:
         if not self.enabled:
@@ -415,9 +441,15 @@ class Metrics:
                 ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
         ax.set(xlabel="step", ylabel="loss", title="cross-entropy loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if train or val:
+            ax.legend()
         fig.tight_layout()
-        fig.savefig(self.png, dpi=100)
+        temporary = self.png.with_suffix(".png.tmp")  # a kill while it is drawn leaves the previous curve
+        try:
+            fig.savefig(temporary, dpi=100, format="png")
+            os.replace(temporary, self.png)
+        except OSError as e:
+            raise log_error(self.png, e) from None
 
 
 def mean_loss(eval_fn, params, batches: Batches, split: str, n: int) -> float:
@@ -681,6 +713,8 @@ def train(run: Run) -> int:
     if stopping and run.last_saved != step:
         if not run.params_finite():
             return diverged(run, bar, f"the parameters are not finite after step {step}")
+        if losses:  # the steps since the last logged one: a resumed run's next line starts after them
+            run.metrics.log(dict(p, loss=float(np.mean(losses))))
         run.save()
     run.close()  # the last save completes (or its failure is raised) before anything says it was saved
     if stopping:
@@ -718,7 +752,7 @@ def print_samples(run: Run) -> None:
     if cfg.num_samples == 0:
         return
     tokenizer = get_tokenizer()
-    prompt = tokenizer.encode("\n")
+    prompt = tokenizer.encode(SAMPLE_PROMPT)
     model_cfg = restrict_vocab(run.model_cfg, tokenizer.n_vocab)  # e.g. nanoGPT's 50304 ids: only decodable ones
     fits = context_length(prompt, cfg.sample_tokens) <= model_cfg.block_size
     outs = generate(model_cfg, run.state.params, [prompt] * cfg.num_samples, max_new_tokens=cfg.sample_tokens,
@@ -740,8 +774,9 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, train_cfg, params = resolve(argv)
         if train_cfg.eval_only:
             return evaluate_only(model_cfg, train_cfg, params)
+        check_samples(model_cfg, train_cfg)
         run = Run(model_cfg, train_cfg, params)
-    except (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError,
+    except (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError, LogError,
             json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -759,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
         return interrupted_again(run)
     except checkpoint.CheckpointError as e:  # a save that failed (disk full, permissions): say which
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except LogError as e:  # as a failed save: the save in flight completes, the last complete step is named
+        run.close_after_failure()
+        print(f"error: {e}; {run.last_complete()}", file=sys.stderr)
         return 1
     except StepFailed as e:
         alone = jax.process_count() == 1

@@ -31,6 +31,7 @@ from gpt2_jax.model import init_params
 from gpt2_jax.training import TrainState, init_train_state
 
 FORMAT = "gpt2_jax"
+UNFINISHED_SAVE = ".orbax-checkpoint-tmp"  # in the name of a step directory that orbax has not finished writing
 # ModelConfig fields that change the shape or storage dtype of a parameter; the others (dropout, compute dtype,
 # remat, scan_unroll, attention, activation, layer_norm_eps) may differ between a checkpoint and the run that loads it.
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "qkv_bias", "lm_head_bias",
@@ -73,17 +74,19 @@ def complete_steps(path) -> list[int]:
 
 
 def check_free_space(directory, state) -> None:
-    """Raise a CheckpointError if directory's file system cannot hold one more checkpoint of state."""
+    """Raise a CheckpointError if directory's file system cannot hold one more checkpoint of state, counting the
+    space of unfinished saves as free (orbax removes them before it writes the next step)."""
     needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
-    free = shutil.disk_usage(directory).free
+    free = shutil.disk_usage(directory).free + _unfinished_bytes(Path(directory))
     if free < needed:
         raise CheckpointError(f"{directory} has {free / 1e6:,.1f} MB free; a checkpoint of this run needs "
                               f"{needed / 1e6:,.1f} MB")
 
 
-def complete_steps(path) -> list[int]:
-    """The steps saved completely in a checkpoint directory, in increasing order."""
-    return _steps(Path(path))
+def _unfinished_bytes(directory: Path) -> int:
+    """The disk space held by the unfinished saves in directory (orbax's temporary step directories)."""
+    return sum(f.lstat().st_blocks * 512 for tmp in directory.glob(f"*{UNFINISHED_SAVE}*") if tmp.is_dir()
+               for f in tmp.rglob("*"))
 
 
 def _steps(directory: Path) -> list[int]:
@@ -174,15 +177,16 @@ def open_manager(directory, keep: int = 3, async_save: bool = True) -> ocp.Check
 
 
 def git_commit() -> str | None:
-    """The commit of the repository this package lives in, with '-dirty' for local changes; None outside git."""
+    """The commit of the repository this package lives in, with '-dirty' for local changes; None outside git,
+    and None for a copy inside another repository (installed in a project's venv, unpacked into a checkout)."""
     repo = Path(__file__).resolve().parent.parent
     try:
         run = lambda *args: subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
-        head = run("rev-parse", "HEAD")
-        if head.returncode:
+        head = run("rev-parse", "--show-toplevel", "HEAD")
+        if head.returncode or Path(head.stdout.splitlines()[0]).resolve() != repo:
             return None
         dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
+        return head.stdout.splitlines()[1] + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -3,6 +3,7 @@
 import asyncio
 import re
 import shutil
+import subprocess
 import threading
 
 import jax
@@ -144,6 +145,30 @@ def test_an_unfinished_save_is_ignored_and_then_removed(tmp_path, state):
     save_state(tmp_path, state, step=6).wait_until_finished()
     assert not unfinished.exists()
     assert checkpoint._steps(tmp_path) == [5, 6]
+
+
+def test_the_space_of_an_unfinished_save_counts_as_free(tmp_path, state, monkeypatch):
+    # A run killed (or out of space) while saving leaves orbax's temporary directory; orbax removes it before the
+    # next save, so a resume onto a disk that it fills is not refused.
+    needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    real = checkpoint.shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: real(path)._replace(free=0))
+    with pytest.raises(checkpoint.CheckpointError, match="has 0.0 MB free"):
+        checkpoint.check_free_space(tmp_path, state)
+    unfinished = tmp_path / "7.orbax-checkpoint-tmp-1700000000000000" / "params"
+    unfinished.mkdir(parents=True)
+    (unfinished / "d").write_bytes(b"\1" * needed)
+    checkpoint.check_free_space(tmp_path, state)
+
+
+def test_no_commit_is_recorded_for_a_copy_inside_another_repository(tmp_path, monkeypatch):
+    git = lambda *args: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                                       check=True, capture_output=True)
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "another project")
+    (tmp_path / "vendored" / "gpt2_jax").mkdir(parents=True)  # this package unpacked into that project
+    monkeypatch.setattr(checkpoint, "__file__", str(tmp_path / "vendored" / "gpt2_jax" / "checkpoint.py"))
+    assert checkpoint.git_commit() is None
 
 
 @pytest.mark.parametrize("damage", ["truncated params", "no meta", "cut meta", "no params metadata",

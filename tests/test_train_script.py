@@ -447,6 +447,59 @@ def test_a_cut_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     assert "metrics.jsonl:3 is not a metrics record; dropped" in out and "metrics.jsonl:4 is not" in out
 
 
+def test_a_log_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, data_dir, capsys, monkeypatch):
+    # The disk fills while the step-20 curve is drawn: its cut file never replaces the step-10 curve, the step-10
+    # save completes, and the error names the file and that step (not an OSError traceback).
+    savefig, calls = train.Figure.savefig, []
+
+    def disk_full_at_the_second_curve(fig, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"\x89PNG")
+            raise OSError(28, "No space left on device")
+        return savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(train.Figure, "savefig", disk_full_at_the_second_curve)
+    out = tmp_path / "run"
+    assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"error: cannot write {out / 'loss.png'} (No space left on device); the last "
+                                    "complete checkpoint is step 10"), err
+    assert checkpoint._steps(out) == [10]
+    assert len((out / "loss.png").read_bytes()) > 1000  # the step-10 curve, whole
+
+
+def test_a_ctrl_c_logs_the_steps_since_the_last_line(tmp_path, data_dir, monkeypatch):
+    # Stopped after step 12 (log_interval 5): steps 11 and 12 get their line before the save, so that the resumed
+    # run's step-15 line, the mean of steps 13 to 15, is again the mean since the previous line.
+    steps = []
+    monkeypatch.setattr(train.sharding, "any_process", lambda flag: steps.append(1) or len(steps) == 12)
+    out = tmp_path / "run"
+    assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 0
+    assert checkpoint._steps(out) == [10, 12]
+    assert [r["step"] for r in records(out)] == [5, 10, 12]
+
+
+def test_a_resume_redraws_the_curve_without_the_dropped_steps(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(train.Metrics, "plot", lambda self: drawn.append([r["step"] for r in self.records]))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)))
+    train.Metrics(tmp_path, start_step=10)
+    assert drawn == []  # no curve yet: none is drawn before the first eval
+    (tmp_path / "loss.png").write_bytes(b"the curve up to step 15")
+    train.Metrics(tmp_path, start_step=10)
+    assert drawn == [[5, 10]]
+
+
+def test_the_final_samples_are_checked_before_training(tmp_path, data_dir, capsys):
+    # The samples start from a newline, GPT-2's token 198: a smaller vocabulary fails before training, not after.
+    out = tmp_path / "run"
+    assert ("num_samples=2: the samples at the end start from a newline, token 198, which is outside vocab_size "
+            "150; pass --num_samples=0") in main_error(capsys, "--config=tiny", "--vocab_size=150", "--num_samples=2",
+                                                       f"--data={data_dir}", f"--out_dir={out}")
+    assert not out.exists()
+
+
 def test_a_checkpoint_keeps_its_own_model_config_under_a_preset(tmp_path, straight):
     # Resuming or fine-tuning with --config=tiny takes the checkpoint's dropout (0.1, not tiny's 0.0) and
     # vocabulary; the preset only has to agree with its size.
