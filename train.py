@@ -726,11 +726,9 @@ def train(run: Run) -> int:
 def diverged(run: Run, bar, what: str) -> int:
     """Stop a run whose loss or parameters are no longer finite, leaving the checkpoints as they are."""
     bar.close()
-    run.close()  # a save in flight completes, so the last checkpoint stays whole
+    run.close_after_failure()  # a save in flight completes (one that failed is printed first), the last stays whole
     if sharding.is_main_process():
-        last = (f"The last checkpoint (step {run.last_saved}) in {run.out_dir} is unchanged."
-                if run.last_saved is not None else f"No checkpoint of this run was saved in {run.out_dir}.")
-        print(f"error: {what}; stopping without saving. {last}", file=sys.stderr)
+        print(f"error: {what}; stopping without saving; {run.last_complete()} in {run.out_dir}", file=sys.stderr)
     return 1
 
 

@@ -469,6 +469,25 @@ def test_a_log_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, data
     assert len((out / "loss.png").read_bytes()) > 1000  # the step-10 curve, whole
 
 
+def test_a_divergence_after_a_failed_save_reports_both(tmp_path, data_dir, capsys, monkeypatch):
+    # The step-10 save fails in the background and the parameters then diverge: both are said, the save first.
+    calls = []
+
+    def confirm_saved(run):
+        calls.append(int(run.state.step))
+        if len(calls) > 1:
+            raise checkpoint.CheckpointError("saving step 10 failed (disk full)")
+
+    monkeypatch.setattr(train.Run, "confirm_saved", confirm_saved)
+    monkeypatch.setattr(train.Run, "params_finite", lambda run: int(run.state.step) < 20)
+    out = tmp_path / "run"
+    assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == "error: saving step 10 failed (disk full)", err
+    assert re.fullmatch(rf"error: the val loss is \S+ after step 20; stopping without saving; the last complete "
+                        rf"checkpoint is step 10 in {re.escape(str(out))}", err[-1]), err
+
+
 def test_a_ctrl_c_logs_the_steps_since_the_last_line(tmp_path, data_dir, monkeypatch):
     # Stopped after step 12 (log_interval 5): steps 11 and 12 get their line before the save, so that the resumed
     # run's step-15 line, the mean of steps 13 to 15, is again the mean since the previous line.
