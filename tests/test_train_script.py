@@ -303,6 +303,27 @@ def test_eval_only_prints_both_losses_of_the_weights_and_writes_nothing(tmp_path
                        f"--data={data_dir}"]) == 0
 
 
+def test_eval_only_losses_of_hugging_face_weights_are_transformers_losses(tmp_path, data_dir, capsys):
+    # The same token batches (TokenShards.batch of the run's seed) through transformers' own GPT2LMHeadModel.
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from test_model import hf_model
+
+    model = hf_model(ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32), seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    assert train.main(["--eval_only=true", f"--init_from={tmp_path / 'hf'}", f"--data={data_dir}", "--seed=5",
+                       "--eval_iters=2", "--batch_size=4", f"--out_dir={tmp_path / 'unused'}"]) == 0
+    got = re.search(r"train loss (\S+), val loss (\S+) \(the first 2 batches of 4 x 32", capsys.readouterr().out)
+    for value, split in zip(got.groups(), ("train", "val")):
+        losses = []
+        for i in range(2):
+            x, y = (torch.tensor(a[0], dtype=torch.long) for a in data.open_split(data_dir, split).batch(5, i, 4, 32))
+            with torch.no_grad():
+                logits = model(x).logits
+            losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+        assert float(value) == pytest.approx(np.mean(losses), abs=1e-4), split
+
+
 def test_two_runs_never_share_an_out_dir(tmp_path, data_dir, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
