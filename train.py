@@ -60,6 +60,8 @@ NANOGPT_FLAGS = {
     "wandb_project": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
     "wandb_run_name": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
 }
+NANOGPT_CONFIG_FILES = ("nanoGPT's Python config files are not read; write its settings as a JSON object of "
+                        "overrides and pass --config=FILE.json (or write them as --key=value)")
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
 SAMPLE_PROMPT = "\n"  # the samples at the end of training start from a newline
 # Dense peak TFLOP/s per chip: (16-bit; float32 at matmul_precision "default"/"high": TF32 on NVIDIA since Ampere,
@@ -146,6 +148,8 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
                     preset = file_overrides.pop("preset")
                     if not isinstance(preset, str):
                         raise ConfigError(f"{value}: \"preset\" must be a preset name; got {preset!r}")
+            elif value.endswith(".py"):
+                raise ConfigError(f"--config={value}: {NANOGPT_CONFIG_FILES}")
             else:
                 preset = value
         else:
@@ -155,9 +159,9 @@ def read_flags(argv: list[str]) -> tuple[str | None, dict, dict]:
     nanogpt_only([a[2:].partition("=")[0] for a in rest if a.startswith("--")], "--")
     nanogpt_only(file_overrides, "config file key ")
     (train_flags, model_flags), positional = parse_overrides(rest, TrainConfig, ModelConfig)
-    if any(p.endswith(".py") for p in positional):
-        raise ConfigError(f"{positional[0]}: nanoGPT's Python config files are not read; write its settings as a "
-                          "JSON object of overrides and pass --config=FILE.json (or write them as --key=value)")
+    python_files = [p for p in positional if p.endswith(".py")]
+    if python_files:
+        raise ConfigError(f"{python_files[0]}: {NANOGPT_CONFIG_FILES}")
     if positional:
         raise ConfigError(f"unexpected argument(s) {positional}; flags are written --key=value")
     model_keys = set(ModelConfig.__dataclass_fields__)
@@ -193,16 +197,17 @@ def resolve(argv: list[str]):
         if train_cfg.max_iters < meta["step"]:
             raise ConfigError(f"{train_cfg.out_dir} is at step {meta['step']}, past max_iters={train_cfg.max_iters}; "
                               f"pass --max_iters={meta['step']} or more")
-        saved_clip = meta["train_config"].get("grad_clip", TrainConfig().grad_clip)
+        saved_train = meta.get("train_config", {})  # none in a save_weights directory: --eval_only reads one
+        saved_clip = saved_train.get("grad_clip", TrainConfig().grad_clip)
         if (saved_clip > 0) != (train_cfg.grad_clip > 0):  # clipping adds a stage to the optimizer state
             raise ConfigError(f"{train_cfg.out_dir} was saved with grad_clip={saved_clip}; a resumed run keeps "
                               f"clipping {'on (grad_clip > 0)' if saved_clip > 0 else 'off (grad_clip=0)'}")
         if "batch_size" not in train_over:
             saved_processes = meta.get("data", {}).get("process_count", 1)
             train_cfg = keep_global_batch(train_cfg, saved_processes, jax.process_count())
-        model_cfg = checked(replace(base, **model_over))
+        model_cfg = checked(replace(base, **model_over), train_cfg)
         checkpoint.check_model_config(meta["model_config"], model_cfg, where)  # before "resuming with" is said
-        changes = resume_changes([(meta["train_config"], train_cfg, train_over),
+        changes = resume_changes([(saved_train, train_cfg, train_over),
                                   (meta["model_config"], model_cfg, model_over)])
         if changes and not train_cfg.eval_only:
             say(changes)
@@ -214,10 +219,11 @@ def resolve(argv: list[str]):
         raise ConfigError(f"out_dir {train_cfg.out_dir} already holds checkpoints; continue them with "
                           f"--init_from=resume or pick another --out_dir")
     if init == "scratch":
-        return checked(ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over)), train_cfg, None
+        return checked(ModelConfig.from_preset(preset or DEFAULT_PRESET, **model_over), train_cfg), train_cfg, None
     loaded_cfg, params = convert.load(init)
     check_preset(preset, loaded_cfg, init)
-    model_cfg = checked(replace(loaded_cfg, **model_over))  # e.g. gelu_exact for nanoGPT and HF "gelu" weights
+    # Flags still override the weights' config: e.g. gelu_exact for nanoGPT and HF "gelu" weights.
+    model_cfg = checked(replace(loaded_cfg, **model_over), train_cfg)
     if model_cfg.block_size > loaded_cfg.block_size:  # wpe has no rows for the extra positions
         raise ConfigError(f"--block_size={model_cfg.block_size} is longer than the {loaded_cfg.block_size} positions "
                           f"of the weights in {init}; a fine-tune keeps or shortens the context "
@@ -305,9 +311,10 @@ def check_samples(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
                           f"{top}, which is outside vocab_size {model_cfg.vocab_size}; pass --num_samples=0")
 
 
-def checked(model_cfg: ModelConfig) -> ModelConfig:
-    """model_cfg, once its attention choice is known to run here in training (a ConfigError says why not)."""
-    causal_attention_impl(model_cfg, training=True)
+def checked(model_cfg: ModelConfig, train_cfg: TrainConfig) -> ModelConfig:
+    """model_cfg, once its attention choice is known to run here in training, or without dropout for --eval_only
+    (a ConfigError says why not)."""
+    causal_attention_impl(model_cfg, training=not train_cfg.eval_only)
     return model_cfg
 
 
@@ -500,10 +507,10 @@ class Batches:
         self.global_batch = train_cfg.batch_size * jax.process_count()
         self.rows = sharding.process_batch_rows(mesh, self.global_batch)
 
-    def train_batch(self, step: int, accumulation: int | None = None):
-        """The global x, y [A, B, T] of a step (A: gradient_accumulation_steps unless given)."""
-        A = self.cfg.gradient_accumulation_steps if accumulation is None else accumulation
-        x, y = self.train_data.batch(self.cfg.seed, step, self.global_batch, self.block_size, A, rows=self.rows)
+    def train_batch(self, step: int):
+        """The global x, y [A, B, T] of a step (A: gradient_accumulation_steps)."""
+        x, y = self.train_data.batch(self.cfg.seed, step, self.global_batch, self.block_size,
+                                     self.cfg.gradient_accumulation_steps, rows=self.rows)
         return self._placed(x), self._placed(y)
 
     def eval_batch(self, split: str, index: int):

@@ -266,6 +266,10 @@ def test_nanogpt_flags_without_a_counterpart_say_what_to_use(tmp_path, capsys):
     (tmp_path / "run.json").write_text('{"always_save_checkpoint": false}')
     assert "config file key always_save_checkpoint is nanoGPT's" in main_error(capsys, f"--config={tmp_path}/run.json")
     assert "nanoGPT's Python config files are not read" in main_error(capsys, "config/train_shakespeare_char.py")
+    # The error names the config file, not the first positional argument; --config=FILE.py is no preset name.
+    assert main_error(capsys, "extra", "config/train_gpt2.py").startswith("error: config/train_gpt2.py: nanoGPT's")
+    assert "--config=config/train_gpt2.py: nanoGPT's Python config files are not read" in main_error(
+        capsys, "--config=config/train_gpt2.py")
 
 
 def hand_loss(model_cfg: ModelConfig, params, split, seed: int, batches: int, B: int) -> float:
@@ -322,6 +326,30 @@ def test_eval_only_losses_of_hugging_face_weights_are_transformers_losses(tmp_pa
                 logits = model(x).logits
             losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
         assert float(value) == pytest.approx(np.mean(losses), abs=1e-4), split
+
+
+def test_eval_only_runs_an_attention_kernel_that_has_no_dropout(tmp_path, data_dir, capsys):
+    # The weights' dropout (0.1) is a training setting: an evaluation has none, so attention="cpu_kernel" runs it.
+    model_cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32, dropout=0.1)
+    params = init_params(model_cfg, jax.random.PRNGKey(0))
+    checkpoint.save_weights(tmp_path / "weights", model_cfg, params)
+    assert train.main(["--eval_only=true", f"--init_from={tmp_path / 'weights'}", f"--out_dir={tmp_path / 'out'}",
+                       f"--data={data_dir}", "--eval_iters=1", "--attention=cpu_kernel"]) == 0
+    got = re.search(r"train loss (\S+), val loss (\S+)", capsys.readouterr().out)
+    for value, split in zip(got.groups(), ("train", "val")):
+        expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), train.TrainConfig().seed, 1, 8)
+        assert float(value) == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_weights_directory_is_evaluated_but_not_resumed(tmp_path, data_dir, capsys):
+    # save_weights writes no train_config: --eval_only reads the weights; a resume says why it cannot (no KeyError).
+    model_cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32)
+    checkpoint.save_weights(tmp_path / "weights", model_cfg, init_params(model_cfg, jax.random.PRNGKey(0)))
+    flags = ["--init_from=resume", f"--out_dir={tmp_path / 'weights'}", f"--data={data_dir}", "--num_samples=0"]
+    assert train.main(["--eval_only=true", "--eval_iters=1", *flags]) == 0
+    assert f"step 0 of {tmp_path / 'weights'}: train loss" in capsys.readouterr().out
+    assert (f"{tmp_path / 'weights'}/0 holds weights only (no optimizer state); it cannot be resumed, but "
+            f"--init_from={tmp_path / 'weights'} fine-tunes from it") in main_error(capsys, *flags)
 
 
 def test_two_runs_never_share_an_out_dir(tmp_path, data_dir, capsys):

@@ -214,6 +214,22 @@ def test_tied_output_loss_and_its_grads_match_torch(label_smoothing, pad_rows, t
     assert not np.asarray(dw)[V:].any() and not np.asarray(dx)[0, 3].any()
 
 
+@pytest.mark.parametrize("tokens, rows", [(60, 60), (1031, 129), (16 * 128 + 1, 129), (64 * 128, 512)])
+def test_tied_output_loss_chunks_any_token_count_into_about_128_rows(tokens, rows, monkeypatch):
+    # A prime number of tokens (1031) makes 8 chunks of 129, the last padded with an ignored token, not one chunk
+    # of the whole logits; past 16 chunks of 128 the chunks grow. Equal logits: every loss is log V.
+    from gpt2_jax import training
+
+    chunk_rows, real = [], training._token_losses_fwd
+    monkeypatch.setattr(training, "_token_losses_fwd",
+                        lambda logits_nV, *args: chunk_rows.append(logits_nV.shape[0]) or real(logits_nV, *args))
+    V, C = 50, 8
+    cfg = ModelConfig.from_preset("tiny", vocab_size=V, n_embd=C)
+    loss_sum, count = tied_output_loss(jnp.ones((1, tokens, C)), jnp.ones((V, C)), jnp.zeros((1, tokens), int), cfg)
+    assert set(chunk_rows) == {rows}
+    assert float(count) == tokens and float(loss_sum) == pytest.approx(tokens * np.log(V), rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tied_losses_take_any_cotangent_per_token(dtype):
     # tied_output_loss sums the losses (a cotangent of 1 per token); the custom VJP under it takes any, e.g. a
