@@ -233,10 +233,26 @@ def resolve(argv: list[str]):
         params = dict(params, wpe=params["wpe"][: model_cfg.block_size])
         cut = f" (wpe cut to its first {model_cfg.block_size} of {loaded_cfg.block_size} positions)"
         loaded_cfg = replace(loaded_cfg, block_size=model_cfg.block_size)
+    if model_cfg.pad_vocab_to != loaded_cfg.pad_vocab_to and model_cfg.vocab_size == loaded_cfg.vocab_size:
+        params = with_vocab_rows(params, loaded_cfg.vocab_size, model_cfg.padded_vocab_size)
+        loaded_cfg = replace(loaded_cfg, pad_vocab_to=model_cfg.pad_vocab_to)
     checkpoint.check_model_config(loaded_cfg.to_dict(), replace(model_cfg, param_dtype=loaded_cfg.param_dtype), init)
     say(f"initialised from the weights in {init}{cut}")
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_dtype), params)
     return model_cfg, train_cfg, params
+
+
+def with_vocab_rows(params: dict, vocab_size: int, rows: int) -> dict:
+    """params whose token table (and untied head) has `rows` rows for another pad_vocab_to: the first vocab_size
+    rows kept, the rest zeros (rows past vocab_size are never looked up, and their logits are cut off)."""
+    def fit(a):
+        a = a[:vocab_size]
+        return jnp.pad(a, [(0, rows - vocab_size)] + [(0, 0)] * (a.ndim - 1))
+
+    out = dict(params, wte=fit(params["wte"]))
+    if "lm_head" in params:
+        out["lm_head"] = {name: fit(a) for name, a in params["lm_head"].items()}
+    return out
 
 
 # Settings that choose the batches: changed on resume, the run no longer sees an uninterrupted run's batches.

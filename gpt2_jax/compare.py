@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import convert, layouts
-from gpt2_jax.config import ModelConfig, plain_warnings
+from gpt2_jax.config import ModelConfig, plain_warnings, replace
 from gpt2_jax.model import GPT2, count_params
 
 DEFAULT_ATOL = 1e-4
@@ -39,6 +39,7 @@ def compare(src: str | Path, *, text: str | None = None, steps: int = DEFAULT_ST
             against: str | Path | None = None, n_head: int | None = None) -> dict:
     """Load src in JAX (float32) and in torch (or `against` in torch) and compare them on text's tokens."""
     cfg, params = convert.load(src, jnp.float32, n_head=n_head)
+    cfg = float32_compute(cfg)  # an out_dir trained with --dtype=bfloat16 keeps that dtype in its model config
     if against is not None:
         _check_same_shape(cfg, _config_of(against, n_head), src, against)
     with tempfile.TemporaryDirectory() as workdir:
@@ -50,6 +51,13 @@ def compare(src: str | Path, *, text: str | None = None, steps: int = DEFAULT_ST
 
 
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_embd")
+
+
+def float32_compute(cfg: ModelConfig) -> ModelConfig:
+    """cfg computing in true float32, as torch does here: a saved compute dtype, TF32 matmul precision or cuDNN
+    attention (bfloat16 and float16 only) would be measured as a difference of the weights."""
+    attention = "auto" if cfg.attention == "cudnn" else cfg.attention
+    return replace(cfg, dtype="float32", matmul_precision="highest", attention=attention)
 
 
 def _config_of(path: str | Path, n_head: int | None = None) -> ModelConfig:

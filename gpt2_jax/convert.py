@@ -28,7 +28,7 @@ from gpt2_jax.config import ModelConfig, plain_warnings, replace
 from gpt2_jax.layouts import Checkpoint, WeightsError, open_checkpoint, to_numpy
 from gpt2_jax.model import init_params
 
-TARGETS = ("orbax", "hf", "reference", "llmc")
+TARGETS = ("orbax", "hf", "nanogpt", "reference", "llmc")
 # Files of a Hugging Face directory that an hf export would overwrite or sit beside (a second set of weights).
 HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 LLMC_VOCAB_MULTIPLE = 128  # llm.c pads the token table to a multiple of 128 rows
@@ -256,6 +256,32 @@ def reference_config(cfg: ModelConfig) -> dict:
             "n_heads": cfg.n_head, "n_layers": cfg.n_layer, "drop_rate": cfg.dropout, "qkv_bias": cfg.qkv_bias}
 
 
+def export_nanogpt(config: ModelConfig, params: dict, path: str | Path) -> None:
+    """Write a nanoGPT ckpt.pt ({"model": state_dict, "model_args": ...}) that nanoGPT's GPT loads with strict=True.
+
+    nanoGPT's model has erf GELU, a tied head without bias and one bias flag for every Linear and LayerNorm: a model
+    with only some of those biases is written with the others as zeros (the same function). The file has no
+    optimizer state: nanoGPT's sample.py and init_from="resume"'s model read it, its train.py cannot resume it.
+    """
+    import torch
+
+    config, params = _without_redundant_head(config, params)
+    _require(config, "nanoGPT", activation="gelu_exact", layer_norm_eps=1e-5, tie_embeddings=True,
+             lm_head_bias=False)
+    path = Path(path)
+    _refuse_existing(path, "nanogpt")
+    bias = config.bias or config.qkv_bias
+    full, flat = _complete(config, params, qkv_bias=bias, untie=False, lm_head_bias=False)
+    cfg = replace(full, bias=bias, qkv_bias=bias)
+    state = {key: _to_torch(make()) for key, _, _, make in _their_tensors(cfg, layouts.nanogpt_entries(cfg), flat)}
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # one tensor under both names, as nanoGPT saves it
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                      bias=bias, vocab_size=cfg.vocab_size, dropout=cfg.dropout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wf.replaced_when_done(path) as partial:
+        torch.save({"model": state, "model_args": model_args}, partial)
+
+
 def export_llmc(config: ModelConfig, params: dict, path: str | Path, dtype: str = "float32") -> None:
     """Write an llm.c GPT-2 .bin: version 3 (float32) or 5 (bfloat16), token table padded to 128 rows."""
     if dtype not in ("float32", "bfloat16"):
@@ -290,6 +316,8 @@ def save(config: ModelConfig, params: dict, dst: str | Path, to: str = "orbax", 
         checkpoint.save_weights(dst, config, params)
     elif to == "hf":
         export_hf(config, params, dst)
+    elif to == "nanogpt":
+        export_nanogpt(config, params, dst)
     elif to == "reference":
         export_reference(config, params, dst)
     elif to == "llmc":
@@ -319,7 +347,7 @@ def _refuse_existing(dst: str | Path, to: str) -> None:
         if taken:
             raise WeightsError(f"destination {dst} already holds {', '.join(taken)}; export into a new or empty "
                                f"directory (an export never overwrites nor leaves two sets of weights)")
-    elif to in ("reference", "llmc"):
+    elif to in ("nanogpt", "reference", "llmc"):
         for path in (dst, dst.with_suffix(".json")) if to == "reference" else (dst,):
             if path.exists():
                 raise WeightsError(f"destination {path} already exists; an export never overwrites: give a new "
@@ -415,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--to", choices=TARGETS, default="orbax",
-                        help="orbax (default; what train.py --init_from and sample.py read), hf, reference, llmc")
+                        help="orbax (default; what train.py --init_from and sample.py read), hf, nanogpt, reference, "
+                             "llmc")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
     args = parser.parse_args(argv)

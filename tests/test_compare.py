@@ -117,3 +117,15 @@ def test_against_a_model_of_another_shape_and_nan_atol_are_one_line_errors(rando
     with pytest.raises(SystemExit) as e:
         compare.main([str(tmp_path / "hf"), "--atol", "nan"])
     assert e.value.code == 2 and "--atol > 0" in capsys.readouterr().err
+
+
+def test_out_dir_trained_in_bfloat16_is_compared_in_float32(random_hf, tmp_path):
+    """train.py --dtype=bfloat16 saves that compute dtype with the weights; compare runs JAX in float32 anyway."""
+    model = random_hf(seed=26, vocab_size=VOCAB)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = convert.load(tmp_path / "hf")
+    convert.save(replace(cfg, dtype="bfloat16", matmul_precision="default"), params, tmp_path / "out")
+    report = compare.compare(tmp_path / "out", steps=3, against=tmp_path / "hf")
+    assert report["torch_model"] == "transformers.GPT2LMHeadModel"
+    assert report["within_tolerance"] and report["max_abs_logit_diff"] <= 1e-5
+    assert report["first_layer_beyond_tolerance"] is None and report["greedy_agree_steps"] == 3

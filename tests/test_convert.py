@@ -350,6 +350,36 @@ def test_nanogpt_head_that_is_not_tied_is_an_error(random_nanogpt, tmp_path):
         convert.load(tmp_path / "ckpt.pt")
 
 
+@pytest.mark.parametrize("overrides", [
+    {}, {"bias": False, "qkv_bias": False}, {"bias": False}, {"qkv_bias": False},
+    {"vocab_size": 90, "pad_vocab_to": 64}, {"tie_embeddings": False}])
+def test_export_nanogpt_loads_strictly_in_nanogpts_model(overrides, torch_logits, tmp_path):
+    from gpt2_jax.torch_ref import NanoGPT
+
+    cfg = ModelConfig.from_preset("tiny", **{"vocab_size": 96, "activation": "gelu_exact", **overrides})
+    params = random_params(cfg)
+    if not cfg.tie_embeddings:  # an untied head equal to wte is the tied model
+        params = dict(params, lm_head={"weight": params["wte"]})
+    convert.export_nanogpt(cfg, params, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = NanoGPT(saved["model_args"])
+    model.load_state_dict(saved["model"], strict=True)
+    tokens = tokens_for(cfg.vocab_size)
+    assert np.abs(jax_logits(cfg, params, tokens) - torch_logits(model.eval(), tokens)).max() <= 1e-5
+    cfg2, params2 = convert.load(tmp_path / "ckpt.pt")
+    np.testing.assert_allclose(jax_logits(cfg2, params2, tokens), jax_logits(cfg, params, tokens), atol=1e-6)
+
+
+def test_export_nanogpt_needs_a_tied_erf_gelu_model(tmp_path):
+    cfg = ModelConfig.from_preset("tiny")
+    with pytest.raises(WeightsError, match="nanoGPT needs activation='gelu_exact'; this model has activation="):
+        convert.export_nanogpt(cfg, random_params(cfg), tmp_path / "ckpt.pt")
+    cfg = ModelConfig.from_preset("tiny", activation="gelu_exact", tie_embeddings=False)
+    with pytest.raises(WeightsError, match="nanoGPT needs tie_embeddings=True"):
+        convert.export_nanogpt(cfg, random_params(cfg), tmp_path / "ckpt.pt")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
 # ---------------------------------------------------------------- llm.c
 
 
@@ -646,7 +676,8 @@ def test_a_step_directory_of_an_out_dir_loads_that_step(tmp_path, capsys):
     assert f"{tmp_path / 'out'} has no checkpoint of step 16; it has steps [15, 20]" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("to, dst_is_file", [("hf", True), ("orbax", True), ("reference", False), ("llmc", False)])
+@pytest.mark.parametrize("to, dst_is_file", [("hf", True), ("orbax", True), ("nanogpt", False), ("reference", False),
+                                         ("llmc", False)])
 def test_cli_refuses_a_destination_of_the_wrong_kind(to, dst_is_file, random_hf, tmp_path, capsys):
     random_hf(seed=15).save_pretrained(tmp_path / "hf")
     dst = tmp_path / "dst"

@@ -605,6 +605,25 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
     assert records(out)[0]["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_fine_tunes_hf_weights_with_another_pad_vocab_to(tie, random_hf, tmp_path, data_dir, capsys):
+    """--pad_vocab_to pads the loaded token table (and head) with zero rows: the first loss is transformers'."""
+    torch = pytest.importorskip("torch")
+    model = random_hf(seed=3, tie=tie, vocab_size=VOCAB, n_positions=32)
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "tuned"
+    argv = [f"--init_from={tmp_path / 'hf'}", "--pad_vocab_to=96", f"--data={data_dir}", f"--out_dir={out}",
+            "--max_iters=1", "--log_interval=1", "--eval_iters=1", "--batch_size=4", "--num_samples=0"]
+    assert train.main(argv) == 0, capsys.readouterr()
+    cfg, params = checkpoint.load_weights(out)
+    assert (cfg.pad_vocab_to, cfg.tie_embeddings, params["wte"].shape[0]) == (96, tie, 288)
+    x, y = data.open_split(data_dir, "train").batch(checkpoint.read_meta(out)["train_config"]["seed"], 0, 4, 32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x[0]).long()).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.from_numpy(y[0]).long().ravel())
+    assert records(out)[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
 # ---- device meshes: the straight run's numbers on 8 simulated CPU devices and on 2 processes ----
 
 def train_losses(out) -> dict:
