@@ -112,8 +112,7 @@ def load_model(path: str, dtype: str, n_head: int | None = None) -> tuple[ModelC
     from gpt2_jax import convert, layouts
 
     if not layouts.weights_exist(path):
-        raise FileNotFoundError(f"--init_from {path!r}: no such file or directory (give a train.py out_dir "
-                                "or a weights file that gpt2_jax.convert reads)")
+        raise FileNotFoundError(f"--init_from: {layouts.missing_message(path)}")
 
     cfg, params = convert.load(path, dtype=jnp.dtype(dtype), n_head=n_head)
     cfg = restrict_vocab(cfg, get_tokenizer().n_vocab)

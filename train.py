@@ -121,7 +121,7 @@ def why_no_weights(init: str) -> str:
     parent = Path(init).parent
     if Path(init).name.isdigit() and checkpoint.is_checkpoint_dir(parent):
         return f"{parent} has no step {Path(init).name}; it has steps {checkpoint.complete_steps(parent)}"
-    return f"{init} does not exist"
+    return layouts.missing_message(init)
 
 
 def give_up_joining(message: str) -> None:

@@ -234,7 +234,7 @@ def open_checkpoint(path: str | Path, *, n_head: int | None = None,
     if tf_prefix is not None and not (path.is_dir() and _is_hf_dir(path)):
         return _openai_tf_checkpoint(tf_prefix, config_path, n_head)
     if not path.exists():
-        raise FileNotFoundError(_missing_message(path))
+        raise FileNotFoundError(missing_message(path))
     meta: dict = {}
     if path.is_dir():
         arrays = _read_hf_dir(path)
@@ -263,7 +263,8 @@ def open_checkpoint(path: str | Path, *, n_head: int | None = None,
     return _hf_checkpoint(path, arrays, prefix, raw_json, json_path, n_head)
 
 
-def _missing_message(path: Path) -> str:
+def missing_message(path: str | Path) -> str:
+    """Why path names no weights, with how to get OpenAI's when it is one of their names (gpt2, gpt2-xl, ...)."""
     name = str(path)
     if name in PRETRAINED:
         repo = PRETRAINED[name]

@@ -221,9 +221,11 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
     assert "train_000000.bin: token id 255 is outside the model's vocabulary (vocab_size 200)" in main_error(
         capsys, *flags, "--vocab_size=200")
     assert "no train data in" in main_error(capsys, *flags[:-2], f"--data={tmp_path}", flags[-1])
-    assert "does not exist" in main_error(capsys, *flags, f"--init_from={tmp_path / 'nothing'}")
+    assert "no such weights file or directory" in main_error(capsys, *flags, f"--init_from={tmp_path / 'nothing'}")
+    assert "gpt2-jax does not download weights: to use OpenAI's gpt2-medium, download model.safetensors" in (
+        main_error(capsys, *flags, "--init_from=gpt2-medium"))
     # the mistyped weights path is the error, not the out_dir that --init_from=PATH cannot continue
-    assert f"{tmp_path / 'nothing'} does not exist" in main_error(
+    assert f"no such weights file or directory: {tmp_path / 'nothing'}" in main_error(
         capsys, *MODEL_FLAGS, f"--data={data_dir}", f"--out_dir={out}", f"--init_from={tmp_path / 'nothing'}")
     assert "holds no complete checkpoint" in main_error(capsys, "--init_from=resume", f"--out_dir={tmp_path}")
     assert f"{tmp_path / 'none'} does not exist" in main_error(capsys, "--init_from=resume",
