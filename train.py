@@ -408,11 +408,13 @@ def log_error(path: Path, error: OSError) -> LogError:
 
 
 class Metrics:
-    """metrics.jsonl (one object a line) and the loss-curve PNG in out_dir."""
+    """metrics.jsonl (one object a line) and the loss-curve PNG in out_dir. A write that fails during the run is
+    kept in `error` (the run saves a checkpoint and stops on it), and nothing more is written."""
 
     def __init__(self, out_dir: Path, start_step: int, enabled: bool = True):
         self.path, self.png = out_dir / "metrics.jsonl", out_dir / "loss.png"
         self.records, self.enabled = [], enabled  # disabled: the processes that are not the main one
+        self.error: LogError | None = None
         if not enabled:
             return
         if self.path.exists():  # a resumed run drops what the interrupted run logged after its checkpoint
@@ -426,6 +428,8 @@ class Metrics:
             raise log_error(self.path, e) from None
         if self.png.exists():  # the curve loses the dropped steps too, not only at the next eval
             self.plot()
+        if self.error is not None:
+            raise self.error
 
     def read(self) -> list[dict]:
         """The records of an existing metrics.jsonl; a line cut off by a kill (or otherwise unreadable) is skipped
@@ -444,16 +448,16 @@ class Metrics:
 
     def log(self, record: dict) -> None:
         self.records.append(record)
-        if not self.enabled:
+        if not self.enabled or self.error is not None:
             return
         try:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise log_error(self.path, e) from None
+            self.error = log_error(self.path, e)
 
     def plot(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.error is not None:
             return
         fig = Figure(figsize=(7, 4))
         ax = fig.subplots()
@@ -472,7 +476,7 @@ class Metrics:
             fig.savefig(temporary, dpi=100, format="png")
             os.replace(temporary, self.png)
         except OSError as e:
-            raise log_error(self.png, e) from None
+            self.error = log_error(self.png, e)
 
 
 def mean_loss(eval_fn, params, batches: Batches, split: str, n: int) -> float:
@@ -727,7 +731,8 @@ def train(run: Run) -> int:
                     say(f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}; "
                         "saving a checkpoint")
                 window_start, losses = time.perf_counter(), []
-            stopping = sharding.any_process(stop.requested)  # every process stops after the same step
+            # Every process stops after the same step: on Ctrl-C, or when the main one cannot write its logs.
+            stopping = sharding.any_process(stop.requested or run.metrics.error is not None)
     except jax.errors.JaxRuntimeError as e:
         raise xla_failure(e, doing) from None
     finally:  # a CheckpointError's message goes below the bar, not onto it
@@ -740,9 +745,13 @@ def train(run: Run) -> int:
             run.metrics.log(dict(p, loss=float(np.mean(losses))))
         run.save()
     run.close()  # the last save completes (or its failure is raised) before anything says it was saved
+    stop.restore()
+    if run.metrics.error is not None:
+        print(f"error: {run.metrics.error}; stopped after saving a checkpoint of step {step} in {run.out_dir}: make "
+              "room (or fix the permissions) and continue with --init_from=resume", file=sys.stderr)
+        return 1
     if stopping:
         say(f"interrupted: saved a checkpoint of step {step} in {run.out_dir}; continue with --init_from=resume")
-    stop.restore()
     return 0
 
 
@@ -815,10 +824,6 @@ def main(argv: list[str] | None = None) -> int:
         return interrupted_again(run)
     except checkpoint.CheckpointError as e:  # a save that failed (disk full, permissions): say which
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    except LogError as e:  # as a failed save: the save in flight completes, the last complete step is named
-        run.close_after_failure()
-        print(f"error: {e}; {run.last_complete()}", file=sys.stderr)
         return 1
     except StepFailed as e:
         alone = jax.process_count() == 1

@@ -498,9 +498,10 @@ def test_a_cut_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     assert "metrics.jsonl:3 is not a metrics record; dropped" in out and "metrics.jsonl:4 is not" in out
 
 
-def test_a_log_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, data_dir, capsys, monkeypatch):
-    # The disk fills while the step-20 curve is drawn: its cut file never replaces the step-10 curve, the step-10
-    # save completes, and the error names the file and that step (not an OSError traceback).
+def test_a_log_that_cannot_be_written_stops_the_run_with_a_checkpoint_and_one_line(tmp_path, data_dir, capsys,
+                                                                                   monkeypatch):
+    # The disk fills while the step-20 curve is drawn: its cut file never replaces the step-10 curve, the run saves
+    # step 20 and stops (every process of a run would, after the same step), naming the file (no OSError traceback).
     savefig, calls = train.Figure.savefig, []
 
     def disk_full_at_the_second_curve(fig, path, **kwargs):
@@ -512,11 +513,13 @@ def test_a_log_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, data
 
     monkeypatch.setattr(train.Figure, "savefig", disk_full_at_the_second_curve)
     out = tmp_path / "run"
-    assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 1
+    assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}", "--max_iters=40"]) == 1
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == (f"error: cannot write {out / 'loss.png'} (No space left on device); the last "
-                                    "complete checkpoint is step 10"), err
-    assert checkpoint._steps(out) == [10]
+    assert err.splitlines()[-1] == (f"error: cannot write {out / 'loss.png'} (No space left on device); stopped "
+                                    f"after saving a checkpoint of step 20 in {out}: make room (or fix the "
+                                    "permissions) and continue with --init_from=resume"), err
+    assert checkpoint._steps(out) == [10, 20] and len(calls) == 2
+    assert [r["step"] for r in records(out)] == [5, 10, 15, 20]
     assert len((out / "loss.png").read_bytes()) > 1000  # the step-10 curve, whole
 
 
