@@ -552,7 +552,7 @@ class Run:
         self.mesh = make_run_mesh(train_cfg)
         self.batches = Batches(model_cfg, train_cfg, self.mesh)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.lock = lock_out_dir(self.out_dir) if sharding.is_main_process() else None
+        self.lock = on_main_process(lambda: lock_out_dir(self.out_dir))
         rng = jax.random.PRNGKey(train_cfg.seed)
         if train_cfg.init_from == "resume":
             self.state, meta = checkpoint.restore_train_state(
@@ -574,7 +574,8 @@ class Run:
             say(f"sharding fallback: {line}")
         self.last_saved = int(self.state.step) if train_cfg.init_from == "resume" else None
         self.manager = checkpoint.open_manager(self.out_dir, keep=train_cfg.keep_checkpoints)
-        self.metrics = Metrics(self.out_dir, int(self.state.step), enabled=sharding.is_main_process())
+        step = int(self.state.step)  # the main process writes the logs; the others keep the records only
+        self.metrics = on_main_process(lambda: Metrics(self.out_dir, step)) or Metrics(self.out_dir, step, False)
         self.git_commit = checkpoint.git_commit()
         self.interrupted = False  # set by train(): stopped by Ctrl-C or SIGTERM (after saving)
 
@@ -653,6 +654,26 @@ def lock_out_dir(out_dir: Path) -> int | None:
     except BlockingIOError:
         raise ConfigError(f"another train.py is writing to out_dir {out_dir}; wait for it to end or pick another "
                           f"--out_dir") from None
+
+
+class MainProcessFailed(Exception):
+    """What the other processes raise when a part of setting up the run that only the main process does failed."""
+
+
+def on_main_process(make):
+    """make() on the main process, None on the others. If it fails there, it raises there and a MainProcessFailed
+    on every other process, so that none goes on alone to wait in a collective that the main process never joins
+    (and the main process at jax.distributed's shutdown for one that then left with os._exit)."""
+    result, error = None, None
+    if sharding.is_main_process():
+        try:
+            result = make()
+        except (ConfigError, LogError, OSError) as e:
+            error = e
+    if sharding.any_process(error is not None):
+        raise error or MainProcessFailed("the main process could not set up the run (see its log); training did "
+                                         "not start")
+    return result
 
 
 def make_run_mesh(train_cfg: TrainConfig):
@@ -772,7 +793,13 @@ def interrupted_again(run: Run) -> int:
     except KeyboardInterrupt:  # a third Ctrl-C: leave the save in flight to orbax's temporary directory
         pass
     print(f"interrupted again: stopped without saving the steps since the last save; {run.last_complete()}",
-          file=sys.stderr)
+          file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+        # The other processes may wait in a collective that this one left (a Ctrl-C that reached it alone), and
+        # this one at jax.distributed's shutdown for them: both until its timeout, then a C++ stack trace. Leave
+        # now, so that their collective fails and they stop like after a lost process.
+        sys.stdout.flush()
+        os._exit(130)
     return 130
 
 
@@ -807,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         check_samples(model_cfg, train_cfg)
         run = Run(model_cfg, train_cfg, params)
     except (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError, LogError,
-            json.JSONDecodeError) as e:
+            MainProcessFailed, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -406,6 +406,20 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, data_dir, monkeyp
     assert checkpoint._steps(out) == [10]
 
 
+def test_a_second_ctrl_c_on_one_of_several_processes_leaves_at_once(monkeypatch, capsys):
+    # Returning, this process waited at jax.distributed's shutdown for the others, which waited in the collective
+    # it left (2 processes, fsdp:8, two Ctrl-C on process 1): both for 5 minutes, then C++ stack traces on both.
+    # Gone, the others' collective fails at once and they stop with one line, as after a lost process.
+    exits = []
+    monkeypatch.setattr(train.os, "_exit", exits.append)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    run = types.SimpleNamespace(close_after_failure=lambda: None,
+                                last_complete=lambda: "the last complete checkpoint is step 10")
+    assert train.interrupted_again(run) == 130 and exits == [130]
+    assert capsys.readouterr().err == ("interrupted again: stopped without saving the steps since the last save; "
+                                       "the last complete checkpoint is step 10\n")
+
+
 @pytest.mark.skipif(Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
                     reason="the kernel would grant the allocation and the OOM killer end the test run")
 def test_a_step_that_does_not_fit_in_memory_says_so(tmp_path, data_dir, capsys):
@@ -523,6 +537,27 @@ def test_a_log_that_cannot_be_written_stops_the_run_with_a_checkpoint_and_one_li
     assert len((out / "loss.png").read_bytes()) > 1000  # the step-10 curve, whole
 
 
+def test_a_log_that_cannot_be_opened_stops_every_process_before_training(tmp_path, data_dir, capsys, monkeypatch):
+    # loss.png is a directory: the main process cannot redraw the curve as it opens the logs, after the state is
+    # placed on the mesh. Raised there alone (2 processes, fsdp:8), the other process went on into its first step,
+    # failed after gloo's 30 s timeout and left, and the main one aborted 100 s later with a C++ stack trace.
+    told = []
+    monkeypatch.setattr(train.sharding, "any_process", lambda flag: told.append(flag) or flag)
+    out = tmp_path / "run"
+    (out / "loss.png").mkdir(parents=True)
+    flags = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]
+    assert train.main(flags) == 2
+    assert capsys.readouterr().err == f"error: cannot write {out / 'loss.png'} (Is a directory)\n"
+    assert told == [False, True]  # the out_dir locked, then the logs not opened: the other processes are told
+    # The other processes, told so, stop at the same point with one line.
+    monkeypatch.setattr(train.sharding, "is_main_process", lambda: False)
+    monkeypatch.setattr(train.sharding, "any_process", lambda flag: told.append(flag) or len(told) == 4)
+    assert train.main(flags) == 2
+    assert capsys.readouterr().err == ("error: the main process could not set up the run (see its log); training "
+                                       "did not start\n")
+    assert told[2:] == [False, False] and not checkpoint.is_checkpoint_dir(out)
+
+
 def test_a_divergence_after_a_failed_save_reports_both(tmp_path, data_dir, capsys, monkeypatch):
     # The step-10 save fails in the background and the parameters then diverge: both are said, the save first.
     calls = []
@@ -545,8 +580,8 @@ def test_a_divergence_after_a_failed_save_reports_both(tmp_path, data_dir, capsy
 def test_a_ctrl_c_logs_the_steps_since_the_last_line(tmp_path, data_dir, monkeypatch):
     # Stopped after step 12 (log_interval 5): steps 11 and 12 get their line before the save, so that the resumed
     # run's step-15 line, the mean of steps 13 to 15, is again the mean since the previous line.
-    steps = []
-    monkeypatch.setattr(train.sharding, "any_process", lambda flag: steps.append(1) or len(steps) == 12)
+    steps = []  # setting up the run asks twice (the out_dir locked, the logs opened), then once a step
+    monkeypatch.setattr(train.sharding, "any_process", lambda flag: steps.append(1) or len(steps) == 2 + 12)
     out = tmp_path / "run"
     assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 0
     assert checkpoint._steps(out) == [10, 12]
