@@ -4,20 +4,20 @@
     python sample.py --init_from=gpt2.safetensors --prompts_file=prompts.jsonl --out=samples.jsonl --batch_size=16
     python sample.py --init_from=out --prompts_file=prompts.txt --out=samples.jsonl --resume    # after a Ctrl-C
 
---init_from: a train.py out_dir (orbax) or any weights gpt2_jax.convert.load reads (Hugging Face/OpenAI, nanoGPT
-ckpt.pt, llm.c .bin, the reference PyTorch layout). A prompts file holds one prompt per line, or is JSONL (.jsonl
-/ .json) with a "prompt" field and an optional "id" per line (other fields are ignored, with a warning: settings
-come from the flags only); blank lines and a UTF-8 byte order mark are ignored. A prompt without an "id" (every
-prompt of a text file) has its line number as id, blank lines counted. Prompts are sorted by length into batches;
-each finished batch is appended to --out at once, one JSON line per sample: id, sample, prompt, completion,
-prompt_tokens, completion_tokens, finish_reason ("stop": <|endoftext|> or a --stop string; "length":
---max_new_tokens; "nonfinite": the model's logits became NaN or infinite, reported as an error too) and settings
-(the flags that shape a sample, and a SHA-256 of the weights). A bad prompt is reported with its line number and
-skipped; the others are written and the exit status is 1. --resume refuses an --out made with other settings or
-weights, or one that gave an id another prompt. A sample's random numbers depend only on --seed, its prompt id and
-its sample number, never on --batch_size or its batch neighbours. Those change a sample only through
-floating-point rounding (XLA rounds products of matrices with different numbers of rows differently), which now
-and then tips a sampled token the other way.
+--init_from: a train.py out_dir (orbax: its latest step, or out_dir/STEP for another) or any weights
+gpt2_jax.convert.load reads (Hugging Face/OpenAI, nanoGPT ckpt.pt, llm.c .bin, the reference PyTorch layout,
+OpenAI's TensorFlow checkpoint). A prompts file holds one prompt per line, or is JSONL (.jsonl / .json) with a
+"prompt" field and an optional "id" per line (other fields are ignored, with a warning: settings come from the flags
+only); blank lines and a UTF-8 byte order mark are ignored. A prompt without an "id" (every prompt of a text file)
+has its line number as id, blank lines counted. Prompts are sorted by length into batches; each finished batch is
+appended to --out at once, one JSON line per sample: id, sample, prompt, completion, prompt_tokens,
+completion_tokens, finish_reason ("stop": <|endoftext|> or a --stop string; "length": --max_new_tokens; "nonfinite":
+the model's logits became NaN or infinite, reported as an error too) and settings (the flags that shape a sample,
+and a SHA-256 of the weights). A bad prompt is reported with its line number and skipped; the others are written and
+the exit status is 1. --resume refuses an --out made with other settings or weights, or one that gave an id another
+prompt. A sample's random numbers depend only on --seed, its prompt id and its sample number, never on --batch_size
+or its batch neighbours. Those change a sample only through floating-point rounding (XLA rounds products of matrices
+with different numbers of rows differently), which now and then tips a sampled token the other way.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def load_model(path: str, dtype: str, n_head: int | None = None) -> tuple[ModelC
     only (a padded vocabulary's extra ids cannot be decoded)."""
     from gpt2_jax import convert, layouts
 
-    if not layouts.weights_exist(path):
+    # A step that an out_dir lacks (out/15) is left to convert.load, whose error names the steps it has.
+    if not layouts.weights_exist(path) and convert.orbax_source(Path(path)) is None:
         raise FileNotFoundError(f"--init_from: {layouts.missing_message(path)}")
 
     cfg, params = convert.load(path, dtype=jnp.dtype(dtype), n_head=n_head)

@@ -239,6 +239,8 @@ def test_missing_weights_and_empty_prompt_are_clear(model, tmp_path, capsys):
     assert sample.main(["--init_from=gpt2", "--prompt=hi"]) == 1  # OpenAI's name: where to get the weights
     assert "download model.safetensors and config.json from https://huggingface.co/openai-community/gpt2 " in (
         capsys.readouterr().err)
+    assert sample.main([f"--init_from={model[2]}/5", "--prompt=hi"]) == 1  # a step the out_dir lacks: its steps
+    assert f"{model[2]} has no checkpoint of step 5; it has steps [0]" in capsys.readouterr().err
     assert sample.main([f"--init_from={model[2]}", "--prompt=", "--max_new_tokens=4"]) == 1
     assert "--prompt: empty prompt" in capsys.readouterr().err
     for path, why in ((tmp_path / "nope.txt", "No such file or directory"), (tmp_path, "Is a directory")):
