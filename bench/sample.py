@@ -213,9 +213,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if "--layouts" in sys.argv[1:]:
-        layouts()
-    elif "--compile_count" in sys.argv[1:]:
-        compile_counts()
-    else:
-        main()
+    modes = {(): main, ("--layouts",): layouts, ("--compile_count",): compile_counts}
+    if tuple(sys.argv[1:]) not in modes:  # --help or a typo: say so, not start a 3-minute run
+        raise SystemExit(__doc__)
+    modes[tuple(sys.argv[1:])]()
