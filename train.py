@@ -56,9 +56,8 @@ NANOGPT_FLAGS = {
     "device": "JAX runs on the accelerator it finds (JAX_PLATFORMS=cpu keeps it on the CPU)",
     "backend": "processes join with --coordinator_address, --num_processes and --process_id (docs/scaling.md)",
     "dataset": "--data=DIR names a prepared shard directory or a nanoGPT data/<dataset> directory with train.bin",
-    "wandb_log": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
-    "wandb_project": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
-    "wandb_run_name": "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)",
+    **dict.fromkeys(("wandb_log", "wandb_project", "wandb_run_name"),
+                    "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)"),
 }
 NANOGPT_CONFIG_FILES = ("nanoGPT's Python config files are not read; write its settings as a JSON object of "
                         "overrides and pass --config=FILE.json (or write them as --key=value)")
@@ -489,13 +488,14 @@ def evaluate_only(model_cfg: ModelConfig, train_cfg: TrainConfig, params) -> int
     """--eval_only: the train and val loss of the starting weights over eval_iters batches each; writes nothing."""
     mesh = make_run_mesh(train_cfg)
     batches = Batches(model_cfg, train_cfg, mesh)
-    where = f"the weights in {train_cfg.init_from}"
-    if train_cfg.init_from == "scratch":
-        where = f"the initial weights of seed {train_cfg.seed}"
     if train_cfg.init_from == "resume":  # only the params of its latest step: no optimizer state is needed
         step = checkpoint.complete_steps(train_cfg.out_dir)[-1]
         params = checkpoint.load_weights(train_cfg.out_dir, step, dtype=jnp.dtype(model_cfg.param_dtype))[1]
         where = f"step {step} of {train_cfg.out_dir}"
+    elif train_cfg.init_from == "scratch":
+        where = f"the initial weights of seed {train_cfg.seed}"
+    else:
+        where = f"the weights in {train_cfg.init_from}"
     try:
         if params is None:  # the weights a training run with this seed starts from
             params = sharding.create_sharded_state(model_cfg, train_cfg, mesh,

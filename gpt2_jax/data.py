@@ -11,12 +11,12 @@ datasets' to_json writes) whose string "text" is a document; any other file is o
 open(path, encoding="utf-8-sig") reads it: a leading byte order mark dropped, CRLF and CR made LF; a tar or zip
 archive is an error (extract it first). Files ending in .gz, .bz2 or .xz are decompressed as they are read (a
 .jsonl.gz is JSONL), and .zst (The Pile's .jsonl.zst) when the zstandard package is installed. Each document is
-its GPT-2 tokens then <|endoftext|> (50256); a literal
-"<|endoftext|>" inside a document is ordinary text (the tokens of its characters, as tiktoken's encode_ordinary
-gives), so only prepare marks where documents end. Empty documents are skipped. Long documents are tokenized in
-pieces on all cores, cut only where GPT-2's pre-tokenizer splits anyway, so the tokens equal those of the whole
-text. A file reached twice is read once. The output appears only when complete; the hidden temporary directory of
-a prepare killed outright (kill -9, the OOM killer) is removed by the next prepare of the same output on that host.
+its GPT-2 tokens then <|endoftext|> (50256); a literal "<|endoftext|>" inside a document is ordinary text (the
+tokens of its characters, as tiktoken's encode_ordinary gives), so only prepare marks where documents end. Empty
+documents are skipped. Long documents are tokenized in pieces on all cores, cut only where GPT-2's pre-tokenizer
+splits anyway, so the tokens equal those of the whole text. A file reached twice is read once. The output appears
+only when complete; the hidden temporary directory of a prepare killed outright (kill -9, the OOM killer) is removed
+by the next prepare of the same output on that host.
 """
 
 from __future__ import annotations
