@@ -1,0 +1,306 @@
+"""HellaSwag scored completion-style, as llm.c's and build-nanogpt's hellaswag.py score it, jitted and sharded.
+
+    python -m gpt2_jax.evaluate hellaswag --init_from=PATH --data=hellaswag_val.jsonl [--limit=N] [--batch_size=B]
+        [--json] [--mesh=data:8] [--skip_bad] [--dtype=bfloat16]
+
+The data file is the original release's (one JSON object a line with "ctx", "endings" (4) and "label" 0..3; the
+validation split has 10,042 lines). Each candidate is tokens(ctx) + tokens(" " + ending); its loss is the cross
+entropy of the ending's tokens only. acc picks the candidate with the lowest summed loss, acc_norm the lowest mean
+loss (per ending token). A line with a missing or malformed field, a label outside 0..3, or a candidate longer than
+the model's block_size is an error naming the line (--skip_bad: skipped and counted instead). Batches are padded to
+a few lengths, so a whole file compiles a handful of programs. --init_from takes what gpt2_jax.convert.load reads
+(a train.py out_dir, a Hugging Face directory, nanoGPT, llm.c, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_jax import sharding
+from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, plain_warnings, replace
+from gpt2_jax.model import GPT2, output_logits
+from gpt2_jax.sampling import restrict_vocab
+from gpt2_jax.tokenizer import get_tokenizer
+
+N_ENDINGS = 4
+# Padded sequence lengths: at most 1.5x padding, and a whole file compiles a handful of programs.
+LENGTH_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+PAD_TOKEN = 0  # right padding: causal attention never lets a real position see it
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    line: int  # 1-based line number in its file
+    context: tuple[int, ...]
+    endings: tuple[tuple[int, ...], ...]  # tokens of " " + ending, one per candidate
+    label: int
+
+
+def _fields(record) -> tuple[str, list[str], int]:
+    """(ctx, endings, label) of one parsed line, or a ValueError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object with ctx, endings and label; got {type(record).__name__}")
+    missing = [k for k in ("ctx", "endings", "label") if k not in record]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}; expected ctx, endings (4) and label")
+    ctx, endings, label = record["ctx"], record["endings"], record["label"]
+    if not isinstance(ctx, str) or not ctx:
+        raise ValueError(f"ctx must be a non-empty string; got {ctx!r:.60}")
+    if not isinstance(endings, list) or len(endings) != N_ENDINGS or not all(isinstance(e, str) for e in endings):
+        raise ValueError(f"endings must be a list of {N_ENDINGS} strings; got {endings!r:.80}")
+    if isinstance(label, str) and label.strip().isdigit():  # the Hugging Face copy stores labels as strings
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_ENDINGS:
+        raise ValueError(f"label must be an integer 0..{N_ENDINGS - 1}; got {label!r}")
+    return ctx, endings, label
+
+
+def parse_example(text: str, line: int, block_size: int) -> Example:
+    """One line of the HellaSwag file as an Example, or a ValueError saying what is wrong with it."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    ctx, endings, label = _fields(record)
+    tokenizer = get_tokenizer()
+    context = tuple(tokenizer.encode(ctx))
+    candidates = tuple(tuple(tokenizer.encode(" " + e)) for e in endings)
+    longest = len(context) + max(map(len, candidates))
+    if longest > block_size:
+        raise ValueError(f"context + ending is {longest} tokens, more than the model's block_size {block_size}")
+    return Example(line, context, candidates, label)
+
+
+def read_hellaswag(path: str | Path, block_size: int, limit: int | None = None,
+                   skip_bad: bool = False) -> tuple[list[Example], list[str]]:
+    """(examples, one message per skipped line) from a HellaSwag JSONL file: its first `limit` examples.
+
+    A bad line raises a ValueError naming the file and line, unless skip_bad, which skips it. Blank lines are ignored.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--data {path}: {getattr(e, 'strerror', None) or e}") from None
+    examples, skipped = [], []
+    for line_no, text in enumerate(lines, start=1):
+        if limit is not None and len(examples) >= limit:
+            break
+        if not text.strip():
+            continue
+        try:
+            examples.append(parse_example(text, line_no, block_size))
+        except ValueError as e:
+            message = f"{path}:{line_no}: {e}"
+            if not skip_bad:
+                raise ValueError(message + " (--skip_bad skips such lines)") from None
+            skipped.append(message)
+    if not examples:
+        raise ValueError(f"--data {path}: no examples" + (f" ({len(skipped)} bad lines skipped)" if skipped else ""))
+    return examples, skipped
+
+
+@dataclasses.dataclass
+class Rows:
+    """A padded batch of scored rows: tokens [R, T], each row's continuation = tokens[start : start + length]."""
+    tokens_RT: np.ndarray
+    start_R: np.ndarray
+    length_R: np.ndarray
+    window: int  # E: continuation positions scored per row (a static shape)
+
+
+def bucket(n: int, cap: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
+    """The first bucket >= n, at most cap (n <= cap)."""
+    return min(cap, next((b for b in buckets if b >= n), cap))
+
+
+def make_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_rows: int, block_size: int) -> Rows:
+    """(context, continuation) token pairs as n_rows padded rows; rows past the pairs score nothing."""
+    T = bucket(max(len(c) + len(e) for c, e in pairs), block_size)
+    E = bucket(max(len(e) for _, e in pairs), T, (8, 16, 32, 64, 128, 256, 512, 1024, 2048))
+    tokens_RT = np.full((n_rows, T), PAD_TOKEN, np.int32)
+    start_R, length_R = np.ones(n_rows, np.int32), np.zeros(n_rows, np.int32)
+    for r, (context, continuation) in enumerate(pairs):
+        row = list(context) + list(continuation)
+        tokens_RT[r, :len(row)] = row
+        start_R[r], length_R[r] = len(context), len(continuation)
+    return Rows(tokens_RT, start_R, length_R, E)
+
+
+def row_scores(config: ModelConfig, params, tokens_RT, start_R, length_R, window: int):
+    """(sum of log p(continuation token), whether every one is the argmax) per row, in float32.
+
+    Only the window positions that predict a continuation get logits: [R, E, V] instead of [R, T, V].
+    """
+    model = GPT2(config)
+    T = tokens_RT.shape[1]
+    e_E = jnp.arange(window)
+    at_RE = jnp.clip(start_R[:, None] - 1 + e_E, 0, T - 2)  # the position that predicts continuation token e
+    target_RE = jnp.take_along_axis(tokens_RT, at_RE + 1, axis=1)
+    if config.tie_embeddings:
+        x_RTC = model.apply({"params": params}, tokens_RT, head=False)
+        x_REC = jnp.take_along_axis(x_RTC, at_RE[..., None], axis=1)
+        logits_REV = output_logits(x_REC, params["wte"], config.precision)[..., :config.vocab_size]
+    else:
+        logits_REV = jnp.take_along_axis(model.apply({"params": params}, tokens_RT), at_RE[..., None], axis=1)
+    picked_RE = jnp.take_along_axis(logits_REV, target_RE[..., None], axis=-1)[..., 0]
+    logp_RE = picked_RE - jax.nn.logsumexp(logits_REV, axis=-1)
+    scored_RE = e_E < length_R[:, None]
+    greedy_RE = jnp.argmax(logits_REV, axis=-1) == target_RE
+    return jnp.sum(jnp.where(scored_RE, logp_RE, 0.0), axis=-1), jnp.all(greedy_RE | ~scored_RE, axis=-1)
+
+
+def _split_rows(mesh, ndim: int):
+    """Rows (the leading axis) split over data and fsdp, the rest whole."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES, *(None,) * (ndim - 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def scorer(config: ModelConfig, mesh=None) -> Callable:
+    """jit(row_scores) for this config (and mesh: rows split over data and fsdp, weights by the rules)."""
+    fn = functools.partial(row_scores, config)
+    if mesh is None:
+        return jax.jit(fn, static_argnums=4)
+    rep = sharding.replicated(mesh)
+    return jax.jit(sharding.with_activation_layout(fn, mesh), static_argnums=4,
+                   in_shardings=(sharding.param_shardings(config, mesh), _split_rows(mesh, 2), _split_rows(mesh, 1),
+                                 _split_rows(mesh, 1)),
+                   out_shardings=(rep, rep))
+
+
+def score(config: ModelConfig, params, rows: Rows, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """row_scores of a Rows batch as numpy, on the mesh if given (every process passes the same rows)."""
+    arrays = (rows.tokens_RT, rows.start_R, rows.length_R)
+    if mesh is not None:  # each process places its own devices' rows (works across hosts too)
+        arrays = tuple(jax.make_array_from_callback(a.shape, _split_rows(mesh, a.ndim), lambda i, a=a: a[i])
+                       for a in arrays)
+    logp_R, greedy_R = scorer(config, mesh)(params, *arrays, rows.window)
+    return np.asarray(logp_R, np.float64), np.asarray(greedy_R)
+
+
+def check_model(config: ModelConfig) -> ModelConfig:
+    """config restricted to the tokenizer's ids (a padded vocabulary's extra logits are no candidates' tokens)."""
+    n_vocab = get_tokenizer().n_vocab
+    if config.vocab_size < n_vocab:
+        raise ValueError(f"the model's vocabulary has {config.vocab_size} tokens; scoring text needs GPT-2's "
+                         f"tokenizer's {n_vocab}")
+    return restrict_vocab(config, n_vocab)
+
+
+def candidate_losses(config: ModelConfig, params, examples: Sequence[Example], batch_size: int, mesh=None,
+                     on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(summed loss [N, 4], ending tokens [N, 4]) of every candidate: batch_size examples (4 rows each) a call,
+    examples of similar length batched together. on_batch(examples done) after each batch."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    if mesh is not None:
+        sharding.check_batch_size(mesh, N_ENDINGS * batch_size)
+    config = check_model(config)
+    for ex in examples:
+        if len(ex.context) + max(map(len, ex.endings)) > config.block_size:
+            raise ValueError(f"line {ex.line}: context + ending is longer than the model's block_size "
+                             f"{config.block_size}")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].context) + max(map(len, examples[i].endings)))
+    loss_N4 = np.zeros((len(examples), N_ENDINGS))
+    count_N4 = np.array([[len(e) for e in ex.endings] for ex in examples]).reshape(-1, N_ENDINGS)
+    for lo in range(0, len(order), batch_size):
+        ids = order[lo:lo + batch_size]
+        pairs = [(examples[i].context, ending) for i in ids for ending in examples[i].endings]
+        logp_R, _ = score(config, params, make_rows(pairs, N_ENDINGS * batch_size, config.block_size), mesh)
+        loss_N4[ids] = -logp_R[:len(pairs)].reshape(-1, N_ENDINGS)
+        if on_batch is not None:
+            on_batch(len(ids))
+    return loss_N4, count_N4
+
+
+def hellaswag(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8, mesh=None,
+              on_batch: Callable[[int], None] | None = None) -> dict:
+    """{acc, acc_norm, n, seconds, examples_per_s} over examples (read_hellaswag), scored completion-style."""
+    start = time.perf_counter()
+    loss_N4, count_N4 = candidate_losses(config, params, examples, batch_size, mesh, on_batch)
+    seconds = time.perf_counter() - start
+    labels_N = np.array([ex.label for ex in examples])
+    return {"acc": float(np.mean(np.argmin(loss_N4, axis=1) == labels_N)),
+            "acc_norm": float(np.mean(np.argmin(loss_N4 / count_N4, axis=1) == labels_N)),
+            "n": len(examples), "seconds": seconds, "examples_per_s": len(examples) / seconds}
+
+
+def load_model(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """(config, params) from anything gpt2_jax.convert.load reads, params and compute in dtype."""
+    from gpt2_jax import convert, layouts
+
+    if not layouts.weights_exist(path) and convert.orbax_source(Path(path)) is None:
+        raise FileNotFoundError(f"--init_from: {layouts.missing_message(path)}")
+    cfg, params = convert.load(path, dtype=jnp.dtype(dtype))
+    return replace(check_model(cfg), dtype=dtype, param_dtype=dtype), params
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gpt2_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    h = tasks.add_parser("hellaswag", help="HellaSwag, completion-style (llm.c's scoring)")
+    h.add_argument("--init_from", required=True, help="a train.py out_dir or a weights file/directory")
+    h.add_argument("--data", required=True, type=Path, help="HellaSwag JSONL (e.g. hellaswag_val.jsonl)")
+    h.add_argument("--limit", type=_positive, default=None, help="score only the first N examples")
+    h.add_argument("--batch_size", type=_positive, default=8, help="examples per batch (4 rows each)")
+    h.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
+    h.add_argument("--mesh", default="", help="shard over this process's devices, e.g. data:8 (docs/scaling.md)")
+    h.add_argument("--skip_bad", action="store_true", help="skip (and count) bad lines instead of stopping")
+    h.add_argument("--json", action="store_true", help="end with one JSON line: acc, acc_norm, n, seconds")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sharding.order_host_collectives()
+    try:
+        cfg, params = load_model(args.init_from, args.dtype)
+        mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+        if mesh is not None:
+            sharding.check_batch_size(mesh, N_ENDINGS * args.batch_size)
+            params = sharding.shard_params(cfg, params, mesh)
+        examples, skipped = read_hellaswag(args.data, cfg.block_size, args.limit, args.skip_bad)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for message in skipped:
+        print(f"skipped: {message}", file=sys.stderr)
+    main_process = sharding.is_main_process()
+    with tqdm(total=len(examples), unit="example", file=sys.stderr, disable=not main_process) as bar:
+        result = hellaswag(cfg, params, examples, args.batch_size, mesh, on_batch=bar.update)
+    result["skipped"] = len(skipped)
+    if main_process:
+        print(f"hellaswag: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} n {result['n']} "
+              f"({len(skipped)} skipped) in {result['seconds']:.1f} s, {result['examples_per_s']:.1f} examples/s")
+        if args.json:
+            print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    plain_warnings()
+    sys.exit(main())
