@@ -113,11 +113,13 @@ def read_hellaswag(path: str | Path, block_size: int, limit: int | None = None,
 
 @dataclasses.dataclass
 class Rows:
-    """A padded batch of scored rows: tokens [R, T], each row's continuation = tokens[start : start + length]."""
+    """A padded batch of scored rows: row r reads tokens_RT[r] and predicts targets_RT[r] (the same tokens one
+    position on); its continuation's targets are at positions first_R[r] .. first_R[r] + length_R[r] - 1."""
     tokens_RT: np.ndarray
-    start_R: np.ndarray
+    targets_RT: np.ndarray
+    first_R: np.ndarray
     length_R: np.ndarray
-    window: int  # E: continuation positions scored per row (a static shape)
+    window: int  # E: positions scored per row (a static shape)
 
 
 def bucket(n: int, cap: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
@@ -126,28 +128,28 @@ def bucket(n: int, cap: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
 
 
 def make_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], n_rows: int, block_size: int) -> Rows:
-    """(context, continuation) token pairs as n_rows padded rows; rows past the pairs score nothing."""
-    T = bucket(max(len(c) + len(e) for c, e in pairs), block_size)
+    """(context, continuation) token pairs as n_rows padded rows; rows past the pairs score nothing. The last token
+    is only predicted, never read: a pair fits in block_size + 1 tokens."""
+    T = bucket(max(len(c) + len(e) for c, e in pairs) - 1, block_size)
     E = bucket(max(len(e) for _, e in pairs), T, (8, 16, 32, 64, 128, 256, 512, 1024, 2048))
-    tokens_RT = np.full((n_rows, T), PAD_TOKEN, np.int32)
-    start_R, length_R = np.ones(n_rows, np.int32), np.zeros(n_rows, np.int32)
+    tokens_RT = np.full((n_rows, T + 1), PAD_TOKEN, np.int32)
+    first_R, length_R = np.zeros(n_rows, np.int32), np.zeros(n_rows, np.int32)
     for r, (context, continuation) in enumerate(pairs):
         row = list(context) + list(continuation)
         tokens_RT[r, :len(row)] = row
-        start_R[r], length_R[r] = len(context), len(continuation)
-    return Rows(tokens_RT, start_R, length_R, E)
+        first_R[r], length_R[r] = len(context) - 1, len(continuation)
+    return Rows(tokens_RT[:, :-1], tokens_RT[:, 1:], first_R, length_R, E)
 
 
-def row_scores(config: ModelConfig, params, tokens_RT, start_R, length_R, window: int):
+def row_scores(config: ModelConfig, params, tokens_RT, targets_RT, first_R, length_R, window: int):
     """(sum of log p(continuation token), whether every one is the argmax) per row, in float32.
 
     Only the window positions that predict a continuation get logits: [R, E, V] instead of [R, T, V].
     """
     model = GPT2(config)
-    T = tokens_RT.shape[1]
     e_E = jnp.arange(window)
-    at_RE = jnp.clip(start_R[:, None] - 1 + e_E, 0, T - 2)  # the position that predicts continuation token e
-    target_RE = jnp.take_along_axis(tokens_RT, at_RE + 1, axis=1)
+    at_RE = jnp.minimum(first_R[:, None] + e_E, tokens_RT.shape[1] - 1)
+    target_RE = jnp.take_along_axis(targets_RT, at_RE, axis=1)
     if config.tie_embeddings:
         x_RTC = model.apply({"params": params}, tokens_RT, head=False)
         x_REC = jnp.take_along_axis(x_RTC, at_RE[..., None], axis=1)
@@ -171,17 +173,16 @@ def scorer(config: ModelConfig, mesh=None) -> Callable:
     """jit(row_scores) for this config (and mesh: rows split over data and fsdp, weights by the rules)."""
     fn = functools.partial(row_scores, config)
     if mesh is None:
-        return jax.jit(fn, static_argnums=4)
-    rep = sharding.replicated(mesh)
-    return jax.jit(sharding.with_activation_layout(fn, mesh), static_argnums=4,
-                   in_shardings=(sharding.param_shardings(config, mesh), _split_rows(mesh, 2), _split_rows(mesh, 1),
-                                 _split_rows(mesh, 1)),
+        return jax.jit(fn, static_argnums=5)
+    rep, rows, row = sharding.replicated(mesh), _split_rows(mesh, 2), _split_rows(mesh, 1)
+    return jax.jit(sharding.with_activation_layout(fn, mesh), static_argnums=5,
+                   in_shardings=(sharding.param_shardings(config, mesh), rows, rows, row, row),
                    out_shardings=(rep, rep))
 
 
 def score(config: ModelConfig, params, rows: Rows, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """row_scores of a Rows batch as numpy, on the mesh if given (every process passes the same rows)."""
-    arrays = (rows.tokens_RT, rows.start_R, rows.length_R)
+    arrays = (rows.tokens_RT, rows.targets_RT, rows.first_R, rows.length_R)
     if mesh is not None:  # each process places its own devices' rows (works across hosts too)
         arrays = tuple(jax.make_array_from_callback(a.shape, _split_rows(mesh, a.ndim), lambda i, a=a: a[i])
                        for a in arrays)
@@ -198,12 +199,20 @@ def check_model(config: ModelConfig) -> ModelConfig:
     return restrict_vocab(config, n_vocab)
 
 
+def batch_order(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
+    """Indices of examples in batches of batch_size, shortest first (little padding)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].context) + max(map(len, examples[i].endings)))
+    return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
 def candidate_losses(config: ModelConfig, params, examples: Sequence[Example], batch_size: int, mesh=None,
                      on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(summed loss [N, 4], ending tokens [N, 4]) of every candidate: batch_size examples (4 rows each) a call,
     examples of similar length batched together. on_batch(examples done) after each batch."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    if not examples:
+        raise ValueError("no examples to score")
     if mesh is not None:
         sharding.check_batch_size(mesh, N_ENDINGS * batch_size)
     config = check_model(config)
@@ -211,11 +220,9 @@ def candidate_losses(config: ModelConfig, params, examples: Sequence[Example], b
         if len(ex.context) + max(map(len, ex.endings)) > config.block_size:
             raise ValueError(f"line {ex.line}: context + ending is longer than the model's block_size "
                              f"{config.block_size}")
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].context) + max(map(len, examples[i].endings)))
     loss_N4 = np.zeros((len(examples), N_ENDINGS))
     count_N4 = np.array([[len(e) for e in ex.endings] for ex in examples]).reshape(-1, N_ENDINGS)
-    for lo in range(0, len(order), batch_size):
-        ids = order[lo:lo + batch_size]
+    for ids in batch_order(examples, batch_size):
         pairs = [(examples[i].context, ending) for i in ids for ending in examples[i].endings]
         logp_R, _ = score(config, params, make_rows(pairs, N_ENDINGS * batch_size, config.block_size), mesh)
         loss_N4[ids] = -logp_R[:len(pairs)].reshape(-1, N_ENDINGS)
