@@ -2,7 +2,7 @@
 
     pip install .[eval]
     python -m gpt2_jax.lm_eval --init_from=PATH --tasks=hellaswag,lambada_openai [--batch_size=16] [--limit=N]
-        [--num_fewshot=K] [--output=results.json] [--mesh=data:8]
+        [--num_fewshot=K] [--output=results.json] [--mesh=data:8] [--include_path=my_tasks/]
 
 GPT2JaxLM (registered with the harness as "gpt2-jax") answers the three request types as the harness's own
 Hugging Face class (HFLM) does for GPT-2: loglikelihood with its context/continuation split and left truncation to
@@ -165,6 +165,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction, < 1)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--mesh", default="", help="shard over this process's devices, e.g. data:8")
+    p.add_argument("--include_path", help="a directory of extra task YAML files (lm-eval's --include_path)")
     p.add_argument("--output", help="write the harness's results JSON here")
     args = p.parse_args(argv)
     for name in ("batch_size", "max_gen_toks"):
@@ -185,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from lm_eval.tasks import TaskManager
+
     results = lm_eval.simple_evaluate(model=lm, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-                                      num_fewshot=args.num_fewshot, limit=args.limit)
+                                      num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=TaskManager(include_path=args.include_path))
     if results is None or not sharding.is_main_process():
         return 0
     print(lm_utils.make_table(results))

@@ -5,7 +5,7 @@ import os
 import pytest
 
 pytest.importorskip("lm_eval")
-os.environ["HF_HUB_OFFLINE"] = "1"  # everything below reads local files only
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # local files only, before the imports read it
 
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
@@ -107,3 +107,45 @@ def test_sampling_and_bad_arguments_are_refused(models):
         ours.generate_until(requests("generate_until", [("x", {"max_gen_toks": 64})]))
     with pytest.raises(ValueError, match="init_from"):
         GPT2JaxLM()
+
+
+TASK = """task: tiny_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{endings}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_command_runs_a_local_task_as_hflm_scores_it(models, tmp_path, capsys):
+    import json
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from gpt2_jax import lm_eval as ours_module
+
+    ours, hf = models
+    rows = [{"ctx": f"Item {i}: the {w} is", "endings": [" red", " on the table", " gone.", " 東京"], "label": i % 4}
+            for i, w in enumerate(["cup", "cat", "book", "Zoë's pen", "sky", "café"])]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_local.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    weights = tmp_path / "weights"
+    convert.export_hf(ours.config, ours.params, weights)
+    assert ours_module.main([f"--init_from={weights}", "--tasks=tiny_local", f"--include_path={tmp_path / 'tasks'}",
+                             f"--output={tmp_path / 'results.json'}", "--batch_size=3"]) == 0
+    got = json.loads((tmp_path / "results.json").read_text())["results"]["tiny_local"]
+    expected = lm_eval.simple_evaluate(model=hf, tasks=["tiny_local"],
+                                       task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    expected = expected["results"]["tiny_local"]
+    assert (got["acc,none"], got["acc_norm,none"]) == (expected["acc,none"], expected["acc_norm,none"])
+    assert "tiny_local" in capsys.readouterr().out  # the harness's table
