@@ -4,8 +4,8 @@ gpt2 124M with random weights, a synthetic set in HellaSwag's shape (contexts of
 40), batch_size examples (4 rows each) a batch. Both score the same batches: gpt2_jax.evaluate.batch_order, and
 torch on transformers' GPT2LMHeadModel (the Hugging Face export of the same weights) as llm.c's hellaswag.py does:
 each batch right-padded to its own longest row, logits at every position, cross entropy of the ending tokens.
-Ours pads to gpt2_jax.evaluate's length buckets and computes logits at the ending positions only. Both use the
-same number of threads. Compilation is timed apart (a first pass); then each side scores the set `repeats` times,
+Ours pads to gpt2_jax.evaluate's length buckets, reads each context once into a KV cache that its four endings
+attend to, and computes logits at the ending positions only. Both use the same number of threads. Compilation is timed apart (a first pass); then each side scores the set `repeats` times,
 alternating, and the best pass counts. Prints one JSON line last.
 
     python bench/evaluate.py [--examples=48] [--batch_size=8] [--repeats=2]   # about 5 minutes on 2 cores

@@ -29,7 +29,7 @@ import numpy as np
 
 from gpt2_jax import sharding
 from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, plain_warnings, replace
-from gpt2_jax.model import GPT2, output_logits
+from gpt2_jax.model import GPT2, KVCache, output_logits
 from gpt2_jax.sampling import restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -163,6 +163,80 @@ def row_scores(config: ModelConfig, params, tokens_RT, targets_RT, first_R, leng
     return jnp.sum(jnp.where(scored_RE, logp_RE, 0.0), axis=-1), jnp.all(greedy_RE | ~scored_RE, axis=-1)
 
 
+@dataclasses.dataclass
+class Choices:
+    """A padded batch of examples, each context read once: prefix_BP = context[:-1] of example b (prefix_len_B real
+    tokens); row r = 4b + k reads [context[-1]] + ending k[:-1] (inputs_RE) and predicts ending k (targets_RE),
+    length_R real tokens."""
+    prefix_BP: np.ndarray
+    prefix_len_B: np.ndarray
+    inputs_RE: np.ndarray
+    targets_RE: np.ndarray
+    length_R: np.ndarray
+
+
+def make_choices(examples: Sequence[Example], n_examples: int) -> Choices:
+    """Examples as a padded Choices batch of n_examples (extra examples score nothing)."""
+    P = bucket(max(len(ex.context) - 1 for ex in examples), 1 << 30, (16,) + LENGTH_BUCKETS)
+    E = bucket(max(len(e) for ex in examples for e in ex.endings), 1 << 30, (8, 16, 24) + LENGTH_BUCKETS)
+    prefix_BP = np.full((n_examples, P), PAD_TOKEN, np.int32)
+    prefix_len_B = np.zeros(n_examples, np.int32)
+    inputs_RE = np.full((N_ENDINGS * n_examples, E), PAD_TOKEN, np.int32)
+    targets_RE = np.full((N_ENDINGS * n_examples, E), PAD_TOKEN, np.int32)
+    length_R = np.zeros(N_ENDINGS * n_examples, np.int32)
+    for b, ex in enumerate(examples):
+        prefix_BP[b, :len(ex.context) - 1] = ex.context[:-1]
+        prefix_len_B[b] = len(ex.context) - 1
+        for k, ending in enumerate(ex.endings):
+            r = N_ENDINGS * b + k
+            inputs_RE[r, :len(ending)] = (ex.context[-1],) + ending[:-1]
+            targets_RE[r, :len(ending)] = ending
+            length_R[r] = len(ending)
+    return Choices(prefix_BP, prefix_len_B, inputs_RE, targets_RE, length_R)
+
+
+def choice_scores(config: ModelConfig, params, prefix_BP, prefix_len_B, inputs_RE, targets_RE, length_R):
+    """Summed log p of each ending [R = 4B], in float32. The contexts (less their last token) go through the model
+    once into a KV cache that the example's four endings then attend to: about half the work of four full rows."""
+    model = GPT2(config)
+    (B, P), (R, E) = prefix_BP.shape, inputs_RE.shape
+    slot_S = jnp.arange(P + E)
+    shape = (config.n_layer, B, P + E, config.n_head, config.head_dim)
+    cache = KVCache(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype), index=jnp.zeros((), jnp.int32))
+    # The prefill's logits are unused, so XLA drops the output layer from it.
+    _, cache = model.apply({"params": params}, prefix_BP, attn_mask=slot_S < prefix_len_B[:, None], cache=cache)
+    cache = KVCache(k=jnp.repeat(cache.k, N_ENDINGS, axis=1), v=jnp.repeat(cache.v, N_ENDINGS, axis=1),
+                    index=cache.index)
+    prefix_len_R = jnp.repeat(prefix_len_B, N_ENDINGS)
+    positions_RE = jnp.minimum(prefix_len_R[:, None] + jnp.arange(E), config.block_size - 1)
+    seen_RS = (slot_S < prefix_len_R[:, None]) | (slot_S >= P)  # its own context and its own ending (causal)
+    logits_REV, _ = model.apply({"params": params}, inputs_RE, positions=positions_RE, attn_mask=seen_RS, cache=cache)
+    picked_RE = jnp.take_along_axis(logits_REV, targets_RE[..., None], axis=-1)[..., 0]
+    logp_RE = picked_RE - jax.nn.logsumexp(logits_REV, axis=-1)
+    return jnp.sum(jnp.where(jnp.arange(E) < length_R[:, None], logp_RE, 0.0), axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def choice_scorer(config: ModelConfig, mesh=None) -> Callable:
+    """jit(choice_scores) for this config (and mesh: examples and rows split over data and fsdp)."""
+    fn = functools.partial(choice_scores, config)
+    if mesh is None:
+        return jax.jit(fn)
+    rows, row = _split_rows(mesh, 2), _split_rows(mesh, 1)
+    return jax.jit(sharding.with_activation_layout(fn, mesh),
+                   in_shardings=(sharding.param_shardings(config, mesh), rows, row, rows, rows, row),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def _on_mesh(arrays: Sequence[np.ndarray], mesh) -> tuple:
+    """Host arrays as global arrays with rows split over data and fsdp; each process places its own devices'
+    rows (the same on every process), so this works across hosts too."""
+    if mesh is None:
+        return tuple(arrays)
+    return tuple(jax.make_array_from_callback(a.shape, _split_rows(mesh, a.ndim), lambda i, a=a: a[i])
+                 for a in arrays)
+
+
 def _split_rows(mesh, ndim: int):
     """Rows (the leading axis) split over data and fsdp, the rest whole."""
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES, *(None,) * (ndim - 1)))
@@ -182,10 +256,7 @@ def scorer(config: ModelConfig, mesh=None) -> Callable:
 
 def score(config: ModelConfig, params, rows: Rows, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """row_scores of a Rows batch as numpy, on the mesh if given (every process passes the same rows)."""
-    arrays = (rows.tokens_RT, rows.targets_RT, rows.first_R, rows.length_R)
-    if mesh is not None:  # each process places its own devices' rows (works across hosts too)
-        arrays = tuple(jax.make_array_from_callback(a.shape, _split_rows(mesh, a.ndim), lambda i, a=a: a[i])
-                       for a in arrays)
+    arrays = _on_mesh((rows.tokens_RT, rows.targets_RT, rows.first_R, rows.length_R), mesh)
     logp_R, greedy_R = scorer(config, mesh)(params, *arrays, rows.window)
     return np.asarray(logp_R, np.float64), np.asarray(greedy_R)
 
@@ -214,7 +285,7 @@ def candidate_losses(config: ModelConfig, params, examples: Sequence[Example], b
     if not examples:
         raise ValueError("no examples to score")
     if mesh is not None:
-        sharding.check_batch_size(mesh, N_ENDINGS * batch_size)
+        sharding.check_batch_size(mesh, batch_size)
     config = check_model(config)
     for ex in examples:
         if len(ex.context) + max(map(len, ex.endings)) > config.block_size:
@@ -223,9 +294,10 @@ def candidate_losses(config: ModelConfig, params, examples: Sequence[Example], b
     loss_N4 = np.zeros((len(examples), N_ENDINGS))
     count_N4 = np.array([[len(e) for e in ex.endings] for ex in examples]).reshape(-1, N_ENDINGS)
     for ids in batch_order(examples, batch_size):
-        pairs = [(examples[i].context, ending) for i in ids for ending in examples[i].endings]
-        logp_R, _ = score(config, params, make_rows(pairs, N_ENDINGS * batch_size, config.block_size), mesh)
-        loss_N4[ids] = -logp_R[:len(pairs)].reshape(-1, N_ENDINGS)
+        c = make_choices([examples[i] for i in ids], batch_size)
+        arrays = _on_mesh((c.prefix_BP, c.prefix_len_B, c.inputs_RE, c.targets_RE, c.length_R), mesh)
+        logp_R = np.asarray(choice_scorer(config, mesh)(params, *arrays), np.float64)
+        loss_N4[ids] = -logp_R[:N_ENDINGS * len(ids)].reshape(-1, N_ENDINGS)
         if on_batch is not None:
             on_batch(len(ids))
     return loss_N4, count_N4
@@ -288,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, params = load_model(args.init_from, args.dtype)
         mesh = sharding.make_mesh(args.mesh) if args.mesh else None
         if mesh is not None:
-            sharding.check_batch_size(mesh, N_ENDINGS * args.batch_size)
+            sharding.check_batch_size(mesh, args.batch_size)
             params = sharding.shard_params(cfg, params, mesh)
         examples, skipped = read_hellaswag(args.data, cfg.block_size, args.limit, args.skip_bad)
     except (ConfigError, ValueError, OSError) as e:

@@ -142,7 +142,7 @@ cfg, params = convert.load(path)
 mesh = sharding.make_mesh("data:2,tensor:2")
 examples, _ = evaluate.read_hellaswag(data, cfg.block_size)
 losses, _ = evaluate.candidate_losses(cfg, sharding.shard_params(cfg, params, mesh), examples, 2, mesh)
-assert evaluate.main(["hellaswag", "--init_from=" + path, "--data=" + data, "--mesh=fsdp:4", "--batch_size=1"]) == 0
+assert evaluate.main(["hellaswag", "--init_from=" + path, "--data=" + data, "--mesh=fsdp:4", "--batch_size=4"]) == 0
 print(json.dumps(losses.tolist()))
 """
 
