@@ -374,8 +374,8 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading Parquet files needs the pyarrow package (pip install pyarrow)") from None
-    try:
-        parquet = pq.ParquetFile(path)
+    try:  # read as a buffered stream: pre-buffering would hold the file's column chunks in memory (1 GB for 1 GB)
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a Parquet file ({e})") from None
     schema = parquet.schema_arrow
@@ -385,8 +385,10 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         raise DataError(f"{path}: column {field!r} holds {kind}; expected strings")
+    batches = (batch for group in range(parquet.num_row_groups)  # one row group at a time
+               for batch in parquet.iter_batches(_PARQUET_ROWS, [group], [field], use_threads=False))
     row = 0
-    for batch in parquet.iter_batches(batch_size=_PARQUET_ROWS, columns=[field], use_threads=False):
+    for batch in batches:
         for text in batch.column(0).to_pylist():
             row += 1
             if text is None:
