@@ -4,7 +4,7 @@
 
 Writes a random model in the chosen layout to a temporary directory, then loads it in a fresh process and
 reports, above that process's memory after imports: the anonymous memory held after loading (the params) and
-the peak RSS, which also counts the pages of the memory-mapped checkpoint file read during conversion.
+the peak RSS, which also counts the pages of a memory-mapped checkpoint file (llm.c, torch) read during conversion.
 Linux only (reads /proc/self/status).
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
     mib = 2 ** 20
     print(f"{args.preset} from {args.to} as {args.dtype}: load {r['seconds']:.1f} s; "
           f"params {r['params_bytes'] / mib:.0f} MiB; after load, anonymous memory +{r['anon'] / mib:.0f} MiB "
-          f"({r['anon'] / r['params_bytes']:.2f} x the params); peak RSS including the memory-mapped file "
+          f"({r['anon'] / r['params_bytes']:.2f} x the params); peak RSS including mapped file pages "
           f"+{r['peak_rss'] / mib:.0f} MiB ({r['peak_rss'] / fp32_bytes:.2f} x the float32 weights, "
           f"{fp32_bytes / mib:.0f} MiB)")
 

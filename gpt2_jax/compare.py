@@ -10,6 +10,16 @@ TensorFlow checkpoints and orbax directories have no torch reader: they are expo
 Tolerance: the run is within tolerance when max |Δlogits| <= atol (default 1e-4, right for float32 weights at
 GPT-2 scale) and every block's residual stream is within atol * max(1, max |h|) of torch, the relative form
 because the residual stream of trained GPT-2 reaches magnitudes of thousands. The exit status is 1 otherwise.
+
+With --train_steps N both sides also train N steps from those weights on the same batches of the bundled corpus
+(token ids modulo vocab_size): JAX through training.make_train_step (optim.py's schedule, clipping, decay mask and
+fused AdamW), torch through torch.optim.AdamW with nanoGPT's groups (tensors of 2 or more dimensions decay,
+embeddings as decay_embeddings says), a LambdaLR of optim.lr_at and clip_grad_norm_. Within tolerance means every
+step's loss and grad norm within rtol (relative, default 1e-5 for float32), and per parameter ||Δ|| / ||torch|| <=
+rtol for the step-1 gradients and for the parameters after N steps, on the elements whose torch gradient was above
+rtol x the model's largest gradient element (at step 1, and at every step): a gradient that is ~0 (a key bias's:
+softmax ignores it) is rounding noise, different in each framework, and Adam moves such an element by up to +-lr
+in the direction that noise picks. The report counts the elements left out.
 """
 
 from __future__ import annotations
@@ -25,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax import convert, layouts
-from gpt2_jax.config import ModelConfig, plain_warnings, replace
+from gpt2_jax import convert, layouts, optim, training
+from gpt2_jax.config import ModelConfig, TrainConfig, plain_warnings, replace
 from gpt2_jax.model import GPT2, count_params
 
 DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-5
 DEFAULT_STEPS = 8
 DEFAULT_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
                 "of foolishness, it was the epoch of belief, it was the epoch of incredulity.")
@@ -257,6 +268,141 @@ def _greedy_agreement(cfg: ModelConfig, params, model, buffer: np.ndarray, n: in
     return int(steps if agree.all() else np.argmin(agree))
 
 
+def compare_training(src: str | Path, *, train_steps: int, batch_size: int = 4, block_size: int | None = None,
+                     rtol: float = DEFAULT_RTOL, n_head: int | None = None, train_cfg: TrainConfig | None = None,
+                     seed: int = 0) -> dict:
+    """Train src's weights train_steps AdamW steps in JAX and in torch on the same batches; see the module doc."""
+    cfg, params = convert.load(src, jnp.float32, n_head=n_head)
+    cfg = replace(float32_compute(cfg), dropout=0.0)
+    T = block_size or min(cfg.block_size, 64)
+    if not 2 <= T <= cfg.block_size or train_steps < 1 or batch_size < 1:
+        raise ValueError(f"--block_size must be in [2, {cfg.block_size}] (got {T}), --train_steps >= 1 (got "
+                         f"{train_steps}) and --batch_size >= 1 (got {batch_size})")
+    train_cfg = train_cfg or TrainConfig(batch_size=batch_size, learning_rate=1e-3, warmup_iters=min(2, train_steps),
+                                         lr_decay_iters=max(train_steps, 3), min_lr=1e-4)
+    batches = corpus_batches(cfg.vocab_size, train_steps, batch_size, T, seed)
+    with tempfile.TemporaryDirectory() as workdir:
+        model, _, torch_name = torch_model_for(src, Path(workdir), n_head=n_head)
+        torch_run = _torch_training(model, train_cfg, batches, rtol)
+    jax_run = _jax_training(cfg, train_cfg, params, batches)
+    entries = TORCH_ENTRIES[torch_name.removesuffix(" (after export)")](cfg)
+    ours = {name: _theirs(cfg, entries, tree, set(torch_run["params"])) for name, tree in jax_run.items()
+            if name in ("grads", "params")}
+    grad_rel = {k: _rel_diff(ours["grads"][k][~torch_run["noise_1"][k]], g[~torch_run["noise_1"][k]])
+                for k, g in torch_run["grads"].items()}
+    param_rel = {k: _rel_diff(ours["params"][k][~torch_run["noise"][k]], p[~torch_run["noise"][k]])
+                 for k, p in torch_run["params"].items()}
+    pairs = list(zip(jax_run["loss"] + jax_run["grad_norm"], torch_run["loss"] + torch_run["grad_norm"]))
+    beyond = sorted({k for k, r in [*grad_rel.items(), *param_rel.items()] if not r <= rtol})
+    return {"train_steps": train_steps, "batch_size": batch_size, "block_size": T, "rtol": rtol,
+            "train_torch_model": torch_name, "train_loss_jax": jax_run["loss"], "train_loss_torch": torch_run["loss"],
+            "grad_norm_jax": jax_run["grad_norm"], "grad_norm_torch": torch_run["grad_norm"],
+            "grad_norm_torch_clip": torch_run["clip_norm"],
+            "grad_max_rel_diff": grad_rel, "param_rel_diff": param_rel,
+            "param_elements_left_out": {k: int(n.sum()) for k, n in torch_run["noise"].items() if n.any()},
+            "param_max_abs_diff": max(float(np.abs(ours["params"][k] - p).max())
+                                      for k, p in torch_run["params"].items()),
+            "train_params_beyond_tolerance": beyond,
+            "train_within_tolerance": not beyond and all(abs(j - t) <= rtol * abs(t) for j, t in pairs)}
+
+
+TORCH_ENTRIES = {"transformers.GPT2LMHeadModel": layouts.hf_entries, "torch_ref.NanoGPT": layouts.nanogpt_entries,
+                 "torch_ref.ReferenceGPT": layouts.reference_entries}
+
+
+def corpus_batches(vocab_size: int, n: int, batch_size: int, T: int, seed: int = 0) -> list[tuple]:
+    """n (x, y) batches [B, T] of windows of the bundled corpus's GPT-2 tokens (modulo vocab_size), y = x shifted."""
+    from gpt2_jax.data import SHAKESPEARE_TEXT
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    tokens = np.asarray(get_tokenizer().encode(SHAKESPEARE_TEXT.read_text(encoding="utf-8")[:400_000])) % vocab_size
+    rng = np.random.default_rng(seed)
+    windows = [np.stack([tokens[s: s + T + 1] for s in rng.integers(0, len(tokens) - T - 1, batch_size)])
+               for _ in range(n)]
+    return [(w[:, :-1].astype(np.int32), w[:, 1:].astype(np.int32)) for w in windows]
+
+
+def _jax_training(cfg: ModelConfig, train_cfg: TrainConfig, params, batches) -> dict:
+    """Per-step loss and grad norm of the project's train step, the step-1 gradients, and the final params."""
+    grads = jax.grad(training.make_eval_step(cfg, train_cfg))(params, *map(jnp.asarray, batches[0]))
+    state = training.init_train_state(cfg, train_cfg, None, params=params)
+    step = jax.jit(training.make_train_step(cfg, train_cfg))
+    losses, norms = [], []
+    for x, y in batches:
+        state, metrics = step(state, jnp.asarray(x)[None], jnp.asarray(y)[None], jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+    return {"loss": losses, "grad_norm": norms, "grads": grads, "params": state.params}
+
+
+def _torch_training(model, train_cfg: TrainConfig, batches, rtol: float) -> dict:
+    """The same as _jax_training in torch: AdamW with nanoGPT's decay groups, a LambdaLR of lr_at, clipping; and
+    the elements whose gradient was below rtol x the largest gradient element, at step 1 and at any step."""
+    import torch
+
+    named = dict(model.named_parameters())  # a tied head is listed once, under its embedding's name
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decays = {k: p.dim() >= 2 and (train_cfg.decay_embeddings or id(p) not in embeddings) for k, p in named.items()}
+    groups = [{"params": [p for k, p in named.items() if decays[k] == d], "weight_decay": train_cfg.weight_decay * d}
+              for d in (True, False)]
+    opt = torch.optim.AdamW(groups, lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2),
+                            eps=train_cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_lr_factor, train_cfg))
+    losses, norms, clip_norms, grads, noise_1 = [], [], [], None, None
+    noise = {k: np.zeros(p.shape, bool) for k, p in named.items()}
+    for x, y in batches:
+        logits = model(torch.as_tensor(x, dtype=torch.long))
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        labels = torch.as_tensor(y, dtype=torch.long).flatten()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=
+                                                 train_cfg.ignore_index, label_smoothing=train_cfg.label_smoothing)
+        loss.backward()
+        grads = grads or {k: p.grad.detach().numpy().copy() for k, p in named.items()}  # step 1, before clipping
+        norms.append(_norm([p.grad.numpy() for p in named.values()]))
+        floor = rtol * max(float(p.grad.abs().max()) for p in named.values())
+        for k, p in named.items():
+            noise[k] |= p.grad.abs().numpy() < floor
+        noise_1 = noise_1 or {k: n.copy() for k, n in noise.items()}
+        clip = train_cfg.grad_clip if train_cfg.grad_clip > 0 else float("inf")  # inf: the norm, nothing clipped
+        clip_norms.append(float(torch.nn.utils.clip_grad_norm_(named.values(), clip)))
+        losses.append(loss.item())
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    params = {k: p.detach().numpy().copy() for k, p in named.items()}
+    return {"loss": losses, "grad_norm": norms, "clip_norm": clip_norms, "grads": grads, "params": params,
+            "noise": noise, "noise_1": noise_1}
+
+
+def _norm(arrays) -> float:
+    """The global L2 norm in float64: torch's clip_grad_norm_ and numpy's float32 norm accumulate in float32 and are
+    off by ~4e-4 on the gradient of GPT-2's 50257-row embedding, far more than the two gradients differ."""
+    return float(np.sqrt(sum(np.sum(np.square(a, dtype=np.float64)) for a in arrays)))
+
+
+def _rel_diff(ours: np.ndarray, torch_: np.ndarray) -> float:
+    """||ours - torch|| / ||torch||, in float64."""
+    diff = ours.astype(np.float64) - torch_
+    return _norm([diff]) / max(_norm([torch_]), np.finfo(np.float32).tiny)
+
+
+def _lr_factor(train_cfg: TrainConfig, it: int) -> float:
+    """LambdaLR's factor of step it: optim.lr_at over the base learning rate."""
+    return float(optim.lr_at(it, train_cfg)) / train_cfg.learning_rate
+
+
+def _theirs(cfg: ModelConfig, entries: list[layouts.Entry], tree, names: set[str]) -> dict[str, np.ndarray]:
+    """Our tree as the torch model's named tensors (the layout table's to_theirs); an error where they differ."""
+    flat = convert.flatten(tree)
+    if lacking := sorted({e.ours for e in entries} - set(flat)):  # e.g. bias=False exported with zero biases
+        raise ValueError(f"the torch model of this checkpoint trains parameters that the JAX model lacks ({lacking}); "
+                         f"training can be compared only where both sides have the same parameters")
+    out = {name: np.asarray(make()) for name, _, _, make in convert._their_tensors(cfg, entries, flat)}
+    if set(out) != names:
+        raise AssertionError(f"layout table and torch model disagree on {sorted(set(out) ^ names)}")
+    return out
+
+
 def format_report(report: dict) -> str:
     lines = [f"jax: {report['src']} ({report['n_params']:,} parameters)",
              f"torch: {report['torch_src']} as {report['torch_model']}",
@@ -271,7 +417,25 @@ def format_report(report: dict) -> str:
     lines.append(f"first block beyond tolerance: {'none' if first is None else first}")
     lines.append(f"greedy decoding: {report['greedy_agree_steps']}/{report['greedy_steps']} steps agree")
     lines.append("OK: within tolerance" if report["within_tolerance"] else "FAIL: beyond tolerance")
-    return "\n".join(lines)
+    return "\n".join(lines + (_training_lines(report) if "train_steps" in report else []))
+
+
+def _training_lines(report: dict) -> list[str]:
+    lines = [f"training: {report['train_steps']} AdamW steps on batches of {report['batch_size']} x "
+             f"{report['block_size']} tokens, torch as {report['train_torch_model']}",
+             "  step   loss jax    loss torch   grad norm jax  grad norm torch"]
+    lines += [f"  {i:4d}  {lj:10.6f}  {lt:10.6f}  {gj:14.6g}  {gt:14.6g}" for i, (lj, lt, gj, gt) in enumerate(zip(
+        report["train_loss_jax"], report["train_loss_torch"], report["grad_norm_jax"], report["grad_norm_torch"]), 1)]
+    for title, key in (("step-1 gradients", "grad_max_rel_diff"), ("parameters after the last step", "param_rel_diff")):
+        worst = sorted(report[key].items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"{title}, largest ||Δ|| / ||torch||: " + ", ".join(f"{k} {v:.3g}" for k, v in worst))
+    left_out = report["param_elements_left_out"]
+    lines.append(f"parameters after the last step, max |Δ|: {report['param_max_abs_diff']:.3g}; elements left out "
+                 f"(gradient ~0): {sum(left_out.values())} in {len(left_out)} parameters")
+    beyond = report["train_params_beyond_tolerance"]
+    lines.append("OK: training within tolerance" if report["train_within_tolerance"] else
+                 f"FAIL: training beyond tolerance {report['rtol']:g}" + (f" in {beyond}" if beyond else ""))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,17 +449,24 @@ def main(argv: list[str] | None = None) -> int:
                                                         "of a converted checkpoint)")
     parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--train_steps", type=int, default=0, help="also train this many AdamW steps on each side")
+    parser.add_argument("--batch_size", type=int, default=4, help="sequences per training batch")
+    parser.add_argument("--block_size", type=int, default=None, help="tokens per sequence (default min(64, model's))")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of training (1e-5)")
     args = parser.parse_args(argv)
-    if args.steps < 0 or not args.atol > 0:  # (not > 0: also NaN, which no difference would exceed)
-        parser.error("--steps must be >= 0 and --atol > 0")
-    try:
+    if args.steps < 0 or not args.atol > 0 or args.train_steps < 0 or args.batch_size < 1 or not args.rtol > 0:
+        parser.error("--steps must be >= 0 and --atol > 0; --train_steps >= 0, --batch_size >= 1 and --rtol > 0")
+    try:  # (not > 0 above: also NaN, which no difference would exceed)
         report = compare(args.src, text=args.text, steps=args.steps, atol=args.atol, against=args.against,
                          n_head=args.n_head)
+        if args.train_steps:
+            report.update(compare_training(args.src, train_steps=args.train_steps, batch_size=args.batch_size,
+                                           block_size=args.block_size, rtol=args.rtol, n_head=args.n_head))
     except (ValueError, OSError) as e:  # OSError: a file that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report) if args.json else format_report(report))
-    return 0 if report["within_tolerance"] else 1
+    return 0 if report["within_tolerance"] and report.get("train_within_tolerance", True) else 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 from gpt2_jax import layouts
 from gpt2_jax import weight_files as wf
@@ -162,27 +163,14 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {key: tuple(a.shape) for key, a in flatten(abstract).items()}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict) -> dict:
     """Nested params -> {"h.attn.c_attn.weight": array, ...}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
+    return traverse_util.flatten_dict(tree, sep=".")
 
 
 def unflatten(flat: dict) -> dict:
     """{"h.attn.c_attn.weight": array, ...} -> nested params."""
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep=".")
 
 
 # ---------------------------------------------------------------- params -> files

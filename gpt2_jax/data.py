@@ -3,20 +3,21 @@
 Shard layout (llm.c): a header of 256 little-endian int32 (magic 20240520, version 1, token count, zeros),
 then the tokens as uint16. nanoGPT's raw train.bin / val.bin (uint16 tokens, no header) are read too.
 
-    python -m gpt2_jax.data prepare INPUT... --out DIR [--val_fraction F] [--shard_tokens N]
+    python -m gpt2_jax.data prepare INPUT... --out DIR [--val_fraction F] [--shard_tokens N] [--text_field NAME]
 
 Inputs are UTF-8 files and directories (recursive, sorted, following symbolic links, skipping hidden names and the
 output directories of earlier prepares). A .jsonl or .json file holds one JSON object per line (JSON Lines, as
-datasets' to_json writes) whose string "text" is a document; any other file is one document, read as
-open(path, encoding="utf-8-sig") reads it: a leading byte order mark dropped, CRLF and CR made LF; a tar or zip
-archive is an error (extract it first). Files ending in .gz, .bz2 or .xz are decompressed as they are read (a
-.jsonl.gz is JSONL), and .zst (The Pile's .jsonl.zst) when the zstandard package is installed. Each document is
-its GPT-2 tokens then <|endoftext|> (50256); a literal "<|endoftext|>" inside a document is ordinary text (the
-tokens of its characters, as tiktoken's encode_ordinary gives), so only prepare marks where documents end. Empty
-documents are skipped. Long documents are tokenized in pieces on all cores, cut only where GPT-2's pre-tokenizer
-splits anyway, so the tokens equal those of the whole text. A file reached twice is read once. The output appears
-only when complete; the hidden temporary directory of a prepare killed outright (kill -9, the OOM killer) is removed
-by the next prepare of the same output on that host.
+datasets' to_json writes) whose string "text" (--text_field) is a document; a .parquet file (FineWeb's) holds one
+document a row in its column "text" (--text_field), read one row group at a time; any other file is one document,
+read as open(path, encoding="utf-8-sig") reads it: a leading byte order mark dropped, CRLF and CR made LF; a tar or
+zip archive is an error (extract it first). Files ending in .gz, .bz2 or .xz are decompressed as they are read (a
+.jsonl.gz is JSONL), and .zst (The Pile's .jsonl.zst) when the zstandard package is installed. Each document is its
+GPT-2 tokens then <|endoftext|> (50256); a literal "<|endoftext|>" inside a document is ordinary text (the tokens of
+its characters, as tiktoken's encode_ordinary gives), so only prepare marks where documents end. Empty documents are
+skipped. Long documents are tokenized in pieces on all cores, cut only where GPT-2's pre-tokenizer splits anyway, so
+the tokens equal those of the whole text. A file reached twice is read once. The output appears only when complete;
+the hidden temporary directory of a prepare killed outright (kill -9, the OOM killer) is removed by the next prepare
+of the same output on that host.
 """
 
 from __future__ import annotations
@@ -340,11 +341,12 @@ def _text_blocks(path: Path) -> Iterator[str]:
                 return
 
 
+_PARQUET_ROWS = 1024  # rows a Parquet batch turns into Python strings at once
 _JSON_LINES = 'a .jsonl or .json input is JSON Lines: one {"text": ...} object per line'
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    """The "text" of each line's object; lines end at LF only (JSON text may hold U+2028 and the like)."""
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    """The string `field` of each line's object; lines end at LF only (JSON text may hold U+2028 and the like)."""
     with _open_binary(path) as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -357,12 +359,41 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: not valid JSON ({e.msg}); {_JSON_LINES}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{number}: expected an object with a string field \"text\"; {_JSON_LINES}")
-            if bad := _SURROGATE.search(record["text"]):
-                raise DataError(f"{path}:{number}: \"text\" holds the lone surrogate \\u{ord(bad[0]):04x}, "
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(f"{path}:{number}: expected an object with a string field \"{field}\"; {_JSON_LINES}")
+            if bad := _SURROGATE.search(record[field]):
+                raise DataError(f"{path}:{number}: \"{field}\" holds the lone surrogate \\u{ord(bad[0]):04x}, "
                                 f"which is not Unicode text")
-            yield record["text"]
+            yield record[field]
+
+
+def _parquet_texts(path: Path, field: str) -> Iterator[str]:
+    """The strings of column `field`, row by row, read one row group at a time (memory bounded by a row group)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet files needs the pyarrow package (pip install pyarrow)") from None
+    try:  # read as a buffered stream: pre-buffering would hold the file's column chunks in memory (1 GB for 1 GB)
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a Parquet file ({e})") from None
+    schema = parquet.schema_arrow
+    if field not in schema.names:
+        raise DataError(f"{path} has no column {field!r}; its columns are {schema.names} (choose one with "
+                        f"--text_field)")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise DataError(f"{path}: column {field!r} holds {kind}; expected strings")
+    batches = (batch for group in range(parquet.num_row_groups)  # one row group at a time
+               for batch in parquet.iter_batches(_PARQUET_ROWS, [group], [field], use_threads=False))
+    row = 0
+    for batch in batches:
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                raise DataError(f"{path}: row {row} has no {field!r} (null); expected a string")
+            yield text
 
 
 def _pieces(blocks) -> Iterator[tuple[str, bool]]:
@@ -387,13 +418,15 @@ def _open_binary(path: Path):
     return COMPRESSED.get(path.suffix.lower(), open)(path, "rb")
 
 
-def _document_pieces(files) -> Iterator[tuple[str, bool]]:
+def _document_pieces(files, text_field: str = "text") -> Iterator[tuple[str, bool]]:
     """(piece, is_last) for every non-empty document of the files, in order; a document is its pieces joined."""
     for path in files:
         compression = path.suffix.lower() if path.suffix.lower() in COMPRESSED else ""
+        name = path.name.lower().removesuffix(compression)
         try:
-            if path.name.lower().removesuffix(compression).endswith((".jsonl", ".json")):
-                for text in _jsonl_texts(path):
+            if name.endswith((".jsonl", ".json", ".parquet")):
+                read = _parquet_texts if name.endswith(".parquet") else _jsonl_texts
+                for text in read(path, text_field):
                     yield from _pieces([text])
             else:
                 yield from _pieces(_text_blocks(path))
@@ -403,7 +436,7 @@ def _document_pieces(files) -> Iterator[tuple[str, bool]]:
             raise DataError(f"{path}: {what} ({e})") from None
 
 
-def _tokenize_into(raw_file, files, num_threads: int) -> int:
+def _tokenize_into(raw_file, files, num_threads: int, text_field: str = "text") -> int:
     """Append every document's tokens plus <|endoftext|> to raw_file as uint16; returns the document count."""
     tok = get_tokenizer()
     documents, chars = 0, 0
@@ -415,7 +448,7 @@ def _tokenize_into(raw_file, files, num_threads: int) -> int:
             raw_file.write(np.array(ids + [tok.eot_token] if last else ids, "<u2").tobytes())
         batch.clear()
 
-    for piece, last in _document_pieces(files):
+    for piece, last in _document_pieces(files, text_field):
         batch.append((piece, last))
         documents += last
         chars += len(piece)
@@ -427,7 +460,7 @@ def _tokenize_into(raw_file, files, num_threads: int) -> int:
 
 
 def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_000_000,
-            num_threads: int | None = None) -> dict:
+            num_threads: int | None = None, text_field: str = "text") -> dict:
     """Tokenize the inputs into out_dir/{train,val}_NNNNNN.bin; the last val_fraction of tokens is val.
 
     Documents are taken in the order given (directories sorted), so the split is deterministic. The
@@ -458,7 +491,7 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
     try:
         with open(tmp / "all.raw", "wb") as raw_file:
-            documents = _tokenize_into(raw_file, files, num_threads or os.cpu_count() or 1)
+            documents = _tokenize_into(raw_file, files, num_threads or os.cpu_count() or 1, text_field)
         if not documents:
             raise DataError(f"no text in {', '.join(map(str, inputs))}: every document is empty")
         n_tokens = (tmp / "all.raw").stat().st_size // 2
@@ -572,16 +605,17 @@ def shakespeare(prepared_dir=SHAKESPEARE_PREPARED) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="tokenize text files, directories or .jsonl into train/val shards",
+    prep = sub.add_parser("prepare", help="tokenize text, .jsonl or .parquet files and directories into shards",
                           description=__doc__.strip().rsplit("\n\n", 1)[1],
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    prep.add_argument("inputs", nargs="+", help="text files, directories, .jsonl/.json files")
+    prep.add_argument("inputs", nargs="+", help="text files, directories, .jsonl/.json and .parquet files")
     prep.add_argument("--out", required=True, help="output directory (created; must be empty)")
     prep.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens (the last) for val")
     prep.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
+    prep.add_argument("--text_field", default="text", help="the field (JSONL) or column (Parquet) holding the text")
     args = parser.parse_args(argv)
     try:
-        summary = prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens)
+        summary = prepare(args.inputs, args.out, args.val_fraction, args.shard_tokens, text_field=args.text_field)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

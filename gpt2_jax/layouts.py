@@ -77,7 +77,7 @@ class Checkpoint:
 
     layout: str  # hf | nanogpt | reference | llmc | openai_tf
     config: ModelConfig
-    arrays: dict  # name -> numpy array or torch tensor, memory-mapped where possible
+    arrays: dict  # name -> numpy array, SafetensorsTensor or torch tensor, read lazily where possible
     entries: list[Entry]
     source: str
     ignored: Callable[[str], bool] = lambda key: False
@@ -561,5 +561,7 @@ def has_float_dtype(array) -> bool:
 
 
 def to_numpy(array) -> np.ndarray:
-    """A numpy view of a checkpoint tensor (numpy or torch)."""
-    return array if isinstance(array, np.ndarray) else wf.torch_to_numpy(array)
+    """A checkpoint tensor (numpy, safetensors or torch) as numpy, without a copy where it already is one."""
+    if isinstance(array, np.ndarray):
+        return array
+    return array.numpy() if isinstance(array, wf.SafetensorsTensor) else wf.torch_to_numpy(array)

@@ -1,8 +1,9 @@
-"""Weight files at the byte level: safetensors and llm.c .bin read and written with numpy, torch files read safely.
+"""Weight files: safetensors through its library, llm.c .bin read and written with numpy, torch files read safely.
 
-Readers return tensors lazily: safetensors and llm.c tensors are views of a read-only memory map, torch tensors
-come from torch.load(mmap=True) where the file allows it, so a converter touches one tensor at a time and the
-whole checkpoint is never copied into memory before conversion. torch is imported only to read torch files.
+Readers return tensors lazily: safetensors tensors are read one at a time when used, llm.c tensors are views of a
+read-only memory map, torch tensors come from torch.load(mmap=True) where the file allows it, so a converter
+touches one tensor at a time and the whole checkpoint is never copied into memory before conversion. torch is
+imported only to read torch files.
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from gpt2_jax.config import is_integer
 
 LLMC_MAGIC = 20240326
 LLMC_DTYPES = {3: np.dtype(np.float32), 5: np.dtype(ml_dtypes.bfloat16)}  # llm.c file version -> weight dtype
 LLMC_HEADER_INTS = 256
-SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {  # the dtypes of safetensors' header that numpy holds
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class WeightsError(ValueError):
@@ -75,78 +77,95 @@ def sniff(path: str | Path) -> str:
         f"a PyTorch file (torch.save zip or pickle) or an llm.c .bin (magic {LLMC_MAGIC})")
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Tensors of a .safetensors file as read-only memory-mapped arrays, and its __metadata__."""
+class SafetensorsTensor:
+    """One tensor of a safetensors file: shape and dtype from its header, values read only by numpy()."""
+
+    def __init__(self, handle, name: str, shape: tuple[int, ...], dtype: np.dtype | str):
+        self._handle, self.name, self.shape, self.dtype = handle, name, shape, dtype
+
+    def numpy(self) -> np.ndarray:
+        return self._handle.get_tensor(self.name)
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, SafetensorsTensor], dict]:
+    """Tensors of a .safetensors file, read one at a time when used, and its __metadata__."""
     path = Path(path)
+    try:  # pread: a tensor is read into its own array, so the file's pages never count in RSS
+        handle = safetensors.safe_open(path, framework="np", backend="pread")
+    except safetensors.SafetensorError as e:
+        raise _explained(path, e) from None
+    tensors = {}
+    for name in handle.offset_keys():
+        info = handle.get_slice(name)
+        code = info.get_dtype()  # a dtype numpy cannot hold (float8) stays its name and is refused as not a float
+        tensors[name] = SafetensorsTensor(handle, name, tuple(info.get_shape()), SAFETENSORS_DTYPES.get(code, code))
+    return tensors, handle.metadata() or {}
+
+
+def _explained(path: Path, error: Exception) -> WeightsError:
+    """What is wrong with a file the safetensors library refused, naming the tensor where one is at fault."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if n > size - 8:
-            raise WeightsError(f"{path} is truncated or not safetensors: header of {n} bytes, file of {size}")
+            return WeightsError(f"{path} is truncated or not safetensors: header of {n} bytes, file of {size}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path} is not a safetensors file: its header is not JSON ({e})") from None
+            return WeightsError(f"{path} is not a safetensors file: its header is not JSON ({e})")
     if not isinstance(header, dict):
-        raise WeightsError(f"{path}: the safetensors header is a JSON {type(header).__name__}; expected an object")
-    data_start, data_len = 8 + n, size - 8 - n
-    metadata = header.pop("__metadata__", {}) or {}
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) if data_len else None
-    tensors = {}
+        return WeightsError(f"{path}: the safetensors header is a JSON {type(header).__name__}; expected an object")
+    header.pop("__metadata__", None)
+    data_len, covered = size - 8 - n, 0
     for name, info in header.items():
-        dtype, shape, start, end = _header_entry(path, name, info)
+        problem = _entry_problem(name, info)
+        if problem:
+            return WeightsError(f"{path}: {problem}")
+        start, end = info["data_offsets"]
         if end > data_len:
-            raise WeightsError(f"{path} is truncated: tensor {name!r} needs bytes [{start}, {end}) of the data "
-                               f"section, which holds {data_len}")
-        if end - start != int(np.prod(shape)) * dtype.itemsize:
-            raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} "
-                               f"spans {end - start} bytes")
-        tensors[name] = raw[start:end].view(dtype).reshape(shape) if end > start else np.zeros(shape, dtype)
-    return tensors, metadata
+            return WeightsError(f"{path} is truncated: tensor {name!r} needs bytes [{start}, {end}) of the data "
+                                f"section, which holds {data_len}")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is not None and end - start != int(np.prod(info["shape"])) * dtype.itemsize:
+            return WeightsError(f"{path}: tensor {name!r} of shape {tuple(info['shape'])} and dtype "
+                                f"{info['dtype']} spans {end - start} bytes")
+        covered = max(covered, end)
+    if covered < data_len:
+        return WeightsError(f"{path} is longer than its header says: the tensors cover {covered} bytes of the data "
+                            f"section, which holds {data_len}")
+    return WeightsError(f"{path} is not a valid safetensors file: {error}")
 
 
-def _header_entry(path: Path, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
-    """(dtype, shape, start, end) of one tensor of a safetensors header, checked."""
+def _entry_problem(name: str, info) -> str | None:
+    """What is wrong with one tensor's entry of a safetensors header, or None."""
     expected = 'expected {"dtype": "F32", "shape": [rows, ...], "data_offsets": [start, end]}'
     if not isinstance(info, dict):
-        raise WeightsError(f"{path}: safetensors header entry {name!r} is {info!r}; {expected}")
+        return f"safetensors header entry {name!r} is {info!r}; {expected}"
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
     if missing:
-        raise WeightsError(f"{path}: safetensors header entry {name!r} lacks {missing}; {expected}")
-    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
-    if dtype is None:
-        raise WeightsError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; "
-                           f"supported: {sorted(SAFETENSORS_DTYPES)}")
+        return f"safetensors header entry {name!r} lacks {missing}; {expected}"
     shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(is_integer(d, 0) for d in shape):
-        raise WeightsError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of integers >= 0")
+        return f"tensor {name!r} has shape {shape!r}; expected a list of integers >= 0"
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_integer(o, 0) for o in offsets)
             and offsets[0] <= offsets[1]):
-        raise WeightsError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [start, end] with "
-                           f"0 <= start <= end")
-    return dtype, tuple(shape), offsets[0], offsets[1]
+        return f"tensor {name!r} has data_offsets {offsets!r}; expected [start, end] with 0 <= start <= end"
+    return None
 
 
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, tuple, np.dtype, Callable[[], np.ndarray]]],
                       metadata: dict | None = None) -> None:
-    """Write (name, shape, dtype, make_array) entries, building one array at a time."""
-    entries = list(tensors)
-    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
-    for name, shape, dtype, _ in entries:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _SAFETENSORS_NAMES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    with replaced_when_done(path) as partial, open(partial, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name, shape, dtype, make in entries:
-            array = np.ascontiguousarray(make(), dtype=dtype)
-            if array.shape != tuple(shape):
-                raise WeightsError(f"tensor {name!r} has shape {array.shape}; its header says {tuple(shape)}")
-            f.write(array.tobytes())
+    """Write (name, shape, dtype, make_array) entries through the safetensors library."""
+    with replaced_when_done(path) as partial:
+        arrays = {}
+        for name, shape, dtype, make in tensors:
+            arrays[name] = np.ascontiguousarray(make(), dtype=dtype)  # a view of the params where the layout allows
+            if arrays[name].shape != tuple(shape):
+                raise WeightsError(f"tensor {name!r} has shape {arrays[name].shape}; its header says {tuple(shape)}")
+        try:
+            safetensors.numpy.save_file(arrays, partial, metadata=metadata or {"format": "pt"})
+        except safetensors.SafetensorError as e:
+            raise WriteError(f"cannot write {path}: {e}") from None
 
 
 def read_torch(path: str | Path):

@@ -129,3 +129,64 @@ def test_out_dir_trained_in_bfloat16_is_compared_in_float32(random_hf, tmp_path)
     assert report["torch_model"] == "transformers.GPT2LMHeadModel"
     assert report["within_tolerance"] and report["max_abs_logit_diff"] <= 1e-5
     assert report["first_layer_beyond_tolerance"] is None and report["greedy_agree_steps"] == 3
+
+
+TRAIN_KEYS = {"train_loss_jax", "train_loss_torch", "grad_max_rel_diff", "param_max_abs_diff"}
+
+
+def test_training_steps_match_torch(random_hf, tmp_path, capsys):
+    model = random_hf(seed=27, vocab_size=VOCAB)
+    model.save_pretrained(tmp_path / "hf")
+    x, y = compare.corpus_batches(VOCAB, 1, 3, 16)[0]
+    with torch.no_grad():  # the first step's loss, before any update, straight from transformers
+        first = float(torch.nn.functional.cross_entropy(model(torch.as_tensor(x, dtype=torch.long)).logits.flatten(0, 1),
+                                                        torch.as_tensor(y, dtype=torch.long).flatten()))
+    capsys.readouterr()
+    code = compare.main([str(tmp_path / "hf"), "--train_steps", "4", "--batch_size", "3", "--block_size", "16",
+                         "--steps", "1", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and TRAIN_KEYS <= set(report) and report["train_within_tolerance"]
+    assert len(report["train_loss_jax"]) == len(report["grad_norm_torch"]) == 4
+    assert report["train_loss_torch"][0] == pytest.approx(first, rel=1e-6)
+    assert report["train_loss_torch"][-1] < report["train_loss_torch"][0] - 1e-3  # the steps changed the weights
+    assert set(report["grad_max_rel_diff"]) == {k for k, _ in model.named_parameters()}
+    assert max(report["grad_max_rel_diff"].values()) <= 1e-5 and report["param_max_abs_diff"] <= 1e-4
+    assert report["train_params_beyond_tolerance"] == []
+
+
+def test_training_that_decays_biases_is_caught_and_the_parameter_named(random_reference, tmp_path, monkeypatch,
+                                                                        capsys):
+    import jax
+
+    from gpt2_jax import optim
+
+    model, ref_cfg = random_reference(seed=28, vocab_size=VOCAB)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps(ref_cfg))
+    right = optim.decay_mask
+
+    def decays_biases(params, decay_embeddings=True):
+        return jax.tree_util.tree_map_with_path(lambda path, decay: decay or path[-1].key == "bias",
+                                                right(params, decay_embeddings))
+
+    monkeypatch.setattr(optim, "decay_mask", decays_biases)
+    report = compare.compare_training(tmp_path / "model.pt", train_steps=3, batch_size=2, block_size=16)
+    assert report["train_torch_model"] == "torch_ref.ReferenceGPT" and not report["train_within_tolerance"]
+    assert max(report["grad_max_rel_diff"].values()) <= 1e-5  # the mask changes updates, not gradients
+    biases = {k for k, _ in model.named_parameters() if k.endswith((".bias", ".shift"))}  # LayerNorm's: "shift"
+    assert set(report["train_params_beyond_tolerance"]) == biases - {"trf_blocks.0.attention.W_Key.bias",
+                                                                      "trf_blocks.1.attention.W_Key.bias"}
+    assert report["param_elements_left_out"]["trf_blocks.0.attention.W_Key.bias"] == ref_cfg["emb_dim"]
+    assert compare.main([str(tmp_path / "model.pt"), "--train_steps", "3", "--block_size", "16", "--steps", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: training beyond tolerance 1e-05 in ['final_norm.shift', 'out_head.bias'," in out
+
+
+def test_training_flags_are_checked(random_hf, tmp_path, capsys):
+    random_hf(seed=29, vocab_size=VOCAB).save_pretrained(tmp_path / "hf")
+    for flags in (["--train_steps", "-1"], ["--batch_size", "0"], ["--rtol", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            compare.main([str(tmp_path / "hf"), *flags])
+        assert e.value.code == 2 and "--train_steps >= 0, --batch_size >= 1 and --rtol > 0" in capsys.readouterr().err
+    assert compare.main([str(tmp_path / "hf"), "--train_steps", "1", "--block_size", "33", "--steps", "1"]) == 2
+    assert "--block_size must be in [2, 32] (got 33)" in capsys.readouterr().err

@@ -561,6 +561,23 @@ def test_malformed_safetensors_header_entries_are_named(header, message, tmp_pat
         convert.load(path, n_head=2)
 
 
+def test_safetensors_that_its_library_refuses_or_numpy_cannot_hold_are_named(hf_state, tmp_path):
+    path = write_raw_safetensors(tmp_path / "long.safetensors", {"wte.weight": {
+        "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})  # 8 bytes of data, 4 of them a tensor's
+    with pytest.raises(WeightsError, match=f"{path} is longer than its header says: the tensors cover 4 bytes of "
+                                           f"the data section, which holds 8"):
+        convert.load(path, n_head=2)
+    path = write_raw_safetensors(tmp_path / "gap.safetensors", {"wte.weight": {
+        "dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})  # the first 4 bytes belong to no tensor
+    with pytest.raises(WeightsError, match=f"{path} is not a valid safetensors file: .*offset"):
+        convert.load(path, n_head=2)
+    hf_state["transformer.h.0.ln_1.weight"] = hf_state["transformer.h.0.ln_1.weight"].to(torch.float8_e4m3fn)
+    save_safetensors(tmp_path / "f8.safetensors", hf_state)
+    with pytest.raises(WeightsError, match="tensor 'transformer.h.0.ln_1.weight' has dtype F8_E4M3; expected "
+                                           "floating-point weights"):
+        convert.load(tmp_path / "f8.safetensors", n_head=2)
+
+
 @pytest.mark.parametrize("index, message", [
     ('{"metadata": {}}', "has no 'weight_map' object"),
     ('{"weight_map": ', "is not valid JSON"),

@@ -548,3 +548,92 @@ def test_check_rejects_tokens_outside_the_vocabulary_and_short_data(tmp_path):
         split.check(vocab_size=1000, block_size=64)
     with pytest.raises(data.DataError, match="no train shard holds more than block_size=300 tokens"):
         split.check(vocab_size=1100, block_size=300)
+
+
+def tiktoken_gpt2():
+    """tiktoken's r50k_base (GPT-2) built straight from the ranks file in gpt2_jax/assets, not through the project."""
+    import base64
+
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    lines = (Path(data.__file__).parent / "assets" / "gpt2.tiktoken").read_bytes().split()
+    ranks = {base64.b64decode(token): int(rank) for token, rank in zip(lines[::2], lines[1::2])}
+    return tiktoken.Encoding("r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT})
+
+
+def write_parquet(path, texts, column="text", row_group_size=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": list(range(len(texts))), column: texts})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def expected_stream(texts):
+    encoding = tiktoken_gpt2()
+    return [t for text in texts if text for t in encoding.encode_ordinary(text) + [EOT]]
+
+
+PARQUET_TEXTS = ["Hello world", "", " to be or not", "Ünïcödé — 日本語 🙂\nnew line", "<|endoftext|> is text",
+                 "x" * 5000 + " tail"]
+
+
+def test_parquet_rows_are_documents_over_several_row_groups(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = write_parquet(tmp_path / "fineweb.parquet", PARQUET_TEXTS, row_group_size=2)
+    assert pq.ParquetFile(path).num_row_groups == 3
+    summary = data.prepare([path], tmp_path / "out", val_fraction=0.2)
+    assert summary["documents"] == 5  # the empty row is skipped, as an empty JSONL document is
+    np.testing.assert_array_equal(prepared_tokens(tmp_path / "out"), expected_stream(PARQUET_TEXTS))
+
+
+def test_parquet_gives_the_shards_of_the_same_jsonl(tmp_path):
+    write_parquet(tmp_path / "a.parquet", PARQUET_TEXTS)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in PARQUET_TEXTS))
+    data.prepare([tmp_path / "a.parquet"], tmp_path / "from_parquet", shard_tokens=100)
+    data.prepare([tmp_path / "a.jsonl"], tmp_path / "from_jsonl", shard_tokens=100)
+    names = sorted(p.name for p in (tmp_path / "from_jsonl").glob("*.bin"))
+    assert names == sorted(p.name for p in (tmp_path / "from_parquet").glob("*.bin")) and len(names) > 2
+    for name in names:
+        assert (tmp_path / "from_parquet" / name).read_bytes() == (tmp_path / "from_jsonl" / name).read_bytes()
+
+
+def test_a_directory_of_parquet_files_and_another_text_column(tmp_path):
+    (tmp_path / "fineweb" / "data").mkdir(parents=True)
+    write_parquet(tmp_path / "fineweb" / "data" / "001.parquet", PARQUET_TEXTS[3:], column="content")
+    write_parquet(tmp_path / "fineweb" / "data" / "000.parquet", PARQUET_TEXTS[:3], column="content")
+    assert data.main(["prepare", str(tmp_path / "fineweb"), "--out", str(tmp_path / "out"),
+                      "--text_field", "content", "--val_fraction", "0.2"]) == 0
+    np.testing.assert_array_equal(prepared_tokens(tmp_path / "out"), expected_stream(PARQUET_TEXTS))
+
+
+def test_parquet_without_the_column_or_with_nulls_is_an_error_naming_the_file(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = write_parquet(tmp_path / "c.parquet", ["Hello world"], column="content")
+    assert data.main(["prepare", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert f"error: {path} has no column 'text'; its columns are ['id', 'content'] (choose one with --text_field)" \
+        in capsys.readouterr().err
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
+    with pytest.raises(data.DataError, match=r"null.parquet: row 2 has no 'text' \(null\); expected a string"):
+        data.prepare([tmp_path / "null.parquet"], tmp_path / "out")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(data.DataError, match=r"ints.parquet: column 'text' holds int64; expected strings"):
+        data.prepare([tmp_path / "ints.parquet"], tmp_path / "out")
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(data.DataError, match=r"fake.parquet: not a Parquet file \("):
+        data.prepare([tmp_path / "fake.parquet"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_text_field(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "Hello world"}) + "\n")
+    data.prepare([tmp_path / "a.jsonl"], tmp_path / "out", val_fraction=0.3, text_field="content")
+    np.testing.assert_array_equal(prepared_tokens(tmp_path / "out"), HELLO_WORLD + [EOT])
+    with pytest.raises(data.DataError, match=r"a\.jsonl:1: expected an object with a string field \"body\""):
+        data.prepare([tmp_path / "a.jsonl"], tmp_path / "out2", text_field="body")
