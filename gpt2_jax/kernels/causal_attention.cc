@@ -121,7 +121,8 @@ inline void WXBlock(const float* w, const float* x, float* y, int64_t tp, float 
 template <int D, int NV>
 inline void WtXBlock(const float* w, const float* x, float* y, int64_t tp, int64_t j0, int c0) {
   Vec acc[4][NV] = {};
-  for (int64_t i = j0; i < tp; ++i) {
+  int64_t i = j0;
+  do {  // (j0 < tp: a for loop that might not run left GCC 12 storing the sums to memory every row on ARM)
     Vec xv[NV];
     for (int v = 0; v < NV; ++v) {
       xv[v] = Load(x + i * D + c0 + kLanes * v);
@@ -131,7 +132,7 @@ inline void WtXBlock(const float* w, const float* x, float* y, int64_t tp, int64
       const Vec wr = Splat(w[i * tp + j0 + r]);
       for (int v = 0; v < NV; ++v) acc[r][v] = Fma(wr, xv[v], acc[r][v]);
     }
-  }
+  } while (++i < tp);
   for (int r = 0; r < 4; ++r)
     for (int v = 0; v < NV; ++v) Store(y + (j0 + r) * D + c0 + kLanes * v, acc[r][v]);
 }

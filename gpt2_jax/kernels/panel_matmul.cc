@@ -4,10 +4,11 @@
 // W is packed in panels [N / 48, K, 48]: panel p holds columns 48p..48p+47 of W, row after row, so each panel is
 // one contiguous stream. A register block is a whole row of a panel (kGroup vectors: three with AVX-512, six with
 // AVX2, twelve with NEON; simd.h) times kRows rows of x, as many as the registers hold with the accumulators: all 8
-// with AVX-512 (the panel's three weight vectors stay in registers), 2 with AVX2 and NEON (each weight vector is
-// loaded once per row of W and used for both rows). Where the B rows of x need several blocks, the panel is walked
-// kBlockRows rows of W at a time: the first block reads them from memory, the others find them in the L1 cache,
-// and each block's sums wait in y between turns (added in the same order as in one pass).
+// with AVX-512 (the panel's three weight vectors stay in registers), 2 with AVX2 (each weight vector read from
+// memory by the FMAs of both rows), 1 with NEON (whose FMAs take no memory operand: 8 registers for loads in
+// flight). Where the B rows of x need several blocks, the panel is walked kBlockRows rows of W at a time: the first
+// block reads them from memory, the others find them in the L1 cache, and each block's sums wait in y between turns
+// (added in the same order as in one pass).
 // The panels are shared out in chunks between the calling thread and one task on XLA's intra-op thread pool
 // (share_work.h).
 #include <algorithm>
@@ -31,11 +32,19 @@ using gpt2_jax::Vec;
 
 constexpr int64_t kWidth = 48;
 constexpr int kGroup = kWidth / kLanes;  // vectors in a row of a panel
-constexpr int kRows = std::min(8, (gpt2_jax::kRegisters - 2) / kGroup);  // rows of x in one register block
+// Registers for weights on their way from memory to an FMA: x86 FMAs read one operand from memory; on ARM the
+// compiler keeps several loads in flight.
+#if GPT2_JAX_LANES == 4
+constexpr int kWeightRegisters = 8;
+#else
+constexpr int kWeightRegisters = 1;
+#endif
+// Rows of x in one register block: accumulators, weights in flight and a row value fit the registers.
+constexpr int kRows = std::min(8, (gpt2_jax::kRegisters - kWeightRegisters - 1) / kGroup);
 constexpr bool kWeightsInRegisters = kRows * kGroup + kGroup + 1 <= gpt2_jax::kRegisters;
 constexpr int64_t kBlockRows = 128;  // rows of W walked at a time when several blocks take turns: 24 KB of float32
 static_assert(kWidth % kLanes == 0, "a panel row must hold whole vectors");
-static_assert(kRows * kGroup + 2 <= gpt2_jax::kRegisters, "accumulators, a weight and a row value fit registers");
+static_assert(kRows >= 1, "a register block must fit the registers");
 
 using Matrix = ffi::Buffer<ffi::F32, 2>;  // (commas inside the handler macro's arguments would split them)
 using PanelStack = ffi::Buffer<ffi::F32, 3>;

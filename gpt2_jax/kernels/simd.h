@@ -41,9 +41,13 @@ inline Vec Load(const float* p) {  // memcpy: an unaligned vector load
 }
 
 inline Vec Load(const uint16_t* p) {  // bfloat16 is the top half of a float32
+#if GPT2_JAX_LANES == 4
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));  // GCC 12 widens a 4-lane vector lane by lane
+#else
   Halves h;
   std::memcpy(&h, p, sizeof h);
   return reinterpret_cast<Vec>(__builtin_convertvector(h, Bits) << 16);
+#endif
 }
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
