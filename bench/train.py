@@ -1,7 +1,7 @@
 """Training throughput on this machine: our jitted step against a PyTorch step, and against the matmul peak.
 
     python bench/train.py [--model=gpt2] [--batch_size=4] [--block_size=256] [--steps=3] [--rounds=2]
-                          [--dtype=float32] [--hugetlb=ours|both|none] [--attention=auto|xla|cpu_kernel]
+                          [--dtype=float32] [--hugetlb=none|ours|both] [--attention=auto|xla|cpu_kernel]
 
 What it measures, in one run:
   * the machine's fp32 matmul peak: the best of 2048^3 jnp.dot and torch.mm, at the start and at the end;
@@ -16,12 +16,13 @@ Speeds use each side's best step; medians are printed too.
 FLOPs per token follow nanoGPT's estimate_mfu: 6 * N + 12 * L * C * T (N = parameters without wpe; the
 second term is attention's QK^T and AV, forward and backward, as if not causal). The last line is JSON.
 
-Our worker runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (--hugetlb=ours, the default): malloc then asks
-for transparent huge pages (THP "madvise" mode, the usual default), so the large buffers XLA allocates afresh
-every step fault in per 2 MB instead of per 4 KB. Measured on this 2-core machine: our gpt2 step 5.5-5.9 s ->
-4.8-4.9 s; a 460 MB elementwise op 250 -> 76 ms. PyTorch's step got slower with it (5.5-6.2 s -> 6.2-7.0 s,
-the same runs), so by default torch runs in the plain environment, each side in its better one;
---hugetlb=both or none puts both sides in the same one.
+Both workers run in the environment this script was started in (--hugetlb=none, the default), as `python
+train.py` does: the benchmark measures what a user gets. --hugetlb=ours or both sets
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for that side's worker: malloc then asks for transparent huge pages, so the
+large buffers XLA allocates afresh every step fault in per 2 MB instead of per 4 KB. Measured on a 2-core AMD EPYC
+(AVX2): our gpt2 step 5.5-5.9 s -> 4.8-4.9 s; PyTorch's got slower (5.5-6.2 s -> 6.2-7.0 s). The tunable must be set
+before a process starts, so train.py would have to re-execute itself to get it; it does not, and by default
+neither side of this benchmark gets it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEFAULTS = {"model": "gpt2", "batch_size": 4, "block_size": 256, "steps": 3, "rounds": 2, "dtype": "float32",
-            "hugetlb": "ours", "attention": "auto", "worker": ""}
+            "hugetlb": "none", "attention": "auto", "worker": ""}
 HUGETLB = {"ours": ("ours",), "both": ("ours", "torch"), "none": ()}
 
 

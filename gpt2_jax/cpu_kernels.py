@@ -9,10 +9,11 @@ causal_attention is the causal self-attention of a training step, forward and ba
 q, k and v read straight from the fused qkv projection.
 adamw_update is one AdamW step of a float32 parameter in place, in one pass over memory (kernels/adamw.cc):
 optim.fused_update's arithmetic, which XLA:CPU computes in three passes that read the gradient three times.
-The kernels are compiled with the system C++ compiler (-march=native, AVX-512 needed) into the user's cache
-directory the first time they are needed on a machine (one library per source, compiler, jaxlib version and CPU
-model), and each process registers them as XLA FFI targets. Where that fails (no
-compiler, no AVX-512, not x86) or GPT2_JAX_CPU_KERNELS=0 is set, available() is False and says why.
+The kernels are written once in vectors as wide as the CPU's (kernels/simd.h: AVX-512, AVX2 + FMA, or 64-bit ARM
+NEON) and compiled with the system C++ compiler (-march=native) into the user's cache directory the first time they
+are needed on a machine (one library per source, compiler, jaxlib version and CPU model); each process registers
+them as XLA FFI targets. Where that fails (no compiler, a 32-bit system, an x86 CPU without AVX2 and FMA, another
+architecture) or GPT2_JAX_CPU_KERNELS=0 is set, available() is False and says why.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +38,7 @@ MAX_ROWS = 8
 ATTENTION_HEAD_SIZES = (16, 32, 48, 64)
 _SOURCES = [Path(__file__).parent / "kernels" / name for name in ("panel_matmul.cc", "causal_attention.cc",
                                                                    "adamw.cc")]
-_HEADERS = [Path(__file__).parent / "kernels" / "share_work.h"]
+_HEADERS = [Path(__file__).parent / "kernels" / name for name in ("share_work.h", "simd.h")]
 _TARGETS = {jnp.dtype(jnp.float32): ("gpt2_jax_panel_matmul", "PanelMatmul"),
             jnp.dtype(jnp.bfloat16): ("gpt2_jax_panel_matmul_bf16", "PanelMatmulBf16"),
             "attention_forward": ("gpt2_jax_causal_attention_fwd", "CausalAttentionForward"),
@@ -64,15 +66,36 @@ def _cpu_description(cpuinfo: str | None) -> str:
     return "\n".join(line for line in first if line.split(":")[0].strip() in ("vendor_id", "model name", "flags"))
 
 
+def cpu_problem(machine: str, pointer_bits: int, cpu: str) -> str | None:
+    """Why kernels/simd.h cannot vectorise for this CPU (machine as platform.machine() names it, cpu as
+    _cpu_description gives it), or None if it can."""
+    if pointer_bits != 64:
+        return f"the kernels need a 64-bit system; this Python is {pointer_bits}-bit"
+    if machine.lower() in ("aarch64", "arm64"):
+        return None  # NEON and its fused multiply-add are part of every 64-bit ARM CPU
+    if machine.lower() not in ("x86_64", "amd64"):
+        return f"the kernels need an x86-64 CPU with AVX2 and FMA or a 64-bit ARM CPU; this is {machine}"
+    flags = set(next((line.split(":", 1)[1] for line in cpu.splitlines() if line.startswith("flags")), "").split())
+    if flags and not ({"avx2", "fma"} <= flags or "avx512f" in flags):
+        return "this CPU has neither AVX2 and FMA nor AVX-512 (flags in /proc/cpuinfo)"
+    return None
+
+
+def compile_command(compiler: list[str], output: Path, march: str = "native") -> list[str]:
+    """The command that builds the kernels' library (march: the -march value)."""
+    return [*compiler, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w",
+            "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", str(output)]
+
+
 def _build() -> Path:
     """Compile the kernels once per source, compiler, jaxlib version and CPU model; return the library's path."""
     compiler = shlex.split(os.environ.get("CXX", "")) or [shutil.which("c++") or shutil.which("g++") or ""]
     if not compiler[0]:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    cpuinfo = _cpuinfo()
-    cpu = _cpu_description(cpuinfo)
-    if cpuinfo is not None and "avx512f" not in cpu.split():
-        raise RuntimeError("this CPU has no AVX-512 (no avx512f in /proc/cpuinfo)")
+    cpu = _cpu_description(_cpuinfo())
+    problem = cpu_problem(platform.machine(), 64 if sys.maxsize > 2**32 else 32, cpu)
+    if problem:
+        raise RuntimeError(problem)
     parts = (*(f.read_bytes().decode() for f in _SOURCES + _HEADERS), " ".join(compiler), jaxlib.__version__, cpu)
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     library = _cache_dir() / f"kernels-{key}.so"
@@ -81,9 +104,7 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        command = [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-                   "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", str(built)]
-        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(compile_command(compiler, built), capture_output=True, text=True, timeout=300)
         if run.returncode:
             errors = [line for line in run.stderr.splitlines() if "error" in line]
             message = (errors or run.stderr.strip().splitlines() or ["no output"])[0]
@@ -98,8 +119,6 @@ def available() -> bool:
         try:
             if os.environ.get("GPT2_JAX_CPU_KERNELS", "1") == "0":
                 raise RuntimeError("disabled by GPT2_JAX_CPU_KERNELS=0")
-            if platform.machine().lower() not in ("x86_64", "amd64"):
-                raise RuntimeError(f"needs an x86-64 CPU with AVX-512; this is {platform.machine()}")
             library = ctypes.cdll.LoadLibrary(str(_build()))
             for target, symbol in _TARGETS.values():
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

@@ -1,6 +1,11 @@
 """cpu_kernels: the panel-packed decode matmul and the training attention against numpy, the panels' packing by
 hand, and the fallback to XLA."""
 
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +17,10 @@ from gpt2_jax.model import GPT2, causal_attention_impl, init_params
 from gpt2_jax.sampling import Sampler, generate_batch, row_key
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
+KERNEL_CHECK = Path(__file__).parent / "kernel_check.cc"  # the kernels' arithmetic against references, without XLA
+CROSS_COMPILER = shutil.which("aarch64-linux-gnu-g++")
+NO_CROSS_COMPILER = "no aarch64-linux-gnu-g++ (Debian: apt-get install g++-aarch64-linux-gnu)"
+ELF_MACHINE = {"aarch64": 183, "x86_64": 62}  # e_machine of an ELF header
 
 
 def test_pack_panels_by_hand():
@@ -49,7 +58,8 @@ def test_independent_calls_in_one_program_all_finish():
     panels = [cpu_kernels.pack_panels(w) for w in ws]
     ys = jax.jit(lambda x, ps: [cpu_kernels.panel_matmul(x * (i + 1), p, 3000) for i, p in enumerate(ps)])(x, panels)
     for i, (y, w) in enumerate(zip(ys, ws)):
-        np.testing.assert_allclose(np.asarray(y), (i + 1) * np.asarray(x) @ w, rtol=2e-5, atol=2e-4)
+        ref = (i + 1) * np.asarray(x, np.float64) @ w.astype(np.float64)
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
 @needs_kernel
@@ -73,6 +83,18 @@ def test_cache_key_ignores_the_clock_speed():
     assert cpu_kernels._cpu_description(slow) == cpu_kernels._cpu_description(fast) == expected
 
 
+def test_the_kernels_are_refused_only_where_they_cannot_vectorise():
+    cpu = "vendor_id\t: AuthenticAMD\nmodel name\t: X\nflags\t\t: fpu sse2 avx {}"
+    assert cpu_kernels.cpu_problem("x86_64", 64, cpu.format("avx2 fma")) is None
+    assert cpu_kernels.cpu_problem("x86_64", 64, cpu.format("avx2 fma avx512f")) is None
+    assert cpu_kernels.cpu_problem("aarch64", 64, "") is None  # NEON is part of every 64-bit ARM CPU
+    assert cpu_kernels.cpu_problem("arm64", 64, "") is None
+    assert cpu_kernels.cpu_problem("x86_64", 64, cpu.format("avx2")) == (
+        "this CPU has neither AVX2 and FMA nor AVX-512 (flags in /proc/cpuinfo)")
+    assert "64-bit system; this Python is 32-bit" in cpu_kernels.cpu_problem("x86_64", 32, cpu.format("avx2 fma"))
+    assert "this is riscv64" in cpu_kernels.cpu_problem("riscv64", 64, "")
+
+
 def test_without_the_kernel_panel_matmul_says_why(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {"error": "disabled by GPT2_JAX_CPU_KERNELS=0"})
     with pytest.raises(RuntimeError, match="the panel kernel cannot run here: disabled by GPT2_JAX_CPU_KERNELS=0"):
@@ -83,7 +105,7 @@ def test_a_failed_build_says_why_and_sampling_falls_back_to_xla(tmp_path, monkey
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built before
     monkeypatch.setenv("CXX", "false --any-flag")  # a compiler (with an argument) that always fails
-    if "avx512f" in cpu_kernels._cpu_description(cpu_kernels._cpuinfo()).split():
+    if cpu_kernels.cpu_problem(platform.machine(), 64, cpu_kernels._cpu_description(cpu_kernels._cpuinfo())) is None:
         assert not cpu_kernels.available()
         assert cpu_kernels.unavailable_reason().startswith("false --any-flag -O3 ... failed")
     monkeypatch.setattr(cpu_kernels, "_state", {})
@@ -254,3 +276,53 @@ def test_adamw_kernel_names_bad_input():
         cpu_kernels.adamw_update(x.astype(jnp.bfloat16), x, x, x, jnp.zeros(10))
     with pytest.raises(ValueError, match=r"takes 10 scalars"):
         cpu_kernels.adamw_update(x, x, x, x, jnp.zeros(9))
+
+
+def compile_kernel_check(compiler: str, march: str, output: Path, *extra: str) -> None:
+    command = [compiler, "-O2", f"-march={march}", "-std=c++17", "-w", "-I", jax.ffi.include_dir(), *extra,
+               str(KERNEL_CHECK), "-o", str(output)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@needs_kernel
+def test_the_standalone_kernel_check_passes_on_this_machine(tmp_path):
+    # the program that runs under qemu for ARM, run natively: it must pass where the JAX tests above pass
+    compile_kernel_check(shutil.which("c++") or "g++", "native", tmp_path / "kernel_check")
+    run = subprocess.run([tmp_path / "kernel_check"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.endswith("all ok\n"), run.stdout
+
+
+def elf_machine(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[18:20], "little")
+
+
+@pytest.mark.skipif(CROSS_COMPILER is None, reason=NO_CROSS_COMPILER)
+def test_the_kernels_compile_for_64_bit_arm(tmp_path):
+    library = tmp_path / "kernels.so"
+    run = subprocess.run(cpu_kernels.compile_command([CROSS_COMPILER], library, march="armv8-a"),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert elf_machine(library) == ELF_MACHINE["aarch64"]
+
+
+@pytest.mark.skipif(CROSS_COMPILER is None, reason=NO_CROSS_COMPILER)
+@pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="no qemu-aarch64 (Debian: apt-get install qemu-user)")
+def test_the_kernels_compute_right_on_64_bit_arm_under_qemu(tmp_path):
+    program = tmp_path / "kernel_check"
+    compile_kernel_check(CROSS_COMPILER, "armv8-a", program, "-static")  # static: no ARM libraries needed
+    run = subprocess.run(["qemu-aarch64", str(program)], capture_output=True, text=True, timeout=300)
+    assert run.stdout.startswith("vectors of 4 floats, 32 registers"), run.stdout
+    assert run.returncode == 0 and run.stdout.endswith("all ok\n"), run.stdout
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 variants need an x86 compiler")
+def test_the_other_x86_vector_width_compiles(tmp_path):
+    # one machine builds only its own variant; this builds the other (AVX-512 on an AVX2 CPU, AVX2 on AVX-512)
+    cpu = cpu_kernels._cpu_description(cpu_kernels._cpuinfo()).split()
+    march = "haswell" if "avx512f" in cpu else "skylake-avx512"
+    library = tmp_path / "kernels.so"
+    run = subprocess.run(cpu_kernels.compile_command([shutil.which("c++") or "g++"], library, march=march),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert elf_machine(library) == ELF_MACHINE["x86_64"]

@@ -6,14 +6,14 @@
 // each rounded to float32 (IEEE, no multiply and add contracted into an FMA): what numpy computes, bit for bit.
 // XLA contracts multiply-adds and multiplies by a reciprocal instead of dividing by a scalar, so the two paths
 // differ in the last bit of some elements.
-// Chunks of the arrays are shared between the calling thread and XLA's intra-op thread pool (share_work.h).
-#include <immintrin.h>
-
+// Vectors as wide as the CPU's (simd.h); chunks of the arrays are shared between the calling thread and XLA's
+// intra-op thread pool (share_work.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "share_work.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__clang__)
@@ -39,22 +39,25 @@ enum Hyper { kScale, kBeta1, kOneMinusBeta1, kBeta2, kOneMinusBeta2, kCorrection
 void Update(const float* g, float* m, float* v, float* p, const float* h, int64_t first, int64_t last) {
   const float scale = h[kScale], b1 = h[kBeta1], c1 = h[kOneMinusBeta1], b2 = h[kBeta2], c2 = h[kOneMinusBeta2];
   const float bc1 = h[kCorrection1], bc2 = h[kCorrection2], eps = h[kEps], lr = h[kLr], decay = h[kDecay];
-  // 16 at a time (the compiler does not vectorize the loop below: std::sqrt may set errno)
-  const __m512 vscale = _mm512_set1_ps(scale), vb1 = _mm512_set1_ps(b1), vc1 = _mm512_set1_ps(c1);
-  const __m512 vb2 = _mm512_set1_ps(b2), vc2 = _mm512_set1_ps(c2), vbc1 = _mm512_set1_ps(bc1);
-  const __m512 vbc2 = _mm512_set1_ps(bc2), veps = _mm512_set1_ps(eps), vlr = _mm512_set1_ps(lr);
-  const __m512 vdecay = _mm512_set1_ps(decay);
+  // a vector at a time (the compiler does not vectorize the loop below: std::sqrt may set errno)
+  using gpt2_jax::kLanes;
+  using gpt2_jax::Load;
+  using gpt2_jax::Splat;
+  using gpt2_jax::Store;
+  using gpt2_jax::Vec;
+  const Vec vscale = Splat(scale), vb1 = Splat(b1), vc1 = Splat(c1), vb2 = Splat(b2), vc2 = Splat(c2);
+  const Vec vbc1 = Splat(bc1), vbc2 = Splat(bc2), veps = Splat(eps), vlr = Splat(lr), vdecay = Splat(decay);
   int64_t i = first;
-  for (; i + 16 <= last; i += 16) {
-    const __m512 gi = _mm512_mul_ps(_mm512_loadu_ps(g + i), vscale);
-    const __m512 mi = _mm512_add_ps(_mm512_mul_ps(vb1, _mm512_loadu_ps(m + i)), _mm512_mul_ps(vc1, gi));
-    const __m512 vi = _mm512_add_ps(_mm512_mul_ps(vb2, _mm512_loadu_ps(v + i)), _mm512_mul_ps(vc2, _mm512_mul_ps(gi, gi)));
-    __m512 u = _mm512_div_ps(_mm512_div_ps(mi, vbc1), _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(vi, vbc2)), veps));
-    const __m512 pi = _mm512_loadu_ps(p + i);
-    if (decay != 0.0f) u = _mm512_add_ps(u, _mm512_mul_ps(vdecay, pi));
-    _mm512_storeu_ps(m + i, mi);
-    _mm512_storeu_ps(v + i, vi);
-    _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, _mm512_mul_ps(vlr, u)));
+  for (; i + kLanes <= last; i += kLanes) {
+    const Vec gi = Load(g + i) * vscale;
+    const Vec mi = vb1 * Load(m + i) + vc1 * gi;
+    const Vec vi = vb2 * Load(v + i) + vc2 * (gi * gi);
+    Vec u = (mi / vbc1) / (gpt2_jax::Sqrt(vi / vbc2) + veps);
+    const Vec pi = Load(p + i);
+    if (decay != 0.0f) u = u + vdecay * pi;
+    Store(m + i, mi);
+    Store(v + i, vi);
+    Store(p + i, pi - vlr * u);
   }
   for (; i < last; ++i) {
     const float gi = g[i] * scale;

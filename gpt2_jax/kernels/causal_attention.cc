@@ -8,11 +8,10 @@
 // XLA computes the same with batched matmuls of B * H small [T, T] problems and several passes of masked softmax
 // over [B, H, T, T], and keeps P [B, H, T, T] of every layer for the backward pass. Here each (b, h) works in
 // buffers that stay in cache, blocks above the diagonal are skipped, q, k and v are read straight from the fused
-// qkv projection, and only two numbers per row are kept. D is 16, 32, 48 or 64 (one to four 16-float vectors); T is
-// padded to a multiple of 64 inside the kernel. float32 throughout. (b, h) pairs are shared out between the calling
-// thread and tasks on XLA's intra-op thread pool (share_work.h).
-#include <immintrin.h>
-
+// qkv projection, and only two numbers per row are kept. D is 16, 32, 48 or 64; T is padded to a multiple of 64
+// inside the kernel. float32 throughout, in vectors as wide as the CPU's (simd.h): register blocks of 4 rows times
+// kBlock vectors (4 with AVX-512 and NEON, 2 with AVX2's 16 registers). (b, h) pairs are shared out between the
+// calling thread and tasks on XLA's intra-op thread pool (share_work.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,15 +19,28 @@
 #include <vector>
 
 #include "share_work.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
-
-#ifndef __AVX512F__
-#error "causal_attention needs AVX-512 (built with -march=native on a CPU without it)"
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using gpt2_jax::Below;
+using gpt2_jax::Fma;
+using gpt2_jax::kLanes;
+using gpt2_jax::Load;
+using gpt2_jax::Mask;
+using gpt2_jax::Select;
+using gpt2_jax::Splat;
+using gpt2_jax::Store;
+using gpt2_jax::Vec;
+
+// Vectors of columns in a register block of 4 rows: 4 kBlock accumulators, kBlock operands and a broadcast value
+// fit the registers, and kBlock * kLanes columns divide the 64 of a PackColumns panel.
+constexpr int kBlock = gpt2_jax::kRegisters >= 32 ? 4 : 2;
+static_assert(5 * kBlock + 1 <= gpt2_jax::kRegisters && 64 % (kBlock * kLanes) == 0, "kBlock does not fit");
+static_assert(16 % kLanes == 0, "a head of 16 floats must hold whole vectors");
 
 using Qkv = ffi::Buffer<ffi::F32, 5>;
 using Heads = ffi::Buffer<ffi::F32, 4>;
@@ -38,105 +50,112 @@ using Stats = ffi::Buffer<ffi::F32, 4>;
 using StatsResult = ffi::ResultBuffer<ffi::F32, 4>;
 
 // exp(x) for x <= 0 to about 1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, Taylor series of degree 7, times 2^n.
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+// n is rounded to nearest by adding and subtracting 1.5 * 2^23, and 2^n applied in two halves so that the result
+// rounds once even where it is subnormal (n >= -150), as AVX-512's scalef does.
+inline Vec Exp(Vec x) {
+  x = gpt2_jax::Max(x, Splat(-104.0f));
+  const Vec t = x * Splat(1.44269504088896341f), magic = Splat(12582912.0f);
+  const Vec n = (t + magic) - magic;
+  Vec r = Fma(-n, Splat(0.693145751953125f), x);
+  r = Fma(-n, Splat(1.428606765330187e-06f), r);
+  Vec p = Splat(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = Fma(p, r, Splat(c));
+  const Mask ni = __builtin_convertvector(n, Mask), half = ni >> 1;
+  const Vec scale_a = reinterpret_cast<Vec>((half + 127) << 23), scale_b = reinterpret_cast<Vec>((ni - half + 127) << 23);
+  return p * scale_a * scale_b;
 }
 
-inline __mmask16 Below(int64_t j, int64_t end) {  // lanes j .. j + 15 that are < end
-  const int64_t n = end - j;
-  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
-// C[i, j0 .. j0 + 16 NV) = sum_d A[i, d] * B[j, d] for rows i of [i0, i0 + 4), B packed by PackColumns.
-template <int ND, int NV>
+// C[i, j0 .. j0 + NV kLanes) = sum_d A[i, d] * B[j, d] for rows i of [i0, i0 + 4), B packed by PackColumns.
+template <int D, int NV>
 inline void ABtBlock(const float* a, const float* bp, float* c, int64_t tp, int64_t i0, int64_t j0) {
-  constexpr int D = 16 * ND;
   const float* panel = bp + (j0 / 64) * 64 * D + j0 % 64;  // within a [D, 64] panel
-  __m512 acc[4][NV];
-  for (auto& row : acc)
-    for (auto& v : row) v = _mm512_setzero_ps();
+  Vec acc[4][NV] = {};
   for (int d = 0; d < D; ++d) {
-    __m512 bv[NV];
+    Vec bv[NV];
     for (int v = 0; v < NV; ++v) {
-      bv[v] = _mm512_loadu_ps(panel + d * 64 + 16 * v);
-      asm("" : "+v"(bv[v]));  // keep it in a register: folded into each row's FMA it was loaded 4 times (2x slower)
+      bv[v] = Load(panel + d * 64 + kLanes * v);
+      GPT2_JAX_IN_REGISTER(bv[v]);  // folded into each row's FMA it was loaded 4 times (2x slower on AVX-512)
     }
     for (int r = 0; r < 4; ++r) {
-      const __m512 x = _mm512_set1_ps(a[(i0 + r) * D + d]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, bv[v], acc[r][v]);
+      const Vec x = Splat(a[(i0 + r) * D + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Fma(x, bv[v], acc[r][v]);
     }
   }
   for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + (i0 + r) * tp + j0 + 16 * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) Store(c + (i0 + r) * tp + j0 + kLanes * v, acc[r][v]);
 }
 
-// The lower triangle of C = A B^T: rows i of [i0, i0 + 4) get columns j < i0 + 4 rounded up to 16; A is [Tp, D],
-// B [Tp, D] packed by PackColumns, C [Tp, Tp]. 64-column blocks (16 accumulators), then 16-column ones.
-template <int ND>
+// The lower triangle of C = A B^T: rows i of [i0, i0 + 4) get columns j < i0 + 4 rounded up to a vector; A is
+// [Tp, D], B [Tp, D] packed by PackColumns, C [Tp, Tp]. Blocks of kBlock vectors of columns, then single vectors.
+template <int D>
 void LowerABt(const float* a, const float* bp, float* c, int64_t tp) {
   for (int64_t i0 = 0; i0 < tp; i0 += 4) {
     int64_t j0 = 0;
-    for (; j0 + 64 <= i0 + 4; j0 += 64) ABtBlock<ND, 4>(a, bp, c, tp, i0, j0);
-    for (; j0 < i0 + 4; j0 += 16) ABtBlock<ND, 1>(a, bp, c, tp, i0, j0);
+    for (; j0 + kBlock * kLanes <= i0 + 4; j0 += kBlock * kLanes) ABtBlock<D, kBlock>(a, bp, c, tp, i0, j0);
+    for (; j0 < i0 + 4; j0 += kLanes) ABtBlock<D, 1>(a, bp, c, tp, i0, j0);
   }
 }
 
-// Y[i, :] = scale * sum_j W[i, j] X[j, :] over j <= i: W [Tp, Tp] lower triangular, X [Tp, D], Y [Tp, D].
-template <int ND>
+// Columns [c0, c0 + NV kLanes) of Y[i, :] = scale * sum_j W[i, j] X[j, :] over j <= i for rows i of [i0, i0 + 4):
+// W [Tp, Tp] lower triangular, X [Tp, D], Y [Tp, D].
+template <int D, int NV>
+inline void WXBlock(const float* w, const float* x, float* y, int64_t tp, float scale, int64_t i0, int c0) {
+  Vec acc[4][NV] = {};
+  for (int64_t j = 0; j < i0 + 4; ++j) {
+    Vec xv[NV];
+    for (int v = 0; v < NV; ++v) {
+      xv[v] = Load(x + j * D + c0 + kLanes * v);
+      GPT2_JAX_IN_REGISTER(xv[v]);
+    }
+    for (int r = 0; r < 4; ++r) {
+      const Vec wr = Splat(w[(i0 + r) * tp + j]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Fma(wr, xv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) Store(y + (i0 + r) * D + c0 + kLanes * v, Splat(scale) * acc[r][v]);
+}
+
+// Columns [c0, c0 + NV kLanes) of Y[j, :] = sum_i W[i, j] X[i, :] over i >= j for rows j of [j0, j0 + 4): W^T X
+// for W [Tp, Tp] lower triangular (read by rows, 4 columns at a time), X [Tp, D], Y [Tp, D].
+template <int D, int NV>
+inline void WtXBlock(const float* w, const float* x, float* y, int64_t tp, int64_t j0, int c0) {
+  Vec acc[4][NV] = {};
+  int64_t i = j0;
+  do {  // (j0 < tp: a for loop that might not run left GCC 12 storing the sums to memory every row on ARM)
+    Vec xv[NV];
+    for (int v = 0; v < NV; ++v) {
+      xv[v] = Load(x + i * D + c0 + kLanes * v);
+      GPT2_JAX_IN_REGISTER(xv[v]);
+    }
+    for (int r = 0; r < 4; ++r) {
+      const Vec wr = Splat(w[i * tp + j0 + r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Fma(wr, xv[v], acc[r][v]);
+    }
+  } while (++i < tp);
+  for (int r = 0; r < 4; ++r)
+    for (int v = 0; v < NV; ++v) Store(y + (j0 + r) * D + c0 + kLanes * v, acc[r][v]);
+}
+
+// Vectors of a head's D columns in one WXBlock or WtXBlock: all of them where they fit, else kBlock at a time.
+template <int D>
+constexpr int kHeadBlock = D / kLanes <= kBlock ? D / kLanes : kBlock;
+
+// Y = scale * W X for W [Tp, Tp] lower triangular, X [Tp, D], Y [Tp, D].
+template <int D>
 void LowerWX(const float* w, const float* x, float* y, int64_t tp, float scale) {
-  constexpr int D = 16 * ND;
-  for (int64_t i0 = 0; i0 < tp; i0 += 4) {
-    __m512 acc[4][ND];
-    for (auto& row : acc)
-      for (auto& v : row) v = _mm512_setzero_ps();
-    for (int64_t j = 0; j < i0 + 4; ++j) {
-      __m512 xv[ND];
-      for (int v = 0; v < ND; ++v) {
-        xv[v] = _mm512_loadu_ps(x + j * D + 16 * v);
-        asm("" : "+v"(xv[v]));
-      }
-      for (int r = 0; r < 4; ++r) {
-        const __m512 wr = _mm512_set1_ps(w[(i0 + r) * tp + j]);
-        for (int v = 0; v < ND; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
-      }
-    }
-    const __m512 s = _mm512_set1_ps(scale);
-    for (int r = 0; r < 4; ++r)
-      for (int v = 0; v < ND; ++v) _mm512_storeu_ps(y + (i0 + r) * D + 16 * v, _mm512_mul_ps(s, acc[r][v]));
-  }
+  constexpr int NV = kHeadBlock<D>;
+  static_assert(D % (NV * kLanes) == 0, "a head must hold whole blocks");
+  for (int64_t i0 = 0; i0 < tp; i0 += 4)
+    for (int c0 = 0; c0 < D; c0 += NV * kLanes) WXBlock<D, NV>(w, x, y, tp, scale, i0, c0);
 }
 
-// Y[j, :] = sum_i W[i, j] X[i, :] over i >= j: W^T X for W [Tp, Tp] lower triangular (read by rows, 4 columns at
-// a time), X [Tp, D], Y [Tp, D].
-template <int ND>
+// Y = W^T X for W [Tp, Tp] lower triangular, X [Tp, D], Y [Tp, D].
+template <int D>
 void LowerWtX(const float* w, const float* x, float* y, int64_t tp) {
-  constexpr int D = 16 * ND;
-  for (int64_t j0 = 0; j0 < tp; j0 += 4) {
-    __m512 acc[4][ND];
-    for (auto& row : acc)
-      for (auto& v : row) v = _mm512_setzero_ps();
-    for (int64_t i = j0; i < tp; ++i) {
-      __m512 xv[ND];
-      for (int v = 0; v < ND; ++v) {
-        xv[v] = _mm512_loadu_ps(x + i * D + 16 * v);
-        asm("" : "+v"(xv[v]));
-      }
-      for (int r = 0; r < 4; ++r) {
-        const __m512 wr = _mm512_set1_ps(w[i * tp + j0 + r]);
-        for (int v = 0; v < ND; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
-      }
-    }
-    for (int r = 0; r < 4; ++r)
-      for (int v = 0; v < ND; ++v) _mm512_storeu_ps(y + (j0 + r) * D + 16 * v, acc[r][v]);
-  }
+  constexpr int NV = kHeadBlock<D>;
+  for (int64_t j0 = 0; j0 < tp; j0 += 4)
+    for (int c0 = 0; c0 < D; c0 += NV * kLanes) WtXBlock<D, NV>(w, x, y, tp, j0, c0);
 }
 
 // B [Tp, D] -> panels [Tp / 64, D, 64]: B^T in 64-column strips, each one contiguous stream for LowerABt (rows of
@@ -165,8 +184,7 @@ void Gather(const float* src, const Shape& sh, int64_t b, int64_t h, int which, 
   std::memset(dst, 0, sh.Tp * sh.D * sizeof(float));
   for (int64_t t = 0; t < sh.T; ++t) {
     const float* row = src + (which < 0 ? sh.Head(b, t, h) : sh.Qkv(b, t, which, h));
-    for (int64_t d = 0; d < sh.D; d += 16)
-      _mm512_storeu_ps(dst + t * sh.D + d, _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(row + d)));
+    for (int64_t d = 0; d < sh.D; d += kLanes) Store(dst + t * sh.D + d, Splat(scale) * Load(row + d));
   }
 }
 
@@ -177,81 +195,77 @@ void Scatter(const float* src, const Shape& sh, int64_t b, int64_t h, int which,
 }
 
 // q (scaled by 1 / sqrt(D)), k and k^T of one (b, h) into the scratch buffers, and S = q k^T below the diagonal.
-template <int ND>
+template <int D>
 void Scores(const Shape& sh, int64_t b, int64_t h, const float* qkv, Scratch& w) {
   Gather(qkv, sh, b, h, 0, w.q.data(), 1.0f / std::sqrt(float(sh.D)));
   Gather(qkv, sh, b, h, 1, w.k.data(), 1.0f);
   Gather(qkv, sh, b, h, 2, w.v.data(), 1.0f);
   PackColumns(w.k.data(), w.kt.data(), sh.Tp, sh.D);
-  LowerABt<ND>(w.q.data(), w.kt.data(), w.s.data(), sh.Tp);
+  LowerABt<D>(w.q.data(), w.kt.data(), w.s.data(), sh.Tp);
 }
 
-template <int ND>
+template <int D>
 void Forward(const Shape& sh, int64_t b, int64_t h, const float* qkv, float* y, float* stats, Scratch& w) {
   const int64_t T = sh.T, Tp = sh.Tp;
-  Scores<ND>(sh, b, h, qkv, w);
+  Scores<D>(sh, b, h, qkv, w);
   for (int64_t i = 0; i < Tp; ++i) {  // softmax of row i over j <= i; zeros elsewhere and in padding rows
     float* row = w.s.data() + i * Tp;
     if (i >= T) {
       std::memset(row, 0, Tp * sizeof(float));
       continue;
     }
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j <= i; j += 16) m = _mm512_mask_max_ps(m, Below(j, i + 1), m, _mm512_loadu_ps(row + j));
-    const float mx = _mm512_reduce_max_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < Tp; j += 16) {
-      const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(mx));
-      const __m512 e = _mm512_maskz_mov_ps(Below(j, i + 1), Exp(x));
-      _mm512_storeu_ps(row + j, e);
-      sum = _mm512_add_ps(sum, e);
+    Vec m = Splat(-INFINITY);
+    for (int64_t j = 0; j <= i; j += kLanes) m = gpt2_jax::Max(m, gpt2_jax::Blend(Below(j, i + 1), Load(row + j), m));
+    const float mx = gpt2_jax::ReduceMax(m);
+    Vec sum = {};
+    for (int64_t j = 0; j < Tp; j += kLanes) {
+      const Vec e = Select(Below(j, i + 1), Exp(Load(row + j) - Splat(mx)));
+      Store(row + j, e);
+      sum += e;
     }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-    for (int64_t j = 0; j <= i; j += 16)
-      _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_set1_ps(inv), _mm512_loadu_ps(row + j)));
+    const float inv = 1.0f / gpt2_jax::ReduceAdd(sum);
+    for (int64_t j = 0; j <= i; j += kLanes) Store(row + j, Splat(inv) * Load(row + j));
     stats[((b * sh.H + h) * T + i) * 2] = mx;
     stats[((b * sh.H + h) * T + i) * 2 + 1] = inv;
   }
-  LowerWX<ND>(w.s.data(), w.v.data(), w.out.data(), Tp, 1.0f);
+  LowerWX<D>(w.s.data(), w.v.data(), w.out.data(), Tp, 1.0f);
   Scatter(w.out.data(), sh, b, h, -1, y);
 }
 
-template <int ND>
+template <int D>
 void Backward(const Shape& sh, int64_t b, int64_t h, const float* qkv, const float* stats, const float* dy,
               float* dqkv, Scratch& w) {
-  const int64_t T = sh.T, Tp = sh.Tp, D = sh.D;
-  Scores<ND>(sh, b, h, qkv, w);
+  const int64_t T = sh.T, Tp = sh.Tp;
+  Scores<D>(sh, b, h, qkv, w);
   Gather(dy, sh, b, h, -1, w.dy.data(), 1.0f);
   PackColumns(w.v.data(), w.vt.data(), Tp, D);
   for (int64_t i = 0; i < Tp; ++i) {  // P = exp(S - max) / sum below the diagonal, zero elsewhere and in padding
     const float* row_stats = stats + ((b * sh.H + h) * T + (i < T ? i : 0)) * 2;
-    const __m512 mx = _mm512_set1_ps(row_stats[0]), inv = _mm512_set1_ps(row_stats[1]);
+    const Vec mx = Splat(row_stats[0]), inv = Splat(row_stats[1]);
     const float* si = w.s.data() + i * Tp;
     float* pi = w.p.data() + i * Tp;
-    for (int64_t j = 0; j < Tp; j += 16) {
-      const __mmask16 keep = i < T ? Below(j, i + 1) : __mmask16(0);
-      const __m512 e = Exp(_mm512_sub_ps(_mm512_loadu_ps(si + j), mx));
-      _mm512_storeu_ps(pi + j, _mm512_maskz_mul_ps(keep, inv, e));
+    for (int64_t j = 0; j < Tp; j += kLanes) {
+      const Mask keep = i < T ? Below(j, i + 1) : Mask{};
+      Store(pi + j, Select(keep, inv * Exp(Load(si + j) - mx)));
     }
   }
-  LowerABt<ND>(w.dy.data(), w.vt.data(), w.s.data(), Tp);  // dP, over S
+  LowerABt<D>(w.dy.data(), w.vt.data(), w.s.data(), Tp);  // dP, over S
   for (int64_t i = 0; i < Tp; ++i) {  // dS = P * (dP - sum_j P dP), zero where P is
     const float* pi = w.p.data() + i * Tp;
     float* ds = w.s.data() + i * Tp;
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t j = 0; j <= i && i < T; j += 16)
-      dot = _mm512_fmadd_ps(_mm512_loadu_ps(pi + j), _mm512_maskz_loadu_ps(Below(j, i + 1), ds + j), dot);
-    const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(dot));
-    for (int64_t j = 0; j < Tp; j += 16) {
-      const __m512 dpj = _mm512_maskz_loadu_ps(i < T ? Below(j, i + 1) : __mmask16(0), ds + j);
-      _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_loadu_ps(pi + j), _mm512_sub_ps(dpj, delta)));
+    Vec dot = {};
+    for (int64_t j = 0; j <= i && i < T; j += kLanes) dot = Fma(Load(pi + j), Select(Below(j, i + 1), Load(ds + j)), dot);
+    const Vec delta = Splat(gpt2_jax::ReduceAdd(dot));
+    for (int64_t j = 0; j < Tp; j += kLanes) {
+      const Vec dpj = Select(i < T ? Below(j, i + 1) : Mask{}, Load(ds + j));
+      Store(ds + j, Load(pi + j) * (dpj - delta));
     }
   }
-  LowerWX<ND>(w.s.data(), w.k.data(), w.out.data(), Tp, 1.0f / std::sqrt(float(D)));  // dq = dS k / sqrt(D)
+  LowerWX<D>(w.s.data(), w.k.data(), w.out.data(), Tp, 1.0f / std::sqrt(float(D)));  // dq = dS k / sqrt(D)
   Scatter(w.out.data(), sh, b, h, 0, dqkv);
-  LowerWtX<ND>(w.s.data(), w.q.data(), w.out.data(), Tp);  // dk = dS^T (q / sqrt(D))
+  LowerWtX<D>(w.s.data(), w.q.data(), w.out.data(), Tp);  // dk = dS^T (q / sqrt(D))
   Scatter(w.out.data(), sh, b, h, 1, dqkv);
-  LowerWtX<ND>(w.p.data(), w.dy.data(), w.out.data(), Tp);  // dv = P^T dy
+  LowerWtX<D>(w.p.data(), w.dy.data(), w.out.data(), Tp);  // dv = P^T dy
   Scatter(w.out.data(), sh, b, h, 2, dqkv);
 }
 
@@ -279,7 +293,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, Qkv qkv, HeadsResult y, StatsResult
   const float* x = qkv.typed_data();
   float *out = y->typed_data(), *l = stats->typed_data();
   constexpr void (*kForward[])(const Shape&, int64_t, int64_t, const float*, float*, float*, Scratch&) = {
-      Forward<1>, Forward<2>, Forward<3>, Forward<4>};
+      Forward<16>, Forward<32>, Forward<48>, Forward<64>};
   const auto forward = kForward[sh.D / 16 - 1];
   ForEachHead(pool, sh, [=](int64_t b, int64_t h, Scratch& w) { forward(sh, b, h, x, out, l, w); });
   return ffi::Error::Success();
@@ -291,7 +305,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, Qkv qkv, Stats stats, Heads dy, Qk
   const float *x = qkv.typed_data(), *l = stats.typed_data(), *g = dy.typed_data();
   float* out = dqkv->typed_data();
   constexpr void (*kBackward[])(const Shape&, int64_t, int64_t, const float*, const float*, const float*, float*,
-                                Scratch&) = {Backward<1>, Backward<2>, Backward<3>, Backward<4>};
+                                Scratch&) = {Backward<16>, Backward<32>, Backward<48>, Backward<64>};
   const auto backward = kBackward[sh.D / 16 - 1];
   ForEachHead(pool, sh, [=](int64_t b, int64_t h, Scratch& w) { backward(sh, b, h, x, l, g, out, w); });
   return ffi::Error::Success();

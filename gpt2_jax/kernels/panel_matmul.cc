@@ -2,62 +2,98 @@
 // (widened to float32 as it is read; float32 sums either way).
 //
 // W is packed in panels [N / 48, K, 48]: panel p holds columns 48p..48p+47 of W, row after row, so each panel is
-// one contiguous stream that is read once for all B rows (three 16-float vectors per row of W, 3 * B accumulators).
+// one contiguous stream. A register block is a whole row of a panel (kGroup vectors: three with AVX-512, six with
+// AVX2, twelve with NEON; simd.h) times kRows rows of x, as many as the registers hold with the accumulators: all 8
+// with AVX-512 (the panel's three weight vectors stay in registers), 2 with AVX2 (each weight vector read from
+// memory by the FMAs of both rows), 1 with NEON (whose FMAs take no memory operand: 8 registers for loads in
+// flight). Where the B rows of x need several blocks, the panel is walked kBlockRows rows of W at a time: the first
+// block reads them from memory, the others find them in the L1 cache, and each block's sums wait in y between turns
+// (added in the same order as in one pass).
 // The panels are shared out in chunks between the calling thread and one task on XLA's intra-op thread pool
 // (share_work.h).
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "share_work.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
-
-#ifndef __AVX512F__
-#error "panel_matmul needs AVX-512 (built with -march=native on a CPU without it)"
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using gpt2_jax::Fma;
+using gpt2_jax::kLanes;
+using gpt2_jax::Load;
+using gpt2_jax::Splat;
+using gpt2_jax::Store;
+using gpt2_jax::Vec;
+
 constexpr int64_t kWidth = 48;
+constexpr int kGroup = kWidth / kLanes;  // vectors in a row of a panel
+// Registers for weights on their way from memory to an FMA: x86 FMAs read one operand from memory; on ARM the
+// compiler keeps several loads in flight.
+#if GPT2_JAX_LANES == 4
+constexpr int kWeightRegisters = 8;
+#else
+constexpr int kWeightRegisters = 1;
+#endif
+// Rows of x in one register block: accumulators, weights in flight and a row value fit the registers.
+constexpr int kRows = std::min(8, (gpt2_jax::kRegisters - kWeightRegisters - 1) / kGroup);
+constexpr bool kWeightsInRegisters = kRows * kGroup + kGroup + 1 <= gpt2_jax::kRegisters;
+constexpr int64_t kBlockRows = 128;  // rows of W walked at a time when several blocks take turns: 24 KB of float32
+static_assert(kWidth % kLanes == 0, "a panel row must hold whole vectors");
+static_assert(kRows >= 1, "a register block must fit the registers");
+
 using Matrix = ffi::Buffer<ffi::F32, 2>;  // (commas inside the handler macro's arguments would split them)
 using PanelStack = ffi::Buffer<ffi::F32, 3>;
 using PanelStackBf16 = ffi::Buffer<ffi::BF16, 3>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
-inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+// y[r, 0 .. 48) += x[r, k] W[k, :] for r < R and k in [k0, k1): W one panel, x rows K apart, y rows N apart; the
+// sums start from zero when k0 is 0.
+template <int R, typename W>
+inline void Block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  Vec acc[R][kGroup];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kGroup; ++v) acc[r][v] = k0 == 0 ? Vec{} : Load(y + r * N + v * kLanes);
+  for (int64_t k = k0; k < k1; ++k) {
+    const W* row = w + k * kWidth;
+    if constexpr (kWeightsInRegisters) {
+      Vec wv[kGroup];
+      for (int v = 0; v < kGroup; ++v) wv[v] = Load(row + v * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const Vec xr = Splat(x[r * K + k]);
+        for (int v = 0; v < kGroup; ++v) acc[r][v] = Fma(xr, wv[v], acc[r][v]);
+      }
+    } else {
+      Vec xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = Splat(x[r * K + k]);
+      for (int v = 0; v < kGroup; ++v) {
+        const Vec wv = Load(row + v * kLanes);
+        for (int r = 0; r < R; ++r) acc[r][v] = Fma(xr[r], wv, acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kGroup; ++v) Store(y + r * N + v * kLanes, acc[r][v]);
+}
 
-inline __m512 Load16(const uint16_t* p) {  // bfloat16 is the top half of a float32
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+// Block for all B rows, kRows at a time.
+template <int B, typename W>
+inline void RowBlocks(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  constexpr int R = B < kRows ? B : kRows;
+  Block<R>(x, w, y, K, N, k0, k1);
+  if constexpr (B > R) RowBlocks<B - R>(x + R * K, w, y + R * N, K, N, k0, k1);
 }
 
 template <int B, typename W>
 void Panels(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t first, int64_t last) {
-  for (int64_t p = first; p < last; ++p) {
-    const W* panel = w + p * K * kWidth;
-    __m512 a0[B], a1[B], a2[B];
-    for (int b = 0; b < B; ++b) a0[b] = a1[b] = a2[b] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      const W* row = panel + k * kWidth;
-      const __m512 w0 = Load16(row), w1 = Load16(row + 16), w2 = Load16(row + 32);
-      for (int b = 0; b < B; ++b) {
-        const __m512 xb = _mm512_set1_ps(x[b * K + k]);
-        a0[b] = _mm512_fmadd_ps(xb, w0, a0[b]);
-        a1[b] = _mm512_fmadd_ps(xb, w1, a1[b]);
-        a2[b] = _mm512_fmadd_ps(xb, w2, a2[b]);
-      }
-    }
-    for (int b = 0; b < B; ++b) {
-      float* out = y + b * N + p * kWidth;
-      _mm512_storeu_ps(out, a0[b]);
-      _mm512_storeu_ps(out + 16, a1[b]);
-      _mm512_storeu_ps(out + 32, a2[b]);
-    }
-  }
+  const int64_t step = B <= kRows ? K : kBlockRows;
+  for (int64_t p = first; p < last; ++p)
+    for (int64_t k0 = 0; k0 < K; k0 += step)
+      RowBlocks<B>(x, w + p * K * kWidth, y + p * kWidth, K, N, k0, std::min(K, k0 + step));
 }
 
 template <typename W>

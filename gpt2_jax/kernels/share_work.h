@@ -1,12 +1,11 @@
 // Sharing a kernel's items between the calling thread and tasks on XLA's intra-op thread pool.
 #pragma once
 
-#include <immintrin.h>
-
 #include <atomic>
 #include <cstdint>
 #include <memory>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace gpt2_jax {
@@ -33,7 +32,7 @@ void ShareWork(xla::ffi::ThreadPool& pool, int64_t n, int64_t helpers, MakeWorke
   };
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(run)(run));  // (Schedule takes an rvalue)
   run();
-  while (counters->done.load(std::memory_order_acquire) < n) _mm_pause();
+  while (counters->done.load(std::memory_order_acquire) < n) Pause();
 }
 
 }  // namespace gpt2_jax
