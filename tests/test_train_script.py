@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import train
-from gpt2_jax import checkpoint, data
+from gpt2_jax import checkpoint, cpu_kernels, data
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, init_params
 
@@ -330,13 +330,16 @@ def test_eval_only_losses_of_hugging_face_weights_are_transformers_losses(tmp_pa
         assert float(value) == pytest.approx(np.mean(losses), abs=1e-4), split
 
 
-def test_eval_only_runs_an_attention_kernel_that_has_no_dropout(tmp_path, data_dir, capsys):
+@pytest.mark.parametrize("attention", ["xla", "cpu_kernel"])
+def test_eval_only_runs_an_attention_that_has_no_dropout(attention, tmp_path, data_dir, capsys):
     # The weights' dropout (0.1) is a training setting: an evaluation has none, so attention="cpu_kernel" runs it.
+    if attention == "cpu_kernel" and not cpu_kernels.available():
+        pytest.skip(f"no attention kernel here: {cpu_kernels.unavailable_reason()}")
     model_cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32, dropout=0.1)
     params = init_params(model_cfg, jax.random.PRNGKey(0))
     checkpoint.save_weights(tmp_path / "weights", model_cfg, params)
     assert train.main(["--eval_only=true", f"--init_from={tmp_path / 'weights'}", f"--out_dir={tmp_path / 'out'}",
-                       f"--data={data_dir}", "--eval_iters=1", "--attention=cpu_kernel"]) == 0
+                       f"--data={data_dir}", "--eval_iters=1", f"--attention={attention}"]) == 0
     got = re.search(r"train loss (\S+), val loss (\S+)", capsys.readouterr().out)
     for value, split in zip(got.groups(), ("train", "val")):
         expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), train.TrainConfig().seed, 1, 8)
