@@ -1,10 +1,14 @@
-"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices; writes its findings as JSON.
+"""Run by tests/test_multidevice.py in subprocesses on simulated CPU devices; writes its findings as JSON.
 
     python tests/sharding_worker.py OUT.json [--memory]
+    python tests/sharding_worker.py OUT.json --coordinator_address=127.0.0.1:PORT --process_id=I
 
-The reference is the plain, unsharded path (init_train_state + jax.jit(make_train_step) on one device); each
-mesh runs the same five steps through gpt2_jax.sharding. The test compares the numbers. The "memory" section
-holds the per-device bytes of the real presets (computed from shapes, nothing allocated) quoted in docs/scaling.md.
+The first form (8 devices, one process): the reference is the plain, unsharded path (init_train_state +
+jax.jit(make_train_step) on one device); each mesh runs the same five steps through gpt2_jax.sharding. The test
+compares the numbers. The "memory" section holds the per-device bytes of the real presets (computed from shapes,
+nothing allocated) quoted in docs/scaling.md. The second form is one of 2 processes of 2 devices each (gloo
+collectives): the first PAIR_STEPS of the same run on data:2,fsdp:2, each process feeding only its rows of every
+batch, then greedy sampling.generate on the parameters spread over both; process 0 alone writes OUT.json.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-# Before jax is imported: 8 CPU devices, and XLA's cheapest backend optimisation, which halves compile time
-# (the reference and the sharded runs share it, so the comparison is unaffected).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+PAIR = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[2:] if "=" in arg)
+# Before jax is imported: 8 CPU devices (2 for each process of a pair), and XLA's cheapest backend optimisation,
+# which halves compile time (the reference and the sharded runs share it, so the comparison is unaffected).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={2 if PAIR else 8}"
                            " --xla_backend_optimization_level=0")
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 
 from gpt2_jax import sharding as sh  # noqa: E402
 from gpt2_jax.config import ModelConfig, TrainConfig  # noqa: E402
@@ -35,6 +38,7 @@ from gpt2_jax.training import init_train_state, make_train_step  # noqa: E402
 
 MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
 STEPS, ACCUM, BATCH, SEQ = 5, 2, 8, 32
+PAIR_STEPS = 2
 PROMPTS = np.array([[464, 329, 318, 257], [40, 88, 284, 111]], np.int32)  # two 4-token prompts
 NEW_TOKENS = 12
 # pad_vocab_to=64 makes the vocabulary (50304 rows) divisible by every axis, so tensor really splits it;
@@ -108,14 +112,17 @@ def specs_of(tree) -> list[str]:
 
 
 def reference(x, y, rng):
+    """Five unsharded steps; also the greedy tokens after PAIR_STEPS, where the 2-process pair stops."""
     state = init_train_state(MODEL, TRAIN, rng)
     unsharded_bytes = sh.state_bytes_per_device(state)
     step = jax.jit(make_train_step(MODEL, TRAIN))
     losses = []
     for i in range(STEPS):
+        if i == PAIR_STEPS:
+            pair_tokens = greedy_generate(state.params)
         state, metrics = step(state, x[i], y[i], rng)
         losses.append(float(metrics["loss"]))
-    return state, losses, unsharded_bytes
+    return state, losses, unsharded_bytes, pair_tokens
 
 
 def run_mesh(spec, x, y, rng):
@@ -141,29 +148,6 @@ def run_mesh(spec, x, y, rng):
                          "tokens": greedy_generate(state.params)}
 
 
-def save_and_restore(state, x, y, rng, ref_next_loss, ref_next_params):
-    """Save a data:8 state with orbax, restore it onto fsdp:4 (4 of the 8 devices) and take one more step."""
-    with tempfile.TemporaryDirectory() as tmp:
-        with ocp.CheckpointManager(Path(tmp) / "ckpt") as mgr:
-            mgr.save(STEPS, args=ocp.args.StandardSave(state))
-            mgr.wait_until_finished()
-            mesh4 = sh.make_mesh("fsdp:4", devices=jax.devices()[:4])
-            target = sh.abstract_state(MODEL, TRAIN, mesh4)
-            restored = mgr.restore(STEPS, args=ocp.args.StandardRestore(target))
-    out = {"restored_equal": max_diff(restored, state) == 0.0,
-           "restored_devices": len(restored.params["wte"].sharding.device_set),
-           "restored_wte_spec": str(restored.params["wte"].sharding.spec),
-           "restored_mu_spec": str(restored.opt_state[1][0].mu["wte"].sharding.spec),
-           "restored_step": int(restored.step)}
-    step = sh.make_sharded_train_step(MODEL, TRAIN, mesh4)
-    xs, ys = (sh.host_local_to_global(a[STEPS], mesh4, BATCH) for a in (x, y))
-    restored, metrics = step(restored, xs, ys, rng)
-    out["resumed_loss"] = float(metrics["loss"])
-    out["resumed_loss_diff"] = abs(out["resumed_loss"] - ref_next_loss)
-    out["resumed_param_diff"] = max_diff(restored.params, ref_next_params)
-    return out
-
-
 def memory_table() -> dict:
     """Per-device bytes of params and optimizer state for the real presets on several 8-device meshes."""
     table = {}
@@ -181,11 +165,12 @@ def main(out_path: str) -> None:
     assert len(jax.devices()) == 8, f"need 8 devices (XLA_FLAGS), got {len(jax.devices())}"
     x, y = batches()
     rng = jax.random.PRNGKey(0)
-    ref_state, ref_losses, unsharded_bytes = reference(x, y, rng)
+    ref_state, ref_losses, unsharded_bytes, pair_tokens = reference(x, y, rng)
     report = {"reference": {"losses": ref_losses, "bytes": unsharded_bytes,
                             "n_params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(ref_state.params)),
                             "tokens": greedy_full(ref_state.params, PROMPTS),
-                            "generate_tokens": greedy_generate(ref_state.params)},
+                            "generate_tokens": greedy_generate(ref_state.params),
+                            "pair_tokens": pair_tokens},
               "meshes": {}}
     ref_params = jax.device_get(ref_state.params)
     for spec in MESHES:
@@ -193,19 +178,39 @@ def main(out_path: str) -> None:
         result["max_param_diff"] = max_diff(state.params, ref_params)
         result["max_opt_diff"] = max_diff(state.opt_state, ref_state.opt_state)
         report["meshes"][spec] = result
-        if spec == "data:8":
-            saved = state
         if spec == "data:2,fsdp:2,tensor:2":
             result["cached_tokens"] = greedy_cached(state.params, PROMPTS, mesh)
-    ref_next, metrics = jax.jit(make_train_step(MODEL, TRAIN))(ref_state, x[STEPS], y[STEPS], rng)
     report["memory"] = memory_table()
     report["mesh_minus_one"] = dict(sh.make_mesh("data:-1,tensor:2").shape)
-    report["restore"] = save_and_restore(saved, x, y, rng, float(metrics["loss"]), jax.device_get(ref_next.params))
     Path(out_path).write_text(json.dumps(report, indent=1))
+
+
+def pair_main(out_path: str) -> None:
+    """One process of two: the first PAIR_STEPS steps on data:2,fsdp:2 from its rows alone, then sampling."""
+    sh.initialize_distributed(PAIR["coordinator_address"], 2, int(PAIR["process_id"]))
+    mesh = sh.make_mesh("data:2,fsdp:2")
+    rows = sh.process_batch_rows(mesh, BATCH)
+    print(f"process {jax.process_index()}/{jax.process_count()} devices {len(jax.local_devices())}"
+          f"/{jax.device_count()} rows {rows.start}:{rows.stop}", flush=True)
+    x, y = batches()
+    rng = jax.random.PRNGKey(0)
+    state = sh.create_sharded_state(MODEL, TRAIN, mesh, rng)
+    step = sh.make_sharded_train_step(MODEL, TRAIN, mesh)
+    losses = []
+    for i in range(PAIR_STEPS):
+        xs, ys = (sh.host_local_to_global(a[i][:, rows], mesh, BATCH) for a in (x, y))
+        state, metrics = step(state, xs, ys, rng)
+        losses.append(float(metrics["loss"]))  # a replicated scalar: every process can read it
+    tokens = greedy_generate(state.params)
+    if sh.is_main_process():
+        Path(out_path).write_text(json.dumps({"losses": losses, "tokens": tokens, "process_count": jax.process_count(),
+                                              "device_count": jax.device_count()}))
 
 
 if __name__ == "__main__":
     if sys.argv[2:] == ["--memory"]:  # only the per-device bytes of the real presets, in a second
         Path(sys.argv[1]).write_text(json.dumps(memory_table(), indent=1))
+    elif PAIR:
+        pair_main(sys.argv[1])
     else:
         main(sys.argv[1])
