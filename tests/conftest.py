@@ -35,12 +35,6 @@ def start(argv, log_path: Path, env=None) -> subprocess.Popen:
     return proc
 
 
-def finish(proc, timeout=180) -> tuple[int, str]:
-    """Wait for a process of start(); its exit code and its log."""
-    proc.wait(timeout=timeout)
-    return proc.returncode, proc.log_path.read_text()
-
-
 def stop_all(procs) -> None:
     """Kill each process still running (after a failed wait, so that no test leaves one behind)."""
     for p in procs:
@@ -49,7 +43,16 @@ def stop_all(procs) -> None:
             p.wait()
 
 
-def finish_all(procs, timeout=180) -> list[tuple[int, str]]:
+def finish(proc, timeout=600) -> tuple[int, str]:
+    """Wait for a process of start() (killed if it overruns); its exit code and its log."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        stop_all([proc])
+    return proc.returncode, proc.log_path.read_text()
+
+
+def finish_all(procs, timeout=600) -> list[tuple[int, str]]:
     """finish() each process; those still running when that fails are killed."""
     try:
         return [finish(p, timeout) for p in procs]
@@ -87,7 +90,7 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def wait_until(condition, proc, what: str, timeout=180) -> None:
+def wait_until(condition, proc, what: str, timeout=600) -> None:
     """Poll condition() until it holds; fail, naming what, if proc exits first or the time runs out."""
     deadline = time.monotonic() + timeout
     while not condition():

@@ -7,8 +7,8 @@ The first form (8 devices, one process): the reference is the plain, unsharded p
 jax.jit(make_train_step) on one device); each mesh runs the same five steps through gpt2_jax.sharding. The test
 compares the numbers. The "memory" section holds the per-device bytes of the real presets (computed from shapes,
 nothing allocated) quoted in docs/scaling.md. The second form is one of 2 processes of 2 devices each (gloo
-collectives): the first PAIR_STEPS of the same run on data:2,fsdp:2, each process feeding only its rows of every
-batch, then greedy sampling.generate on the parameters spread over both; process 0 alone writes OUT.json.
+collectives): the same five steps on data:2,fsdp:2, each process feeding only its rows of every batch, then greedy
+sampling.generate on the parameters spread over both; process 0 alone writes OUT.json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 PAIR = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[2:] if "=" in arg)
 # Before jax is imported: 8 CPU devices (2 for each process of a pair), and XLA's cheapest backend optimisation,
 # which halves compile time (the reference and the sharded runs share it, so the comparison is unaffected).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={2 if PAIR else 8}"
+DEVICES = 2 if PAIR else 8
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
                            " --xla_backend_optimization_level=0")
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +39,6 @@ from gpt2_jax.training import init_train_state, make_train_step  # noqa: E402
 
 MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
 STEPS, ACCUM, BATCH, SEQ = 5, 2, 8, 32
-PAIR_STEPS = 2
 PROMPTS = np.array([[464, 329, 318, 257], [40, 88, 284, 111]], np.int32)  # two 4-token prompts
 NEW_TOKENS = 12
 # pad_vocab_to=64 makes the vocabulary (50304 rows) divisible by every axis, so tensor really splits it;
@@ -112,17 +112,14 @@ def specs_of(tree) -> list[str]:
 
 
 def reference(x, y, rng):
-    """Five unsharded steps; also the greedy tokens after PAIR_STEPS, where the 2-process pair stops."""
     state = init_train_state(MODEL, TRAIN, rng)
     unsharded_bytes = sh.state_bytes_per_device(state)
     step = jax.jit(make_train_step(MODEL, TRAIN))
     losses = []
     for i in range(STEPS):
-        if i == PAIR_STEPS:
-            pair_tokens = greedy_generate(state.params)
         state, metrics = step(state, x[i], y[i], rng)
         losses.append(float(metrics["loss"]))
-    return state, losses, unsharded_bytes, pair_tokens
+    return state, losses, unsharded_bytes
 
 
 def run_mesh(spec, x, y, rng):
@@ -165,12 +162,11 @@ def main(out_path: str) -> None:
     assert len(jax.devices()) == 8, f"need 8 devices (XLA_FLAGS), got {len(jax.devices())}"
     x, y = batches()
     rng = jax.random.PRNGKey(0)
-    ref_state, ref_losses, unsharded_bytes, pair_tokens = reference(x, y, rng)
+    ref_state, ref_losses, unsharded_bytes = reference(x, y, rng)
     report = {"reference": {"losses": ref_losses, "bytes": unsharded_bytes,
                             "n_params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(ref_state.params)),
                             "tokens": greedy_full(ref_state.params, PROMPTS),
-                            "generate_tokens": greedy_generate(ref_state.params),
-                            "pair_tokens": pair_tokens},
+                            "generate_tokens": greedy_generate(ref_state.params)},
               "meshes": {}}
     ref_params = jax.device_get(ref_state.params)
     for spec in MESHES:
@@ -186,7 +182,7 @@ def main(out_path: str) -> None:
 
 
 def pair_main(out_path: str) -> None:
-    """One process of two: the first PAIR_STEPS steps on data:2,fsdp:2 from its rows alone, then sampling."""
+    """One process of two: the five steps on data:2,fsdp:2 from its rows alone, then sampling."""
     sh.initialize_distributed(PAIR["coordinator_address"], 2, int(PAIR["process_id"]))
     mesh = sh.make_mesh("data:2,fsdp:2")
     rows = sh.process_batch_rows(mesh, BATCH)
@@ -197,7 +193,7 @@ def pair_main(out_path: str) -> None:
     state = sh.create_sharded_state(MODEL, TRAIN, mesh, rng)
     step = sh.make_sharded_train_step(MODEL, TRAIN, mesh)
     losses = []
-    for i in range(PAIR_STEPS):
+    for i in range(STEPS):
         xs, ys = (sh.host_local_to_global(a[i][:, rows], mesh, BATCH) for a in (x, y))
         state, metrics = step(state, xs, ys, rng)
         losses.append(float(metrics["loss"]))  # a replicated scalar: every process can read it

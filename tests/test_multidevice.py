@@ -115,7 +115,7 @@ def pair(tmp_path_factory):
     address = f"127.0.0.1:{free_port()}"
     procs = [start([WORKER, tmp / f"process{i}.json", f"--coordinator_address={address}", f"--process_id={i}"],
                    tmp / f"process{i}.log", env=cpu_env()) for i in range(2)]
-    results = finish_all(procs, timeout=300)
+    results = finish_all(procs)
     assert all(rc == 0 for rc, _ in results), "\n".join(log[-3000:] for _, log in results)
     return tmp, [log for _, log in results]
 
@@ -126,8 +126,8 @@ def test_two_processes_feed_their_own_rows_and_train_and_sample_like_one_device(
     got, ref = json.loads((tmp / "process0.json").read_text()), eight_devices["reference"]
     assert not (tmp / "process1.json").exists()  # is_main_process holds on process 0 alone
     assert (got["process_count"], got["device_count"]) == (2, 4)
-    assert len(got["losses"]) == 2 and max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) < 1e-5
-    assert got["tokens"] == ref["pair_tokens"]  # greedy sampling.generate on parameters spread over both
+    assert len(got["losses"]) == 5 and max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) < 1e-5
+    assert got["tokens"] == ref["tokens"]  # greedy sampling.generate on parameters spread over both
 
 
 # ---- jax.distributed under SLURM ----
@@ -295,7 +295,7 @@ def two_processes(tmp_path_factory, data_dir, env):
     try:
         wait_until(lambda: 5 in train_losses(out), procs[0], "the step-5 record")
         os.kill(procs[1].pid, signal.SIGINT)
-        results = finish_all(procs, timeout=120)
+        results = finish_all(procs, timeout=300)
     finally:
         stop_all(procs)
     assert all(rc == 0 for rc, _ in results), "\n".join(log[-3000:] for _, log in results)
@@ -356,7 +356,7 @@ def test_two_processes_resume_on_another_mesh_and_a_lost_process_stops_the_other
                    procs[0], f"step {next_save + 2} after the step-{next_save} checkpoint")
         procs[1].kill()
         killed_at = time.monotonic()
-        rc, log = finish(procs[0], timeout=90)
+        rc, log = finish(procs[0], timeout=300)
     finally:
         stop_all(procs)
     assert f"resumed {out} at step {start_step}" in log and "mesh data:2,fsdp:4,tensor:1 over 8 device(s)" in log
