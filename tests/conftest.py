@@ -1,7 +1,124 @@
-"""Shared fixtures: PyTorch GPT-2s of each layout with random weights (torch imported only when used)."""
+"""Shared helpers: random PyTorch GPT-2s of each layout (torch imported only when used), and subprocesses (a
+free port, start with the output going to a log file, wait, finish)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_param_count(V, T, C=32, L=2):
+    """Hand count of a GPT-2: embeddings, L blocks (12C^2 weights + 13C biases/LayerNorm), final LayerNorm."""
+    return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv, log_path: Path, env=None) -> subprocess.Popen:
+    """python argv in the repository, its output going to log_path (a pipe could fill up and block it)."""
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-u", *map(str, argv)], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    proc.log_path = Path(log_path)
+    return proc
+
+
+def stop_all(procs) -> None:
+    """Kill each process still running (after a failed wait, so that no test leaves one behind)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def finish(proc, timeout=600) -> tuple[int, str]:
+    """Wait for a process of start() (killed if it overruns); its exit code and its log."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        stop_all([proc])
+    return proc.returncode, proc.log_path.read_text()
+
+
+def finish_all(procs, timeout=600) -> list[tuple[int, str]]:
+    """finish() each process; those still running when that fails are killed."""
+    try:
+        return [finish(p, timeout) for p in procs]
+    finally:
+        stop_all(procs)
+
+
+def start_train(*flags, out: Path, env, log_name=None) -> subprocess.Popen:
+    """train.py with these flags and --out_dir=out, its log next to out."""
+    return start(["train.py", *flags, f"--out_dir={out}"], out.parent / f"{log_name or out.name}.log", env=env)
+
+
+def run_train(*flags, out: Path, env) -> tuple[int, str]:
+    return finish(start_train(*flags, out=out, env=env))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of train.py subprocesses: CPU, and a persistent XLA cache that a module's runs share (the
+    same tiny step is compiled once, not once per run)."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """llm.c shards of random tokens below 256: 4,000 for train, 1,000 for val."""
+    from gpt2_jax import data
+
+    out = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    data.write_shard(out / "train_000000.bin", rng.integers(0, 256, 4000))
+    data.write_shard(out / "val_000000.bin", rng.integers(0, 256, 1000))
+    return out
+
+
+def wait_until(condition, proc, what: str, timeout=600) -> None:
+    """Poll condition() until it holds; fail, naming what, if proc exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[2]} exited before {what}:\n{finish(proc)[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def random_params(cfg, seed=0, std=0.05):
+    """Our parameters of cfg's shapes drawn by numpy (fast: no per-op compilation): LayerNorm weights 1 + noise,
+    everything else noise, so that biases and LayerNorms are not trivial."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax.model import init_params
+
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+    def draw(path, leaf):
+        is_ln_weight = "ln_" in jax.tree_util.keystr(path) and path[-1].key == "weight"
+        noise = rng.normal(0.0, std, leaf.shape)
+        return jnp.asarray((1.0 + noise if is_ln_weight else noise).astype(np.float32))
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _randomize(model, seed, std):
@@ -10,26 +127,34 @@ def _randomize(model, seed, std):
     return randomize_(model, seed=seed, std=std)
 
 
+def random_hf_model(seed=0, tie=True, activation="gelu_new", std=0.05, n_layer=2, n_head=2, n_embd=32, vocab_size=96,
+                    n_positions=32, layer_norm_epsilon=1e-5):
+    """A transformers GPT2LMHeadModel (eval, no dropout) with every weight random: LayerNorm weights around 1."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        activation_function=activation, layer_norm_epsilon=layer_norm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, tie_word_embeddings=tie, attn_implementation="eager",
+        bos_token_id=None if vocab_size <= 50256 else 50256, eos_token_id=None if vocab_size <= 50256 else 50256)
+    with no_init_weights():  # randomize_ sets every weight: skip transformers' own (slow) init
+        model = transformers.GPT2LMHeadModel(cfg)
+    model.tie_weights()
+    return _randomize(model, seed, std)
+
+
+def hf_model(cfg, seed: int = 0):
+    """random_hf_model of a ModelConfig's shape, weights of GPT-2's init scale (std 0.02)."""
+    return random_hf_model(seed, std=0.02, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                           vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
+                           layer_norm_epsilon=cfg.layer_norm_eps)
+
+
 @pytest.fixture
 def random_hf():
-    """make(seed=0, tie=True, activation="gelu_new", std=0.05, **GPT2Config fields) -> GPT2LMHeadModel (eval)."""
-    import transformers
-
-    def make(seed=0, tie=True, activation="gelu_new", std=0.05, n_layer=2, n_head=2, n_embd=32, vocab_size=96,
-             n_positions=32):
-        cfg = transformers.GPT2Config(
-            vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-            activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            tie_word_embeddings=tie, attn_implementation="eager",
-            bos_token_id=None if vocab_size <= 50256 else 50256, eos_token_id=None if vocab_size <= 50256 else 50256)
-        from transformers.initialization import no_init_weights
-
-        with no_init_weights():  # randomize_ sets every weight: skip transformers' own (slow) init
-            model = transformers.GPT2LMHeadModel(cfg)
-        model.tie_weights()
-        return _randomize(model, seed, std)
-
-    return make
+    """random_hf_model(seed=0, tie=True, activation="gelu_new", std=0.05, **GPT2Config fields)."""
+    return random_hf_model
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
-"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices; writes its findings as JSON.
+"""Run by tests/test_multidevice.py in subprocesses on simulated CPU devices; writes its findings as JSON.
 
     python tests/sharding_worker.py OUT.json [--memory]
+    python tests/sharding_worker.py OUT.json --coordinator_address=127.0.0.1:PORT --process_id=I
 
-The reference is the plain, unsharded path (init_train_state + jax.jit(make_train_step) on one device); each
-mesh runs the same five steps through gpt2_jax.sharding. The test compares the numbers. The "memory" section
-holds the per-device bytes of the real presets (computed from shapes, nothing allocated) quoted in docs/scaling.md.
+The first form (8 devices, one process): the reference is the plain, unsharded path (init_train_state +
+jax.jit(make_train_step) on one device); each mesh runs the same five steps through gpt2_jax.sharding. The test
+compares the numbers. The "memory" section holds the per-device bytes of the real presets (computed from shapes,
+nothing allocated) quoted in docs/scaling.md. The second form is one of 2 processes of 2 devices each (gloo
+collectives): the same five steps on data:2,fsdp:2, each process feeding only its rows of every batch, then greedy
+sampling.generate on the parameters spread over both; process 0 alone writes OUT.json.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-# Before jax is imported: 8 CPU devices, and XLA's cheapest backend optimisation, which halves compile time
-# (the reference and the sharded runs share it, so the comparison is unaffected).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+PAIR = dict(arg.removeprefix("--").split("=", 1) for arg in sys.argv[2:] if "=" in arg)
+# Before jax is imported: 8 CPU devices (2 for each process of a pair), and XLA's cheapest backend optimisation,
+# which halves compile time (the reference and the sharded runs share it, so the comparison is unaffected).
+DEVICES = 2 if PAIR else 8
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
                            " --xla_backend_optimization_level=0")
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 
 from gpt2_jax import sharding as sh  # noqa: E402
 from gpt2_jax.config import ModelConfig, TrainConfig  # noqa: E402
@@ -141,29 +145,6 @@ def run_mesh(spec, x, y, rng):
                          "tokens": greedy_generate(state.params)}
 
 
-def save_and_restore(state, x, y, rng, ref_next_loss, ref_next_params):
-    """Save a data:8 state with orbax, restore it onto fsdp:4 (4 of the 8 devices) and take one more step."""
-    with tempfile.TemporaryDirectory() as tmp:
-        with ocp.CheckpointManager(Path(tmp) / "ckpt") as mgr:
-            mgr.save(STEPS, args=ocp.args.StandardSave(state))
-            mgr.wait_until_finished()
-            mesh4 = sh.make_mesh("fsdp:4", devices=jax.devices()[:4])
-            target = sh.abstract_state(MODEL, TRAIN, mesh4)
-            restored = mgr.restore(STEPS, args=ocp.args.StandardRestore(target))
-    out = {"restored_equal": max_diff(restored, state) == 0.0,
-           "restored_devices": len(restored.params["wte"].sharding.device_set),
-           "restored_wte_spec": str(restored.params["wte"].sharding.spec),
-           "restored_mu_spec": str(restored.opt_state[1][0].mu["wte"].sharding.spec),
-           "restored_step": int(restored.step)}
-    step = sh.make_sharded_train_step(MODEL, TRAIN, mesh4)
-    xs, ys = (sh.host_local_to_global(a[STEPS], mesh4, BATCH) for a in (x, y))
-    restored, metrics = step(restored, xs, ys, rng)
-    out["resumed_loss"] = float(metrics["loss"])
-    out["resumed_loss_diff"] = abs(out["resumed_loss"] - ref_next_loss)
-    out["resumed_param_diff"] = max_diff(restored.params, ref_next_params)
-    return out
-
-
 def memory_table() -> dict:
     """Per-device bytes of params and optimizer state for the real presets on several 8-device meshes."""
     table = {}
@@ -193,19 +174,39 @@ def main(out_path: str) -> None:
         result["max_param_diff"] = max_diff(state.params, ref_params)
         result["max_opt_diff"] = max_diff(state.opt_state, ref_state.opt_state)
         report["meshes"][spec] = result
-        if spec == "data:8":
-            saved = state
         if spec == "data:2,fsdp:2,tensor:2":
             result["cached_tokens"] = greedy_cached(state.params, PROMPTS, mesh)
-    ref_next, metrics = jax.jit(make_train_step(MODEL, TRAIN))(ref_state, x[STEPS], y[STEPS], rng)
     report["memory"] = memory_table()
     report["mesh_minus_one"] = dict(sh.make_mesh("data:-1,tensor:2").shape)
-    report["restore"] = save_and_restore(saved, x, y, rng, float(metrics["loss"]), jax.device_get(ref_next.params))
     Path(out_path).write_text(json.dumps(report, indent=1))
+
+
+def pair_main(out_path: str) -> None:
+    """One process of two: the five steps on data:2,fsdp:2 from its rows alone, then sampling."""
+    sh.initialize_distributed(PAIR["coordinator_address"], 2, int(PAIR["process_id"]))
+    mesh = sh.make_mesh("data:2,fsdp:2")
+    rows = sh.process_batch_rows(mesh, BATCH)
+    print(f"process {jax.process_index()}/{jax.process_count()} devices {len(jax.local_devices())}"
+          f"/{jax.device_count()} rows {rows.start}:{rows.stop}", flush=True)
+    x, y = batches()
+    rng = jax.random.PRNGKey(0)
+    state = sh.create_sharded_state(MODEL, TRAIN, mesh, rng)
+    step = sh.make_sharded_train_step(MODEL, TRAIN, mesh)
+    losses = []
+    for i in range(STEPS):
+        xs, ys = (sh.host_local_to_global(a[i][:, rows], mesh, BATCH) for a in (x, y))
+        state, metrics = step(state, xs, ys, rng)
+        losses.append(float(metrics["loss"]))  # a replicated scalar: every process can read it
+    tokens = greedy_generate(state.params)
+    if sh.is_main_process():
+        Path(out_path).write_text(json.dumps({"losses": losses, "tokens": tokens, "process_count": jax.process_count(),
+                                              "device_count": jax.device_count()}))
 
 
 if __name__ == "__main__":
     if sys.argv[2:] == ["--memory"]:  # only the per-device bytes of the real presets, in a second
         Path(sys.argv[1]).write_text(json.dumps(memory_table(), indent=1))
+    elif PAIR:
+        pair_main(sys.argv[1])
     else:
         main(sys.argv[1])

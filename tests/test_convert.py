@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import random_params
 from gpt2_jax import convert
 from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.model import GPT2
@@ -36,16 +37,6 @@ def jax_logits(cfg, params, tokens):
 
 def tokens_for(vocab_size, shape=(2, 12), seed=0):
     return np.random.default_rng(seed).integers(0, vocab_size, shape)
-
-
-def random_params(cfg, seed=0):
-    """Our init with noise on every leaf, so that zero biases and unit LayerNorms hide no mapping error."""
-    rng = np.random.default_rng(seed)
-    shapes = convert.param_shapes(cfg)
-    base = {k: np.ones(s, np.float32) if k.endswith("ln_1.weight") or k.endswith("ln_2.weight")
-            or k == "ln_f.weight" else np.zeros(s, np.float32) for k, s in shapes.items()}
-    return convert.unflatten({k: jnp.asarray(v + 0.05 * rng.standard_normal(v.shape, np.float32))
-                              for k, v in base.items()})
 
 
 def assert_same_params(a, b):

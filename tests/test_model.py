@@ -7,26 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import hf_model
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, count_params, gelu, init_cache, init_params, output_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def hf_model(cfg: ModelConfig, seed: int = 0):
-    """A randomly initialised transformers GPT-2 of cfg's shape, with non-trivial LayerNorms and biases."""
-    torch.manual_seed(seed)
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    with torch.no_grad():  # GPT-2's init leaves biases at 0 and LayerNorms at 1: perturb them so they are tested
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def params_from_hf(model, cfg: ModelConfig):

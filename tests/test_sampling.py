@@ -8,24 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params
 from gpt2_jax import cpu_kernels, sampling
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.sampling import Sampler, generate, generate_batch, row_key, sample_logits
-
-
-def random_params(cfg, seed=0, std=0.05):
-    """Parameters of cfg's shapes drawn by numpy (fast: no per-op compilation): LayerNorm weights 1 + noise,
-    everything else noise, so that biases and LayerNorms are not trivial."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-
-    def draw(path, leaf):
-        is_ln_weight = "ln_" in jax.tree_util.keystr(path) and path[-1].key == "weight"
-        noise = rng.normal(0.0, std, leaf.shape)
-        return jnp.asarray((1.0 + noise if is_ln_weight else noise).astype(np.float32))
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,16 +1,5 @@
-"""gpt2_jax.sharding: mesh parsing and rules in-process; sharded training, sampling and restore on 8 CPU devices.
-
-The 8-device checks run tests/sharding_worker.py once in a subprocess (the device count is fixed when jax is
-imported) and compare its JSON with the unsharded reference it also computes.
-"""
-
-import json
-import os
-import random
-import socket
-import subprocess
-import sys
-from pathlib import Path
+"""gpt2_jax.sharding in-process on one device: mesh parsing, the rules, distributed start-up, state creation and
+memory accounting (the runs on several devices and processes are in test_multidevice.py)."""
 
 import jax
 import numpy as np
@@ -19,16 +8,8 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from gpt2_jax import sharding as sh
 from gpt2_jax.config import ModelConfig, TrainConfig
+from conftest import tiny_param_count
 from gpt2_jax.model import init_params
-
-ROOT = Path(__file__).resolve().parent.parent
-MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
-GPT2_PARAMS = 124_439_808  # GPT-2 small with tied embeddings, as Hugging Face counts it
-
-
-def tiny_param_count(V=512, T=64, C=32, L=2):
-    """Hand count: embeddings, L blocks (12C^2 weights + 13C biases/LayerNorm), final LayerNorm."""
-    return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
 
 
 def abstract_mesh(data=1, fsdp=1, tensor=1):
@@ -97,125 +78,6 @@ def test_initialize_distributed_names_what_is_missing(no_cluster_env):
         sh.initialize_distributed()
 
 
-# Prints the process count and the GPUs that jax.distributed.initialize made visible (a config update, so it
-# shows on a CPU-only jax too). argv: nothing (SLURM detection alone), or the coordinator address and process id.
-VISIBLE_GPUS = """
-import sys
-import jax
-import jax._src.distributed as distributed
-from gpt2_jax import sharding
-seen = []
-update = distributed.config.update
-distributed.config.update = lambda k, v: seen.append(v) if k == "jax_cuda_visible_devices" else update(k, v)
-if len(sys.argv) > 1:
-    sharding.initialize_distributed(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-else:
-    sharding.initialize_distributed()
-print(jax.process_count(), seen)
-"""
-
-
-def slurm_tasks_visible_gpus(address=None, **env) -> list[str]:
-    """What 2 tasks of a SLURM job step that SLURM numbered as one task per node (SLURM_LOCALID 0) print."""
-    job = str(random.randrange(10_000, 60_000))  # SLURM's coordinator port comes from the job id
-    runs = [subprocess.Popen([sys.executable, "-c", VISIBLE_GPUS, *((address, str(i)) if address else ())],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env=dict(os.environ, JAX_PLATFORMS="cpu", SLURM_JOB_ID=job,
-                                      SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(i),
-                                      SLURM_LOCALID="0", **env)) for i in range(2)]
-    return [run.communicate(timeout=120)[0].strip() for run in runs]
-
-
-def test_slurm_gives_each_task_one_gpu_unless_jax_local_device_ids():
-    """docs/scaling.md's SLURM recipe rests on this: one task per node would drive one GPU, not the node's 8."""
-    assert slurm_tasks_visible_gpus() == ["2 ['0']"] * 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert slurm_tasks_visible_gpus(f"127.0.0.1:{port}") == ["2 ['0']"] * 2  # also with the cluster flags
-    assert slurm_tasks_visible_gpus(JAX_LOCAL_DEVICE_IDS="0,1,2,3,4,5,6,7") == ["2 ['0,1,2,3,4,5,6,7']"] * 2
-
-
-@pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding") / "report.json"
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(out.read_text())
-
-
-@pytest.mark.parametrize("spec", MESHES)
-def test_five_sharded_steps_match_one_device(eight_devices, spec):
-    ref, got = eight_devices["reference"], eight_devices["meshes"][spec]
-    assert ref["n_params"] == tiny_param_count()
-    assert len(got["losses"]) == 5
-    assert max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])) < 1e-5
-    assert got["max_param_diff"] < 1e-5
-    assert got["max_opt_diff"] < 1e-5
-    assert got["specs_kept"]  # the step's outputs keep the rules' shardings (no silent gather)
-
-
-@pytest.mark.parametrize("spec", MESHES)
-def test_the_step_never_gathers_the_whole_batch(eight_devices, spec):
-    # Without the activation layout, fsdp:8 all-reduced the whole batch's logits [8, 32, 512] and all-gathered
-    # its [8, 32, 128] MLP activations; only weights, gradients and tensor's per-row partial sums should move.
-    assert eight_devices["meshes"][spec]["whole_batch_collectives"] == []
-
-
-@pytest.mark.parametrize("spec", MESHES)
-def test_sharded_greedy_decoding_matches_one_device(eight_devices, spec):
-    ref = eight_devices["reference"]["tokens"]
-    assert len(ref) == 2 and all(len(row) == 12 for row in ref)
-    assert eight_devices["reference"]["generate_tokens"] == ref  # sampling.generate, one device, top_k=1
-    assert eight_devices["meshes"][spec]["tokens"] == ref  # sampling.generate on the sharded params
-
-
-def test_kv_cache_laid_out_by_cache_shardings_decodes_the_same(eight_devices):
-    got = eight_devices["meshes"]["data:2,fsdp:2,tensor:2"]["cached_tokens"]
-    assert got == eight_devices["reference"]["tokens"]
-
-
-def test_each_axis_splits_what_the_rules_say(eight_devices):
-    m = eight_devices["meshes"]
-    assert m["data:8"]["wte_spec"] == "P(None, None)"
-    assert m["fsdp:8"]["wte_spec"] == "P(None, 'fsdp')" and m["fsdp:8"]["mu_wte_spec"] == "P(None, 'fsdp')"
-    mixed = m["data:2,fsdp:2,tensor:2"]
-    assert mixed["wte_spec"] == "P('tensor', 'fsdp')"
-    assert mixed["c_attn_spec"] == "P(None, None, 'tensor', None, 'fsdp')"
-    assert mixed["c_fc_spec"] == "P(None, 'tensor', 'fsdp')"
-    assert eight_devices["mesh_minus_one"] == {"data": 4, "fsdp": 1, "tensor": 2}
-
-
-def test_fsdp8_holds_an_eighth_of_the_state_per_device(eight_devices):
-    tiny_bytes = tiny_param_count() * 4
-    assert eight_devices["reference"]["bytes"]["params"] == tiny_bytes
-    assert eight_devices["meshes"]["data:8"]["bytes"]["params"] == tiny_bytes  # data parallel replicates
-    got = eight_devices["meshes"]["fsdp:8"]
-    assert got["bytes"] == got["abstract_bytes"]
-    # Only the qkv and MLP biases (no embed axis) stay whole: 2 * (96 + 128) floats of 43,904.
-    assert got["bytes"]["params"] == (tiny_bytes - 2 * (96 + 128) * 4) // 8 + 2 * (96 + 128) * 4
-    gpt2 = eight_devices["memory"]["gpt2"]
-    assert gpt2["n_params"] == GPT2_PARAMS and gpt2["data:8"]["params"] == GPT2_PARAMS * 4
-    assert 1 / 8 <= gpt2["fsdp:8"]["params"] / (GPT2_PARAMS * 4) < 1.01 / 8
-    # AdamW keeps two moments per parameter, plus a few int32 step counters.
-    assert 0 <= gpt2["fsdp:8"]["opt_state"] - 2 * gpt2["fsdp:8"]["params"] < 64
-
-
-def test_fallbacks_are_reported_for_gpt2_xl_heads(eight_devices):
-    notes = eight_devices["memory"]["gpt2-xl"]["fallbacks_fsdp:4,tensor:2"]
-    assert "h.attn.c_attn.weight: heads=25 is not divisible by tensor=2; replicated" in notes
-    assert "wte: vocab=50257 is not divisible by tensor=2; replicated" in notes
-
-
-def test_checkpoint_saved_on_data8_resumes_on_fsdp4(eight_devices):
-    r = eight_devices["restore"]
-    assert r["restored_equal"] and r["restored_step"] == 5
-    assert r["restored_devices"] == 4
-    assert r["restored_wte_spec"] == "P(None, 'fsdp')" and r["restored_mu_spec"] == "P(None, 'fsdp')"
-    assert r["resumed_loss_diff"] < 1e-5 and r["resumed_param_diff"] < 1e-5
-
-
 def test_create_sharded_state_from_given_params_keeps_them():
     cfg = ModelConfig.from_preset("tiny", vocab_size=256)
     params = init_params(cfg, jax.random.PRNGKey(3))
@@ -238,7 +100,7 @@ def test_shard_params_names_the_wrong_key():
 def test_memory_summary_reports_hand_counted_bytes():
     cfg = ModelConfig.from_preset("tiny", vocab_size=512)
     state = sh.abstract_state(cfg, TrainConfig(), sh.make_mesh())
-    params_kb = tiny_param_count() * 4 / 1e3  # one device: nothing is split
+    params_kb = tiny_param_count(V=512, T=64) * 4 / 1e3  # one device: nothing is split
     # Adam's two moments, plus its int32 step counter (4 bytes) that the kB rounding hides.
     opt_kb = 2 * params_kb
     line = sh.memory_summary(state)

@@ -1,15 +1,12 @@
-"""train.py end to end: exact resume after kill -9, Ctrl-C, NaN stop, logs, fine-tuning, input errors, and
-device meshes (8 simulated CPU devices, 2 processes) that train like one device."""
+"""train.py end to end: exact resume after kill -9, Ctrl-C, NaN stop, logs, fine-tuning and input errors (its runs on
+device meshes and over several processes are in test_multidevice.py)."""
 
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 import types
 from pathlib import Path
 
@@ -19,68 +16,16 @@ import numpy as np
 import pytest
 
 import train
-from gpt2_jax import checkpoint, data
+from conftest import REPO, finish, run_train, start_train, wait_until
+from gpt2_jax import checkpoint, cpu_kernels, data
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2, init_params
 
-REPO = Path(__file__).resolve().parent.parent
 VOCAB = 256
 # A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
 MODEL_FLAGS = ["--config=tiny", f"--vocab_size={VOCAB}", "--block_size=32", "--dropout=0.1"]
 RUN_FLAGS = ["--batch_size=8", "--gradient_accumulation_steps=2", "--max_iters=20", "--eval_interval=10",
              "--log_interval=5", "--eval_iters=2", "--warmup_iters=5", "--lr_decay_iters=20", "--num_samples=0"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The subprocesses share a persistent XLA cache: the same tiny step is compiled once, not once per run."""
-    cache = tmp_path_factory.mktemp("xla_cache")
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    data.write_shard(out / "train_000000.bin", rng.integers(0, VOCAB, 4000))
-    data.write_shard(out / "val_000000.bin", rng.integers(0, VOCAB, 1000))
-    return out
-
-
-def devices_env(env, n: int) -> dict:
-    """The environment of a train.py that sees n CPU devices (and compiles with XLA's cheapest optimisation)."""
-    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0")
-
-
-def start(*flags, out, env, log_name=None):
-    """train.py in a subprocess, its output going to a file next to out (a pipe could fill up and block it)."""
-    log_path = out.parent / f"{log_name or out.name}.log"
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-u", "train.py", *flags, f"--out_dir={out}"], cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    proc.log_path = log_path
-    return proc
-
-
-def finish(proc, timeout=180) -> tuple[int, str]:
-    proc.wait(timeout=timeout)
-    return proc.returncode, proc.log_path.read_text()
-
-
-def run_train(*flags, out, env) -> tuple[int, str]:
-    return finish(start(*flags, out=out, env=env))
-
-
-def wait_until(condition, proc, what: str, timeout=180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"train.py exited before {what}:\n{finish(proc)[1]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def full_state(out, step):
@@ -113,7 +58,7 @@ def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, da
     common = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}"]
     killed = tmp_path / "killed"
     # Many eval batches make the step-20 eval long, so the kill lands between the two checkpoints.
-    proc = start(*common, "--eval_iters=3000", out=killed, env=env)
+    proc = start_train(*common, "--eval_iters=3000", out=killed, env=env)
     wait_until(lambda: 10 in checkpoint._steps(killed), proc, "the step-10 checkpoint")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -162,8 +107,8 @@ def test_checkpoint_meta_holds_the_configs_rng_commit_and_val_loss(straight):
 def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_path, data_dir, env):
     out = tmp_path / "run"
     # max_iters is not part of the compiled step, so this run reuses the straight run's cached executable.
-    proc = start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--max_iters=100000", "--num_samples=1",
-                 "--sample_tokens=8", out=out, env=env)
+    proc = start_train(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--max_iters=100000", "--num_samples=1",
+                       "--sample_tokens=8", out=out, env=env)
     wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text(), proc,
                "the first logged step")
     os.kill(proc.pid, signal.SIGINT)
@@ -313,7 +258,7 @@ def test_eval_only_losses_of_hugging_face_weights_are_transformers_losses(tmp_pa
     # The same token batches (TokenShards.batch of the run's seed) through transformers' own GPT2LMHeadModel.
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from test_model import hf_model
+    from conftest import hf_model
 
     model = hf_model(ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32), seed=3)
     model.save_pretrained(tmp_path / "hf")
@@ -330,13 +275,16 @@ def test_eval_only_losses_of_hugging_face_weights_are_transformers_losses(tmp_pa
         assert float(value) == pytest.approx(np.mean(losses), abs=1e-4), split
 
 
-def test_eval_only_runs_an_attention_kernel_that_has_no_dropout(tmp_path, data_dir, capsys):
+@pytest.mark.parametrize("attention", ["xla", "cpu_kernel"])
+def test_eval_only_runs_an_attention_that_has_no_dropout(attention, tmp_path, data_dir, capsys):
     # The weights' dropout (0.1) is a training setting: an evaluation has none, so attention="cpu_kernel" runs it.
+    if attention == "cpu_kernel" and not cpu_kernels.available():
+        pytest.skip(f"no attention kernel here: {cpu_kernels.unavailable_reason()}")
     model_cfg = ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32, dropout=0.1)
     params = init_params(model_cfg, jax.random.PRNGKey(0))
     checkpoint.save_weights(tmp_path / "weights", model_cfg, params)
     assert train.main(["--eval_only=true", f"--init_from={tmp_path / 'weights'}", f"--out_dir={tmp_path / 'out'}",
-                       f"--data={data_dir}", "--eval_iters=1", "--attention=cpu_kernel"]) == 0
+                       f"--data={data_dir}", "--eval_iters=1", f"--attention={attention}"]) == 0
     got = re.search(r"train loss (\S+), val loss (\S+)", capsys.readouterr().out)
     for value, split in zip(got.groups(), ("train", "val")):
         expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), train.TrainConfig().seed, 1, 8)
@@ -664,180 +612,6 @@ def test_fine_tunes_hf_weights_with_another_pad_vocab_to(tie, random_hf, tmp_pat
     assert records(out)[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
-# ---- device meshes: the straight run's numbers on 8 simulated CPU devices and on 2 processes ----
-
-def train_losses(out) -> dict:
-    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
-
-
-def val_losses(out) -> dict:
-    return {r["step"]: r["val_loss"] for r in records(out) if "val_loss" in r}
-
-
-def assert_close(got: dict, expected: dict, steps) -> None:
-    assert sorted(got) == sorted(steps), got
-    for step in steps:
-        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
-
-
-@pytest.fixture(scope="module")
-def data8(tmp_path_factory, data_dir, env):
-    """Steps 1-10 of the straight run on --mesh=data:8 (one process, 8 devices), checkpointed at step 10."""
-    out = tmp_path_factory.mktemp("runs") / "data8"
-    rc, log = run_train(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--mesh=data:8", "--max_iters=10",
-                        out=out, env=devices_env(env, 8))
-    assert rc == 0, log
-    return out, log
-
-
-def test_data8_trains_like_one_device(straight, data8):
-    out, log = data8
-    assert "mesh data:8,fsdp:1,tensor:1 over 8 device(s) in 1 process(es)" in log
-    assert_close(train_losses(out), train_losses(straight[0]), [5, 10])
-    assert_close(val_losses(out), val_losses(straight[0]), [10])
-    assert checkpoint.read_meta(out)["train_config"]["mesh"] == "data:8"
-
-
-def test_a_data8_checkpoint_resumes_on_fsdp4(tmp_path, straight, data8, env):
-    out = tmp_path / "resumed"
-    shutil.copytree(data8[0], out)
-    rc, log = run_train("--init_from=resume", "--mesh=fsdp:4", "--max_iters=20", out=out, env=devices_env(env, 4))
-    assert rc == 0, log
-    assert f"resumed {out} at step 10" in log and "mesh data:1,fsdp:4,tensor:1 over 4 device(s)" in log
-    assert_close(train_losses(out), train_losses(straight[0]), [5, 10, 15, 20])
-    assert_close(val_losses(out), val_losses(straight[0]), [10, 20])
-    resumed, reference = checkpoint.load_weights(out)[1], checkpoint.load_weights(straight[0])[1]
-    # Other meshes sum gradients in another order; for a weight whose gradient is near zero Adam's m / sqrt(v)
-    # turns that into up to a few percent of one lr-sized step (lr here is 1.7e-3; measured max 1.6e-5). A
-    # resume or sharding bug moves weights by whole steps.
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
-
-
-def test_tensor_parallel_with_a_replicated_vocab_trains_like_one_device(tmp_path, data_dir, env):
-    # vocab 257 is not divisible by tensor=2, so wte stays replicated. This shape (2 layers, T=64, 8 host devices)
-    # made XLA:CPU's concurrently scheduled collectives wait on each other until XLA aborted the run (SIGABRT)
-    # at the first step; train.py turns that scheduler off when XLA_FLAGS splits the host into devices.
-    flags = ["--config=tiny", "--vocab_size=257", f"--data={data_dir}", "--batch_size=8", "--max_iters=4",
-             "--log_interval=1", "--eval_interval=10", "--num_samples=0"]
-    rc, log = run_train(*flags, "--mesh=data:4,tensor:2", out=tmp_path / "tp", env=devices_env(env, 8))
-    assert rc == 0, log
-    assert "sharding fallback: wte: vocab=257 is not divisible by tensor=2; replicated" in log
-    rc, log = run_train(*flags, out=tmp_path / "one", env=env)
-    assert rc == 0, log
-    assert_close(train_losses(tmp_path / "tp"), train_losses(tmp_path / "one"), [1, 2, 3, 4])
-
-
-def test_the_mesh_is_checked_against_the_devices(data8, capsys):
-    # The mesh is saved with the run; a resume on other hardware must name a new one.
-    assert ("--mesh=data:8: mesh 'data:8' (data:8,fsdp:1,tensor:1) needs 8 devices but there are 1; a resumed run "
-            "keeps the mesh it saved unless --mesh names another") in main_error(
-        capsys, "--init_from=resume", f"--out_dir={data8[0]}")
-    assert "mesh axis 'model' in 'model:1' is unknown" in main_error(
-        capsys, "--init_from=resume", f"--out_dir={data8[0]}", "--mesh=model:1")
-    assert "--num_processes must be an integer; got 'two'" in main_error(capsys, "--num_processes=two")
-    assert "multi-process run needs coordinator_address, num_processes too" in main_error(capsys, "--process_id=0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_process_that_never_joins_is_named_after_join_timeout(tmp_path, data_dir, env, capsys):
-    # Process 1 never starts. JAX would wait 300 s, then end process 0 with a C++ check failure and stack trace.
-    assert "join_timeout must be a number of seconds in (0, 604800] (a week); got inf" in main_error(
-        capsys, "--join_timeout=inf")
-    address = f"127.0.0.1:{free_port()}"
-    began = time.monotonic()
-    code, log = run_train(*MODEL_FLAGS, f"--data={data_dir}", f"--coordinator_address={address}",
-                          "--num_processes=2", "--process_id=0", "--join_timeout=2", out=tmp_path / "alone", env=env)
-    assert code == 1 and time.monotonic() - began < 60, log
-    assert f"error: process 0: the 2 processes at {address} did not all join within 2 s;" in log
-    assert "Check failure" not in log and not (tmp_path / "alone").exists()
-
-
-def start_two_processes(out, data_dir, env, *flags) -> list:
-    """The straight run's flags (then flags) on --mesh=fsdp:8 over 2 processes of 4 CPU devices, a checkpoint every
-    5 steps."""
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
-           and k != "JAX_COMPILATION_CACHE_DIR"}  # each process compiles for itself
-    return [start(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--mesh=fsdp:8", "--batch_size=4",
-                  "--max_iters=100000", "--eval_interval=5", f"--coordinator_address={address}",
-                  "--num_processes=2", f"--process_id={i}", *flags, out=out, env=env,
-                  log_name=f"{out.name}_process{i}")
-            for i in range(2)]
-
-
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, data_dir, env):
-    """The straight run on --mesh=fsdp:8 over 2 processes of 4 CPU devices (4 rows of 8 each), until a Ctrl-C
-    that reaches only process 1 after step 5."""
-    out = tmp_path_factory.mktemp("runs") / "fsdp8"
-    procs = start_two_processes(out, data_dir, env)
-    try:
-        wait_until(lambda: 5 in train_losses(out) if (out / "metrics.jsonl").exists() else False, procs[0],
-                   "the step-5 record")
-        os.kill(procs[1].pid, signal.SIGINT)
-        results = [finish(p, timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(rc == 0 for rc, _ in results), "\n".join(log[-3000:] for _, log in results)
-    return out, [log for _, log in results]
-
-
-def test_two_processes_on_fsdp8_train_like_one_device(straight, two_processes):
-    out, (main_log, other_log) = two_processes
-    assert "mesh data:1,fsdp:8,tensor:1 over 8 device(s) in 2 process(es)" in main_log
-    # 2 processes x batch_size 4 = the straight run's 8 rows; each process read its 4.
-    assert train_losses(out)[5] == pytest.approx(train_losses(straight[0])[5], abs=1e-5)
-    assert "step 5: train loss" in main_log and "step 5" not in other_log and "per device" not in other_log
-    assert checkpoint.read_meta(out, 5)["data"]["process_count"] == 2
-
-
-def test_ctrl_c_on_one_process_stops_both_after_the_same_step(two_processes):
-    out, (main_log, other_log) = two_processes
-    # Both exited (a process stepping on alone would wait forever in its collectives) after the same step.
-    stopped = int(re.search(r"interrupted: saved a checkpoint of step (\d+)", main_log).group(1))
-    assert stopped >= 5 and checkpoint._steps(out) == sorted({5, stopped})
-    assert checkpoint.read_meta(out, stopped)["step"] == stopped and "interrupted" not in other_log
-
-
-def test_a_lost_process_stops_the_other_with_one_line_and_the_last_checkpoint(tmp_path, data_dir, env):
-    out = tmp_path / "lost"
-    procs = start_two_processes(out, data_dir, env, "--log_interval=1")
-    # The kill lands in step 8 or 9, where gloo fails at once, not in the step-5 or step-10 save's cross-process
-    # barrier, where the survivor would wait out jax.distributed's 100 s heartbeat timeout instead.
-    logged = out / "metrics.jsonl"
-    try:
-        wait_until(lambda: 5 in checkpoint.complete_steps(out) and '"step": 7,' in logged.read_text()
-                   if logged.exists() else False, procs[0], "step 7 after the step-5 checkpoint")
-        procs[1].kill()
-        killed_at = time.monotonic()
-        rc, log = finish(procs[0], timeout=90)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    # Unhandled, the survivor printed a Python traceback, then waited out jax.distributed's 100 s heartbeat
-    # timeout and aborted with a C++ stack trace.
-    if rc == -signal.SIGABRT and "the JAX distributed service detected fatal errors" in log:
-        # JAX's coordination service noticed the dead process before the survivor's next collective failed and
-        # ended it itself (seen once in ~15 runs, under the load of a second pytest worker): nothing of ours ran.
-        pytest.skip("JAX's coordination service stopped the survivor before its collective failed")
-    assert rc == 1 and time.monotonic() - killed_at < 30, log[-3000:]
-    error = log[log.rindex("error: "):]
-    assert re.fullmatch(r"error: (step \d+|the evaluation after step \d+) failed: .*; another process of this run "
-                        r"may have stopped: see its log; the last complete checkpoint is step (\d+)\n", error), error
-    assert int(error.split()[-1]) in checkpoint.complete_steps(out) and "Traceback" not in log
-
-
 def test_a_failure_while_setting_up_the_run_is_one_line(tmp_path, data_dir, monkeypatch, capsys):
     # A process that stops before training (its data missing on its host) makes the others' first cross-process
     # transfer, placing the state on the mesh, fail like this (2 CPU processes, fsdp:8, process 1 given a missing
@@ -853,27 +627,6 @@ def test_a_failure_while_setting_up_the_run_is_one_line(tmp_path, data_dir, monk
     assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={tmp_path / 'out'}"]) == 1
     assert capsys.readouterr().err == (f"error: setting up the run failed: {gloo}; another process of this run may "
                                        "have stopped: see its log; training did not start\n")
-
-
-def parse_bytes(text: str) -> float:
-    number, unit = text.split()
-    return float(number) * {"B": 1, "kB": 1e3, "MB": 1e6}[unit]
-
-
-def test_fsdp8_prints_an_eighth_of_the_state_per_device(two_processes):
-    main_log = two_processes[1][0]
-    found = re.search(r"per device: params ([\d.]+ k?B), optimizer state ([\d.]+ k?B) "
-                      r"\(unsharded: ([\d.]+ k?B), ([\d.]+ k?B)\)", main_log)
-    params, opt, params_whole, opt_whole = map(parse_bytes, found.groups())
-    # Hand count of the tiny model (V=256, T=32, C=32, L=2): embeddings, 12C^2 + 13C per block, final LayerNorm.
-    V, T, C, L = VOCAB, 32, 32, 2
-    n = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
-    # fsdp splits every tensor on its C axis; only the qkv bias (3C) and MLP bias (4C) per block have none.
-    whole = L * (3 * C + 4 * C)
-    assert params_whole == pytest.approx(4 * n, rel=1e-3)
-    assert params == pytest.approx(4 * ((n - whole) / 8 + whole), rel=1e-3)
-    assert 1 / 8 < params / params_whole < 1 / 7
-    assert (opt_whole, opt) == (pytest.approx(2 * params_whole, rel=1e-3), pytest.approx(2 * params, rel=1e-3))
 
 
 @pytest.mark.parametrize("kind, dtype, tflops", [
