@@ -14,7 +14,6 @@ because the residual stream of trained GPT-2 reaches magnitudes of thousands. Th
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import convert, layouts
-from gpt2_jax.config import ModelConfig, plain_warnings, replace
+from gpt2_jax.config import FlagParser, ModelConfig, plain_warnings, replace
 from gpt2_jax.model import GPT2, count_params
 
 DEFAULT_ATOL = 1e-4
@@ -275,19 +274,19 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.compare", description=(
+    parser = FlagParser(prog="python -m gpt2_jax.compare", description=(
         "Run SRC's weights in JAX and in PyTorch on the same tokens; exit 1 when they differ beyond tolerance."))
     parser.add_argument("src", help="any weights file or directory that gpt2_jax.convert.load reads")
     parser.add_argument("--text", default=None, help="the text (or a file of it) to run; a fixed sentence if absent")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="greedy decoding steps to compare")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |Δlogits| allowed (float32: 1e-4)")
+    parser.add_flag("steps", int, default=DEFAULT_STEPS, help="greedy decoding steps to compare")
+    parser.add_flag("atol", float, default=DEFAULT_ATOL, help="max |Δlogits| allowed (float32: 1e-4)")
     parser.add_argument("--against", default=None, help="run this file in torch instead of SRC (e.g. the original "
                                                         "of a converted checkpoint)")
-    parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
+    parser.add_flag("n_head", int, default=None, help="heads, when no config JSON gives them")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.steps < 0 or not args.atol > 0:  # (not > 0: also NaN, which no difference would exceed)
-        parser.error("--steps must be >= 0 and --atol > 0")
+        parser.fail("--steps must be >= 0 and --atol > 0")
     try:
         report = compare(args.src, text=args.text, steps=args.steps, atol=args.atol, against=args.against,
                          n_head=args.n_head)

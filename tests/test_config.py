@@ -24,9 +24,9 @@ def test_overrides_are_type_checked():
     assert cfg.n_layer == 3 and cfg.n_embd == 32
     with pytest.raises(ConfigError, match="unknown flag --n_layers"):
         parse_overrides(["--n_layers=3"], ModelConfig, TrainConfig)
-    with pytest.raises(ConfigError, match="--n_layer must be int; got 'three'"):
+    with pytest.raises(ConfigError, match="argument --n_layer: must be int; got 'three'"):
         parse_overrides(["--n_layer=three"], ModelConfig)
-    with pytest.raises(ConfigError, match="--qkv_bias takes true or false"):
+    with pytest.raises(ConfigError, match="argument --qkv_bias: takes true or false"):
         parse_overrides(["--qkv_bias=maybe"], ModelConfig)
 
 

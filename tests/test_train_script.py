@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 
 import train
-from gpt2_jax import checkpoint, data
-from gpt2_jax.config import ModelConfig
+from gpt2_jax import checkpoint, data, run_config
+from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.flops import peak_flops
+from gpt2_jax.metrics import Figure, Metrics
 from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.run import Run, data_change, lock_out_dir
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB = 256
@@ -85,7 +88,7 @@ def wait_until(condition, proc, what: str, timeout=180) -> None:
 
 def full_state(out, step):
     meta = checkpoint.read_meta(out, step)
-    model_cfg, train_cfg = ModelConfig(**meta["model_config"]), train.TrainConfig(**meta["train_config"])
+    model_cfg, train_cfg = ModelConfig(**meta["model_config"]), TrainConfig(**meta["train_config"])
     return checkpoint.restore_train_state(out, model_cfg, train_cfg, step)[0]
 
 
@@ -194,13 +197,17 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
 
 def test_config_file_then_flags(tmp_path):
     (tmp_path / "run.json").write_text('{"preset": "tiny", "n_layer": 3, "max_iters": 5, "learning_rate": 1}')
-    model_cfg, train_cfg, params = train.resolve([f"--config={tmp_path / 'run.json'}", "--max_iters=7",
+    model_cfg, train_cfg, params = resolve([f"--config={tmp_path / 'run.json'}", "--max_iters=7",
                                                   "--dtype=bfloat16", "--block_size=16", f"--out_dir={tmp_path}"])
     assert model_cfg == ModelConfig.from_preset("tiny", n_layer=3, dtype="bfloat16", block_size=16)
     assert (train_cfg.max_iters, train_cfg.learning_rate, params) == (7, 1.0, None)
     (tmp_path / "plain.json").write_text('{"n_layer": 3}')  # no "preset": the default one
-    model_cfg, _, _ = train.resolve([f"--config={tmp_path / 'plain.json'}", f"--out_dir={tmp_path}"])
-    assert model_cfg == ModelConfig.from_preset(train.DEFAULT_PRESET, n_layer=3)
+    model_cfg, _, _ = resolve([f"--config={tmp_path / 'plain.json'}", f"--out_dir={tmp_path}"])
+    assert model_cfg == ModelConfig.from_preset(run_config.DEFAULT_PRESET, n_layer=3)
+
+
+def resolve(argv: list[str]):
+    return run_config.resolve(run_config.read_flags(argv))
 
 
 def main_error(capsys, *argv) -> str:
@@ -339,7 +346,7 @@ def test_eval_only_runs_an_attention_kernel_that_has_no_dropout(tmp_path, data_d
                        f"--data={data_dir}", "--eval_iters=1", "--attention=cpu_kernel"]) == 0
     got = re.search(r"train loss (\S+), val loss (\S+)", capsys.readouterr().out)
     for value, split in zip(got.groups(), ("train", "val")):
-        expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), train.TrainConfig().seed, 1, 8)
+        expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), TrainConfig().seed, 1, 8)
         assert float(value) == pytest.approx(expected, abs=1e-4)
 
 
@@ -357,7 +364,7 @@ def test_a_weights_directory_is_evaluated_but_not_resumed(tmp_path, data_dir, ca
 def test_two_runs_never_share_an_out_dir(tmp_path, data_dir, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
-    held = train.lock_out_dir(busy)  # what a running train.py holds; a second open file description conflicts
+    held = lock_out_dir(busy)  # what a running train.py holds; a second open file description conflicts
     try:
         assert f"another train.py is writing to out_dir {busy}" in main_error(
             capsys, *MODEL_FLAGS, f"--data={data_dir}", f"--out_dir={busy}")
@@ -385,7 +392,7 @@ def test_ctrl_c_before_training_or_while_sampling_is_one_line(tmp_path, monkeypa
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, data_dir, monkeypatch, capsys):
     # The first Ctrl-C only asks for a save; the second raises KeyboardInterrupt wherever the run is, here in
     # the step-20 evaluation, after the step-10 checkpoint.
-    evaluate, calls = train.Run.evaluate, []
+    evaluate, calls = Run.evaluate, []
 
     def interrupted_at_the_second_eval(run, eval_fn):
         calls.append(1)
@@ -393,7 +400,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, data_dir, monkeyp
             raise KeyboardInterrupt
         return evaluate(run, eval_fn)
 
-    monkeypatch.setattr(train.Run, "evaluate", interrupted_at_the_second_eval)
+    monkeypatch.setattr(Run, "evaluate", interrupted_at_the_second_eval)
     out = tmp_path / "run"
     try:
         rc = train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"])
@@ -438,11 +445,11 @@ def test_a_resume_on_another_process_count_keeps_the_global_batch():
     from gpt2_jax.config import TrainConfig
 
     saved = TrainConfig(batch_size=8)  # per process, as a checkpoint of 2 processes records it: global 16
-    assert train.keep_global_batch(saved, 2, 2) == saved
-    assert train.keep_global_batch(saved, 2, 4).batch_size == 4
-    assert train.keep_global_batch(saved, 2, 1).batch_size == 16
-    with pytest.raises(train.ConfigError, match=r"global batch \(8 x 2 processes\) does not divide among 3"):
-        train.keep_global_batch(saved, 2, 3)
+    assert run_config.keep_global_batch(saved, 2, 2) == saved
+    assert run_config.keep_global_batch(saved, 2, 4).batch_size == 4
+    assert run_config.keep_global_batch(saved, 2, 1).batch_size == 16
+    with pytest.raises(ConfigError, match=r"global batch \(8 x 2 processes\) does not divide among 3"):
+        run_config.keep_global_batch(saved, 2, 3)
 
 
 def test_a_resume_names_the_flags_that_change_the_checkpoints_settings(tmp_path, monkeypatch):
@@ -453,32 +460,33 @@ def test_a_resume_names_the_flags_that_change_the_checkpoints_settings(tmp_path,
     # The same learning rate, another out_dir (a copied checkpoint): no change.
     flags = {"init_from": "resume", "max_iters": 40, "learning_rate": 6e-4, "out_dir": "new"}
     run_model = ModelConfig.from_preset("tiny", dropout=0.0)
-    assert train.resume_changes([(saved, TrainConfig(**flags), flags), (model.to_dict(), model, {})]) == \
+    assert run_config.resume_changes([(saved, TrainConfig(**flags), flags), (model.to_dict(), model, {})]) == \
         "resuming with max_iters 20 -> 40"
     flags = dict(flags, seed=2)
-    assert train.resume_changes([(saved, TrainConfig(**flags), flags),
+    assert run_config.resume_changes([(saved, TrainConfig(**flags), flags),
                                  (model.to_dict(), run_model, {"dropout": 0.0})]) == (
         "resuming with max_iters 20 -> 40, seed 1 -> 2, dropout 0.1 -> 0.0 (the checkpoint's on the left); the "
         "batches from here differ from an uninterrupted run's")
-    assert train.resume_changes([(saved, TrainConfig(**saved), {"init_from": "resume"})]) is None
+    assert run_config.resume_changes([(saved, TrainConfig(**saved), {"init_from": "resume"})]) is None
 
     (tmp_path / "mine").mkdir()
     monkeypatch.chdir(tmp_path)
     saved = TrainConfig(data="mine").to_dict()
     for same in ("./mine/", str(tmp_path / "mine")):  # the same directory, named another way: no change
         flags = {"init_from": "resume", "data": same}
-        assert train.resume_changes([(saved, TrainConfig(**flags), flags)]) is None
+        assert run_config.resume_changes([(saved, TrainConfig(**flags), flags)]) is None
     flags = {"init_from": "resume", "data": "other"}
-    assert train.resume_changes([(saved, TrainConfig(**flags), flags)]).startswith("resuming with data 'mine' -> ")
+    changes = run_config.resume_changes([(saved, TrainConfig(**flags), flags)])
+    assert changes.startswith("resuming with data 'mine' -> ")
 
 
 def test_a_resume_on_data_that_changed_says_so(straight, data_dir):
     meta = checkpoint.read_meta(straight[0])  # a run on data_dir's 4,000 train tokens
-    assert meta["data"]["train_tokens"] == 4000 and train.data_change(meta, data_dir, 4000) is None
-    assert train.data_change(meta, data_dir, 4500) == (
+    assert meta["data"]["train_tokens"] == 4000 and data_change(meta, data_dir, 4000) is None
+    assert data_change(meta, data_dir, 4500) == (
         f"the train data in {data_dir} holds 4,500 tokens, the checkpoint's held 4,000: the batches from here "
         "differ from an uninterrupted run's")
-    assert train.data_change({}, data_dir, 4500) is None  # a checkpoint that did not record it
+    assert data_change({}, data_dir, 4500) is None  # a checkpoint that did not record it
 
 
 def test_a_save_that_cannot_fit_stops_the_run_and_names_the_last_checkpoint(tmp_path, data_dir, capsys,
@@ -504,7 +512,7 @@ def test_a_cut_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     lines = [json.dumps({"step": 5, "loss": 2.0}), json.dumps({"step": 10, "loss": 1.5}), '{"step": 15, "lo',
              json.dumps({"loss": 1.0})]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    metrics = train.Metrics(tmp_path, start_step=10)
+    metrics = Metrics(tmp_path, start_step=10)
     assert [r["step"] for r in metrics.records] == [5, 10]
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # the temporary file renamed
@@ -516,7 +524,7 @@ def test_a_log_that_cannot_be_written_stops_the_run_with_a_checkpoint_and_one_li
                                                                                    monkeypatch):
     # The disk fills while the step-20 curve is drawn: its cut file never replaces the step-10 curve, the run saves
     # step 20 and stops (every process of a run would, after the same step), naming the file (no OSError traceback).
-    savefig, calls = train.Figure.savefig, []
+    savefig, calls = Figure.savefig, []
 
     def disk_full_at_the_second_curve(fig, path, **kwargs):
         calls.append(path)
@@ -525,7 +533,7 @@ def test_a_log_that_cannot_be_written_stops_the_run_with_a_checkpoint_and_one_li
             raise OSError(28, "No space left on device")
         return savefig(fig, path, **kwargs)
 
-    monkeypatch.setattr(train.Figure, "savefig", disk_full_at_the_second_curve)
+    monkeypatch.setattr(Figure, "savefig", disk_full_at_the_second_curve)
     out = tmp_path / "run"
     assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}", "--max_iters=40"]) == 1
     err = capsys.readouterr().err
@@ -567,8 +575,8 @@ def test_a_divergence_after_a_failed_save_reports_both(tmp_path, data_dir, capsy
         if len(calls) > 1:
             raise checkpoint.CheckpointError("saving step 10 failed (disk full)")
 
-    monkeypatch.setattr(train.Run, "confirm_saved", confirm_saved)
-    monkeypatch.setattr(train.Run, "params_finite", lambda run: int(run.state.step) < 20)
+    monkeypatch.setattr(Run, "confirm_saved", confirm_saved)
+    monkeypatch.setattr(Run, "params_finite", lambda run: int(run.state.step) < 20)
     out = tmp_path / "run"
     assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 1
     err = capsys.readouterr().err.splitlines()
@@ -590,12 +598,12 @@ def test_a_ctrl_c_logs_the_steps_since_the_last_line(tmp_path, data_dir, monkeyp
 
 def test_a_resume_redraws_the_curve_without_the_dropped_steps(tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(train.Metrics, "plot", lambda self: drawn.append([r["step"] for r in self.records]))
+    monkeypatch.setattr(Metrics, "plot", lambda self: drawn.append([r["step"] for r in self.records]))
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)))
-    train.Metrics(tmp_path, start_step=10)
+    Metrics(tmp_path, start_step=10)
     assert drawn == []  # no curve yet: none is drawn before the first eval
     (tmp_path / "loss.png").write_bytes(b"the curve up to step 15")
-    train.Metrics(tmp_path, start_step=10)
+    Metrics(tmp_path, start_step=10)
     assert drawn == [[5, 10]]
 
 
@@ -612,12 +620,12 @@ def test_a_checkpoint_keeps_its_own_model_config_under_a_preset(tmp_path, straig
     # Resuming or fine-tuning with --config=tiny takes the checkpoint's dropout (0.1, not tiny's 0.0) and
     # vocabulary; the preset only has to agree with its size.
     out, _ = straight
-    model_cfg, _, _ = train.resolve(["--config=tiny", "--init_from=resume", f"--out_dir={out}"])
+    model_cfg, _, _ = resolve(["--config=tiny", "--init_from=resume", f"--out_dir={out}"])
     assert (model_cfg.dropout, model_cfg.vocab_size, model_cfg.block_size) == (0.1, VOCAB, 32)
-    model_cfg, _, params = train.resolve(["--config=tiny", f"--init_from={out}", f"--out_dir={tmp_path / 'ft'}"])
+    model_cfg, _, params = resolve(["--config=tiny", f"--init_from={out}", f"--out_dir={tmp_path / 'ft'}"])
     assert (model_cfg.dropout, model_cfg.vocab_size) == (0.1, VOCAB) and params["wte"].shape[0] == VOCAB
-    with pytest.raises(train.ConfigError, match=r"is not a gpt2 model: n_layer=2 \(the preset: 12\)"):
-        train.resolve(["--config=gpt2", "--init_from=resume", f"--out_dir={out}"])
+    with pytest.raises(ConfigError, match=r"is not a gpt2 model: n_layer=2 \(the preset: 12\)"):
+        resolve(["--config=gpt2", "--init_from=resume", f"--out_dir={out}"])
 
 
 def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir, capsys):
@@ -633,8 +641,8 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
     meta = checkpoint.read_meta(out)
     assert meta["model_config"] == ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32).to_dict()
     # A longer context than the weights' wpe cannot be made up: the error says so (and nothing claims a load).
-    with pytest.raises(train.ConfigError, match=r"--block_size=128 is longer than the 64 positions of the weights"):
-        train.resolve([f"--init_from={tmp_path / 'weights'}", "--block_size=128", f"--out_dir={tmp_path / 'long'}"])
+    with pytest.raises(ConfigError, match=r"--block_size=128 is longer than the 64 positions of the weights"):
+        resolve([f"--init_from={tmp_path / 'weights'}", "--block_size=128", f"--out_dir={tmp_path / 'long'}"])
     assert "initialised" not in capsys.readouterr().out
     # The first loss is that of the loaded weights (first 32 positions) on the first batch, computed here by hand.
     x, y = data.open_split(data_dir, "train").batch(meta["train_config"]["seed"], 0, 4, 32)
@@ -884,5 +892,5 @@ def test_fsdp8_prints_an_eighth_of_the_state_per_device(two_processes):
 def test_peak_flops_takes_the_most_specific_datasheet_row(monkeypatch, kind, dtype, tflops):
     """The first matching name wins, so "gb200" must not be read as "b200", nor "h100 nvl" as "h100"."""
     monkeypatch.setattr(jax, "local_devices", lambda: [types.SimpleNamespace(device_kind=kind)])
-    peak, source = train.peak_flops(ModelConfig.from_preset("tiny", dtype=dtype))
+    peak, source = peak_flops(ModelConfig.from_preset("tiny", dtype=dtype))
     assert (peak, source) == (tflops * 1e12, f"{kind} datasheet")
