@@ -13,6 +13,8 @@ TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_di
 block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits. One run at a time writes
 to an out_dir. A resumed run may change any TrainConfig flag but these: max_iters no lower than the checkpoint's
 step, and grad_clip on (> 0) or off (0) as it was (the optimizer state differs).
+--tensorboard=true writes TensorBoard event files to out_dir/tensorboard; --wandb_log=true (with --wandb_project,
+--wandb_run_name) logs to Weights & Biases, and a resumed run continues the same wandb run.
 
 --mesh=data:D,fsdp:F,tensor:N lays the devices out (default: all on data); batch_size is per process.
 Multi-host: run the same command on every host with --coordinator_address=HOST:PORT --num_processes=N
@@ -80,14 +82,15 @@ def train(run: Run) -> int:
             step += 1
             if step < cfg.max_iters:
                 x, y = run.batches.train_batch(step)  # drawn on the host while the device runs the step
-            loss, lr = float(out["loss"]), float(out["lr"])  # waits for the step: its errors surface here
-            if not math.isfinite(loss):
-                return diverged(run, bar, f"the loss is {loss} at step {step}")
-            losses.append(loss)
-            p = progress(step, loss, lr, (time.perf_counter() - window_start) / len(losses), tokens_per_step,
-                         flops_per_step, peak)
-            bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {p['tokens_per_s']:,.0f} tok/s "
-                                f"{p['ms_per_step']:.0f} ms/step MFU {100 * p['mfu']:.1f}%", refresh=False)
+            out = {k: float(v) for k, v in jax.device_get(out).items()}  # waits for the step: its errors surface here
+            if not math.isfinite(out["loss"]):
+                return diverged(run, bar, f"the loss is {out['loss']} at step {step}")
+            losses.append(out["loss"])
+            p = progress(step, out, cfg.grad_clip, (time.perf_counter() - window_start) / len(losses),
+                         tokens_per_step, flops_per_step, peak)
+            bar.set_postfix_str(f"loss {p['loss']:.4f} lr {p['lr']:.2e} grad norm {p['grad_norm']:.3f} "
+                                f"{p['tokens_per_s']:,.0f} tok/s {p['ms_per_step']:.0f} ms/step MFU "
+                                f"{100 * p['mfu']:.1f}%", refresh=False)
             bar.update(1)
             evaluating = step % cfg.eval_interval == 0 or step == cfg.max_iters
             if step % cfg.log_interval == 0 or evaluating:  # an eval step's line has val_loss besides the rest

@@ -187,6 +187,10 @@ class TrainConfig:
     num_samples: int = 3  # samples printed at the end of training
     sample_tokens: int = 200
     mesh: str = ""  # device mesh, e.g. "data:4,fsdp:2"; "" = every device on data (docs/scaling.md)
+    tensorboard: bool = False  # TensorBoard event files in out_dir/tensorboard (tensorboardX)
+    wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline: to out_dir/wandb only)
+    wandb_project: str = "gpt2-jax"
+    wandb_run_name: str = ""  # "" = wandb names the run
 
     def __post_init__(self):
         _check_types(self)
@@ -217,6 +221,8 @@ class TrainConfig:
             raise ConfigError(f"eps must be > 0 (AdamW divides by sqrt(v) + eps); got {self.eps}")
         if seed_error(self.seed):
             raise ConfigError(seed_error(self.seed))
+        if self.wandb_log and not self.wandb_project:
+            raise ConfigError("wandb_project must name a project when wandb_log is on; got an empty string")
         if self.num_samples and not self.sample_tokens:
             raise ConfigError("sample_tokens must be >= 1 when num_samples > 0 (or set num_samples=0)")
 

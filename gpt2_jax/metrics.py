@@ -18,10 +18,13 @@ def say(text: str) -> None:
         tqdm.write(text)
 
 
-def progress(step: int, loss: float, lr: float, seconds_per_step: float, tokens_per_step: int,
+def progress(step: int, out: dict, grad_clip: float, seconds_per_step: float, tokens_per_step: int,
              flops_per_step: float, peak: float) -> dict:
-    """A step's metrics record: the loss, learning rate and speed (mfu against a peak of `peak` FLOP/s)."""
-    return {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / seconds_per_step,
+    """A step's metrics record from the train step's out (loss, lr, grad_norm as floats): those, whether clipping
+    scaled the update (optax's clip_by_global_norm scales a norm above grad_clip), and the speed (mfu against a
+    peak of `peak` FLOP/s)."""
+    return {"step": step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+            "clipped": bool(0 < grad_clip < out["grad_norm"]), "tokens_per_s": tokens_per_step / seconds_per_step,
             "ms_per_step": 1e3 * seconds_per_step, "mfu": flops_per_step / seconds_per_step / peak}
 
 
@@ -37,9 +40,10 @@ class Metrics:
     """metrics.jsonl (one object a line) and the loss-curve PNG in out_dir. A write that fails during the run is
     kept in `error` (the run saves a checkpoint and stops on it), and nothing more is written."""
 
-    def __init__(self, out_dir: Path, start_step: int, enabled: bool = True):
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool = True, dashboards: tuple = ()):
         self.path, self.png = out_dir / "metrics.jsonl", out_dir / "loss.png"
         self.records, self.enabled = [], enabled  # disabled: the processes that are not the main one
+        self.dashboards = dashboards  # gpt2_jax.dashboards: TensorBoard, wandb
         self.error: LogError | None = None
         if not enabled:
             return
@@ -81,21 +85,34 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             self.error = log_error(self.path, e)
+        for dashboard in self.dashboards:
+            dashboard.log(record)
+
+    def close(self) -> None:
+        for dashboard in self.dashboards:
+            dashboard.close()
+        self.dashboards = ()
 
     def plot(self) -> None:
+        """loss.png: the train and val loss above, the gradient norm (before clipping) below."""
         if not self.enabled or self.error is not None:
             return
-        fig = Figure(figsize=(7, 4))
-        ax = fig.subplots()
+        fig = Figure(figsize=(7, 6))
+        loss_ax, norm_ax = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
         for points, label in ((train, "train"), (val, "val")):
             if points:
-                ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
-        ax.set(xlabel="step", ylabel="loss", title="cross-entropy loss")
-        ax.grid(alpha=0.3)
+                loss_ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
+        loss_ax.set(ylabel="loss", title="cross-entropy loss")
         if train or val:
-            ax.legend()
+            loss_ax.legend()
+        norms = [(r["step"], r["grad_norm"]) for r in self.records if "grad_norm" in r]
+        if norms:
+            norm_ax.plot(*zip(*norms), color="tab:green")
+        norm_ax.set(xlabel="step", ylabel="grad norm")
+        for ax in (loss_ax, norm_ax):
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         temporary = self.png.with_suffix(".png.tmp")  # a kill while it is drawn leaves the previous curve
         try:

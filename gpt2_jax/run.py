@@ -14,6 +14,7 @@ import numpy as np
 
 from gpt2_jax import checkpoint, data, sharding
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.dashboards import WandB, open_dashboards
 from gpt2_jax.metrics import LogError, Metrics, say
 
 
@@ -186,7 +187,7 @@ class Run:
         self.batches = Batches(model_cfg, train_cfg, self.mesh)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lock = on_main_process(lambda: lock_out_dir(self.out_dir))
-        rng = jax.random.PRNGKey(train_cfg.seed)
+        rng, self.wandb_id = jax.random.PRNGKey(train_cfg.seed), None
         if train_cfg.init_from == "resume":
             rng = self._restore()
         else:
@@ -199,8 +200,7 @@ class Run:
             say(f"sharding fallback: {line}")
         self.last_saved = int(self.state.step) if train_cfg.init_from == "resume" else None
         self.manager = checkpoint.open_manager(self.out_dir, keep=train_cfg.keep_checkpoints)
-        step = int(self.state.step)  # the main process writes the logs; the others keep the records only
-        self.metrics = on_main_process(lambda: Metrics(self.out_dir, step)) or Metrics(self.out_dir, step, False)
+        self.metrics = self._open_metrics(int(self.state.step))
         self.git_commit = checkpoint.git_commit()
         self.interrupted = False  # set by the loop: stopped by Ctrl-C or SIGTERM (after saving)
 
@@ -215,7 +215,18 @@ class Run:
         changed = data_change(meta, self.batches.data_dir, self.batches.train_data.n_tokens)
         if changed:
             say(changed)
+        self.wandb_id = meta.get("wandb_run_id")
         return np.asarray(meta["rng"], np.uint32)
+
+    def _open_metrics(self, step: int) -> Metrics:
+        """The main process writes the logs and dashboards; the others keep the records only."""
+        def make():
+            configs = {"model_config": self.model_cfg.to_dict(), "train_config": self.cfg.to_dict()}
+            dashboards = open_dashboards(self.cfg, self.out_dir, step, self.wandb_id, configs)
+            self.wandb_id = next((d.id for d in dashboards if isinstance(d, WandB)), self.wandb_id)
+            return Metrics(self.out_dir, step, dashboards=dashboards)
+
+        return on_main_process(make) or Metrics(self.out_dir, step, False)
 
     def compile(self):
         """The jitted, state-donating train step and the eval step, compiled before the clock starts."""
@@ -243,6 +254,8 @@ class Run:
                 # Batches are a pure function of (seed, step, process), so the step is the data position.
                 "data": {"dir": str(self.batches.data_dir), "seed": self.cfg.seed, "next_batch": step,
                          "train_tokens": self.batches.train_data.n_tokens, "process_count": jax.process_count()}}
+        if self.wandb_id is not None:  # a resume continues this wandb run
+            meta["wandb_run_id"] = self.wandb_id
         self.confirm_saved()
         try:
             checkpoint.check_free_space(self.out_dir, self.state)  # before orbax starts writing, not halfway
@@ -271,6 +284,7 @@ class Run:
             self.confirm_saved()
         finally:
             self.manager.close()
+            self.metrics.close()
             if self.lock is not None:
                 os.close(self.lock)
                 self.lock = None

@@ -28,8 +28,6 @@ NANOGPT_FLAGS = {
     "device": "JAX runs on the accelerator it finds (JAX_PLATFORMS=cpu keeps it on the CPU)",
     "backend": "processes join with --coordinator_address, --num_processes and --process_id (docs/scaling.md)",
     "dataset": "--data=DIR names a prepared shard directory or a nanoGPT data/<dataset> directory with train.bin",
-    **dict.fromkeys(("wandb_log", "wandb_project", "wandb_run_name"),
-                    "metrics.jsonl and loss.png in out_dir hold the loss curves (no wandb)"),
 }
 NANOGPT_CONFIG_FILES = ("nanoGPT's Python config files are not read; write its settings as a JSON object of "
                         "overrides and pass --config=FILE.json (or write them as --key=value)")

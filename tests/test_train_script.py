@@ -113,11 +113,14 @@ def straight(tmp_path_factory, data_dir, env):
 
 def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, data_dir, straight, env):
     straight, _ = straight
-    common = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}"]
+    # The killed and resumed run also log to TensorBoard and to wandb (offline): both continue like metrics.jsonl.
+    common = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--tensorboard=true", "--wandb_log=true"]
+    env = dict(env, WANDB_MODE="offline", WANDB_SILENT="true")
     killed = tmp_path / "killed"
     # Many eval batches make the step-20 eval long, so the kill lands between the two checkpoints.
     proc = start(*common, "--eval_iters=3000", out=killed, env=env)
     wait_until(lambda: 10 in checkpoint._steps(killed), proc, "the step-10 checkpoint")
+    wait_until(lambda: 15 in [r["step"] for r in records(killed)], proc, "the step-15 log line")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 20 not in checkpoint._steps(killed), "the run finished before the kill; nothing was resumed"
@@ -131,6 +134,48 @@ def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, da
     train_losses = lambda out: [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
     assert train_losses(killed) == train_losses(straight)
     assert records(killed)[-1]["val_loss"] == records(straight)[-1]["val_loss"]
+    assert_dashboards_hold_the_metrics(killed)
+
+
+def assert_dashboards_hold_the_metrics(out):
+    """TensorBoard's reader sees each step of metrics.jsonl once (the killed run's step 15 purged), and the resumed
+    wandb run is the killed one, continued from the checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    for key in ("loss", "grad_norm", "val_loss", "lr"):
+        logged = [(r["step"], r[key]) for r in records(out) if key in r]
+        assert [(e.step, e.value) for e in events.Scalars(key)] == pytest.approx(logged, rel=1e-6), key
+    run_id = checkpoint.read_meta(out, 20)["wandb_run_id"]
+    assert checkpoint.read_meta(out, 10)["wandb_run_id"] == run_id
+    first, resumed = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))  # the killed run, then the resumed
+    rows = [r for r in wandb_history(first / f"run-{run_id}.wandb") if r["_step"] <= 10]
+    rows += wandb_history(resumed / f"run-{run_id}.wandb")
+    assert [(r["_step"], r["loss"]) for r in rows if "loss" in r] == [(r["step"], r["loss"]) for r in records(out)]
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of a .wandb file (LevelDB's log format: 32 KiB blocks of chunks with 7-byte headers, each
+    record a protocol buffer)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, payload, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload, pos = payload + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record.FromString(payload)
+            payload = b""
+            if record.HasField("history"):
+                rows.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
 
 
 def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
@@ -140,6 +185,7 @@ def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in recs)  # eval lines too
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] > 0 for r in train_recs)
+    assert all(r["grad_norm"] > 0 and r["clipped"] == (r["grad_norm"] > 1.0) for r in train_recs)  # grad_clip 1
     # 8 x 2 sequences of 32 tokens a step; tokens/s and ms/step describe the same measured time.
     for r in train_recs:
         assert r["tokens_per_s"] == pytest.approx(8 * 2 * 32 / (r["ms_per_step"] / 1e3))
@@ -269,7 +315,7 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
 
 def test_nanogpt_flags_without_a_counterpart_say_what_to_use(tmp_path, capsys):
     for flag, advice in [("--decay_lr=False", "--lr_schedule=constant"), ("--compile=True", "compiled by XLA"),
-                         ("--wandb_log=True", "metrics.jsonl"), ("--dataset=owt", "--data=DIR")]:
+                         ("--device=cuda", "JAX_PLATFORMS=cpu"), ("--dataset=owt", "--data=DIR")]:
         assert f"{flag.partition('=')[0]} is nanoGPT's, with no counterpart here: " in main_error(capsys, flag)
         assert advice in main_error(capsys, flag)
     (tmp_path / "run.json").write_text('{"always_save_checkpoint": false}')
@@ -654,6 +700,26 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
 
 
 @pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("grad_clip", [1e-3, 1e3])
+def test_the_logged_grad_norm_is_torchs_clip_grad_norm(grad_clip, random_hf, tmp_path, data_dir, capsys):
+    """grad_norm is the global norm before clipping, as torch.nn.utils.clip_grad_norm_ returns it for the same
+    weights and batch; clipped says whether it exceeded grad_clip."""
+    torch = pytest.importorskip("torch")
+    model = random_hf(seed=4, vocab_size=VOCAB, n_positions=32)
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "tuned"
+    argv = [f"--init_from={tmp_path / 'hf'}", f"--data={data_dir}", f"--out_dir={out}", f"--grad_clip={grad_clip}",
+            "--max_iters=1", "--log_interval=1", "--eval_iters=1", "--batch_size=4", "--num_samples=0"]
+    assert train.main(argv) == 0, capsys.readouterr()
+    x, y = data.open_split(data_dir, "train").batch(TrainConfig().seed, 0, 4, 32)
+    logits = model(torch.from_numpy(x[0]).long()).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.from_numpy(y[0]).long().ravel()).backward()
+    expected = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    logged = records(out)[0]
+    assert logged["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert logged["clipped"] == (expected > grad_clip)
+
+
 def test_fine_tunes_hf_weights_with_another_pad_vocab_to(tie, random_hf, tmp_path, data_dir, capsys):
     """--pad_vocab_to pads the loaded token table (and head) with zero rows: the first loss is transformers'."""
     torch = pytest.importorskip("torch")
