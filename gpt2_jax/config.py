@@ -257,17 +257,6 @@ def replace(cfg, **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
-def parse_value(cls, key: str, text: str):
-    """Turn the text of a --key=value flag into the type of cls's field `key`."""
-    hints = typing.get_type_hints(cls)
-    if key not in hints:
-        raise ConfigError(f"unknown {cls.__name__} key {key!r}")
-    try:
-        return typed(hints[key])(text)
-    except argparse.ArgumentTypeError as e:
-        raise ConfigError(f"--{key} {e}") from None
-
-
 def typed(kind: type):
     """The argparse type of a flag of type kind (bool takes true/false, yes/no, on/off or 1/0)."""
     def parse(text: str):
@@ -361,20 +350,3 @@ class FlagParser(argparse.ArgumentParser):
         except ConfigError as e:
             self.fail(str(e))
         return namespace
-
-
-def parse_overrides(args: list[str], *classes) -> tuple[list[dict], list[str]]:
-    """Split --key=value flags among the dataclasses that own each key.
-
-    Returns one dict of typed values per class and the positional (non-flag) arguments. A key owned by
-    several classes goes to the first. An unknown key is an error that lists the known ones.
-    """
-    parser, owner = FlagParser(add_help=False), {}
-    for i, cls in enumerate(classes):
-        parser.add_fields(cls, skip=owner)
-        owner.update({f.name: i for f in dataclasses.fields(cls) if f.name not in owner})
-    flags, positional = parser.parse(args)
-    found: list[dict] = [{} for _ in classes]
-    for key, value in vars(flags).items():
-        found[owner[key]][key] = value
-    return found, positional

@@ -699,7 +699,6 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
     assert records(out)[0]["loss"] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("grad_clip", [1e-3, 1e3])
 def test_the_logged_grad_norm_is_torchs_clip_grad_norm(grad_clip, random_hf, tmp_path, data_dir, capsys):
     """grad_norm is the global norm before clipping, as torch.nn.utils.clip_grad_norm_ returns it for the same
@@ -720,6 +719,7 @@ def test_the_logged_grad_norm_is_torchs_clip_grad_norm(grad_clip, random_hf, tmp
     assert logged["clipped"] == (expected > grad_clip)
 
 
+@pytest.mark.parametrize("tie", [True, False])
 def test_fine_tunes_hf_weights_with_another_pad_vocab_to(tie, random_hf, tmp_path, data_dir, capsys):
     """--pad_vocab_to pads the loaded token table (and head) with zero rows: the first loss is transformers'."""
     torch = pytest.importorskip("torch")
