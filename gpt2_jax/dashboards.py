@@ -3,27 +3,39 @@ Each has log(record) and close()."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from gpt2_jax.config import ConfigError, TrainConfig
 
 
 class TensorBoard:
-    """Event files in out_dir/tensorboard with every metric of each record, at its step."""
+    """Event files in out_dir/tensorboard with every metric of each record, at its step. Written synchronously
+    (tensorboardX's SummaryWriter queues events in a thread, which a kill -9 loses): each record is on disk before
+    the checkpoint after it."""
 
     def __init__(self, out_dir: Path, start_step: int):
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+            from tensorboardX.summary import scalar
         except ImportError:
             raise ConfigError("--tensorboard=true needs tensorboardX: pip install tensorboardX") from None
-        # A resumed run: TensorBoard hides what the interrupted run logged after the checkpoint (purge_step).
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.Event, self.scalar = Event, scalar
+        directory = out_dir / "tensorboard"
+        directory.mkdir(exist_ok=True)
+        self.writer = EventsWriter(str(directory / "events"), filename_suffix=f".{os.getpid()}.{start_step}")
+        if start_step:  # TensorBoard drops what the interrupted run logged after the checkpoint resumed here
+            self.writer.write_event(Event(wall_time=time.time(), step=start_step + 1,
+                                          session_log=SessionLog(status=SessionLog.START)))
 
     def log(self, record: dict) -> None:
         for key, value in record.items():
             if key != "step":
-                self.writer.add_scalar(key, float(value), record["step"])
-        self.writer.flush()  # on disk before the next checkpoint: a resume purges only what came after it
+                self.writer.write_event(self.Event(wall_time=time.time(), step=record["step"],
+                                                   summary=self.scalar(key, float(value))))
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -139,19 +139,23 @@ def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, da
 
 def assert_dashboards_hold_the_metrics(out):
     """TensorBoard's reader sees each step of metrics.jsonl once (the killed run's step 15 purged), and the resumed
-    wandb run is the killed one, continued from the checkpoint."""
+    wandb run is the killed one, continued from the checkpoint. (What the killed wandb run logged is not checked:
+    wandb's own process buffers it, and a kill -9 loses it from the offline file.)"""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     for key in ("loss", "grad_norm", "val_loss", "lr"):
         logged = [(r["step"], r[key]) for r in records(out) if key in r]
-        assert [(e.step, e.value) for e in events.Scalars(key)] == pytest.approx(logged, rel=1e-6), key
+        shown = events.Scalars(key)
+        assert [e.step for e in shown] == [step for step, _ in logged], key
+        assert [e.value for e in shown] == pytest.approx([value for _, value in logged], rel=1e-6), key  # float32
     run_id = checkpoint.read_meta(out, 20)["wandb_run_id"]
     assert checkpoint.read_meta(out, 10)["wandb_run_id"] == run_id
-    first, resumed = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))  # the killed run, then the resumed
-    rows = [r for r in wandb_history(first / f"run-{run_id}.wandb") if r["_step"] <= 10]
-    rows += wandb_history(resumed / f"run-{run_id}.wandb")
-    assert [(r["_step"], r["loss"]) for r in rows if "loss" in r] == [(r["step"], r["loss"]) for r in records(out)]
+    killed, resumed = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert (killed / f"run-{run_id}.wandb").exists()
+    rows = wandb_history(resumed / f"run-{run_id}.wandb")
+    assert [(r["_step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in records(out) if r["step"] > 10]
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == [records(out)[-1]["val_loss"]]
 
 
 def wandb_history(path: Path) -> list[dict]:
