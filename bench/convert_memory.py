@@ -8,12 +8,13 @@ the peak RSS, which also counts the pages of a memory-mapped checkpoint file (ll
 Linux only (reads /proc/self/status).
 """
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from flags import FlagParser  # bench/flags.py: the package's flag parser
 
 MEASURE = """
 import json, sys, time
@@ -37,7 +38,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": status("Vm
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = FlagParser(description=__doc__)
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--to", default="hf", choices=("hf", "llmc", "reference"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

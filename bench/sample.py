@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flags import parse_flags  # noqa: E402  (bench/flags.py)
 from gpt2_jax.config import ModelConfig, replace  # noqa: E402
 from gpt2_jax.model import GPT2, count_params, init_cache, init_params  # noqa: E402
 from gpt2_jax import cpu_kernels, sampling  # noqa: E402
@@ -213,7 +214,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    modes = {(): main, ("--layouts",): layouts, ("--compile_count",): compile_counts}
-    if tuple(sys.argv[1:]) not in modes:  # --help or a typo: say so, not start a 3-minute run
-        raise SystemExit(__doc__)
-    modes[tuple(sys.argv[1:])]()
+    mode = parse_flags(sys.argv[1:], {"layouts": False, "compile_count": False}, __doc__)  # a typo: no 3-minute run
+    if mode["layouts"] and mode["compile_count"]:
+        raise SystemExit("--layouts and --compile_count are two separate runs: pass one of them")
+    (layouts if mode["layouts"] else compile_counts if mode["compile_count"] else main)()

@@ -5,7 +5,7 @@
 
 What it measures, in one run:
   * the card's bf16 matmul rate: the best of ten 8192^3 jnp.dot (random data), beside the datasheet peak
-    that train.py's MFU uses (PEAK_TFLOPS: 989 TFLOP/s for an H100 SXM);
+    that train.py's MFU uses (gpt2_jax.flops.PEAK_TFLOPS: 989 TFLOP/s for an H100 SXM);
   * for each variant ATTENTION:SCAN_UNROLL (ModelConfig.attention and .scan_unroll), our train_step
     (make_train_step, fp32 params and AdamW state, `dtype` compute, jitted with the state donated): compile
     seconds, then `steps` steps dispatched back to back after 3 warm-up steps, timed to the last loss;
@@ -15,7 +15,7 @@ What it measures, in one run:
   * with --torch=eager: transformers' GPT2LMHeadModel (sdpa attention) under bf16 autocast + F.cross_entropy +
     clip_grad_norm_ + fused torch.optim.AdamW, the same batch shape (its vocabulary is not padded).
 Each side runs in its own worker process. MFU = tokens/s * FLOPs per token / datasheet peak, FLOPs per token
-from train.py (nanoGPT's 6 N + 12 L C T). The last line is JSON.
+from gpt2_jax/flops.py (nanoGPT's 6 N + 12 L C T). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def compiled_step(cfg, flags: dict, state, x, y, rng):
 
 def ours_worker(flags: dict, attention: str, unroll: int, check: bool) -> dict:
     from gpt2_jax.model import causal_attention_impl
-    from train import flops_per_token
+    from gpt2_jax.flops import flops_per_token
 
     cfg, state, x, y, rng = step_inputs(flags, attention, unroll)
     result = {"attention_ran": causal_attention_impl(cfg, training=True), "fpt": flops_per_token(cfg, state.params)}
@@ -203,7 +203,7 @@ def run_worker(flags: dict, worker: str) -> dict:
 
 
 def main(flags: dict) -> dict:
-    from train import PEAK_TFLOPS
+    from gpt2_jax.flops import PEAK_TFLOPS
 
     matmul = run_worker(flags, "matmul")
     kind = matmul.get("device_kind", "")

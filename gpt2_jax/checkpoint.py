@@ -27,8 +27,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig, replace
-from gpt2_jax.model import init_params
-from gpt2_jax.training import TrainState, init_train_state
+from gpt2_jax.model import abstract_params
+from gpt2_jax.sharding import flat_shapes, state_shapes
+from gpt2_jax.training import TrainState
 
 FORMAT = "gpt2_jax"
 UNFINISHED_SAVE = ".orbax-checkpoint-tmp"  # in the name of a step directory that orbax has not finished writing
@@ -248,14 +249,10 @@ def load_weights(directory, step: int | None = None, dtype=jnp.float32) -> tuple
     model_config = saved_config(meta, "model_config", ModelConfig, f"{directory}/{step}")
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own device
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=sharding),
-                          _abstract_params(model_config))
+                          abstract_params(model_config))
     _check_against_metadata(directory, step, "params", target)
     params = _restore(directory, step, params=ocp.args.StandardRestore(target))["params"]
     return model_config, params
-
-
-def _abstract_params(model_config: ModelConfig):
-    return jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
 
 
 def abstract_train_state(model_config: ModelConfig, train_config: TrainConfig, sharding=None) -> TrainState:
@@ -265,7 +262,7 @@ def abstract_train_state(model_config: ModelConfig, train_config: TrainConfig, s
     mesh); default this process's first device.
     """
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.eval_shape(lambda: init_train_state(model_config, train_config, jax.random.PRNGKey(0)))
+    shapes = state_shapes(model_config, train_config)
     if isinstance(sharding, TrainState):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, sharding)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
@@ -303,22 +300,11 @@ def restore_train_state(directory, model_config: ModelConfig, train_config: Trai
     return state, meta
 
 
-def _flat_shapes(tree) -> dict[str, tuple]:
-    def name(key) -> str:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                return str(getattr(key, attr))
-        return str(key)
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
-
 def _check_against_metadata(directory: Path, step: int, item: str, target) -> None:
     """Compare the saved tree's keys and shapes with the target's before orbax meets a mismatch mid-restore."""
     where = f"{directory}/{step}"
-    saved = _flat_shapes(_item_metadata(directory, step, item))
-    wanted = _flat_shapes(target)
+    saved = flat_shapes(_item_metadata(directory, step, item))
+    wanted = flat_shapes(target)
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
     hint = " (was the optimizer configured differently, e.g. grad_clip 0 vs > 0?)" if item == "opt_state" else ""

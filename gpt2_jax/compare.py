@@ -24,7 +24,6 @@ in the direction that noise picks. The report counts the elements left out.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import convert, layouts, optim, training
-from gpt2_jax.config import ModelConfig, TrainConfig, plain_warnings, replace
+from gpt2_jax.config import FlagParser, ModelConfig, TrainConfig, plain_warnings, replace
 from gpt2_jax.model import GPT2, count_params
 
 DEFAULT_ATOL = 1e-4
@@ -439,23 +438,23 @@ def _training_lines(report: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.compare", description=(
+    parser = FlagParser(prog="python -m gpt2_jax.compare", description=(
         "Run SRC's weights in JAX and in PyTorch on the same tokens; exit 1 when they differ beyond tolerance."))
     parser.add_argument("src", help="any weights file or directory that gpt2_jax.convert.load reads")
     parser.add_argument("--text", default=None, help="the text (or a file of it) to run; a fixed sentence if absent")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="greedy decoding steps to compare")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max |Δlogits| allowed (float32: 1e-4)")
+    parser.add_flag("steps", int, default=DEFAULT_STEPS, help="greedy decoding steps to compare")
+    parser.add_flag("atol", float, default=DEFAULT_ATOL, help="max |Δlogits| allowed (float32: 1e-4)")
     parser.add_argument("--against", default=None, help="run this file in torch instead of SRC (e.g. the original "
                                                         "of a converted checkpoint)")
-    parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
+    parser.add_flag("n_head", int, default=None, help="heads, when no config JSON gives them")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--train_steps", type=int, default=0, help="also train this many AdamW steps on each side")
-    parser.add_argument("--batch_size", type=int, default=4, help="sequences per training batch")
-    parser.add_argument("--block_size", type=int, default=None, help="tokens per sequence (default min(64, model's))")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of training (1e-5)")
+    parser.add_flag("train_steps", int, default=0, help="also train this many AdamW steps on each side")
+    parser.add_flag("batch_size", int, default=4, help="sequences per training batch")
+    parser.add_flag("block_size", int, default=None, help="tokens per sequence (default min(64, model's))")
+    parser.add_flag("rtol", float, default=DEFAULT_RTOL, help="relative tolerance of training (1e-5)")
     args = parser.parse_args(argv)
     if args.steps < 0 or not args.atol > 0 or args.train_steps < 0 or args.batch_size < 1 or not args.rtol > 0:
-        parser.error("--steps must be >= 0 and --atol > 0; --train_steps >= 0, --batch_size >= 1 and --rtol > 0")
+        parser.fail("--steps must be >= 0 and --atol > 0; --train_steps >= 0, --batch_size >= 1 and --rtol > 0")
     try:  # (not > 0 above: also NaN, which no difference would exceed)
         report = compare(args.src, text=args.text, steps=args.steps, atol=args.atol, against=args.against,
                          n_head=args.n_head)

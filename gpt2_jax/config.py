@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import numbers
+import sys
 import typing
 import warnings
 from pathlib import Path
@@ -185,6 +187,10 @@ class TrainConfig:
     num_samples: int = 3  # samples printed at the end of training
     sample_tokens: int = 200
     mesh: str = ""  # device mesh, e.g. "data:4,fsdp:2"; "" = every device on data (docs/scaling.md)
+    tensorboard: bool = False  # TensorBoard event files in out_dir/tensorboard (tensorboardX)
+    wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline: to out_dir/wandb only)
+    wandb_project: str = "gpt2-jax"
+    wandb_run_name: str = ""  # "" = wandb names the run
 
     def __post_init__(self):
         _check_types(self)
@@ -215,6 +221,8 @@ class TrainConfig:
             raise ConfigError(f"eps must be > 0 (AdamW divides by sqrt(v) + eps); got {self.eps}")
         if seed_error(self.seed):
             raise ConfigError(seed_error(self.seed))
+        if self.wandb_log and not self.wandb_project:
+            raise ConfigError("wandb_project must name a project when wandb_log is on; got an empty string")
         if self.num_samples and not self.sample_tokens:
             raise ConfigError("sample_tokens must be >= 1 when num_samples > 0 (or set num_samples=0)")
 
@@ -249,47 +257,96 @@ def replace(cfg, **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
-def parse_value(cls, key: str, text: str):
-    """Turn the text of a --key=value flag into the type of cls's field `key`."""
-    hints = typing.get_type_hints(cls)
-    if key not in hints:
-        raise ConfigError(f"unknown {cls.__name__} key {key!r}")
-    hint = hints[key]
-    if hint is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{key} takes true or false; got {text!r}")
-    try:
-        return hint(text)
-    except ValueError:
-        raise ConfigError(f"--{key} must be {hint.__name__}; got {text!r}") from None
+def typed(kind: type):
+    """The argparse type of a flag of type kind (bool takes true/false, yes/no, on/off or 1/0)."""
+    def parse(text: str):
+        if kind is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"takes true or false; got {text!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__}; got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
 
 
-def parse_overrides(args: list[str], *classes) -> tuple[list[dict], list[str]]:
-    """Split --key=value flags among the dataclasses that own each key.
-
-    Returns one dict of typed values per class and the positional (non-flag) arguments. A key owned by
-    several classes goes to the first. An unknown key is an error that lists the known ones.
-    """
-    found: list[dict] = [{} for _ in classes]
-    positional = []
-    for arg in args:
-        if not arg.startswith("--"):
-            positional.append(arg)
-            continue
-        key, eq, text = arg[2:].partition("=")
-        if not eq:
-            raise ConfigError(f"flag {arg!r} must be written --{key}=VALUE")
-        for i, cls in enumerate(classes):
-            if key in {f.name for f in dataclasses.fields(cls)}:
-                found[i][key] = parse_value(cls, key, text)
-                break
-        else:
-            known = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
-            raise ConfigError(f"unknown flag --{key}; known flags: {', '.join(known)}")
-    return found, positional
+def ranged(cast, ok, expected: str):
+    """An argparse type: text cast by cast, then accepted only if ok(value); errors say `must be {expected}`."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}; got {text}")
+        return value
+    parse.__name__ = cast.__name__
+    return parse
 
 
+class FlagParser(argparse.ArgumentParser):
+    """The flag parser of train.py, sample.py, bench/ and the `python -m gpt2_jax.*` tools: argparse without
+    abbreviations, taking --key=value (or --key value), with dataclass fields and dicts of defaults as typed flags.
+    A bad flag raises a ConfigError from parse(); parse_args() prints argparse's usage and error and exits 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a typo is an unknown flag, not another flag it begins
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_flag(self, name: str, kind: type, **kwargs):
+        """--name of type kind; a bool flag also stands alone (--name is --name=true)."""
+        if kind is bool:
+            kwargs.update(nargs="?", const=True)
+        return self.add_argument(f"--{name}", type=typed(kind), **kwargs)
+
+    def add_fields(self, cls, skip=()) -> None:
+        """Every field of the dataclass cls as a flag typed like it; an absent flag leaves no attribute."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in skip:
+                self.add_flag(f.name, hints[f.name], default=argparse.SUPPRESS)
+
+    def add_defaults(self, defaults: dict) -> None:
+        """A flag per key of defaults, typed by its default value."""
+        for name, value in defaults.items():
+            self.add_flag(name, type(value), default=value)
+
+    def error(self, message: str):
+        raise ConfigError(message)  # raised, so that each caller chooses: train.py maps it to its exit status
+
+    def fail(self, message: str):
+        """argparse's own error(): the usage and `PROG: error: MESSAGE` on stderr, then exit status 2."""
+        super().error(message)
+
+    def known_flags(self) -> list[str]:
+        """The --flags of this parser and of its sub-commands' parsers."""
+        names = {s for a in self._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                names.update(flag for sub in action.choices.values() for flag in sub.known_flags())
+        return sorted(names)
+
+    def parse(self, argv: list[str], namespace=None) -> tuple[argparse.Namespace, list[str]]:
+        """(the flags, the positional arguments that no argument takes); an unknown flag is a ConfigError that
+        lists the known ones."""
+        namespace, rest = self.parse_known_args(argv, namespace)
+        for arg in rest:
+            if arg.startswith("-") and arg != "-":
+                raise ConfigError(f"unknown flag {arg.partition('=')[0]}; known flags: "
+                                  f"{', '.join(k[2:] for k in self.known_flags())}")
+        return namespace, rest
+
+    def parse_args(self, args=None, namespace=None):
+        try:
+            namespace, rest = self.parse(sys.argv[1:] if args is None else args, namespace)
+            if rest:
+                raise ConfigError(f"unexpected argument(s) {rest}")
+        except ConfigError as e:
+            self.fail(str(e))
+        return namespace

@@ -12,7 +12,6 @@ half-written.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,9 +24,9 @@ from flax import traverse_util
 
 from gpt2_jax import layouts
 from gpt2_jax import weight_files as wf
-from gpt2_jax.config import ModelConfig, plain_warnings, replace
+from gpt2_jax.config import FlagParser, ModelConfig, plain_warnings, replace
 from gpt2_jax.layouts import Checkpoint, WeightsError, open_checkpoint, to_numpy
-from gpt2_jax.model import init_params
+from gpt2_jax.model import abstract_params
 
 TARGETS = ("orbax", "hf", "nanogpt", "reference", "llmc")
 # Files of a Hugging Face directory that an hf export would overwrite or sit beside (a second set of weights).
@@ -159,7 +158,7 @@ def _float_dtype(dtype) -> np.dtype:
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameters as dotted names ("h.attn.c_attn.weight") -> shape, without allocating them."""
-    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    abstract = abstract_params(cfg)
     return {key: tuple(a.shape) for key, a in flatten(abstract).items()}
 
 
@@ -424,7 +423,7 @@ def _to_torch(array: np.ndarray):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.convert", description=(
+    parser = FlagParser(prog="python -m gpt2_jax.convert", description=(
         "Convert GPT-2 weights: SRC is a Hugging Face directory or file, a nanoGPT ckpt.pt, an llm.c .bin, a "
         "reference PyTorch state_dict, OpenAI's TensorFlow checkpoint (its directory, prefix or .index file) or "
         "an orbax directory (detected from the content)."))
@@ -434,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="orbax (default; what train.py --init_from and sample.py read), hf, nanogpt, reference, "
                              "llmc")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--n_head", type=int, default=None, help="heads, when no config JSON gives them")
+    parser.add_flag("n_head", int, default=None, help="heads, when no config JSON gives them")
     args = parser.parse_args(argv)
     try:
         _check_destination(args.dst, args.to)

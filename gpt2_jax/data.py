@@ -46,7 +46,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gpt2_jax.config import plain_warnings
+from gpt2_jax.config import FlagParser, plain_warnings
 from gpt2_jax.tokenizer import get_tokenizer
 
 MAGIC = 20240520
@@ -603,15 +603,15 @@ def shakespeare(prepared_dir=SHAKESPEARE_PREPARED) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.data", description=__doc__.split("\n")[0])
+    parser = FlagParser(prog="python -m gpt2_jax.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="tokenize text, .jsonl or .parquet files and directories into shards",
                           description=__doc__.strip().rsplit("\n\n", 1)[1],
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     prep.add_argument("inputs", nargs="+", help="text files, directories, .jsonl/.json and .parquet files")
     prep.add_argument("--out", required=True, help="output directory (created; must be empty)")
-    prep.add_argument("--val_fraction", type=float, default=0.1, help="fraction of tokens (the last) for val")
-    prep.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
+    prep.add_flag("val_fraction", float, default=0.1, help="fraction of tokens (the last) for val")
+    prep.add_flag("shard_tokens", int, default=100_000_000, help="tokens per shard file")
     prep.add_argument("--text_field", default="text", help="the field (JSONL) or column (Parquet) holding the text")
     args = parser.parse_args(argv)
     try:

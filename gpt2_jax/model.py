@@ -489,3 +489,8 @@ def logical_axes(config: ModelConfig):
 
 def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def abstract_params(config: ModelConfig):
+    """The parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))

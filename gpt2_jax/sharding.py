@@ -17,6 +17,7 @@ import collections
 import math
 import os
 import re
+import sys
 import threading
 from functools import lru_cache, partial
 from typing import Callable, Sequence
@@ -27,8 +28,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gpt2_jax.config import ModelConfig, TrainConfig
-from gpt2_jax.model import KVCache, activation_layout, init_params, logical_axes
+from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.model import KVCache, abstract_params, activation_layout, logical_axes
 from gpt2_jax.optim import make_optimizer
 from gpt2_jax.training import TrainState, init_train_state, make_eval_step, make_train_step
 
@@ -159,7 +160,7 @@ def sharding_fallbacks(model_cfg: ModelConfig, mesh: Mesh, rules=None) -> list[s
 
 def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules=None) -> TrainState:
     """Shardings of a whole TrainState: optimizer moments mirror their parameter, scalars are replicated."""
-    abstract = _state_shapes(model_cfg, train_cfg)
+    abstract = state_shapes(model_cfg, train_cfg)
     params = param_shardings(model_cfg, mesh, rules)
     opt = optax.tree_map_params(make_optimizer(train_cfg), lambda _, s: s, abstract.opt_state, params,
                                 transform_non_params=lambda _: replicated(mesh),
@@ -169,7 +170,7 @@ def state_shardings(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, 
 
 def abstract_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, rules=None) -> TrainState:
     """ShapeDtypeStructs with shardings: the target for an orbax restore onto this mesh (any saving mesh)."""
-    abstract = _state_shapes(model_cfg, train_cfg)
+    abstract = state_shapes(model_cfg, train_cfg)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, state_shardings(model_cfg, train_cfg, mesh, rules))
 
@@ -189,7 +190,7 @@ def create_sharded_state(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: M
 
 def shard_params(model_cfg: ModelConfig, params, mesh: Mesh, rules=None):
     """Place loaded parameters (host arrays, identical on every process) onto the mesh by the rules."""
-    expected, got = _flat_shapes(_param_shapes(model_cfg)), _flat_shapes(params)
+    expected, got = flat_shapes(_param_shapes(model_cfg)), flat_shapes(params)
     wrong = [f"{k}: {got.get(k)} (expected {v})" for k, v in expected.items() if got.get(k) != v]
     wrong += [f"{k}: unexpected" for k in got.keys() - expected.keys()]
     if wrong:
@@ -356,6 +357,38 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
+# Flags that say how to join a multi-process run (their text, as given); no config records them.
+CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id", "join_timeout")
+
+
+def join_cluster(flags: dict[str, str]) -> bool:
+    """initialize_distributed from the text of CLUSTER_FLAGS (absent ones from the environment); a ConfigError
+    names a flag that is not a number. A process that waits past join_timeout prints why and exits 1."""
+    numbers = {}
+    for key in ("num_processes", "process_id"):
+        if key in flags:
+            try:
+                numbers[key] = int(flags[key])
+            except ValueError:
+                raise ConfigError(f"--{key} must be an integer; got {flags[key]!r}") from None
+    try:
+        timeout = float(flags.get("join_timeout", 300))
+    except ValueError:
+        raise ConfigError(f"--join_timeout must be a number of seconds; got {flags['join_timeout']!r}") from None
+    try:
+        return initialize_distributed(flags.get("coordinator_address"), numbers.get("num_processes"),
+                                      numbers.get("process_id"), timeout, on_timeout=_give_up_joining)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _give_up_joining(message: str) -> None:
+    """Called from a timer thread while the main thread waits inside jax.distributed.initialize."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def _join(timeout_s: float, on_timeout: Callable[[str], None] | None, who: str, advice: str, **where) -> None:
     timer = None
     if on_timeout is not None:
@@ -410,7 +443,7 @@ def host_local_to_global(local, mesh: Mesh, batch_size: int) -> jax.Array:
 # Tracing a Flax init takes a noticeable fraction of a second; configs are frozen, so cache the shapes.
 @lru_cache(maxsize=16)
 def _param_shapes(model_cfg: ModelConfig):
-    return jax.eval_shape(partial(init_params, model_cfg), jax.random.PRNGKey(0))
+    return abstract_params(model_cfg)
 
 
 @lru_cache(maxsize=16)
@@ -419,13 +452,22 @@ def _logical_axes(model_cfg: ModelConfig):
 
 
 @lru_cache(maxsize=16)
-def _state_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
+def state_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig) -> TrainState:
+    """The shapes and dtypes of a TrainState (jax.ShapeDtypeStruct leaves), without allocating it."""
     return jax.eval_shape(partial(init_train_state, model_cfg, train_cfg), jax.random.PRNGKey(0))
 
 
-def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"h/attn/c_attn/kernel": shape} of a tree's leaves, the same names for a dict, a dataclass or an orbax
+    metadata tree of the same structure."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(np.shape(x)) for path, x in leaves}
+    return {"/".join(name(k) for k in path): tuple(np.shape(leaf)) for path, leaf in leaves}
 
 
 def _env_int(name: str) -> int | None:

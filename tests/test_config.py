@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig, parse_overrides
+from gpt2_jax.config import ConfigError, FlagParser, ModelConfig, TrainConfig
 
 
 def test_presets_have_gpt2_shapes():
@@ -16,18 +16,45 @@ def test_presets_have_gpt2_shapes():
         assert cfg.activation == "gelu_tanh" and cfg.layer_norm_eps == 1e-5
 
 
-def test_overrides_are_type_checked():
-    (model, train), rest = parse_overrides(["--n_layer=3", "--dropout=0.1", "--learning_rate=3e-4", "pos"],
-                                           ModelConfig, TrainConfig)
-    assert model == {"n_layer": 3, "dropout": 0.1} and train == {"learning_rate": 3e-4} and rest == ["pos"]
-    cfg = ModelConfig.from_preset("tiny", **model)
+def parse(argv: list[str], *classes):
+    parser = FlagParser()
+    for cls in classes:
+        parser.add_fields(cls)
+    flags, positional = parser.parse(argv)
+    return vars(flags), positional
+
+
+def test_flags_are_typed_by_their_config_fields():
+    flags, rest = parse(["--n_layer=3", "--dropout", "0.1", "--learning_rate=3e-4", "pos", "--qkv_bias"],
+                        ModelConfig, TrainConfig)
+    assert flags == {"n_layer": 3, "dropout": 0.1, "learning_rate": 3e-4, "qkv_bias": True} and rest == ["pos"]
+    assert parse(["--qkv_bias=off", "--decay_embeddings=no"], ModelConfig, TrainConfig)[0] == {
+        "qkv_bias": False, "decay_embeddings": False}
+    cfg = ModelConfig.from_preset("tiny", n_layer=flags["n_layer"])
     assert cfg.n_layer == 3 and cfg.n_embd == 32
-    with pytest.raises(ConfigError, match="unknown flag --n_layers"):
-        parse_overrides(["--n_layers=3"], ModelConfig, TrainConfig)
-    with pytest.raises(ConfigError, match="--n_layer must be int; got 'three'"):
-        parse_overrides(["--n_layer=three"], ModelConfig)
-    with pytest.raises(ConfigError, match="--qkv_bias takes true or false"):
-        parse_overrides(["--qkv_bias=maybe"], ModelConfig)
+    with pytest.raises(ConfigError, match="unknown flag --n_layers; known flags: activation, attention, batch_size"):
+        parse(["--n_layers=3"], ModelConfig, TrainConfig)
+    with pytest.raises(ConfigError, match="unknown flag --n_lay;"):  # no abbreviations: --n_lay is not --n_layer
+        parse(["--n_lay=3"], ModelConfig)
+    with pytest.raises(ConfigError, match="argument --n_layer: must be int; got 'three'"):
+        parse(["--n_layer=three"], ModelConfig)
+    with pytest.raises(ConfigError, match="argument --qkv_bias: takes true or false; got 'maybe'"):
+        parse(["--qkv_bias=maybe"], ModelConfig)
+    with pytest.raises(ConfigError, match="argument --n_layer: expected one argument"):
+        parse(["--n_layer"], ModelConfig)
+
+
+def test_a_command_line_tool_prints_its_usage_and_exits_2_on_a_bad_flag(capsys):
+    parser = FlagParser(prog="tool")
+    parser.add_defaults({"steps": 3, "name": "x"})
+    assert vars(parser.parse_args(["--steps=5"])) == {"steps": 5, "name": "x"}
+    for argv, message in ((["--step=5"], "unknown flag --step; known flags: name, steps"),
+                          (["--steps=five"], "argument --steps: must be int; got 'five'"),
+                          (["extra"], "unexpected argument(s) ['extra']")):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("usage: tool") and err.endswith(f"tool: error: {message}\n")
 
 
 @pytest.mark.parametrize("overrides, message", [

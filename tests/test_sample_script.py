@@ -9,6 +9,7 @@ import pytest
 
 import sample
 from gpt2_jax import checkpoint
+from gpt2_jax.batch_sampling import TextStream, sample_key
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import init_params
 from gpt2_jax.sampling import Sampler, generate_batch
@@ -29,7 +30,7 @@ def model(tmp_path_factory):
 def reference(cfg, params, text, prompt_id, k=0, seed=1337, n=12, temperature=0.8, top_k=200, top_p=1.0):
     """What one sample should be: the library call with the key sample.py documents, decoded by hand."""
     tokens = get_tokenizer().encode(text, allow_special=True)
-    done = generate_batch(cfg, params, [tokens], [sample.sample_key(seed, prompt_id, k)], max_new_tokens=n,
+    done = generate_batch(cfg, params, [tokens], [sample_key(seed, prompt_id, k)], max_new_tokens=n,
                           sampler=Sampler(temperature, top_k, top_p))[0]
     return get_tokenizer().decode(done.tokens), done
 
@@ -208,9 +209,9 @@ def test_text_stream_holds_back_partial_utf8_and_stop_strings():
     text = "na\u00efve \U0001F642 end"
     tokens = tok.encode(text)
     assert b"\xf0\x9f\x99\x82" not in [tok.decode_bytes([t]) for t in tokens]  # the emoji is split across tokens
-    stream = sample.TextStream([])
+    stream = TextStream([])
     assert "".join(stream.feed(t) for t in tokens) + stream.flush() == text
-    stream = sample.TextStream(["\U0001F642 e"])
+    stream = TextStream(["\U0001F642 e"])
     pieces = [stream.feed(t) for t in tokens]
     assert "".join(pieces) + stream.flush() == "na\u00efve "
     assert "\ufffd" not in "".join(pieces)
@@ -536,7 +537,7 @@ def test_max_new_tokens_beyond_block_size_is_one_error_unless_sliding_window(mod
     out = tmp_path / "out.jsonl"
     assert sample.main(flags + ["--sliding_window", f"--out={out}"]) == 0
     for r in read_jsonl(out):
-        key = sample.sample_key(1337, r["id"], 0)
+        key = sample_key(1337, r["id"], 0)
         done = generate_batch(cfg, params, [get_tokenizer().encode(r["prompt"])], [key], max_new_tokens=65,
                               sampler=Sampler(0.0), sliding_window=True)[0]
         assert (r["completion"], r["completion_tokens"]) == (get_tokenizer().decode(done.tokens), len(done.tokens))
@@ -546,7 +547,7 @@ def test_sample_keys_of_different_ids_differ():
     import zlib
 
     def key_data(*args):
-        return jax.random.key_data(sample.sample_key(*args)).tolist()
+        return jax.random.key_data(sample_key(*args)).tolist()
 
     assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")  # a known CRC-32 collision
     ids = [7, "7", "plumless", "buckeroo", 0, "", "caf\u00e9"]

@@ -17,9 +17,12 @@ import pytest
 
 import train
 from conftest import REPO, finish, run_train, start_train, wait_until
-from gpt2_jax import checkpoint, cpu_kernels, data
-from gpt2_jax.config import ModelConfig
+from gpt2_jax import checkpoint, cpu_kernels, data, run_config
+from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.flops import peak_flops
+from gpt2_jax.metrics import Figure, Metrics
 from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.run import Run, data_change, lock_out_dir
 
 VOCAB = 256
 # A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
@@ -30,7 +33,7 @@ RUN_FLAGS = ["--batch_size=8", "--gradient_accumulation_steps=2", "--max_iters=2
 
 def full_state(out, step):
     meta = checkpoint.read_meta(out, step)
-    model_cfg, train_cfg = ModelConfig(**meta["model_config"]), train.TrainConfig(**meta["train_config"])
+    model_cfg, train_cfg = ModelConfig(**meta["model_config"]), TrainConfig(**meta["train_config"])
     return checkpoint.restore_train_state(out, model_cfg, train_cfg, step)[0]
 
 
@@ -55,11 +58,14 @@ def straight(tmp_path_factory, data_dir, env):
 
 def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, data_dir, straight, env):
     straight, _ = straight
-    common = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}"]
+    # The killed and resumed run also log to TensorBoard and to wandb (offline): both continue like metrics.jsonl.
+    common = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--tensorboard=true", "--wandb_log=true"]
+    env = dict(env, WANDB_MODE="offline", WANDB_SILENT="true")
     killed = tmp_path / "killed"
     # Many eval batches make the step-20 eval long, so the kill lands between the two checkpoints.
     proc = start_train(*common, "--eval_iters=3000", out=killed, env=env)
     wait_until(lambda: 10 in checkpoint._steps(killed), proc, "the step-10 checkpoint")
+    wait_until(lambda: 15 in [r["step"] for r in records(killed)], proc, "the step-15 log line")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 20 not in checkpoint._steps(killed), "the run finished before the kill; nothing was resumed"
@@ -73,6 +79,52 @@ def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, da
     train_losses = lambda out: [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
     assert train_losses(killed) == train_losses(straight)
     assert records(killed)[-1]["val_loss"] == records(straight)[-1]["val_loss"]
+    assert_dashboards_hold_the_metrics(killed)
+
+
+def assert_dashboards_hold_the_metrics(out):
+    """TensorBoard's reader sees each step of metrics.jsonl once (the killed run's step 15 purged), and the resumed
+    wandb run is the killed one, continued from the checkpoint. (What the killed wandb run logged is not checked:
+    wandb's own process buffers it, and a kill -9 loses it from the offline file.)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    for key in ("loss", "grad_norm", "val_loss", "lr"):
+        logged = [(r["step"], r[key]) for r in records(out) if key in r]
+        shown = events.Scalars(key)
+        assert [e.step for e in shown] == [step for step, _ in logged], key
+        assert [e.value for e in shown] == pytest.approx([value for _, value in logged], rel=1e-6), key  # float32
+    run_id = checkpoint.read_meta(out, 20)["wandb_run_id"]
+    assert checkpoint.read_meta(out, 10)["wandb_run_id"] == run_id
+    killed, resumed = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert (killed / f"run-{run_id}.wandb").exists()
+    rows = wandb_history(resumed / f"run-{run_id}.wandb")
+    assert [(r["_step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in records(out) if r["step"] > 10]
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == [records(out)[-1]["val_loss"]]
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of a .wandb file (LevelDB's log format: 32 KiB blocks of chunks with 7-byte headers, each
+    record a protocol buffer)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, payload, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload, pos = payload + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = wandb_internal_pb2.Record.FromString(payload)
+            payload = b""
+            if record.HasField("history"):
+                rows.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
 
 
 def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
@@ -82,6 +134,7 @@ def test_logs_metrics_draws_the_loss_curve_and_prints_samples(straight):
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in recs)  # eval lines too
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] > 0 for r in train_recs)
+    assert all(r["grad_norm"] > 0 and r["clipped"] == (r["grad_norm"] > 1.0) for r in train_recs)  # grad_clip 1
     # 8 x 2 sequences of 32 tokens a step; tokens/s and ms/step describe the same measured time.
     for r in train_recs:
         assert r["tokens_per_s"] == pytest.approx(8 * 2 * 32 / (r["ms_per_step"] / 1e3))
@@ -139,13 +192,17 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
 
 def test_config_file_then_flags(tmp_path):
     (tmp_path / "run.json").write_text('{"preset": "tiny", "n_layer": 3, "max_iters": 5, "learning_rate": 1}')
-    model_cfg, train_cfg, params = train.resolve([f"--config={tmp_path / 'run.json'}", "--max_iters=7",
+    model_cfg, train_cfg, params = resolve([f"--config={tmp_path / 'run.json'}", "--max_iters=7",
                                                   "--dtype=bfloat16", "--block_size=16", f"--out_dir={tmp_path}"])
     assert model_cfg == ModelConfig.from_preset("tiny", n_layer=3, dtype="bfloat16", block_size=16)
     assert (train_cfg.max_iters, train_cfg.learning_rate, params) == (7, 1.0, None)
     (tmp_path / "plain.json").write_text('{"n_layer": 3}')  # no "preset": the default one
-    model_cfg, _, _ = train.resolve([f"--config={tmp_path / 'plain.json'}", f"--out_dir={tmp_path}"])
-    assert model_cfg == ModelConfig.from_preset(train.DEFAULT_PRESET, n_layer=3)
+    model_cfg, _, _ = resolve([f"--config={tmp_path / 'plain.json'}", f"--out_dir={tmp_path}"])
+    assert model_cfg == ModelConfig.from_preset(run_config.DEFAULT_PRESET, n_layer=3)
+
+
+def resolve(argv: list[str]):
+    return run_config.resolve(run_config.read_flags(argv))
 
 
 def main_error(capsys, *argv) -> str:
@@ -207,7 +264,7 @@ def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys
 
 def test_nanogpt_flags_without_a_counterpart_say_what_to_use(tmp_path, capsys):
     for flag, advice in [("--decay_lr=False", "--lr_schedule=constant"), ("--compile=True", "compiled by XLA"),
-                         ("--wandb_log=True", "metrics.jsonl"), ("--dataset=owt", "--data=DIR")]:
+                         ("--device=cuda", "JAX_PLATFORMS=cpu"), ("--dataset=owt", "--data=DIR")]:
         assert f"{flag.partition('=')[0]} is nanoGPT's, with no counterpart here: " in main_error(capsys, flag)
         assert advice in main_error(capsys, flag)
     (tmp_path / "run.json").write_text('{"always_save_checkpoint": false}')
@@ -287,7 +344,7 @@ def test_eval_only_runs_an_attention_that_has_no_dropout(attention, tmp_path, da
                        f"--data={data_dir}", "--eval_iters=1", f"--attention={attention}"]) == 0
     got = re.search(r"train loss (\S+), val loss (\S+)", capsys.readouterr().out)
     for value, split in zip(got.groups(), ("train", "val")):
-        expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), train.TrainConfig().seed, 1, 8)
+        expected = hand_loss(model_cfg, params, data.open_split(data_dir, split), TrainConfig().seed, 1, 8)
         assert float(value) == pytest.approx(expected, abs=1e-4)
 
 
@@ -305,7 +362,7 @@ def test_a_weights_directory_is_evaluated_but_not_resumed(tmp_path, data_dir, ca
 def test_two_runs_never_share_an_out_dir(tmp_path, data_dir, capsys):
     busy = tmp_path / "busy"
     busy.mkdir()
-    held = train.lock_out_dir(busy)  # what a running train.py holds; a second open file description conflicts
+    held = lock_out_dir(busy)  # what a running train.py holds; a second open file description conflicts
     try:
         assert f"another train.py is writing to out_dir {busy}" in main_error(
             capsys, *MODEL_FLAGS, f"--data={data_dir}", f"--out_dir={busy}")
@@ -333,7 +390,7 @@ def test_ctrl_c_before_training_or_while_sampling_is_one_line(tmp_path, monkeypa
 def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, data_dir, monkeypatch, capsys):
     # The first Ctrl-C only asks for a save; the second raises KeyboardInterrupt wherever the run is, here in
     # the step-20 evaluation, after the step-10 checkpoint.
-    evaluate, calls = train.Run.evaluate, []
+    evaluate, calls = Run.evaluate, []
 
     def interrupted_at_the_second_eval(run, eval_fn):
         calls.append(1)
@@ -341,7 +398,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, data_dir, monkeyp
             raise KeyboardInterrupt
         return evaluate(run, eval_fn)
 
-    monkeypatch.setattr(train.Run, "evaluate", interrupted_at_the_second_eval)
+    monkeypatch.setattr(Run, "evaluate", interrupted_at_the_second_eval)
     out = tmp_path / "run"
     try:
         rc = train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"])
@@ -386,11 +443,11 @@ def test_a_resume_on_another_process_count_keeps_the_global_batch():
     from gpt2_jax.config import TrainConfig
 
     saved = TrainConfig(batch_size=8)  # per process, as a checkpoint of 2 processes records it: global 16
-    assert train.keep_global_batch(saved, 2, 2) == saved
-    assert train.keep_global_batch(saved, 2, 4).batch_size == 4
-    assert train.keep_global_batch(saved, 2, 1).batch_size == 16
-    with pytest.raises(train.ConfigError, match=r"global batch \(8 x 2 processes\) does not divide among 3"):
-        train.keep_global_batch(saved, 2, 3)
+    assert run_config.keep_global_batch(saved, 2, 2) == saved
+    assert run_config.keep_global_batch(saved, 2, 4).batch_size == 4
+    assert run_config.keep_global_batch(saved, 2, 1).batch_size == 16
+    with pytest.raises(ConfigError, match=r"global batch \(8 x 2 processes\) does not divide among 3"):
+        run_config.keep_global_batch(saved, 2, 3)
 
 
 def test_a_resume_names_the_flags_that_change_the_checkpoints_settings(tmp_path, monkeypatch):
@@ -401,32 +458,33 @@ def test_a_resume_names_the_flags_that_change_the_checkpoints_settings(tmp_path,
     # The same learning rate, another out_dir (a copied checkpoint): no change.
     flags = {"init_from": "resume", "max_iters": 40, "learning_rate": 6e-4, "out_dir": "new"}
     run_model = ModelConfig.from_preset("tiny", dropout=0.0)
-    assert train.resume_changes([(saved, TrainConfig(**flags), flags), (model.to_dict(), model, {})]) == \
+    assert run_config.resume_changes([(saved, TrainConfig(**flags), flags), (model.to_dict(), model, {})]) == \
         "resuming with max_iters 20 -> 40"
     flags = dict(flags, seed=2)
-    assert train.resume_changes([(saved, TrainConfig(**flags), flags),
+    assert run_config.resume_changes([(saved, TrainConfig(**flags), flags),
                                  (model.to_dict(), run_model, {"dropout": 0.0})]) == (
         "resuming with max_iters 20 -> 40, seed 1 -> 2, dropout 0.1 -> 0.0 (the checkpoint's on the left); the "
         "batches from here differ from an uninterrupted run's")
-    assert train.resume_changes([(saved, TrainConfig(**saved), {"init_from": "resume"})]) is None
+    assert run_config.resume_changes([(saved, TrainConfig(**saved), {"init_from": "resume"})]) is None
 
     (tmp_path / "mine").mkdir()
     monkeypatch.chdir(tmp_path)
     saved = TrainConfig(data="mine").to_dict()
     for same in ("./mine/", str(tmp_path / "mine")):  # the same directory, named another way: no change
         flags = {"init_from": "resume", "data": same}
-        assert train.resume_changes([(saved, TrainConfig(**flags), flags)]) is None
+        assert run_config.resume_changes([(saved, TrainConfig(**flags), flags)]) is None
     flags = {"init_from": "resume", "data": "other"}
-    assert train.resume_changes([(saved, TrainConfig(**flags), flags)]).startswith("resuming with data 'mine' -> ")
+    changes = run_config.resume_changes([(saved, TrainConfig(**flags), flags)])
+    assert changes.startswith("resuming with data 'mine' -> ")
 
 
 def test_a_resume_on_data_that_changed_says_so(straight, data_dir):
     meta = checkpoint.read_meta(straight[0])  # a run on data_dir's 4,000 train tokens
-    assert meta["data"]["train_tokens"] == 4000 and train.data_change(meta, data_dir, 4000) is None
-    assert train.data_change(meta, data_dir, 4500) == (
+    assert meta["data"]["train_tokens"] == 4000 and data_change(meta, data_dir, 4000) is None
+    assert data_change(meta, data_dir, 4500) == (
         f"the train data in {data_dir} holds 4,500 tokens, the checkpoint's held 4,000: the batches from here "
         "differ from an uninterrupted run's")
-    assert train.data_change({}, data_dir, 4500) is None  # a checkpoint that did not record it
+    assert data_change({}, data_dir, 4500) is None  # a checkpoint that did not record it
 
 
 def test_a_save_that_cannot_fit_stops_the_run_and_names_the_last_checkpoint(tmp_path, data_dir, capsys,
@@ -452,7 +510,7 @@ def test_a_cut_metrics_line_is_dropped_on_resume(tmp_path, capsys):
     lines = [json.dumps({"step": 5, "loss": 2.0}), json.dumps({"step": 10, "loss": 1.5}), '{"step": 15, "lo',
              json.dumps({"loss": 1.0})]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    metrics = train.Metrics(tmp_path, start_step=10)
+    metrics = Metrics(tmp_path, start_step=10)
     assert [r["step"] for r in metrics.records] == [5, 10]
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # the temporary file renamed
@@ -464,7 +522,7 @@ def test_a_log_that_cannot_be_written_stops_the_run_with_a_checkpoint_and_one_li
                                                                                    monkeypatch):
     # The disk fills while the step-20 curve is drawn: its cut file never replaces the step-10 curve, the run saves
     # step 20 and stops (every process of a run would, after the same step), naming the file (no OSError traceback).
-    savefig, calls = train.Figure.savefig, []
+    savefig, calls = Figure.savefig, []
 
     def disk_full_at_the_second_curve(fig, path, **kwargs):
         calls.append(path)
@@ -473,7 +531,7 @@ def test_a_log_that_cannot_be_written_stops_the_run_with_a_checkpoint_and_one_li
             raise OSError(28, "No space left on device")
         return savefig(fig, path, **kwargs)
 
-    monkeypatch.setattr(train.Figure, "savefig", disk_full_at_the_second_curve)
+    monkeypatch.setattr(Figure, "savefig", disk_full_at_the_second_curve)
     out = tmp_path / "run"
     assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}", "--max_iters=40"]) == 1
     err = capsys.readouterr().err
@@ -515,8 +573,8 @@ def test_a_divergence_after_a_failed_save_reports_both(tmp_path, data_dir, capsy
         if len(calls) > 1:
             raise checkpoint.CheckpointError("saving step 10 failed (disk full)")
 
-    monkeypatch.setattr(train.Run, "confirm_saved", confirm_saved)
-    monkeypatch.setattr(train.Run, "params_finite", lambda run: int(run.state.step) < 20)
+    monkeypatch.setattr(Run, "confirm_saved", confirm_saved)
+    monkeypatch.setattr(Run, "params_finite", lambda run: int(run.state.step) < 20)
     out = tmp_path / "run"
     assert train.main([*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", f"--out_dir={out}"]) == 1
     err = capsys.readouterr().err.splitlines()
@@ -538,12 +596,12 @@ def test_a_ctrl_c_logs_the_steps_since_the_last_line(tmp_path, data_dir, monkeyp
 
 def test_a_resume_redraws_the_curve_without_the_dropped_steps(tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(train.Metrics, "plot", lambda self: drawn.append([r["step"] for r in self.records]))
+    monkeypatch.setattr(Metrics, "plot", lambda self: drawn.append([r["step"] for r in self.records]))
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)))
-    train.Metrics(tmp_path, start_step=10)
+    Metrics(tmp_path, start_step=10)
     assert drawn == []  # no curve yet: none is drawn before the first eval
     (tmp_path / "loss.png").write_bytes(b"the curve up to step 15")
-    train.Metrics(tmp_path, start_step=10)
+    Metrics(tmp_path, start_step=10)
     assert drawn == [[5, 10]]
 
 
@@ -560,12 +618,12 @@ def test_a_checkpoint_keeps_its_own_model_config_under_a_preset(tmp_path, straig
     # Resuming or fine-tuning with --config=tiny takes the checkpoint's dropout (0.1, not tiny's 0.0) and
     # vocabulary; the preset only has to agree with its size.
     out, _ = straight
-    model_cfg, _, _ = train.resolve(["--config=tiny", "--init_from=resume", f"--out_dir={out}"])
+    model_cfg, _, _ = resolve(["--config=tiny", "--init_from=resume", f"--out_dir={out}"])
     assert (model_cfg.dropout, model_cfg.vocab_size, model_cfg.block_size) == (0.1, VOCAB, 32)
-    model_cfg, _, params = train.resolve(["--config=tiny", f"--init_from={out}", f"--out_dir={tmp_path / 'ft'}"])
+    model_cfg, _, params = resolve(["--config=tiny", f"--init_from={out}", f"--out_dir={tmp_path / 'ft'}"])
     assert (model_cfg.dropout, model_cfg.vocab_size) == (0.1, VOCAB) and params["wte"].shape[0] == VOCAB
-    with pytest.raises(train.ConfigError, match=r"is not a gpt2 model: n_layer=2 \(the preset: 12\)"):
-        train.resolve(["--config=gpt2", "--init_from=resume", f"--out_dir={out}"])
+    with pytest.raises(ConfigError, match=r"is not a gpt2 model: n_layer=2 \(the preset: 12\)"):
+        resolve(["--config=gpt2", "--init_from=resume", f"--out_dir={out}"])
 
 
 def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir, capsys):
@@ -581,8 +639,8 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
     meta = checkpoint.read_meta(out)
     assert meta["model_config"] == ModelConfig.from_preset("tiny", vocab_size=VOCAB, block_size=32).to_dict()
     # A longer context than the weights' wpe cannot be made up: the error says so (and nothing claims a load).
-    with pytest.raises(train.ConfigError, match=r"--block_size=128 is longer than the 64 positions of the weights"):
-        train.resolve([f"--init_from={tmp_path / 'weights'}", "--block_size=128", f"--out_dir={tmp_path / 'long'}"])
+    with pytest.raises(ConfigError, match=r"--block_size=128 is longer than the 64 positions of the weights"):
+        resolve([f"--init_from={tmp_path / 'weights'}", "--block_size=128", f"--out_dir={tmp_path / 'long'}"])
     assert "initialised" not in capsys.readouterr().out
     # The first loss is that of the loaded weights (first 32 positions) on the first batch, computed here by hand.
     x, y = data.open_split(data_dir, "train").batch(meta["train_config"]["seed"], 0, 4, 32)
@@ -591,6 +649,26 @@ def test_fine_tunes_from_saved_weights_with_a_shorter_context(tmp_path, data_dir
     logp = jax.nn.log_softmax(logits, axis=-1)
     expected = -np.mean(np.take_along_axis(np.asarray(logp), y[0][..., None], axis=-1))
     assert records(out)[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, 1e3])
+def test_the_logged_grad_norm_is_torchs_clip_grad_norm(grad_clip, random_hf, tmp_path, data_dir, capsys):
+    """grad_norm is the global norm before clipping, as torch.nn.utils.clip_grad_norm_ returns it for the same
+    weights and batch; clipped says whether it exceeded grad_clip."""
+    torch = pytest.importorskip("torch")
+    model = random_hf(seed=4, vocab_size=VOCAB, n_positions=32)
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "tuned"
+    argv = [f"--init_from={tmp_path / 'hf'}", f"--data={data_dir}", f"--out_dir={out}", f"--grad_clip={grad_clip}",
+            "--max_iters=1", "--log_interval=1", "--eval_iters=1", "--batch_size=4", "--num_samples=0"]
+    assert train.main(argv) == 0, capsys.readouterr()
+    x, y = data.open_split(data_dir, "train").batch(TrainConfig().seed, 0, 4, 32)
+    logits = model(torch.from_numpy(x[0]).long()).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.from_numpy(y[0]).long().ravel()).backward()
+    expected = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    logged = records(out)[0]
+    assert logged["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert logged["clipped"] == (expected > grad_clip)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -637,5 +715,5 @@ def test_a_failure_while_setting_up_the_run_is_one_line(tmp_path, data_dir, monk
 def test_peak_flops_takes_the_most_specific_datasheet_row(monkeypatch, kind, dtype, tflops):
     """The first matching name wins, so "gb200" must not be read as "b200", nor "h100 nvl" as "h100"."""
     monkeypatch.setattr(jax, "local_devices", lambda: [types.SimpleNamespace(device_kind=kind)])
-    peak, source = train.peak_flops(ModelConfig.from_preset("tiny", dtype=dtype))
+    peak, source = peak_flops(ModelConfig.from_preset("tiny", dtype=dtype))
     assert (peak, source) == (tflops * 1e12, f"{kind} datasheet")
