@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, TrainConfig
-from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.model import GPT2, init_params, tied_logits, tied_logits_grads
 from gpt2_jax.optim import fused_update, lr_at, make_optimizer
 
 
@@ -134,7 +134,7 @@ def _tied_losses_fwd(x_NC, w_VC, labels_N, vocab_size, ignore_index, label_smoot
     w_VC_x = w_VC.astype(x_NC.dtype)
 
     def chunk(x_nC, labels_n):  # pad_vocab_to's extra rows of w are no classes (the vocab_size argument)
-        logits_nV = jnp.einsum("nc,vc->nv", x_nC, w_VC_x, preferred_element_type=jnp.float32, precision=precision)
+        logits_nV = tied_logits(x_nC, w_VC_x, precision)
         losses_n, residuals = _token_losses_fwd(logits_nV, labels_n, ignore_index, label_smoothing, vocab_size)
         d_nV = _token_losses_bwd(ignore_index, label_smoothing, residuals, jnp.ones_like(losses_n), vocab_size)[0]
         return losses_n, d_nV.astype(x_NC.dtype)
@@ -153,9 +153,8 @@ def _tied_losses_bwd(vocab_size, ignore_index, label_smoothing, precision, chunk
     x_NC, w_VC, d_NV = residuals
     # g_N (1 for every token of a summed loss) scales the rows of x and of dx, not the [N, V] gradient.
     g_N1 = g_N.astype(x_NC.dtype)[:, None]
-    dx_NC = jnp.einsum("nv,vc->nc", d_NV, w_VC.astype(x_NC.dtype), precision=precision) * g_N1
-    dw_VC = jnp.einsum("nv,nc->vc", d_NV, x_NC * g_N1, preferred_element_type=jnp.float32, precision=precision)
-    return dx_NC, dw_VC.astype(w_VC.dtype), None
+    dx_NC, dw_VC = tied_logits_grads(d_NV, x_NC * g_N1, w_VC, precision)
+    return dx_NC * g_N1, dw_VC, None
 
 
 _tied_losses.defvjp(_tied_losses_fwd, _tied_losses_bwd)
