@@ -39,10 +39,8 @@ def _token_losses(logits_BTV, labels_BT, ignore_index, label_smoothing):
 
 
 def _row_sum(a_BTV):
-    # On CPU a matrix-vector product with ones instead of jnp.sum: XLA:CPU runs reductions on one thread and
-    # this GEMV on all of them (gpt2, B=4, T=256, 2 cores, output layer plus loss, forward+backward, scratch A/B:
-    # 1.55 s -> 1.36 s). On GPUs and TPUs the reduction fuses with the pass that produces a_BTV; a GEMV would
-    # read it back from memory.
+    # On CPU a matrix-vector product with ones: XLA:CPU runs reductions on one thread and this GEMV on all of them
+    # (on GPUs and TPUs the reduction fuses with the pass that produces a_BTV).
     if jax.default_backend() != "cpu":
         return a_BTV.sum(-1)
     ones_V = jnp.ones(a_BTV.shape[-1:], a_BTV.dtype)
@@ -106,9 +104,7 @@ def tied_output_loss(x_BTC, wte_VC, labels_BT, config: ModelConfig, ignore_index
 
     The logits never exist whole: each chunk of tokens computes its logits, its losses and d loss / d logits
     (kept for the backward pass, in x's dtype) while they are in cache, and the backward pass is the two
-    matmuls (the logits, exp(logits) and the gradient otherwise each make a pass over [B*T, V] in memory). Scratch
-    A/B on 2 CPU cores, best of the same steps: the mini model's step (C = 128, 8 x 128 tokens) 383 -> 330 ms,
-    gpt2's (4 x 256) 4.47 -> 4.39 s; compile 1.7 -> 2.1 s.
+    matmuls (the logits, exp(logits) and the gradient otherwise each make a pass over [B*T, V] in memory).
     Padded vocabulary rows (pad_vocab_to) get no probability and a zero gradient, as when the logits are cut.
     B*T tokens make up to MAX_LOSS_CHUNKS chunks of about LOSS_CHUNK_ROWS (larger batches get larger chunks); the
     last chunk is padded with ignored tokens.
