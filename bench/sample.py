@@ -6,7 +6,7 @@ ceiling: the bytes a decode step must read (all weights once, plus the filled pa
 copy bandwidth measured here. Prints a table, then one JSON line.
 
     python bench/sample.py            # about 3 minutes; check `uptime` first: other processes skew it
-    python bench/sample.py --layouts  # ms per decode step: GPT2.apply vs decode_forward on each matrix layout
+    python bench/sample.py --layouts  # ms per decode step: GPT2.apply vs sampling.decode_step on each matrix layout
     python bench/sample.py --compile_count   # compilations for 1,000 prompts of 1 to 1,016 tokens
 """
 
@@ -26,10 +26,9 @@ import numpy as np  # noqa: E402
 
 from flags import parse_flags  # noqa: E402  (bench/flags.py)
 from gpt2_jax.config import ModelConfig, replace  # noqa: E402
-from gpt2_jax.model import GPT2, count_params, init_cache, init_params  # noqa: E402
+from gpt2_jax.model import GPT2, abstract_params, arrange_weights, count_params, init_cache, init_params  # noqa: E402
 from gpt2_jax import cpu_kernels, sampling  # noqa: E402
-from gpt2_jax.sampling import (Sampler, decode_block_forward, decode_weights, generate, generate_batch,  # noqa: E402
-                               row_key)
+from gpt2_jax.sampling import Sampler, decode_step, generate, generate_batch, row_key  # noqa: E402
 
 PROMPT, NEW, REPEATS = 32, 128, 2
 
@@ -54,7 +53,7 @@ def copy_bandwidth(n_bytes: int = 1 << 28) -> float:
 
 def bytes_per_step(cfg: ModelConfig, batch: int, itemsize: int) -> float:
     """Weights read once per step plus the real keys and values, averaged over the decode steps."""
-    weights = count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))) * itemsize
+    weights = count_params(abstract_params(cfg)) * itemsize
     mean_len = PROMPT + NEW / 2
     return weights + 2 * cfg.n_layer * batch * mean_len * cfg.n_embd * itemsize
 
@@ -110,8 +109,8 @@ def measure(cfg: ModelConfig, params, model, prompts) -> tuple[float, float, flo
 
 
 def step_ms(batch: int, steps: int = 16) -> dict:
-    """ms per decode step of gpt2 fp32 at cache position 32 of 160: GPT2.apply with its KVCache vs decode_forward
-    on the two matrix layouts (weights prepared before timing)."""
+    """ms per decode step of gpt2 fp32 at cache position 32 of 160: GPT2.apply with its KVCache vs decode_step
+    on each matrix layout (weights prepared before timing)."""
     cfg = ModelConfig.from_preset("gpt2")
     params = init_params(cfg, jax.random.PRNGKey(0))
     S, start = 160, 32
@@ -132,19 +131,19 @@ def step_ms(batch: int, steps: int = 16) -> dict:
 
         def body(i, carry):
             block_k, block_v, token_B = carry
-            logits, block_k, block_v = decode_block_forward(cfg, weights, token_B, jnp.full((batch,), start + i),
-                                                            mask_BS, kv, kv, block_k, block_v, start, start + i)
+            logits, block_k, block_v = decode_step(cfg, weights, token_B, jnp.full((batch,), start + i), mask_BS,
+                                                   cache.replace(index=start + i), block_k, block_v, start)
             return block_k, block_v, jnp.argmax(logits, -1).astype(jnp.int32)
-        kv = tuple(jnp.zeros((batch, cfg.n_head, S, cfg.head_dim)) for _ in range(cfg.n_layer))
+        cache = init_cache(cfg, batch, S)
         block = tuple(jnp.zeros((batch, cfg.n_head, steps, cfg.head_dim)) for _ in range(cfg.n_layer))
         return jax.lax.fori_loop(0, steps, body, (block, block, token_B))[2]
 
-    copy = jax.jit(decode_weights, static_argnums=(0, 2))
+    copy = jax.jit(arrange_weights, static_argnums=(0, 2))
     paths = {"GPT2.apply (scan over stacked weights)": (model_path, params),
-             "decode_forward, [out, in] as stored": (decode_path, decode_weights(cfg, params)),
-             "decode_forward, [in, out] copy": (decode_path, copy(cfg, params, sampling.IN_OUT))}
+             "decode_step, [out, in] as stored": (decode_path, arrange_weights(cfg, params)),
+             "decode_step, [in, out] copy": (decode_path, copy(cfg, params, sampling.IN_OUT))}
     if batch <= cpu_kernels.MAX_ROWS and cpu_kernels.available():
-        paths["decode_forward, panel kernel"] = (decode_path, copy(cfg, params, sampling.PANELS))
+        paths["decode_step, panel kernel"] = (decode_path, copy(cfg, params, sampling.PANELS))
     for f, w in paths.values():
         f(w, token_B).block_until_ready()
     best = {name: float("inf") for name in paths}

@@ -21,7 +21,6 @@ from gpt2_jax/flops.py (nanoGPT's 6 N + 12 L C T). The last line is JSON.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -199,14 +199,15 @@ def choice_scores(config: ModelConfig, params, prefix_BP, prefix_len_B, inputs_R
     """Summed log p of each ending [R = 4B], in float32. The contexts (less their last token) go through the model
     once into a KV cache that the example's four endings then attend to: about half the work of four full rows."""
     model = GPT2(config)
-    (B, P), (R, E) = prefix_BP.shape, inputs_RE.shape
+    (B, P), E = prefix_BP.shape, inputs_RE.shape[1]
     slot_S = jnp.arange(P + E)
-    shape = (config.n_layer, B, P + E, config.n_head, config.head_dim)
-    cache = KVCache(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype), index=jnp.zeros((), jnp.int32))
+    # Built directly, not by init_cache: the padded P + E may pass block_size (positions are clipped below).
+    zeros = tuple(jnp.zeros((B, config.n_head, P + E, config.head_dim), config.dtype) for _ in range(config.n_layer))
+    cache = KVCache(k=zeros, v=zeros, index=jnp.zeros((), jnp.int32))
     # The prefill's logits are unused, so XLA drops the output layer from it.
     _, cache = model.apply({"params": params}, prefix_BP, attn_mask=slot_S < prefix_len_B[:, None], cache=cache)
-    cache = KVCache(k=jnp.repeat(cache.k, N_ENDINGS, axis=1), v=jnp.repeat(cache.v, N_ENDINGS, axis=1),
-                    index=cache.index)
+    cache = KVCache(k=tuple(jnp.repeat(k, N_ENDINGS, axis=0) for k in cache.k),
+                    v=tuple(jnp.repeat(v, N_ENDINGS, axis=0) for v in cache.v), index=cache.index)
     prefix_len_R = jnp.repeat(prefix_len_B, N_ENDINGS)
     positions_RE = jnp.minimum(prefix_len_R[:, None] + jnp.arange(E), config.block_size - 1)
     seen_RS = (slot_S < prefix_len_R[:, None]) | (slot_S >= P)  # its own context and its own ending (causal)

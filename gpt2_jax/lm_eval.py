@@ -17,7 +17,6 @@ import json
 import sys
 from typing import Sequence
 
-import jax
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM

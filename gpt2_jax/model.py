@@ -1,14 +1,18 @@
-"""GPT-2 as pure Flax Linen modules.
+"""GPT-2's arithmetic as plain functions, and the Flax Linen GPT2 built from them.
 
 Parameter layout (names follow Hugging Face's GPT-2 so the key maps stay readable):
   wte [Vp, C]  wpe [T, C]                          ln_f.weight/bias [C]      lm_head.weight [Vp, C] (untied only)
   h.ln_1/ln_2.weight/bias [L, C]
   h.attn.c_attn.weight [L, 3, H, D, C]  .bias [L, 3, H, D]     h.attn.c_proj.weight [L, C, H, D]  .bias [L, C]
   h.mlp.c_fc.weight [L, 4C, C]  .bias [L, 4C]                   h.mlp.c_proj.weight [L, C, 4C]     .bias [L, C]
-Matrices are stored [out, in] like torch.nn.Linear, so torch and reference checkpoints map without transposes
-(on CPU sampling.py decodes from its own per-layer copy). Blocks are stacked on a leading L axis and run
-by lax.scan. Every parameter carries logical axis names (vocab, embed, heads, head_dim, mlp, layers) that
-sharding.py maps onto a mesh.
+Matrices are stored [out, in] like torch.nn.Linear, so torch and reference checkpoints map without transposes.
+Blocks are stacked on a leading L axis and run by lax.scan. Every parameter carries logical axis names (vocab,
+embed, heads, head_dim, mlp, layers) that sharding.py maps onto a mesh.
+
+embed, block (attention and mlp inside), layer_norm and head_logits are the model; GPT2.apply (training,
+evaluation, prefill) and forward_unrolled (sampling's decode step) both call them. What differs between them is
+only how each weight matrix is stored and multiplied: a Matrix, as stored, transposed or packed in the CPU
+kernel's panels.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -31,11 +35,19 @@ from gpt2_jax.config import ConfigError, ModelConfig, is_integer
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer for B rows and S slots; `index` is how many slots are filled."""
+    """Keys and values of every layer for B rows and S slots; `index` is how many slots are filled.
 
-    k: jax.Array  # [L, B, S, H, D]
-    v: jax.Array  # [L, B, S, H, D]
+    One array per layer, [B, H, S, D]: a decode step reads each layer's cache as a whole operand (a slice of a
+    stacked [L, ...] array would be copied on every step), and attention over it is a plain batched matmul.
+    """
+
+    k: tuple  # per layer [B, H, S, D]
+    v: tuple  # per layer [B, H, S, D]
     index: jax.Array  # int32 scalar
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
@@ -45,9 +57,10 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     if max_len > config.block_size:
         raise ValueError(f"cache length {max_len} exceeds block_size {config.block_size}")
-    shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
+    shape = (batch_size, config.n_head, max_len, config.head_dim)
     dtype = dtype or config.dtype
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32))
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in zeros), index=jnp.zeros((), jnp.int32))
 
 
 # How activations are laid out on a device mesh while a step is traced: set by sharding.with_activation_layout
@@ -78,17 +91,60 @@ def _activation_axes(param_axes: tuple[str | None, ...]) -> tuple[str | None, ..
     return tuple(a if a in ("heads", "mlp", "vocab") else None for a in param_axes)
 
 
-def _normal(std: float, axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+# ---------------------------------------------------------------- how a weight matrix is stored and multiplied
+# As stored [*out, *in]; transposed to [in, out]; or packed for cpu_kernels.panel_matmul.
+OUT_IN, IN_OUT, PANELS = "out_in", "in_out", "panels"
 
 
-def _const(value: float, axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.constant(value), axes)
+@flax.struct.dataclass
+class Matrix:
+    """A weight W and how it is stored; matmul(config, x, m) is x @ W.T in every layout.
+
+    OUT_IN: as the params keep it, [*out, *in] with n_in input axes (torch layout, head axes possibly split).
+    IN_OUT: [in, out]. PANELS: cpu_kernels.pack_panels of [in, out], n_out columns, for up to MAX_ROWS rows.
+    """
+
+    w: jax.Array
+    layout: str = flax.struct.field(pytree_node=False, default=OUT_IN)
+    n_in: int = flax.struct.field(pytree_node=False, default=1)
+    n_out: int = flax.struct.field(pytree_node=False, default=0)
 
 
+def as_layout(config: ModelConfig, w_OI, layout: str) -> Matrix:
+    """A 2-D [out, in] weight in the compute dtype, stored in layout."""
+    if layout not in (OUT_IN, IN_OUT, PANELS):
+        raise ValueError(f"layout must be one of {OUT_IN!r}, {IN_OUT!r}, {PANELS!r}; got {layout!r}")
+    w_OI = w_OI.astype(config.dtype)
+    if layout == OUT_IN:
+        return Matrix(w_OI)
+    if layout == IN_OUT:
+        return Matrix(w_OI.T, IN_OUT)
+    return Matrix(cpu_kernels.pack_panels(w_OI.T), PANELS, n_out=w_OI.shape[0])
+
+
+def matmul(config: ModelConfig, x, m: Matrix, x_in: int = 1, float32: bool = False):
+    """x @ W.T over x's trailing x_in axes: [*lead, *out] (OUT_IN) or [*lead, n_out], in the compute dtype, or with
+    float32 sums and result (float32=True)."""
+    lead = x.shape[:x.ndim - x_in]
+    x = x.astype(config.dtype)
+    out_type = jnp.float32 if float32 else None
+    if m.layout == PANELS:  # float32 sums, rounded once to the compute dtype
+        y = cpu_kernels.panel_matmul(x.reshape(-1, math.prod(x.shape[len(lead):])), m.w, m.n_out)
+        y = y.reshape(*lead, m.n_out)
+        return y if float32 else y.astype(config.dtype)
+    w = m.w.astype(config.dtype)
+    if m.layout == IN_OUT:
+        return jnp.dot(x.reshape(*lead, -1), w, precision=config.precision, preferred_element_type=out_type)
+    x = x.reshape(*lead, *w.shape[w.ndim - m.n_in:])
+    contract = (tuple(range(len(lead), x.ndim)), tuple(range(w.ndim - m.n_in, w.ndim)))
+    return jax.lax.dot_general(x, w, (contract, ((), ())), precision=config.precision,
+                               preferred_element_type=out_type)
+
+
+# ---------------------------------------------------------------- the model's arithmetic
 def layer_norm(config: ModelConfig, x, weight, bias=None):
     """torch.nn.LayerNorm over the last axis: biased variance of (x - mean), computed in float32; the result in
-    the compute dtype. LayerNorm below and sampling's decode step both use it."""
+    the compute dtype."""
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -98,45 +154,44 @@ def layer_norm(config: ModelConfig, x, weight, bias=None):
     return y.astype(config.dtype)
 
 
-class LayerNorm(nn.Module):
-    """layer_norm with its weight (and bias) [C] as parameters."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        c = x.shape[-1]
-        weight = self.param("weight", _const(1.0, ("embed",)), (c,), cfg.param_dtype)
-        bias = self.param("bias", _const(0.0, ("embed",)), (c,), cfg.param_dtype) if cfg.bias else None
-        # Gathered whole (C numbers) before use: their fsdp split would otherwise spread onto the activations.
-        return layer_norm(cfg, x, _laid_out(weight, None), None if bias is None else _laid_out(bias, None))
+def dense(config: ModelConfig, x, weights: dict, out_shape: tuple[int, ...], out_axes: tuple[str | None, ...],
+          x_in: int = 1):
+    """A linear layer {"weight": Matrix, "bias": [*out_shape] or None} on x's trailing x_in axes:
+    [*lead, *out_shape] in the compute dtype, laid out on the output's logical axes."""
+    y = matmul(config, x, weights["weight"], x_in)
+    y = y.reshape(*x.shape[:x.ndim - x_in], *out_shape)
+    if weights.get("bias") is not None:
+        y = y + weights["bias"].astype(config.dtype)
+    return _laid_out(y, "batch", None, *_activation_axes(out_axes))
 
 
-class Linear(nn.Module):
-    """y = x @ W.T + b with W stored [*out, *in] (torch layout, possibly with split head axes)."""
+def embed(config: ModelConfig, wte, wpe, tokens_BT, positions_BT):
+    """Token plus position embeddings [B, T, C] in the compute dtype."""
+    return (jnp.take(wte, tokens_BT, axis=0) + jnp.take(wpe, positions_BT, axis=0)).astype(config.dtype)
 
-    config: ModelConfig
-    out_shape: tuple[int, ...]
-    out_axes: tuple[str | None, ...]
-    in_axes: tuple[str | None, ...]
-    std: float = 0.02
-    use_bias: bool = True
 
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        n_in = len(self.in_axes)
-        in_shape = x.shape[x.ndim - n_in:]
-        w = self.param("weight", _normal(self.std, self.out_axes + self.in_axes),
-                       self.out_shape + in_shape, cfg.param_dtype)
-        # Contract the trailing n_in axes of x with the trailing n_in axes of W.
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(len(self.out_shape), w.ndim)))
-        y = jax.lax.dot_general(x.astype(cfg.dtype), w.astype(cfg.dtype), (contract, ((), ())),
-                                precision=cfg.precision)
-        if self.use_bias:
-            y = y + self.param("bias", _const(0.0, self.out_axes), self.out_shape, cfg.param_dtype).astype(cfg.dtype)
-        return _laid_out(y, "batch", None, *_activation_axes(self.out_axes))
+def _no_dropout(x):
+    return x
+
+
+def attention(config: ModelConfig, q_BTHD, parts: Sequence[tuple], dropout: Callable = _no_dropout):
+    """softmax(q k^T / sqrt(D)) v over the key slots of every (k [B, H, S, D], v [B, H, S, D], visible) part
+    together; visible broadcasts to [B, H, T, S]. Float32 scores, probabilities in the compute dtype; a query
+    that sees no slot gets the mean of the values instead of NaN (padding rows)."""
+    scale = 1.0 / math.sqrt(config.head_dim)
+    scores = [jnp.where(visible, scale * jnp.einsum("bthd,bhsd->bhts", q_BTHD, k.astype(config.dtype),
+                                                    preferred_element_type=jnp.float32,
+                                                    precision=config.precision),
+                        jnp.finfo(jnp.float32).min)
+              for k, _, visible in parts]
+    if len(scores) == 1:
+        probs = [jax.nn.softmax(scores[0], axis=-1)]
+    else:  # one softmax over all slots, split back into the parts
+        cuts = np.cumsum([s.shape[-1] for s in scores])[:-1]
+        probs = jnp.split(jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1), cuts, axis=-1)
+    return sum(jnp.einsum("bhts,bhsd->bthd", dropout(p).astype(config.dtype), v.astype(config.dtype),
+                          precision=config.precision)
+               for p, (_, v, _) in zip(probs, parts))
 
 
 def causal_attention_impl(config: ModelConfig, training: bool) -> str:
@@ -186,96 +241,51 @@ def _cpu_kernel_blockers(config: ModelConfig, dropout: bool) -> list[str]:
     return reasons
 
 
-class CausalSelfAttention(nn.Module):
-    config: ModelConfig
-    deterministic: bool = True
-
-    @nn.compact
-    def __call__(self, x_BTC, mask_BTS, layer_cache, cache_index):
-        """mask_BTS None means plain causal attention over x's own T tokens (no cache, no padding)."""
-        cfg = self.config
-        H, D = cfg.n_head, cfg.head_dim
-        qkv = Linear(cfg, (3, H, D), (None, "heads", "head_dim"), ("embed",), use_bias=cfg.qkv_bias,
-                     name="c_attn")(x_BTC)
-        q_BTHD, k_BTHD, v_BTHD = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        dropout = nn.Dropout(cfg.dropout)
-        new_cache = None
-        if layer_cache is not None:
-            k_cache, v_cache = layer_cache
-            start = (0, cache_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTHD.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTHD.astype(v_cache.dtype), start)
-            new_cache = (k_cache, v_cache)
-            k_BTHD, v_BTHD = k_cache.astype(cfg.dtype), v_cache.astype(cfg.dtype)
-        impl = causal_attention_impl(cfg, not self.deterministic) if mask_BTS is None else None
-        if impl == "cudnn":
-            y_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation="cudnn")
-        elif impl == "cpu_kernel":
-            y_BTHD = cpu_kernels.causal_attention(qkv)
-        elif mask_BTS is None:
-            y_BTHD = self._causal(q_BTHD, k_BTHD, v_BTHD, dropout)
-        else:
-            y_BTHD = self._attend(q_BTHD, k_BTHD, v_BTHD, mask_BTS[:, None], dropout)
-        y_BTHD = _laid_out(y_BTHD, "batch", None, "heads", None)
-        std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        y_BTC = Linear(cfg, (cfg.n_embd,), ("embed",), ("heads", "head_dim"), std=std, use_bias=cfg.bias,
-                       name="c_proj")(y_BTHD)
-        return y_BTC, new_cache
-
-    def _causal(self, q_BTHD, k_BTHD, v_BTHD, dropout):
-        # Queries of the first half never see keys of the second half, so that quarter of the score matrix is
-        # not computed: the same numbers with 25% fewer attention FLOPs (gpt2, B=4, T=256, 2 CPU cores:
-        # attention forward+backward 41 ms -> 27 ms per layer; more chunks gained nothing there).
-        T = q_BTHD.shape[1]
-        cuts = (0, T // 2, T) if T >= 2 else (0, T)
-        chunks = []
-        for t0, t1 in zip(cuts[:-1], cuts[1:]):
-            mask_TS = jnp.arange(t0, t1)[:, None] >= jnp.arange(t1)[None, :]
-            chunks.append(self._attend(q_BTHD[:, t0:t1], k_BTHD[:, :t1], v_BTHD[:, :t1], mask_TS, dropout))
-        return jnp.concatenate(chunks, axis=1)
-
-    def _attend(self, q_BTHD, k_BSHD, v_BSHD, mask, dropout):
-        """softmax(q k^T / sqrt(D)) v over the key slots that mask (broadcast to [B, H, T, S]) allows."""
-        cfg = self.config
-        scores_BHTS = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BSHD, preferred_element_type=jnp.float32,
-                                 precision=cfg.precision)
-        scores_BHTS = scores_BHTS * (1.0 / math.sqrt(cfg.head_dim))
-        scores_BHTS = jnp.where(mask, scores_BHTS, jnp.finfo(jnp.float32).min)
-        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-        probs_BHTS = dropout(probs_BHTS, deterministic=self.deterministic)
-        return jnp.einsum("bhts,bshd->bthd", probs_BHTS.astype(cfg.dtype), v_BSHD, precision=cfg.precision)
+def _heads_first(x_BTHD):
+    return x_BTHD.transpose(0, 2, 1, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def output_logits(x_BTC, w_VC, precision):
-    """x @ w.T as float32 logits, w cast to x's dtype. The backward casts the logits' gradient to x's dtype before
-    its two matmuls: in 16-bit compute autodiff would hand them the float32 cotangent, making both float32
-    matmuls over [B*T, V] (twice the memory traffic, and not the 16-bit GEMM rate)."""
-    return _output_logits_fwd(x_BTC, w_VC, precision)[0]
+def causal_attention(config: ModelConfig, qkv_BT3HD, training: bool = False, dropout: Callable = _no_dropout):
+    """Causal self-attention over qkv's own T tokens (no cache, no padding): y [B, T, H, D]."""
+    impl = causal_attention_impl(config, training)
+    q_BTHD, k_BTHD, v_BTHD = qkv_BT3HD[:, :, 0], qkv_BT3HD[:, :, 1], qkv_BT3HD[:, :, 2]
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q_BTHD, k_BTHD, v_BTHD, is_causal=True, implementation="cudnn")
+    if impl == "cpu_kernel":
+        return cpu_kernels.causal_attention(qkv_BT3HD)
+    # Queries of the first half never see keys of the second half: that quarter of the scores is not computed.
+    k_BHTD, v_BHTD = _heads_first(k_BTHD), _heads_first(v_BTHD)
+    T = q_BTHD.shape[1]
+    cuts = (0, T // 2, T) if T >= 2 else (0, T)
+    chunks = []
+    for t0, t1 in zip(cuts[:-1], cuts[1:]):
+        visible_TS = jnp.arange(t0, t1)[:, None] >= jnp.arange(t1)[None, :]
+        chunks.append(attention(config, q_BTHD[:, t0:t1], [(k_BHTD[:, :, :t1], v_BHTD[:, :, :t1], visible_TS)],
+                                dropout))
+    return jnp.concatenate(chunks, axis=1)
 
 
-def _output_logits_fwd(x_BTC, w_VC, precision):
-    logits_BTV = jnp.einsum("btc,vc->btv", x_BTC, w_VC.astype(x_BTC.dtype), preferred_element_type=jnp.float32,
-                            precision=precision)
-    return logits_BTV, (x_BTC, w_VC)
+def cached_attention(config: ModelConfig, qkv_BT3HD, k_BHSD, v_BHSD, index, visible_BTS,
+                     dropout: Callable = _no_dropout):
+    """Write qkv's keys and values into one layer's cache at slot index, then attend over its visible slots:
+    (y [B, T, H, D], (k, v) of the cache)."""
+    start = (0, 0, index, 0)
+    k_BHSD = jax.lax.dynamic_update_slice(k_BHSD, _heads_first(qkv_BT3HD[:, :, 1]).astype(k_BHSD.dtype), start)
+    v_BHSD = jax.lax.dynamic_update_slice(v_BHSD, _heads_first(qkv_BT3HD[:, :, 2]).astype(v_BHSD.dtype), start)
+    y_BTHD = attention(config, qkv_BT3HD[:, :, 0], [(k_BHSD, v_BHSD, visible_BTS[:, None])], dropout)
+    return y_BTHD, (k_BHSD, v_BHSD)
 
 
-def _output_logits_bwd(precision, residuals, g_BTV):
-    x_BTC, w_VC = residuals
-    g_BTV = g_BTV.astype(x_BTC.dtype)
-    dx_BTC = jnp.einsum("btv,vc->btc", g_BTV, w_VC.astype(x_BTC.dtype), precision=precision)
-    dw_VC = jnp.einsum("btv,btc->vc", g_BTV, x_BTC, preferred_element_type=jnp.float32, precision=precision)
-    return dx_BTC, dw_VC.astype(w_VC.dtype)
-
-
-output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+def masked_attention(config: ModelConfig, qkv_BT3HD, visible_BTS, dropout: Callable = _no_dropout):
+    """Self-attention over qkv's own T tokens where visible_BTS allows: y [B, T, H, D]."""
+    k_BHTD, v_BHTD = _heads_first(qkv_BT3HD[:, :, 1]), _heads_first(qkv_BT3HD[:, :, 2])
+    return attention(config, qkv_BT3HD[:, :, 0], [(k_BHTD, v_BHTD, visible_BTS[:, None])], dropout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def gelu(x, approximate: bool):
     """jax.nn.gelu whose backward pass keeps only x: autodiff of the tanh form saves four more [B, T, 4C]
-    arrays per layer, which lax.scan stacks over all layers (gpt2, B=4, T=256: 5 x 151 MB zero-filled and
-    written every step)."""
+    arrays per layer, which lax.scan stacks over all layers."""
     return jax.nn.gelu(x, approximate=approximate)
 
 
@@ -297,22 +307,204 @@ def _gelu_bwd(approximate, x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-class MLP(nn.Module):
+def mlp(config: ModelConfig, weights: dict, x_BTC, dropout: Callable = _no_dropout):
+    """c_fc, GELU, c_proj."""
+    h = dense(config, x_BTC, weights["c_fc"], (4 * config.n_embd,), ("mlp",))
+    h = gelu(h, config.activation == "gelu_tanh")
+    return dropout(dense(config, h, weights["c_proj"], (config.n_embd,), ("embed",)))
+
+
+def block(config: ModelConfig, layer: dict, x_BTC, attend: Callable, dropout: Callable = _no_dropout):
+    """One pre-LayerNorm transformer block on the residual stream: (x, what attend returned besides y).
+
+    attend(qkv [B, T, 3, H, D]) -> (y [B, T, H, D], keys and values to keep or None): causal_attention,
+    cached_attention, or the decode loop's own.
+    """
+    H, D, C = config.n_head, config.head_dim, config.n_embd
+    x_BTC = _laid_out(x_BTC, "batch", None, None)
+    attn = layer["attn"]
+    qkv_BT3HD = dense(config, layer_norm(config, x_BTC, **layer["ln_1"]), attn["c_attn"], (3, H, D),
+                      (None, "heads", "head_dim"))
+    y_BTHD, kv = attend(qkv_BT3HD)
+    y_BTHD = _laid_out(y_BTHD, "batch", None, "heads", None)
+    x_BTC = x_BTC + dropout(dense(config, y_BTHD, attn["c_proj"], (C,), ("embed",), x_in=2))
+    x_BTC = _laid_out(x_BTC, "batch", None, None)
+    x_BTC = x_BTC + mlp(config, layer["mlp"], layer_norm(config, x_BTC, **layer["ln_2"]), dropout)
+    return _laid_out(x_BTC, "batch", None, None), kv
+
+
+def tied_logits(x, w_VC, precision):
+    """x @ w.T with float32 sums and result, w cast to x's dtype: the tied output layer."""
+    return jnp.einsum("...c,vc->...v", x, w_VC.astype(x.dtype), preferred_element_type=jnp.float32,
+                      precision=precision)
+
+
+def tied_logits_grads(g, x, w_VC, precision):
+    """(d x, d w) of tied_logits for the logits' gradient g, which is rounded to x's dtype before the two matmuls:
+    in 16-bit compute autodiff would make both float32 matmuls over [B*T, V] (twice the memory traffic)."""
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("...v,vc->...c", g, w_VC.astype(x.dtype), precision=precision)
+    dw = jnp.einsum("...v,...c->vc", g, x, preferred_element_type=jnp.float32, precision=precision)
+    return dx, dw.astype(w_VC.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def output_logits(x_BTC, w_VC, precision):
+    """tied_logits with tied_logits_grads as its backward pass."""
+    return tied_logits(x_BTC, w_VC, precision)
+
+
+def _output_logits_fwd(x_BTC, w_VC, precision):
+    return tied_logits(x_BTC, w_VC, precision), (x_BTC, w_VC)
+
+
+def _output_logits_bwd(precision, residuals, g_BTV):
+    return tied_logits_grads(g_BTV, *residuals, precision)
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+
+
+def head_logits(config: ModelConfig, x_BTC, head: dict):
+    """Float32 logits [B, T, vocab_size] from the final LayerNorm's output: the tied layer wte with float32 sums,
+    an untied one in the compute dtype plus its bias."""
+    m = head["weight"]
+    if not config.tie_embeddings:
+        logits = dense(config, x_BTC, head, (config.padded_vocab_size,), ("vocab",))
+    elif m.layout == OUT_IN:
+        logits = output_logits(x_BTC, m.w, config.precision)
+    else:
+        logits = matmul(config, x_BTC, m, float32=True)
+    logits = _laid_out(logits.astype(jnp.float32), "batch", None, "vocab")
+    return logits[..., :config.vocab_size] if config.padded_vocab_size != config.vocab_size else logits
+
+
+# ---------------------------------------------------------------- the model on per-layer weights (decoding)
+@flax.struct.dataclass
+class Weights:
+    """The params as per-layer trees whose matrices are Matrix objects, for forward_unrolled."""
+
+    wte: jax.Array
+    wpe: jax.Array
+    layers: tuple  # per layer {"ln_1", "attn": {"c_attn", "c_proj"}, "ln_2", "mlp": {"c_fc", "c_proj"}}
+    ln_f: dict
+    head: dict  # {"weight": Matrix [V, C] as stored or in panels, "bias"}
+
+
+def arrange_weights(config: ModelConfig, params, layout: str = OUT_IN) -> Weights:
+    """Every block matrix 2-D [out, in] in the compute dtype, stored in layout; the output layer as stored (or
+    in panels with PANELS). Inside jit, OUT_IN takes slices and reshapes of the params; the others are copies."""
+    h, C = params["h"], config.n_embd
+
+    def norm(tree, i):
+        return {"weight": tree["weight"][i], "bias": tree["bias"][i] if "bias" in tree else None}
+
+    def linear(tree, i, n_out):
+        return {"weight": as_layout(config, tree["weight"][i].reshape(n_out, -1), layout),
+                "bias": tree["bias"][i] if "bias" in tree else None}
+
+    layers = tuple({
+        "ln_1": norm(h["ln_1"], i), "ln_2": norm(h["ln_2"], i),
+        "attn": {"c_attn": linear(h["attn"]["c_attn"], i, 3 * C), "c_proj": linear(h["attn"]["c_proj"], i, C)},
+        "mlp": {"c_fc": linear(h["mlp"]["c_fc"], i, 4 * C), "c_proj": linear(h["mlp"]["c_proj"], i, C)},
+    } for i in range(config.n_layer))
+    head = params["wte"] if config.tie_embeddings else params["lm_head"]["weight"]
+    head = {"weight": as_layout(config, head, PANELS if layout == PANELS else OUT_IN),
+            "bias": None if config.tie_embeddings else params["lm_head"].get("bias")}
+    ln_f = {"weight": params["ln_f"]["weight"], "bias": params["ln_f"].get("bias")}
+    return Weights(wte=params["wte"], wpe=params["wpe"], layers=layers, ln_f=ln_f, head=head)
+
+
+def forward_unrolled(config: ModelConfig, weights: Weights, tokens_BT, positions_BT, attends: Sequence[Callable]):
+    """The model with a Python loop over the layers (no dropout): (float32 logits [B, T, vocab_size], what each
+    layer's attend returned besides y). attends: one per layer (see block)."""
+    x_BTC = embed(config, weights.wte, weights.wpe, tokens_BT, positions_BT)
+    kept = []
+    for layer, attend in zip(weights.layers, attends, strict=True):
+        x_BTC, kv = block(config, layer, x_BTC, attend)
+        kept.append(kv)
+    x_BTC = layer_norm(config, x_BTC, **weights.ln_f)
+    return head_logits(config, x_BTC, weights.head), tuple(kept)
+
+
+# ---------------------------------------------------------------- the Linen modules: parameters, then the above
+def _normal(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _const(value: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.constant(value), axes)
+
+
+class LayerNorm(nn.Module):
+    """A LayerNorm's weight (and bias) [C], as layer_norm takes them."""
+
     config: ModelConfig
-    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BTC):
+    def __call__(self):
         cfg = self.config
-        h = Linear(cfg, (4 * cfg.n_embd,), ("mlp",), ("embed",), use_bias=cfg.bias, name="c_fc")(x_BTC)
-        h = gelu(h, cfg.activation == "gelu_tanh")
+        c = cfg.n_embd
+        weight = self.param("weight", _const(1.0, ("embed",)), (c,), cfg.param_dtype)
+        bias = self.param("bias", _const(0.0, ("embed",)), (c,), cfg.param_dtype) if cfg.bias else None
+        # Gathered whole (C numbers) before use: their fsdp split would otherwise spread onto the activations.
+        return {"weight": _laid_out(weight, None), "bias": None if bias is None else _laid_out(bias, None)}
+
+
+class Linear(nn.Module):
+    """W [*out, *in] (torch layout, possibly with split head axes) and its bias, as dense takes them."""
+
+    config: ModelConfig
+    out_shape: tuple[int, ...]
+    out_axes: tuple[str | None, ...]
+    in_shape: tuple[int, ...]
+    in_axes: tuple[str | None, ...]
+    std: float = 0.02
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.config
+        w = self.param("weight", _normal(self.std, self.out_axes + self.in_axes), self.out_shape + self.in_shape,
+                       cfg.param_dtype)
+        bias = (self.param("bias", _const(0.0, self.out_axes), self.out_shape, cfg.param_dtype) if self.use_bias
+                else None)
+        return {"weight": Matrix(w, n_in=len(self.in_axes)), "bias": bias}
+
+
+class Attention(nn.Module):
+    """A block's c_attn and c_proj."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.config
+        H, D, C = cfg.n_head, cfg.head_dim, cfg.n_embd
         std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        h = Linear(cfg, (cfg.n_embd,), ("embed",), ("mlp",), std=std, use_bias=cfg.bias, name="c_proj")(h)
-        return nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        return {"c_attn": Linear(cfg, (3, H, D), (None, "heads", "head_dim"), (C,), ("embed",),
+                                 use_bias=cfg.qkv_bias, name="c_attn")(),
+                "c_proj": Linear(cfg, (C,), ("embed",), (H, D), ("heads", "head_dim"), std=std, use_bias=cfg.bias,
+                                 name="c_proj")()}
+
+
+class MLP(nn.Module):
+    """A block's c_fc and c_proj."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.config
+        C = cfg.n_embd
+        std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        return {"c_fc": Linear(cfg, (4 * C,), ("mlp",), (C,), ("embed",), use_bias=cfg.bias, name="c_fc")(),
+                "c_proj": Linear(cfg, (C,), ("embed",), (4 * C,), ("mlp",), std=std, use_bias=cfg.bias,
+                                 name="c_proj")()}
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; the scan carry is the residual stream."""
+    """One layer's parameters and block(); the scan carry is the residual stream."""
 
     config: ModelConfig
     deterministic: bool = True
@@ -321,13 +513,20 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTC, layer_cache, mask_BTS, cache_index):
         cfg = self.config
-        x_BTC = _laid_out(x_BTC, "batch", None, None)
-        a, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
-            LayerNorm(cfg, name="ln_1")(x_BTC), mask_BTS, layer_cache, cache_index)
-        x_BTC = x_BTC + nn.Dropout(cfg.dropout)(a, deterministic=self.deterministic)
-        x_BTC = _laid_out(x_BTC, "batch", None, None)
-        x_BTC = x_BTC + MLP(cfg, self.deterministic, name="mlp")(LayerNorm(cfg, name="ln_2")(x_BTC))
-        x_BTC = _laid_out(x_BTC, "batch", None, None)
+        layer = {"ln_1": LayerNorm(cfg, name="ln_1")(), "attn": Attention(cfg, name="attn")(),
+                 "ln_2": LayerNorm(cfg, name="ln_2")(), "mlp": MLP(cfg, name="mlp")()}
+
+        def dropout(x):
+            return nn.Dropout(cfg.dropout)(x, deterministic=self.deterministic)
+
+        def attend(qkv_BT3HD):
+            if layer_cache is not None:
+                return cached_attention(cfg, qkv_BT3HD, *layer_cache, cache_index, mask_BTS, dropout)
+            if mask_BTS is not None:
+                return masked_attention(cfg, qkv_BT3HD, mask_BTS, dropout), None
+            return causal_attention(cfg, qkv_BT3HD, not self.deterministic, dropout), None
+
+        x_BTC, new_cache = block(cfg, layer, x_BTC, attend, dropout)
         return x_BTC, (new_cache, x_BTC if self.return_hidden else None)
 
 
@@ -364,7 +563,7 @@ class GPT2(nn.Module):
             positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         mask_BTS = None  # plain causal: the attention builds its own (cheaper, blocked) masks
         if cache is not None or attn_mask is not None:
-            S = cache.k.shape[2] if cache is not None else T
+            S = cache.slots if cache is not None else T
             mask_BTS = (start + jnp.arange(T))[:, None] >= jnp.arange(S)[None, :]
             mask_BTS = jnp.broadcast_to(mask_BTS, (B, T, S))
             if attn_mask is not None:
@@ -374,15 +573,12 @@ class GPT2(nn.Module):
         wte = self.param("wte", _normal(0.02, ("vocab", "embed")), (Vp, cfg.n_embd), cfg.param_dtype)
         wpe = self.param("wpe", _normal(0.02, (None, "embed")), (cfg.block_size, cfg.n_embd), cfg.param_dtype)
         # The lookups read whole rows: wte and wpe are gathered on embed (as the output layer needs wte anyway).
-        x_BTC = (jnp.take(_laid_out(wte, "vocab", None), tokens, axis=0)
-                 + jnp.take(_laid_out(wpe, None, None), positions, axis=0)).astype(cfg.dtype)
+        x_BTC = embed(cfg, _laid_out(wte, "vocab", None), _laid_out(wpe, None, None), tokens, positions)
         x_BTC = _laid_out(nn.Dropout(cfg.dropout)(x_BTC, deterministic=deterministic), "batch", None, None)
 
-        block = Block
-        if cfg.remat:
-            block = nn.remat(Block, prevent_cse=False)
+        block_module = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         blocks = nn.scan(
-            block,
+            block_module,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast),
@@ -390,22 +586,21 @@ class GPT2(nn.Module):
             unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, return_hidden, name="h")
-        layer_caches = (cache.k, cache.v) if cache is not None else None
+        # lax.scan takes the layers' caches stacked (a copy here; the decode loop reads them one by one).
+        layer_caches = (jnp.stack(cache.k), jnp.stack(cache.v)) if cache is not None else None
         x_BTC, (new_kv, hidden_LBTC) = blocks(x_BTC, layer_caches, mask_BTS, start)
 
-        x_BTC = LayerNorm(cfg, name="ln_f")(x_BTC)
+        x_BTC = layer_norm(cfg, x_BTC, **LayerNorm(cfg, name="ln_f")())
         if not head:
             return x_BTC
         if cfg.tie_embeddings:
-            logits = output_logits(x_BTC, wte, cfg.precision)
+            out_layer = {"weight": Matrix(wte), "bias": None}
         else:
-            logits = Linear(cfg, (Vp,), ("vocab",), ("embed",), use_bias=cfg.lm_head_bias, name="lm_head")(x_BTC)
-        logits = _laid_out(logits.astype(jnp.float32), "batch", None, "vocab")
-        if Vp != cfg.vocab_size:
-            logits = logits[..., : cfg.vocab_size]
-        out = (logits,)
+            out_layer = Linear(cfg, (Vp,), ("vocab",), (cfg.n_embd,), ("embed",), use_bias=cfg.lm_head_bias,
+                               name="lm_head")()
+        out = (head_logits(cfg, x_BTC, out_layer),)
         if cache is not None:
-            out += (KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + T),)
+            out += (KVCache(k=tuple(new_kv[0]), v=tuple(new_kv[1]), index=cache.index + T),)
         if return_hidden:
             out += (hidden_LBTC,)
         return out[0] if len(out) == 1 else out
@@ -418,7 +613,7 @@ def validate_tokens(tokens, config: ModelConfig, cache: KVCache | None = None) -
         raise ValueError(f"tokens must be an integer array; got {type(tokens).__name__} of dtype {dtype}")
     if tokens.ndim != 2:
         raise ValueError(f"tokens must have shape [batch, time]; got shape {tuple(tokens.shape)}")
-    limit = cache.k.shape[2] if cache is not None else config.block_size
+    limit = cache.slots if cache is not None else config.block_size
     if tokens.shape[1] > limit:
         what = "the cache length" if cache is not None else "block_size"
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds {what} {limit}")
@@ -442,18 +637,15 @@ def validate_inputs(config: ModelConfig, tokens, positions=None, attn_mask=None,
     """Raise a ValueError for inputs of GPT2.apply that it cannot take: XLA would silently clamp out-of-range
     token ids, position ids and cache writes, and report wrong shapes from deep inside the computation.
     Values are only checked outside jit (shapes always)."""
+    if cache is not None:
+        _check_cache(config, tokens, cache)
     validate_tokens(tokens, config, cache)
     B, T = tokens.shape
     if cache is not None:
-        expected = (config.n_layer, B, cache.k.shape[2], config.n_head, config.head_dim)
-        if tuple(cache.k.shape) != expected or tuple(cache.v.shape) != expected:
-            raise ValueError(f"cache keys and values must have shape [layers, batch, slots, heads, head_dim] = "
-                             f"{expected} for tokens of shape {(B, T)}; got {tuple(cache.k.shape)} and "
-                             f"{tuple(cache.v.shape)}")
         index = _values(cache.index)
-        if index is not None and not 0 <= int(index) <= cache.k.shape[2] - T:
+        if index is not None and not 0 <= int(index) <= cache.slots - T:
             raise ValueError(f"cache overflow: {T} tokens at cache.index {int(index)} do not fit in "
-                             f"{cache.k.shape[2]} slots")
+                             f"{cache.slots} slots")
     if positions is not None:
         dtype = getattr(positions, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
@@ -463,9 +655,22 @@ def validate_inputs(config: ModelConfig, tokens, positions=None, attn_mask=None,
         if values is not None and (bad := outside(values, config.block_size)).size:
             raise ValueError(f"position id {int(bad.flat[0])} is outside [0, block_size={config.block_size})")
     if attn_mask is not None:
-        S = cache.k.shape[2] if cache is not None else T
+        S = cache.slots if cache is not None else T
         what = "[batch, cache length]" if cache is not None else "[batch, time]"
         _check_shape("attn_mask", attn_mask, (B, S), what)
+
+
+def _check_cache(config: ModelConfig, tokens, cache: KVCache) -> None:
+    """The cache must hold n_layer keys and values [batch, heads, slots, head_dim] for tokens' rows."""
+    k, v = cache.k, cache.v
+    shapes = [tuple(np.shape(a)) for a in (*k, *v)] if isinstance(k, tuple) and isinstance(v, tuple) else []
+    S = shapes[0][2] if shapes and len(shapes[0]) == 4 else None
+    expected = (tokens.shape[0], config.n_head, S, config.head_dim)
+    if len(shapes) != 2 * config.n_layer or set(shapes) != {expected}:
+        got = (f"{len(k)} and {len(v)} arrays of shapes {sorted(set(shapes))}" if shapes
+               else f"{type(k).__name__} and {type(v).__name__}")
+        raise ValueError(f"cache keys and values must be tuples of n_layer={config.n_layer} arrays [batch, heads, "
+                         f"slots, head_dim] = {expected} for tokens of shape {tuple(tokens.shape)}; got {got}")
 
 
 def _check_shape(name: str, x, shape: tuple[int, ...], what: str) -> None:
@@ -481,16 +686,21 @@ def init_params(config: ModelConfig, rng, batch_size: int = 1):
     return nn.unbox(GPT2(config).init(rng, tokens)["params"])
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_boxed(config: ModelConfig):
+    """GPT2's parameters as shapes and dtypes with their logical axes (configs are frozen, so cached)."""
+    return jax.eval_shape(lambda: GPT2(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def abstract_params(config: ModelConfig):
+    """The params' pytree of jax.ShapeDtypeStruct, without computing them."""
+    return nn.unbox(_abstract_boxed(config))
+
+
 def logical_axes(config: ModelConfig):
     """The logical axis names of every parameter, as a pytree of PartitionSpecs shaped like the params."""
-    boxed = jax.eval_shape(lambda: GPT2(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    return nn.get_partition_spec(boxed["params"])
+    return nn.get_partition_spec(_abstract_boxed(config))
 
 
 def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
-def abstract_params(config: ModelConfig):
-    """The parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), without allocating them."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))

@@ -29,7 +29,8 @@ import numpy as np
 
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, is_integer, replace, seed_error
-from gpt2_jax.model import GPT2, gelu, init_cache, layer_norm, outside
+from gpt2_jax.model import (GPT2, IN_OUT, OUT_IN, PANELS, KVCache, Weights, arrange_weights, attention,
+                            forward_unrolled, init_cache, outside)
 
 EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
@@ -176,9 +177,7 @@ def row_key(seed: int, row_id: int | Sequence[int]):
 class DecodeState:
     """Everything the decode loop carries; rows are independent and a finished row is never written again."""
 
-    k: tuple  # per layer [B, H, S, D] keys (the decode layout, see decode_forward)
-    v: tuple  # per layer [B, H, S, D] values
-    index: jax.Array  # int32 scalar: cache slots filled, the same for every row (left padding aligns them)
+    cache: KVCache  # its index is the same for every row (left padding aligns them)
     mask_BS: jax.Array  # which cache slots hold real tokens (False = left padding)
     last_B: jax.Array  # the newest token of each row, not yet in the cache
     wrote_B: jax.Array  # whether last_B was appended to the row's output (False once finished or on a stop token)
@@ -218,89 +217,18 @@ def _step_keys(state: DecodeState):
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys_B, state.step)
 
 
-# ---------------------------------------------------------------- the decode-layout forward
-# A decode step reads every weight once per token, so its speed is memory traffic. GPT2.apply runs the blocks
-# with lax.scan over weights stacked on L and contracts c_attn [3, H, D, C] / c_proj [C, H, D] over several axes;
-# for a one-token step XLA CPU then copies every layer's weight slice (and transposes those two) on every step,
-# about three times the bytes of the weights (visible in the compiled HLO). decode_forward computes the same
-# function from per-layer 2-D matrices (decode_weights) and a per-layer cache laid out [B, H, S, D], so that
-# attention is a plain batched matmul without a transpose. The prompt is still prefilled by GPT2.apply (large
-# matmuls, where the stacked layout costs little); tests check decode_forward against GPT2.apply token by token
-# and generation against transformers.
-#
-# Matrix layout on CPU (gpt2 fp32, 2 cores; `python bench/sample.py --layouts`, ms per decode step, B=1 / B=8):
-#   [out, in] 18.8 / 52.5, [in, out] 20.6 / 40.0: XLA:CPU's matrix-vector product is faster on [out, in], its
-#   GEMM with 8 rows on [in, out]. Slicing the layers out of the stacked params inside the jitted call also copies
-#   them on every call (~145 ms at gpt2). So on CPU the per-layer matrices are copied once, [out, in] for batches of
-#   one row and transposed to [in, out] for more, and the copy is kept for the next call on the same params and
-#   layout (one entry). The transposed copy took generate_batch from 40 to 44 tokens/s at B=1 and from 186 to 199 at
-#   B=8 (same-process A/B against rearranging per call); the [out, in] copy for one row, with the block cache writes
-#   below, then 48.3 -> 60.9 at B=1 (same-process A/B, best of 8 runs). The cost is a second copy of the block
-#   weights while sampling. On GPU/TPU the per-layer [out, in] slices are taken inside the call (no second copy).
-#   For up to 8 rows in float32 or bfloat16, where cpu_kernels.panel_matmul builds, every matrix and the output
-#   layer are packed in its panels instead (float32, --layouts on an idle machine: 15.7 / 19.0 ms, against 18.1 on
-#   [out, in] at B=1 and 40.5 on [in, out] at B=8). Otherwise the output layer reads wte [V, C] as stored.
-
-
-# Matrix layouts of DecodeWeights: as stored, transposed, or packed for cpu_kernels.panel_matmul.
-OUT_IN, IN_OUT, PANELS = "out_in", "in_out", "panels"
-
-
-@flax.struct.dataclass
-class DecodeWeights:
-    """The params arranged for decode_forward; matrices in one of the layouts OUT_IN, IN_OUT or PANELS."""
-
-    layers: tuple
-    wte: jax.Array
-    wpe: jax.Array
-    ln_f: tuple
-    head: tuple  # (weight [V, C] (or packed [V / 48, C, 48] in PANELS), bias [V] or None)
-    layout: str = flax.struct.field(pytree_node=False, default=OUT_IN)
-
-
-def decode_weights(config: ModelConfig, params, layout: str = OUT_IN) -> DecodeWeights:
-    """Per-layer 2-D matrices in the compute dtype: slices and reshapes of the params (inside jit no copy is
-    made), or [in, out] transposed or panel-packed copies."""
-    if layout not in (OUT_IN, IN_OUT, PANELS):
-        raise ValueError(f"layout must be one of {OUT_IN!r}, {IN_OUT!r}, {PANELS!r}; got {layout!r}")
-    dt, h, C = config.dtype, params["h"], config.n_embd
-
-    def mat(w, n_out):  # torch layout [*out, *in] -> [out, in] (or [in, out], or its panels)
-        w = w.reshape(n_out, -1).astype(dt)
-        if layout == OUT_IN:
-            return w
-        return w.T if layout == IN_OUT else cpu_kernels.pack_panels(w.T)
-
-    def opt(tree, name, i, shape=None):
-        if name not in tree:
-            return None
-        return tree[name][i].reshape(shape or tree[name][i].shape)
-
-    layers = tuple(dict(
-        ln_1=(h["ln_1"]["weight"][i], opt(h["ln_1"], "bias", i)),
-        ln_2=(h["ln_2"]["weight"][i], opt(h["ln_2"], "bias", i)),
-        qkv=(mat(h["attn"]["c_attn"]["weight"][i], 3 * C), opt(h["attn"]["c_attn"], "bias", i, (3 * C,))),
-        proj=(mat(h["attn"]["c_proj"]["weight"][i], C), opt(h["attn"]["c_proj"], "bias", i)),
-        fc=(mat(h["mlp"]["c_fc"]["weight"][i], 4 * C), opt(h["mlp"]["c_fc"], "bias", i)),
-        out=(mat(h["mlp"]["c_proj"]["weight"][i], C), opt(h["mlp"]["c_proj"], "bias", i)),
-    ) for i in range(config.n_layer))
-    head = params["wte"] if config.tie_embeddings else params["lm_head"]["weight"]
-    head_bias = None if config.tie_embeddings else params["lm_head"].get("bias")
-    head = cpu_kernels.pack_panels(head.astype(dt).T) if layout == PANELS else head.astype(dt)
-    return DecodeWeights(layers=layers, wte=params["wte"], wpe=params["wpe"],
-                         ln_f=(params["ln_f"]["weight"], params["ln_f"].get("bias")),
-                         head=(head, head_bias), layout=layout)
-
-
-_copied_weights = jax.jit(decode_weights, static_argnums=(0, 2))
+# ---------------------------------------------------------------- decoding on model.py's functions
+# A decode step reads every weight once per token, so its speed is memory traffic: it runs
+# model.forward_unrolled on per-layer 2-D matrices in the layout that reads fastest here (bench/sample.py --layouts).
+_copied_weights = jax.jit(arrange_weights, static_argnums=(0, 2))
 # The last copy made, so that a run over many batches of the same params makes it once:
 # (config, layout, the params' leaves, kept alive so that their ids stay theirs, the copy).
 _WEIGHTS_CACHE: list[tuple] = []
 
 
-def _kept_weights(config: ModelConfig, params, batch_size: int) -> DecodeWeights | None:
+def _kept_weights(config: ModelConfig, params, batch_size: int) -> Weights | None:
     """On CPU, the per-layer copy of params for batches of batch_size rows (made once, reused while the params and
-    the layout are the same); else None."""
+    the layout are the same); else None (slices of the params are taken inside the jitted loop)."""
     if jax.default_backend() != "cpu":
         return None
     leaves = jax.tree.leaves(params)
@@ -317,41 +245,13 @@ def _kept_weights(config: ModelConfig, params, batch_size: int) -> DecodeWeights
 
 
 def _cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
-    # The kernel runs on one device's memory: params spread over several devices keep XLA's matmuls.
+    # XLA:CPU's matrix-vector product is faster on [out, in], its GEMM with several rows on [in, out]; the panel
+    # kernel beats both up to its MAX_ROWS rows. It runs on one device's memory: sharded params keep XLA's matmuls.
     one_device = all(len(leaf.sharding.device_set) == 1 for leaf in leaves if hasattr(leaf, "sharding"))
     if (batch_size <= cpu_kernels.MAX_ROWS and jnp.dtype(config.dtype) in (jnp.float32, jnp.bfloat16)
             and one_device and cpu_kernels.available()):
         return PANELS
     return OUT_IN if batch_size == 1 else IN_OUT
-
-
-def _dense(config: ModelConfig, x, weight_bias, layout: str, n_out: int):
-    weight, bias = weight_bias
-    x = x.astype(config.dtype)
-    if layout == PANELS:  # float32 sums, rounded once to the compute dtype
-        y = cpu_kernels.panel_matmul(x, weight, n_out).astype(config.dtype)
-    else:
-        y = (jnp.dot(x, weight, precision=config.precision) if layout == IN_OUT
-             else _matmul_nt(x, weight, precision=config.precision))
-    return y if bias is None else y + bias.astype(config.dtype)
-
-
-def _matmul_nt(x_BI, w_OI, **kw):
-    """x @ w.T for w stored [out, in]."""
-    return jax.lax.dot_general(x_BI, w_OI, (((1,), (1,)), ((), ())), **kw)
-
-
-def decode_forward(config: ModelConfig, weights: DecodeWeights, token_B, position_B, mask_BS, k: tuple, v: tuple,
-                   index):
-    """One token per row through the model: float32 logits [B, vocab_size] and the caches with it written at index.
-
-    Same numerics as GPT2.apply with a cache (compute dtype, float32 LayerNorm statistics and attention scores).
-    The decode loop itself runs decode_block_forward and writes the caches once per block.
-    """
-    logits_BV, block_k, block_v = decode_block_forward(config, weights, token_B, position_B, mask_BS, k, v,
-                                                       _read_block(k, index, 1), _read_block(v, index, 1),
-                                                       index, index)
-    return logits_BV, _write_block(k, block_k, index), _write_block(v, block_v, index)
 
 
 def _read_block(caches: tuple, start, n: int) -> tuple:
@@ -364,119 +264,78 @@ def _write_block(caches: tuple, blocks: tuple, start) -> tuple:
     return tuple(jax.lax.dynamic_update_slice_in_dim(c, b, start, axis=2) for c, b in zip(caches, blocks))
 
 
-def decode_block_forward(config: ModelConfig, weights: DecodeWeights, token_B, position_B, mask_BS, k: tuple,
-                         v: tuple, block_k: tuple, block_v: tuple, base, index):
-    """decode_forward with the caches read-only: attention sees cache slots < base, and slots base.. of the
-    block (per layer [B, H, n, D], cache slots base..base+n), whose slot index - base takes the new key and value.
-    Returns float32 logits [B, vocab_size] and the updated block."""
-    B, H, D = token_B.shape[0], config.n_head, config.head_dim
-    x_BC = (jnp.take(weights.wte, token_B, axis=0) + jnp.take(weights.wpe, position_B, axis=0))
-    x_BC = x_BC.astype(config.dtype)
-    S, n = k[0].shape[2], block_k[0].shape[2]
-    visible_B1S = (mask_BS & (jnp.arange(S) < base)[None, :])[:, None, :]
-    slot = index - base
-    visible_B1N = (jax.lax.dynamic_slice_in_dim(mask_BS, base, n, axis=1) & (jnp.arange(n) <= slot))[:, None, :]
+def decode_step(config: ModelConfig, weights: Weights, token_B, position_B, mask_BS, cache: KVCache,
+                block_k: tuple, block_v: tuple, base):
+    """One token per row through model.forward_unrolled, the cache read-only: (float32 logits [B, vocab_size],
+    block_k, block_v).
+
+    The new key and value go to slot cache.index - base of a block (per layer [B, H, n, D], standing for cache
+    slots base..base+n); attention sees the cache's visible slots before base and the block's up to the new one.
+    """
+    S, n = cache.slots, block_k[0].shape[2]
+    slot = cache.index - base
+    visible_B11S = (mask_BS & (jnp.arange(S) < base)[None, :])[:, None, None, :]
+    visible_B11N = (jax.lax.dynamic_slice_in_dim(mask_BS, base, n, axis=1) & (jnp.arange(n) <= slot))[:, None, None]
     at_slot_11N1 = (jnp.arange(n) == slot)[None, None, :, None]
-    C = config.n_embd
-    dense = functools.partial(_dense, config, layout=weights.layout)
-    new_k, new_v = [], []
-    for layer, k_BHSD, v_BHSD, k_BHND, v_BHND in zip(weights.layers, k, v, block_k, block_v):
-        qkv_B3HD = dense(layer_norm(config, x_BC, *layer["ln_1"]), layer["qkv"], n_out=3 * C).reshape(B, 3, H, D)
+
+    def attend(k_BHSD, v_BHSD, k_BHND, v_BHND, qkv_B13HD):
         # The block is small: a select over its slots rewrites it whole at little cost.
-        k_BHND = jnp.where(at_slot_11N1, qkv_B3HD[:, 1, :, None].astype(k_BHND.dtype), k_BHND)
-        v_BHND = jnp.where(at_slot_11N1, qkv_B3HD[:, 2, :, None].astype(v_BHND.dtype), v_BHND)
-        new_k.append(k_BHND)
-        new_v.append(v_BHND)
-        y_BC = _attend(config, qkv_B3HD[:, 0], (k_BHSD, v_BHSD, visible_B1S), (k_BHND, v_BHND, visible_B1N))
-        x_BC = x_BC + dense(y_BC.reshape(B, H * D), layer["proj"], n_out=C)
-        hidden = dense(layer_norm(config, x_BC, *layer["ln_2"]), layer["fc"], n_out=4 * C)
-        hidden = gelu(hidden, config.activation == "gelu_tanh")
-        x_BC = x_BC + dense(hidden, layer["out"], n_out=C)
-    x_BC = layer_norm(config, x_BC, *weights.ln_f)
-    head_VC, head_bias = weights.head
-    # As GPT2 computes it: float32 accumulation for the tied head, the compute dtype (plus bias) for an untied one.
-    # The head is never transposed: [V, C] as stored, or packed in panels.
-    head_layout = PANELS if weights.layout == PANELS else OUT_IN
-    if not config.tie_embeddings:
-        logits_BV = _dense(config, x_BC, (head_VC, head_bias), head_layout, n_out=config.padded_vocab_size)
-    elif head_layout == PANELS:  # float32 sums and result
-        logits_BV = cpu_kernels.panel_matmul(x_BC, head_VC, config.padded_vocab_size)
-    else:
-        logits_BV = _matmul_nt(x_BC, head_VC, preferred_element_type=jnp.float32, precision=config.precision)
-    return logits_BV[:, :config.vocab_size].astype(jnp.float32), tuple(new_k), tuple(new_v)
+        k_BHND = jnp.where(at_slot_11N1, qkv_B13HD[:, 0, 1, :, None].astype(k_BHND.dtype), k_BHND)
+        v_BHND = jnp.where(at_slot_11N1, qkv_B13HD[:, 0, 2, :, None].astype(v_BHND.dtype), v_BHND)
+        parts = [(k_BHSD, v_BHSD, visible_B11S), (k_BHND, v_BHND, visible_B11N)]
+        return attention(config, qkv_B13HD[:, :, 0], parts), (k_BHND, v_BHND)
+
+    attends = [functools.partial(attend, *kv) for kv in zip(cache.k, cache.v, block_k, block_v)]
+    logits_B1V, blocks = forward_unrolled(config, weights, token_B[:, None], position_B[:, None], attends)
+    return logits_B1V[:, 0], tuple(k for k, _ in blocks), tuple(v for _, v in blocks)
 
 
-def _attend(config: ModelConfig, q_BHD, *parts):
-    """softmax(q k^T / sqrt(D)) v over the visible slots of several (keys, values, visible) parts together:
-    float32 scores, probabilities in the compute dtype; every row sees at least its newest token."""
-    scale = 1.0 / np.sqrt(config.head_dim)
-    scores = [jnp.where(visible, scale * jnp.einsum("bhd,bhsd->bhs", q_BHD, k.astype(config.dtype),
-                                                    preferred_element_type=jnp.float32, precision=config.precision),
-                        -jnp.inf)
-              for k, _, visible in parts]
-    max_BH1 = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
-    probs = [jnp.exp(s - max_BH1) for s in scores]
-    total_BH1 = sum(p.sum(-1, keepdims=True) for p in probs)
-    return sum(jnp.einsum("bhs,bhsd->bhd", (p / total_BH1).astype(config.dtype), v.astype(config.dtype),
-                          precision=config.precision)
-               for p, (_, v, _) in zip(probs, parts))
-
-
-# Decode steps per write of the caches. XLA:CPU does not update a loop-carried cache in place while the same
-# iteration reads it: dynamic_update_slice got the cache copied (twice per layer per token, even with an
-# optimization_barrier ordering the read first), and a select rewrites it whole on every token. So up to
-# DECODE_BLOCK tokens go to a small block buffer that attention reads besides the cache, and the cache is written
-# once per block. gpt2 fp32, generate_batch, 32-token prompt + 128 tokens, same-process A/B (best of 8 / 6 runs):
-# B=1 46.4 -> 48.6 tokens/s, B=8 182.5 -> 181.3 (unchanged).
+# Decode steps per write of the cache: XLA:CPU copies or rewrites a loop-carried cache that the same iteration
+# reads and writes, so up to DECODE_BLOCK new keys and values go to a small block buffer first.
 DECODE_BLOCK = 16
 
 
 def _decode_block(config: ModelConfig, sampler: Sampler, stop_tokens, weights, running, emit,
                   state: DecodeState) -> DecodeState:
-    """Up to DECODE_BLOCK decode steps (while running), then one write of their keys and values into the caches."""
-    S = state.k[0].shape[2]
+    """Up to DECODE_BLOCK decode steps (while running), then one write of their keys and values into the cache."""
+    cache = state.cache
+    S = cache.slots
     n = min(DECODE_BLOCK, S)
-    base = jnp.minimum(state.index, S - n)  # at the end of the cache the block starts with slots already filled
-    k, v = state.k, state.v
+    base = jnp.minimum(cache.index, S - n)  # at the end of the cache the block starts with slots already filled
 
     def step(carry):  # feed each row's newest token at its own position and sample the next
         s, block_k, block_v = carry
-        logits_BV, block_k, block_v = decode_block_forward(config, weights, s.last_B, s.position_B, s.mask_BS,
-                                                           k, v, block_k, block_v, base, s.index)
-        s = s.replace(index=s.index + 1, position_B=s.position_B + 1)
+        logits_BV, block_k, block_v = decode_step(config, weights, s.last_B, s.position_B, s.mask_BS,
+                                                  cache.replace(index=s.cache.index), block_k, block_v, base)
+        s = s.replace(cache=s.cache.replace(index=s.cache.index + 1), position_B=s.position_B + 1)
         token_B = sample_logits(logits_BV, _step_keys(s), sampler)
         finite_B = jnp.all(jnp.isfinite(logits_BV), axis=-1)
         return emit(_record(s, token_B, finite_B, stop_tokens)), block_k, block_v
 
     def more(carry):
-        return running(carry[0]) & (carry[0].index < base + n)
+        return running(carry[0]) & (carry[0].cache.index < base + n)
 
+    inner = state.replace(cache=cache.replace(k=(), v=()))  # the cache stays out of the inner loop's carry
     state, block_k, block_v = jax.lax.while_loop(
-        more, step, (state.replace(k=(), v=()), _read_block(k, base, n), _read_block(v, base, n)))
-    return state.replace(k=_write_block(k, block_k, base), v=_write_block(v, block_v, base))
+        more, step, (inner, _read_block(cache.k, base, n), _read_block(cache.v, base, n)))
+    return state.replace(cache=state.cache.replace(k=_write_block(cache.k, block_k, base),
+                                                   v=_write_block(cache.v, block_v, base)))
 
 
 def _prefill(config: ModelConfig, params, state: DecodeState, tokens_BP, mask_BP) -> DecodeState:
     """Fill the cache with left-padded tokens [B, P], all but the last column, whose token the decode loop feeds
-    as its first step.
-
-    The P-1 columns go through GPT2.apply in one call whose logits are unused, so XLA drops the [B, P-1, V]
-    vocabulary projection.
-    """
+    as its first step: GPT2.apply writes the P-1 columns into a cache of P-1 slots of the same layout, copied
+    into the first slots of the decode cache (its logits are unused, so XLA drops the vocabulary projection)."""
     B, P = tokens_BP.shape
-    S = state.k[0].shape[2]
+    S = state.cache.slots
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
     mask_BS = jnp.concatenate([mask_BP, jnp.ones((B, S - P), bool)], axis=1)
-    k, v = state.k, state.v
+    cache = state.cache
     if P > 1:
-        _, cache = GPT2(config).apply({"params": params}, tokens_BP[:, :-1], positions=positions_BP[:, :-1],
-                                      attn_mask=mask_BP[:, :-1], cache=init_cache(config, B, P - 1))
-        # Model layout [L, B, P-1, H, D] -> per layer [B, H, S, D]; slots past the index are never attended.
-        k = tuple(jax.lax.dynamic_update_slice(k[i], cache.k[i].transpose(0, 2, 1, 3).astype(k[i].dtype),
-                                               (0, 0, 0, 0)) for i in range(config.n_layer))
-        v = tuple(jax.lax.dynamic_update_slice(v[i], cache.v[i].transpose(0, 2, 1, 3).astype(v[i].dtype),
-                                               (0, 0, 0, 0)) for i in range(config.n_layer))
-    return state.replace(k=k, v=v, index=jnp.int32(P - 1), mask_BS=mask_BS, last_B=tokens_BP[:, -1],
+        _, filled = GPT2(config).apply({"params": params}, tokens_BP[:, :-1], positions=positions_BP[:, :-1],
+                                       attn_mask=mask_BP[:, :-1], cache=init_cache(config, B, P - 1))
+        cache = cache.replace(k=_write_block(cache.k, filled.k, 0), v=_write_block(cache.v, filled.v, 0))
+    return state.replace(cache=cache.replace(index=jnp.int32(P - 1)), mask_BS=mask_BS, last_B=tokens_BP[:, -1],
                          position_B=positions_BP[:, -1])
 
 
@@ -493,7 +352,7 @@ def _stream_tokens(tokens_B, wrote_B) -> None:
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "stop_tokens", "stream"),
                    donate_argnames=("state",))
-def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, params, weights: DecodeWeights | None,
+def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, params, weights: Weights | None,
          state: DecodeState, tokens_BP, mask_BP, refill, stop_at) -> DecodeState:
     """If refill, prefill the cache from tokens_BP; then decode in a while_loop until step == stop_at, every row
     is finished, or the cache is full. Prefill and decode share one compilation per (B, P, S, N).
@@ -502,9 +361,9 @@ def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, param
     weights: a per-layer copy from _kept_weights, or None to decode from the params as stored.
     """
     TRACE_COUNTS["run"] += 1
-    S = state.k[0].shape[2]
+    S = state.cache.slots
     if weights is None:
-        weights = decode_weights(config, params)
+        weights = arrange_weights(config, params)
 
     def emit(s: DecodeState) -> DecodeState:
         if stream:
@@ -514,7 +373,7 @@ def _run(config: ModelConfig, sampler: Sampler, stop_tokens, stream: bool, param
     state = jax.lax.cond(refill, lambda s: _prefill(config, params, s, tokens_BP, mask_BP), lambda s: s, state)
 
     def running(s: DecodeState):
-        return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.index < S)
+        return (s.step < stop_at) & ~jnp.all(s.done_B) & (s.cache.index < S)
 
     block = functools.partial(_decode_block, config, sampler, stop_tokens, weights, running, emit)
     return jax.lax.while_loop(running, block, state)
@@ -600,7 +459,7 @@ def _empty_state(config: ModelConfig, B: int, S: int, N: int, keys, limits) -> D
     kv = [zeros(kv_shape, jnp.dtype(config.dtype)) for _ in range(2 * config.n_layer)]
     limit_B = np.asarray(limits, np.int32)
     return DecodeState(
-        k=tuple(kv[:config.n_layer]), v=tuple(kv[config.n_layer:]), index=zeros(()),
+        cache=KVCache(k=tuple(kv[:config.n_layer]), v=tuple(kv[config.n_layer:]), index=zeros(())),
         mask_BS=zeros((B, S), bool), last_B=zeros(B), wrote_B=zeros(B, bool), position_B=zeros(B),
         tokens_BN=zeros((B, N)), num_tokens_B=zeros(B), limit_B=jax.device_put(limit_B),
         done_B=jax.device_put(limit_B == 0), stopped_B=zeros(B, bool), failed_B=zeros(B, bool), keys_B=keys,
@@ -681,7 +540,7 @@ def _decode_all(config: ModelConfig, run, prompts, keys, limits, N: int, sliding
     while not bool(jnp.all(state.done_B)):
         if is_finished is not None:
             state = _apply_host_stops(state, is_finished)
-        refill = int(state.index) == S and not bool(jnp.all(state.done_B))  # only with a sliding window
+        refill = int(state.cache.index) == S and not bool(jnp.all(state.done_B))  # only with a sliding window
         if refill:
             contexts = _contexts(config, prompts, state, starts)
             P = batch_shapes(config, max(map(len, contexts)), N, sliding_window=True)[0]

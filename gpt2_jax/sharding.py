@@ -218,10 +218,10 @@ def check_batch_size(mesh: Mesh, batch_size: int) -> None:
 
 
 def cache_shardings(model_cfg: ModelConfig, mesh: Mesh, batch_size: int, max_len: int) -> KVCache:
-    """Shardings of a KVCache [L, B, S, H, D]: rows like the batch, heads like the attention weights."""
-    shape = (model_cfg.n_layer, batch_size, max_len, model_cfg.n_head, model_cfg.head_dim)
-    spec, _ = logical_to_mesh_spec(P("layers", "batch", None, "heads", "head_dim"), shape, mesh)
-    kv = NamedSharding(mesh, spec)
+    """Shardings of a KVCache (per layer [B, H, S, D]): rows like the batch, heads like the attention weights."""
+    shape = (batch_size, model_cfg.n_head, max_len, model_cfg.head_dim)
+    spec, _ = logical_to_mesh_spec(P("batch", "heads", None, "head_dim"), shape, mesh)
+    kv = (NamedSharding(mesh, spec),) * model_cfg.n_layer
     return KVCache(k=kv, v=kv, index=replicated(mesh))
 
 

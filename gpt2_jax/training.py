@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, TrainConfig
-from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.model import GPT2, init_params, tied_logits, tied_logits_grads
 from gpt2_jax.optim import fused_update, lr_at, make_optimizer
 
 
@@ -39,10 +39,8 @@ def _token_losses(logits_BTV, labels_BT, ignore_index, label_smoothing):
 
 
 def _row_sum(a_BTV):
-    # On CPU a matrix-vector product with ones instead of jnp.sum: XLA:CPU runs reductions on one thread and
-    # this GEMV on all of them (gpt2, B=4, T=256, 2 cores, output layer plus loss, forward+backward, scratch A/B:
-    # 1.55 s -> 1.36 s). On GPUs and TPUs the reduction fuses with the pass that produces a_BTV; a GEMV would
-    # read it back from memory.
+    # On CPU a matrix-vector product with ones: XLA:CPU runs reductions on one thread and this GEMV on all of them
+    # (on GPUs and TPUs the reduction fuses with the pass that produces a_BTV).
     if jax.default_backend() != "cpu":
         return a_BTV.sum(-1)
     ones_V = jnp.ones(a_BTV.shape[-1:], a_BTV.dtype)
@@ -106,9 +104,7 @@ def tied_output_loss(x_BTC, wte_VC, labels_BT, config: ModelConfig, ignore_index
 
     The logits never exist whole: each chunk of tokens computes its logits, its losses and d loss / d logits
     (kept for the backward pass, in x's dtype) while they are in cache, and the backward pass is the two
-    matmuls (the logits, exp(logits) and the gradient otherwise each make a pass over [B*T, V] in memory). Scratch
-    A/B on 2 CPU cores, best of the same steps: the mini model's step (C = 128, 8 x 128 tokens) 383 -> 330 ms,
-    gpt2's (4 x 256) 4.47 -> 4.39 s; compile 1.7 -> 2.1 s.
+    matmuls (the logits, exp(logits) and the gradient otherwise each make a pass over [B*T, V] in memory).
     Padded vocabulary rows (pad_vocab_to) get no probability and a zero gradient, as when the logits are cut.
     B*T tokens make up to MAX_LOSS_CHUNKS chunks of about LOSS_CHUNK_ROWS (larger batches get larger chunks); the
     last chunk is padded with ignored tokens.
@@ -134,7 +130,7 @@ def _tied_losses_fwd(x_NC, w_VC, labels_N, vocab_size, ignore_index, label_smoot
     w_VC_x = w_VC.astype(x_NC.dtype)
 
     def chunk(x_nC, labels_n):  # pad_vocab_to's extra rows of w are no classes (the vocab_size argument)
-        logits_nV = jnp.einsum("nc,vc->nv", x_nC, w_VC_x, preferred_element_type=jnp.float32, precision=precision)
+        logits_nV = tied_logits(x_nC, w_VC_x, precision)
         losses_n, residuals = _token_losses_fwd(logits_nV, labels_n, ignore_index, label_smoothing, vocab_size)
         d_nV = _token_losses_bwd(ignore_index, label_smoothing, residuals, jnp.ones_like(losses_n), vocab_size)[0]
         return losses_n, d_nV.astype(x_NC.dtype)
@@ -153,9 +149,8 @@ def _tied_losses_bwd(vocab_size, ignore_index, label_smoothing, precision, chunk
     x_NC, w_VC, d_NV = residuals
     # g_N (1 for every token of a summed loss) scales the rows of x and of dx, not the [N, V] gradient.
     g_N1 = g_N.astype(x_NC.dtype)[:, None]
-    dx_NC = jnp.einsum("nv,vc->nc", d_NV, w_VC.astype(x_NC.dtype), precision=precision) * g_N1
-    dw_VC = jnp.einsum("nv,nc->vc", d_NV, x_NC * g_N1, preferred_element_type=jnp.float32, precision=precision)
-    return dx_NC, dw_VC.astype(w_VC.dtype), None
+    dx_NC, dw_VC = tied_logits_grads(d_NV, x_NC * g_N1, w_VC, precision)
+    return dx_NC * g_N1, dw_VC, None
 
 
 _tied_losses.defvjp(_tied_losses_fwd, _tied_losses_bwd)

@@ -108,10 +108,10 @@ def random_params(cfg, seed=0, std=0.05):
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax.model import init_params
+    from gpt2_jax.model import abstract_params
 
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    shapes = abstract_params(cfg)
 
     def draw(path, leaf):
         is_ln_weight = "ln_" in jax.tree_util.keystr(path) and path[-1].key == "weight"

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import hf_model
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, count_params, gelu, init_cache, init_params, output_logits
+from gpt2_jax.model import GPT2, abstract_params, count_params, gelu, init_cache, init_params, output_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,8 +68,7 @@ def test_logits_match_transformers_gpt2_shape():
 
 def test_gpt2_preset_has_124m_params():
     cfg = ModelConfig.from_preset("gpt2")
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    assert count_params(shapes) == 124_439_808
+    assert count_params(abstract_params(cfg)) == 124_439_808
 
 
 def test_init_statistics_follow_gpt2():
@@ -188,12 +187,13 @@ def test_bad_tokens_raise_before_compute(tokens, message):
     (dict(attn_mask=np.ones((3, 4), bool)), r"attn_mask must have shape \[batch, time\] = \(2, 4\); got \(3, 4\)"),
     (dict(attn_mask=np.ones((2, 4), bool), cache=(2, 8, 0)),
      r"attn_mask must have shape \[batch, cache length\] = \(2, 8\); got \(2, 4\)"),
-    (dict(cache=(3, 8, 0)), r"cache keys and values must have shape .* = \(2, 2, 8, 2, 16\)"),
+    (dict(cache=(3, 8, 0)), r"cache keys and values must be tuples of n_layer=2 arrays \[batch, heads, slots, "
+                            r"head_dim\] = \(2, 2, 8, 16\) for tokens of shape \(2, 4\)"),
     (dict(cache=(2, 8, 6)), "cache overflow: 4 tokens at cache.index 6 do not fit in 8 slots"),  # XLA clamped it
 ])
 def test_bad_positions_masks_and_caches_raise_before_compute(kwargs, message):
     cfg = ModelConfig.from_preset("tiny")
-    params = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
+    params = jax.tree.map(jnp.zeros_like, abstract_params(cfg))
     if "cache" in kwargs:
         batch_size, max_len, index = kwargs["cache"]
         kwargs["cache"] = init_cache(cfg, batch_size, max_len).replace(index=jnp.int32(index))
@@ -226,6 +226,7 @@ def _dot_precisions(lowered_text: str) -> list[str]:
 ])
 def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype, matmul_precision, expected, tied):
     from gpt2_jax import sampling
+    from gpt2_jax.model import OUT_IN, arrange_weights
 
     cfg = ModelConfig.from_preset("tiny", dtype=dtype, matmul_precision=matmul_precision, tie_embeddings=tied,
                                   attention="xla")  # (the CPU attention kernel computes in float32 without XLA)
@@ -238,10 +239,11 @@ def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype
 
     train = _dot_precisions(jax.jit(jax.grad(loss)).lower(params).as_text())
     assert len(train) >= 3 * 6 and set(train) == {expected}  # 6 matmuls a block, forward + 2 backward each
-    weights = sampling.decode_weights(cfg, params, sampling.OUT_IN)
-    k = tuple(jnp.zeros((2, cfg.n_head, 16, cfg.head_dim), cfg.dtype) for _ in range(cfg.n_layer))
-    decode = jax.jit(functools.partial(sampling.decode_forward, cfg)).lower(
-        weights, tokens[:, 0], jnp.zeros((2,), jnp.int32), jnp.ones((2, 16), bool), k, k, jnp.int32(0))
+    weights = arrange_weights(cfg, params, OUT_IN)
+    cache = init_cache(cfg, 2, 16)
+    block = tuple(k[:, :, :4] for k in cache.k)
+    decode = jax.jit(functools.partial(sampling.decode_step, cfg)).lower(
+        weights, tokens[:, 0], jnp.zeros((2,), jnp.int32), jnp.ones((2, 16), bool), cache, block, block, 0)
     precisions = _dot_precisions(decode.as_text())
     assert len(precisions) >= 6 * cfg.n_layer and set(precisions) == {expected}
 

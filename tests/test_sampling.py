@@ -11,7 +11,7 @@ import pytest
 from conftest import random_params
 from gpt2_jax import cpu_kernels, sampling
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.model import GPT2, KVCache, abstract_params, arrange_weights, init_cache
 from gpt2_jax.sampling import Sampler, generate, generate_batch, row_key, sample_logits
 
 
@@ -125,7 +125,7 @@ def test_restricted_vocabulary_never_samples_ids_the_tokenizer_lacks(overrides):
     small = sampling.restrict_vocab(cfg, n)
     assert (small.vocab_size, small.padded_vocab_size) == (n, 50304)
     assert sampling.restrict_vocab(small, n) == small and sampling.restrict_vocab(cfg, 50304) == cfg
-    shapes = [jax.eval_shape(lambda c=c: init_params(c, jax.random.PRNGKey(0))) for c in (cfg, small)]
+    shapes = [abstract_params(c) for c in (cfg, small)]
     assert jax.tree.map(lambda a: a.shape, shapes[0]) == jax.tree.map(lambda a: a.shape, shapes[1])
     tokens = jnp.asarray(random_prompts((12,), seed=11))
     np.testing.assert_array_equal(full_forward(small, params, tokens), full_forward(cfg, params, tokens)[..., :n])
@@ -354,22 +354,31 @@ def test_on_token_streams_every_token_in_order_without_recompiling():
     (dict(dtype="bfloat16", param_dtype="bfloat16"), 0.03),  # measured 0.013 on logits of scale 1.4
 ])
 @pytest.mark.parametrize("layout", [sampling.OUT_IN, sampling.IN_OUT, sampling.PANELS])
-def test_decode_forward_matches_the_model_token_by_token(overrides, tol, layout):
+def test_decode_step_matches_the_model_token_by_token(overrides, tol, layout):
+    # Blocks of 4 slots written to the cache after every 4th token, so that attention reads both the cache and the
+    # block (the decode loop's blocks have DECODE_BLOCK slots).
     cfg = ModelConfig.from_preset("tiny", **overrides)
     params = jax.tree.map(lambda a: a.astype(cfg.param_dtype), random_params(cfg, seed=2))
     tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     ref = np.asarray(GPT2(cfg).apply({"params": params}, tokens), np.float32)
     if layout == sampling.PANELS and not cpu_kernels.available():
         pytest.skip(f"no panel kernel here: {cpu_kernels.unavailable_reason()}")
-    weights = sampling.decode_weights(cfg, params, layout)
-    B, T, S = 2, tokens.shape[1], 16
-    k = tuple(jnp.zeros((B, cfg.n_head, S, cfg.head_dim), cfg.dtype) for _ in range(cfg.n_layer))
-    v = k
-    step = jax.jit(functools.partial(sampling.decode_forward, cfg))
+    weights = arrange_weights(cfg, params, layout)
+    B, T, S, n = 2, tokens.shape[1], 16, 4
+    cache = init_cache(cfg, B, S)
+    step = jax.jit(functools.partial(sampling.decode_step, cfg))
     for t in range(T):
-        logits, k, v = step(weights, tokens[:, t], jnp.full((B,), t), jnp.ones((B, S), bool), k, v, jnp.int32(t))
+        base = t - t % n
+        if t % n == 0:
+            block_k, block_v = (tuple(c[:, :, base:base + n] for c in kv) for kv in (cache.k, cache.v))
+        logits, block_k, block_v = step(weights, tokens[:, t], jnp.full((B,), t), jnp.ones((B, S), bool),
+                                        cache.replace(index=jnp.int32(t)), block_k, block_v, base)
         assert logits.shape == (B, cfg.vocab_size) and logits.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=tol, rtol=0)
+        if t % n == n - 1:
+            cache = KVCache(k=tuple(c.at[:, :, base:base + n].set(b) for c, b in zip(cache.k, block_k)),
+                            v=tuple(c.at[:, :, base:base + n].set(b) for c, b in zip(cache.v, block_v)),
+                            index=cache.index)
 
 
 @pytest.mark.parametrize("kernel", [False, True])
