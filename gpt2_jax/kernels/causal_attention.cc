@@ -61,7 +61,8 @@ inline Vec Exp(Vec x) {
   Vec p = Splat(1.0f / 5040);
   for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = Fma(p, r, Splat(c));
   const Mask ni = __builtin_convertvector(n, Mask), half = ni >> 1;
-  const Vec scale_a = reinterpret_cast<Vec>((half + 127) << 23), scale_b = reinterpret_cast<Vec>((ni - half + 127) << 23);
+  const Vec scale_a = reinterpret_cast<Vec>((half + 127) << 23);
+  const Vec scale_b = reinterpret_cast<Vec>((ni - half + 127) << 23);
   return p * scale_a * scale_b;
 }
 
@@ -254,7 +255,8 @@ void Backward(const Shape& sh, int64_t b, int64_t h, const float* qkv, const flo
     const float* pi = w.p.data() + i * Tp;
     float* ds = w.s.data() + i * Tp;
     Vec dot = {};
-    for (int64_t j = 0; j <= i && i < T; j += kLanes) dot = Fma(Load(pi + j), Select(Below(j, i + 1), Load(ds + j)), dot);
+    for (int64_t j = 0; j <= i && i < T; j += kLanes)
+      dot = Fma(Load(pi + j), Select(Below(j, i + 1), Load(ds + j)), dot);
     const Vec delta = Splat(gpt2_jax::ReduceAdd(dot));
     for (int64_t j = 0; j < Tp; j += kLanes) {
       const Vec dpj = Select(i < T ? Below(j, i + 1) : Mask{}, Load(ds + j));
