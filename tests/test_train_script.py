@@ -788,3 +788,23 @@ def test_hellaswag_inputs_are_checked_before_training(tmp_path, data_dir, capsys
     bad.write_text(path.read_text() + '{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}\n')
     assert f"{bad}:4: label must be an integer 0..3; got 4" in main_error(capsys, *flags, f"--hellaswag={bad}")
     assert not out.exists()  # every refusal came before the run made its out_dir
+
+
+def test_the_curve_draws_the_hellaswag_scores_of_the_eval_steps(tmp_path, monkeypatch):
+    savefig, drawn = Figure.savefig, []
+
+    def kept(fig, path, **kwargs):
+        drawn.append(fig)
+        savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
+    metrics = Metrics(tmp_path, start_step=0)
+    metrics.log({"step": 5, "loss": 3.0, "grad_norm": 1.0})
+    metrics.log({"step": 10, "loss": 2.5, "grad_norm": 0.5, "val_loss": 2.6})
+    metrics.plot()
+    assert len(drawn[-1].axes) == 2  # a run without --hellaswag: loss and grad norm only
+    metrics.log({"step": 20, "loss": 2.0, "grad_norm": 0.4, "val_loss": 2.1, "hellaswag_acc": 0.25,
+                 "hellaswag_acc_norm": 0.5})
+    metrics.plot()
+    lines = {line.get_label(): line.get_xydata().tolist() for line in drawn[-1].axes[2].get_lines()}
+    assert lines == {"acc": [[20, 0.25]], "acc_norm": [[20, 0.5]]}
