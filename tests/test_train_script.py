@@ -808,3 +808,19 @@ def test_the_curve_draws_the_hellaswag_scores_of_the_eval_steps(tmp_path, monkey
     metrics.plot()
     lines = {line.get_label(): line.get_xydata().tolist() for line in drawn[-1].axes[2].get_lines()}
     assert lines == {"acc": [[20, 0.25]], "acc_norm": [[20, 0.5]]}
+
+
+def test_hellaswag_is_scored_on_a_mesh_of_the_runs_devices(tmp_path, data_dir, env):
+    # Four CPU devices, params split over fsdp: the scores are those of the saved weights, computed here whole.
+    path = hellaswag_file(tmp_path / "hellaswag.jsonl", 4)
+    mesh_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    flags = ["--config=tiny", "--vocab_size=50257", f"--data={data_dir}", "--max_iters=2", "--eval_interval=2",
+             "--eval_iters=1", "--batch_size=4", "--num_samples=0", "--mesh=data:2,fsdp:2", f"--hellaswag={path}"]
+    rc, log = run_train(*flags, "--hellaswag_batch_size=6", out=tmp_path / "odd", env=mesh_env)
+    assert rc == 2 and "--hellaswag_batch_size: batch_size 6 must be divisible by data*fsdp = 4" in log, log
+    out = tmp_path / "run"
+    rc, log = run_train(*flags, out=out, env=mesh_env)  # batches of the global batch_size, 4
+    assert rc == 0, log
+    (record,) = [r for r in records(out) if "val_loss" in r]
+    acc, acc_norm = hand_hellaswag(*checkpoint.load_weights(out, 2), path, 4)
+    assert (record["hellaswag_acc"], record["hellaswag_acc_norm"]) == (pytest.approx(acc), pytest.approx(acc_norm))
