@@ -13,6 +13,8 @@ TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_di
 block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits. One run at a time writes
 to an out_dir. A resumed run may change any TrainConfig flag but these: max_iters no lower than the checkpoint's
 step, and grad_clip on (> 0) or off (0) as it was (the optimizer state differs).
+--hellaswag=FILE.jsonl scores HellaSwag at every eval (hellaswag_acc, hellaswag_acc_norm in metrics.jsonl);
+--hellaswag_limit=N its first N examples, --hellaswag_batch_size=B examples a batch (default: the global batch).
 --tensorboard=true writes TensorBoard event files to out_dir/tensorboard; --wandb_log=true (with --wandb_project,
 --wandb_run_name) logs to Weights & Biases, and a resumed run continues the same wandb run.
 
@@ -41,7 +43,7 @@ from gpt2_jax.flops import flops_per_token, peak_flops
 from gpt2_jax.metrics import LogError, progress, say
 from gpt2_jax.model import count_params
 from gpt2_jax.run import MainProcessFailed, Run, StepFailed, StopRequest, evaluate_only, xla_failure
-from gpt2_jax.run_config import SAMPLE_PROMPT, check_samples, read_flags, resolve
+from gpt2_jax.run_config import SAMPLE_PROMPT, check_samples, read_flags, read_hellaswag, resolve
 from gpt2_jax.sampling import context_length, generate, restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -101,11 +103,14 @@ def train(run: Run) -> int:
                     record["val_loss"] = run.evaluate(eval_fn)
                     if not (math.isfinite(record["val_loss"]) and run.params_finite()):
                         return diverged(run, bar, f"the val loss is {record['val_loss']} after step {step}")
+                    record.update(run.evaluate_hellaswag())
                 run.metrics.log(record)
                 if evaluating:
                     run.metrics.plot()
                     run.save(record["val_loss"])
-                    say(f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}; "
+                    scored = (f", hellaswag acc {record['hellaswag_acc']:.4f} acc_norm "
+                              f"{record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc" in record else "")
+                    say(f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}{scored}; "
                         "saving a checkpoint")
                 window_start, losses = time.perf_counter(), []
             # Every process stops after the same step: on Ctrl-C, or when the main one cannot write its logs.
@@ -205,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         flags = read_flags(argv)
         sharding.join_cluster(flags.cluster)  # before anything touches a device
         model_cfg, train_cfg, params = resolve(flags)
+        hellaswag = read_hellaswag(model_cfg, train_cfg)
         if train_cfg.eval_only:
-            say(evaluate_only(model_cfg, train_cfg, params))
+            say(evaluate_only(model_cfg, train_cfg, params, hellaswag))
             return 0
         check_samples(model_cfg, train_cfg)
-        run = Run(model_cfg, train_cfg, params)
+        run = Run(model_cfg, train_cfg, params, hellaswag)
     except SETUP_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

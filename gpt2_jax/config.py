@@ -191,6 +191,9 @@ class TrainConfig:
     wandb_log: bool = False  # log to Weights & Biases (WANDB_MODE=offline: to out_dir/wandb only)
     wandb_project: str = "gpt2-jax"
     wandb_run_name: str = ""  # "" = wandb names the run
+    hellaswag: str = ""  # a HellaSwag JSONL scored at every eval (hellaswag_acc, hellaswag_acc_norm); "" = none
+    hellaswag_limit: int = 0  # score its first N examples; 0 = all
+    hellaswag_batch_size: int = 0  # examples a HellaSwag batch (4 rows each); 0 = the global batch_size
 
     def __post_init__(self):
         _check_types(self)
@@ -199,7 +202,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters", "num_samples", "sample_tokens"):
+        for name in ("warmup_iters", "lr_decay_iters", "num_samples", "sample_tokens", "hellaswag_limit",
+                     "hellaswag_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.lr_schedule not in ("cosine", "linear", "constant"):

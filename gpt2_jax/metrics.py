@@ -94,11 +94,16 @@ class Metrics:
         self.dashboards = ()
 
     def plot(self) -> None:
-        """loss.png: the train and val loss above, the gradient norm (before clipping) below."""
+        """loss.png: the train and val loss above, the gradient norm (before clipping) below, and the HellaSwag
+        accuracies at the bottom in a run that scores them."""
         if not self.enabled or self.error is not None:
             return
-        fig = Figure(figsize=(7, 6))
-        loss_ax, norm_ax = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+        scores = {key: [(r["step"], r[key]) for r in self.records if key in r]
+                  for key in ("hellaswag_acc", "hellaswag_acc_norm")}
+        fig = Figure(figsize=(7, 8 if scores["hellaswag_acc"] else 6))
+        axes = fig.subplots(3 if scores["hellaswag_acc"] else 2, 1, sharex=True,
+                            height_ratios=(2, 1, 1) if scores["hellaswag_acc"] else (2, 1))
+        loss_ax, norm_ax = axes[:2]
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
         for points, label in ((train, "train"), (val, "val")):
@@ -110,8 +115,14 @@ class Metrics:
         norms = [(r["step"], r["grad_norm"]) for r in self.records if "grad_norm" in r]
         if norms:
             norm_ax.plot(*zip(*norms), color="tab:green")
-        norm_ax.set(xlabel="step", ylabel="grad norm")
-        for ax in (loss_ax, norm_ax):
+        norm_ax.set(ylabel="grad norm")
+        if scores["hellaswag_acc"]:
+            for key, points in scores.items():
+                axes[2].plot(*zip(*points), marker="o", label=key.removeprefix("hellaswag_"))
+            axes[2].set(ylabel="HellaSwag")
+            axes[2].legend()
+        axes[-1].set(xlabel="step")
+        for ax in axes:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         temporary = self.png.with_suffix(".png.tmp")  # a kill while it is drawn leaves the previous curve

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax import checkpoint, data, sharding
+from gpt2_jax import checkpoint, data, evaluate, sharding
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
 from gpt2_jax.dashboards import WandB, open_dashboards
 from gpt2_jax.metrics import LogError, Metrics, say
@@ -90,6 +90,22 @@ def make_run_mesh(train_cfg: TrainConfig):
     return mesh
 
 
+def hellaswag_batch(train_cfg: TrainConfig, mesh) -> int:
+    """Examples a --hellaswag batch: --hellaswag_batch_size (0: the global batch), split over data and fsdp."""
+    size = train_cfg.hellaswag_batch_size or train_cfg.batch_size * jax.process_count()
+    try:
+        sharding.check_batch_size(mesh, size)
+    except ValueError as e:
+        raise ConfigError(f"--hellaswag_batch_size: {e}") from None
+    return size
+
+
+def hellaswag_metrics(model_cfg: ModelConfig, params, examples, batch_size: int, mesh) -> dict:
+    """hellaswag_acc and hellaswag_acc_norm of params on examples, scored on every process's devices."""
+    result = evaluate.hellaswag(model_cfg, params, examples, batch_size, mesh)
+    return {"hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"]}
+
+
 def mesh_text(mesh) -> str:
     return ",".join(f"{name}:{size}" for name, size in mesh.shape.items())
 
@@ -149,10 +165,11 @@ def _all_finite(params):
     return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(params)]))
 
 
-def evaluate_only(model_cfg: ModelConfig, train_cfg: TrainConfig, params) -> str:
-    """--eval_only: the line with the train and val loss of the starting weights over eval_iters batches each.
-    Writes nothing; a StepFailed if XLA cannot run the evaluation."""
+def evaluate_only(model_cfg: ModelConfig, train_cfg: TrainConfig, params, hellaswag=()) -> str:
+    """--eval_only: the line with the train and val loss of the starting weights over eval_iters batches each (and
+    their HellaSwag scores on the examples of --hellaswag). Writes nothing; a StepFailed if XLA cannot run it."""
     mesh = make_run_mesh(train_cfg)
+    hellaswag_size = hellaswag_batch(train_cfg, mesh) if hellaswag else 0
     batches = Batches(model_cfg, train_cfg, mesh)
     if train_cfg.init_from == "resume":  # only the params of its latest step: no optimizer state is needed
         step = checkpoint.complete_steps(train_cfg.out_dir)[-1]
@@ -170,20 +187,25 @@ def evaluate_only(model_cfg: ModelConfig, train_cfg: TrainConfig, params) -> str
             params = sharding.shard_params(model_cfg, params, mesh)
         eval_fn = sharding.make_sharded_eval_step(model_cfg, train_cfg, mesh)
         losses = {split: mean_loss(eval_fn, params, batches, split, train_cfg.eval_iters) for split in ("train", "val")}
+        scores = hellaswag_metrics(model_cfg, params, hellaswag, hellaswag_size, mesh) if hellaswag else {}
     except jax.errors.JaxRuntimeError as e:
         raise xla_failure(e, "the evaluation") from None
+    scored = (f"; hellaswag acc {scores['hellaswag_acc']:.4f}, acc_norm {scores['hellaswag_acc_norm']:.4f} "
+              f"({len(hellaswag)} examples of {train_cfg.hellaswag})") if scores else ""
     return (f"{where}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (the first "
             f"{train_cfg.eval_iters} batches of {batches.global_batch} x {model_cfg.block_size} tokens of each split "
-            f"of {batches.data_dir})")
+            f"of {batches.data_dir}){scored}")
 
 
 class Run:
     """One training run: the compiled steps, data, checkpoints and logs around a TrainState."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params):
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, params, hellaswag=()):
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.out_dir = Path(train_cfg.out_dir)
         self.mesh = make_run_mesh(train_cfg)
+        self.hellaswag = list(hellaswag)  # run_config.read_hellaswag's examples, scored at every eval
+        self.hellaswag_size = hellaswag_batch(train_cfg, self.mesh) if self.hellaswag else 0
         self.batches = Batches(model_cfg, train_cfg, self.mesh)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lock = on_main_process(lambda: lock_out_dir(self.out_dir))
@@ -242,6 +264,12 @@ class Run:
     def evaluate(self, eval_fn) -> float:
         """Mean val loss over eval_iters batches (the same batches at every eval, so evals compare)."""
         return mean_loss(eval_fn, self.state.params, self.batches, "val", self.cfg.eval_iters)
+
+    def evaluate_hellaswag(self) -> dict:
+        """hellaswag_acc and hellaswag_acc_norm of the current params ({} without --hellaswag)."""
+        if not self.hellaswag:
+            return {}
+        return hellaswag_metrics(self.model_cfg, self.state.params, self.hellaswag, self.hellaswag_size, self.mesh)
 
     def params_finite(self) -> bool:
         """True if no parameter is NaN or infinite (checked before a save, so that no diverged state is kept)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from gpt2_jax import checkpoint, convert, layouts
+from gpt2_jax import checkpoint, convert, evaluate, layouts
 from gpt2_jax.config import ConfigError, FlagParser, ModelConfig, PRESETS, TrainConfig, replace
 from gpt2_jax.metrics import say
 from gpt2_jax.model import causal_attention_impl
@@ -263,6 +263,29 @@ def check_samples(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
     if top >= model_cfg.vocab_size:
         raise ConfigError(f"num_samples={train_cfg.num_samples}: the samples at the end start from a newline, token "
                           f"{top}, which is outside vocab_size {model_cfg.vocab_size}; pass --num_samples=0")
+
+
+def read_hellaswag(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[evaluate.Example]:
+    """The --hellaswag examples that every eval scores, read before training so that a bad file fails up front (a
+    ConfigError naming the flag and, for a bad line, its file and line); [] without --hellaswag."""
+    path = train_cfg.hellaswag
+    if not path:
+        return []
+    n_vocab = get_tokenizer().n_vocab
+    if model_cfg.vocab_size < n_vocab:  # its candidates are GPT-2 tokenizer ids, which the model must have
+        raise ConfigError(f"--hellaswag needs a model with GPT-2's tokenizer's {n_vocab} token ids to score text; "
+                          f"this one has vocab_size {model_cfg.vocab_size}")
+    if not Path(path).is_file():
+        raise ConfigError(f"--hellaswag={path}: no such file; expected a HellaSwag JSONL file "
+                          "(one object a line with ctx, endings (4) and label)")
+    try:
+        examples, skipped = evaluate.read_hellaswag(path, model_cfg.block_size, train_cfg.hellaswag_limit or None,
+                                                    skip_bad=True)
+    except ValueError as e:
+        raise ConfigError(f"--hellaswag={path}: {str(e).removeprefix(f'--data {path}: ')}") from None
+    if skipped:  # train.py scores a file whole or not at all: the first bad line says what to fix
+        raise ConfigError(f"--hellaswag: {len(skipped)} bad line(s); the first: {skipped[0]}")
+    return examples
 
 
 def checked(model_cfg: ModelConfig, train_cfg: TrainConfig) -> ModelConfig:

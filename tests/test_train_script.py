@@ -23,6 +23,7 @@ from gpt2_jax.flops import peak_flops
 from gpt2_jax.metrics import Figure, Metrics
 from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.run import Run, data_change, lock_out_dir
+from gpt2_jax.tokenizer import get_tokenizer
 
 VOCAB = 256
 # A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
@@ -717,3 +718,109 @@ def test_peak_flops_takes_the_most_specific_datasheet_row(monkeypatch, kind, dty
     monkeypatch.setattr(jax, "local_devices", lambda: [types.SimpleNamespace(device_kind=kind)])
     peak, source = peak_flops(ModelConfig.from_preset("tiny", dtype=dtype))
     assert (peak, source) == (tflops * 1e12, f"{kind} datasheet")
+
+
+def hellaswag_file(path: Path, n: int) -> Path:
+    """n lines in the release's format (ctx, endings (4), label and its other fields); endings that differ late."""
+    lines = []
+    for i in range(n):
+        ctx = f"A {['man', 'woman', 'dog', 'child'][i % 4]} {['opens', 'paints', 'carries'][i % 3]} the"
+        endings = [f"box and then {word}." for word in ("sits down", "runs away", "naïve smiles", "waves")]
+        lines.append(json.dumps({"ind": i, "activity_label": "Test", "ctx": ctx, "endings": endings,
+                                 "label": (3 * i) % 4, "split": "val"}, ensure_ascii=i % 2 == 0))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def hand_hellaswag(model_cfg: ModelConfig, params, path: Path, n: int) -> tuple[float, float]:
+    """(acc, acc_norm) of the first n examples: each candidate a whole unpadded row through GPT2, its ending's
+    summed and mean cross entropy from the full log-softmax (llm.c's scoring, without the cache or buckets)."""
+    tok = get_tokenizer()
+    right, right_norm = 0, 0
+    for line in path.read_text(encoding="utf-8").splitlines()[:n]:
+        r = json.loads(line)
+        context, losses = tok.encode(r["ctx"]), []
+        for ending in r["endings"]:
+            cont = tok.encode(" " + ending)
+            row = np.array([context + cont])
+            logits = GPT2(model_cfg).apply({"params": params}, jnp.asarray(row[:, :-1]))[0, :, :tok.n_vocab]
+            logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+            total = -sum(logp[len(context) - 1 + k, t] for k, t in enumerate(cont))
+            losses.append((total, total / len(cont)))
+        losses = np.array(losses)
+        right += int(np.argmin(losses[:, 0]) == r["label"])
+        right_norm += int(np.argmin(losses[:, 1]) == r["label"])
+    return right / n, right_norm / n
+
+
+def test_hellaswag_is_scored_at_every_eval_on_the_params_of_that_step(tmp_path, data_dir, capsys):
+    path = hellaswag_file(tmp_path / "hellaswag.jsonl", 6)
+    out = tmp_path / "run"
+    argv = ["--config=tiny", "--vocab_size=50257", f"--data={data_dir}", f"--out_dir={out}", "--max_iters=4",
+            "--eval_interval=2", "--log_interval=2", "--eval_iters=1", "--batch_size=4", "--num_samples=0",
+            f"--hellaswag={path}", "--hellaswag_limit=5", "--hellaswag_batch_size=2"]
+    assert train.main(argv) == 0, capsys.readouterr()
+    evals = [r for r in records(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        model_cfg, params = checkpoint.load_weights(out, r["step"])
+        acc, acc_norm = hand_hellaswag(model_cfg, params, path, 5)
+        assert (r["hellaswag_acc"], r["hellaswag_acc_norm"]) == (pytest.approx(acc), pytest.approx(acc_norm))
+    assert "hellaswag acc" in capsys.readouterr().out
+    # --eval_only scores the same examples of the last step's weights
+    assert train.main(["--eval_only=true", "--init_from=resume", f"--out_dir={out}", f"--hellaswag={path}",
+                       "--hellaswag_limit=5"]) == 0
+    assert (f"hellaswag acc {evals[-1]['hellaswag_acc']:.4f}, acc_norm {evals[-1]['hellaswag_acc_norm']:.4f} "
+            f"(5 examples of {path})") in capsys.readouterr().out
+
+
+def test_hellaswag_inputs_are_checked_before_training(tmp_path, data_dir, capsys):
+    path = hellaswag_file(tmp_path / "hellaswag.jsonl", 3)
+    out = tmp_path / "run"
+    flags = ["--config=tiny", "--vocab_size=50257", f"--data={data_dir}", f"--out_dir={out}", "--num_samples=0"]
+    assert (f"--hellaswag={tmp_path / 'none.jsonl'}: no such file; expected a HellaSwag JSONL file"
+            in main_error(capsys, *flags, f"--hellaswag={tmp_path / 'none.jsonl'}"))
+    assert "hellaswag_limit must be >= 0; got -1" in main_error(capsys, *flags, f"--hellaswag={path}",
+                                                               "--hellaswag_limit=-1")
+    assert ("--hellaswag needs a model with GPT-2's tokenizer's 50257 token ids to score text; this one has "
+            f"vocab_size {VOCAB}") in main_error(capsys, *MODEL_FLAGS, *flags[2:], f"--hellaswag={path}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(path.read_text() + '{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}\n')
+    assert f"{bad}:4: label must be an integer 0..3; got 4" in main_error(capsys, *flags, f"--hellaswag={bad}")
+    assert not out.exists()  # every refusal came before the run made its out_dir
+
+
+def test_the_curve_draws_the_hellaswag_scores_of_the_eval_steps(tmp_path, monkeypatch):
+    savefig, drawn = Figure.savefig, []
+
+    def kept(fig, path, **kwargs):
+        drawn.append(fig)
+        savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
+    metrics = Metrics(tmp_path, start_step=0)
+    metrics.log({"step": 5, "loss": 3.0, "grad_norm": 1.0})
+    metrics.log({"step": 10, "loss": 2.5, "grad_norm": 0.5, "val_loss": 2.6})
+    metrics.plot()
+    assert len(drawn[-1].axes) == 2  # a run without --hellaswag: loss and grad norm only
+    metrics.log({"step": 20, "loss": 2.0, "grad_norm": 0.4, "val_loss": 2.1, "hellaswag_acc": 0.25,
+                 "hellaswag_acc_norm": 0.5})
+    metrics.plot()
+    lines = {line.get_label(): line.get_xydata().tolist() for line in drawn[-1].axes[2].get_lines()}
+    assert lines == {"acc": [[20, 0.25]], "acc_norm": [[20, 0.5]]}
+
+
+def test_hellaswag_is_scored_on_a_mesh_of_the_runs_devices(tmp_path, data_dir, env):
+    # Four CPU devices, params split over fsdp: the scores are those of the saved weights, computed here whole.
+    path = hellaswag_file(tmp_path / "hellaswag.jsonl", 4)
+    mesh_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    flags = ["--config=tiny", "--vocab_size=50257", f"--data={data_dir}", "--max_iters=2", "--eval_interval=2",
+             "--eval_iters=1", "--batch_size=4", "--num_samples=0", "--mesh=data:2,fsdp:2", f"--hellaswag={path}"]
+    rc, log = run_train(*flags, "--hellaswag_batch_size=6", out=tmp_path / "odd", env=mesh_env)
+    assert rc == 2 and "--hellaswag_batch_size: batch_size 6 must be divisible by data*fsdp = 4" in log, log
+    out = tmp_path / "run"
+    rc, log = run_train(*flags, out=out, env=mesh_env)  # batches of the global batch_size, 4
+    assert rc == 0, log
+    (record,) = [r for r in records(out) if "val_loss" in r]
+    acc, acc_norm = hand_hellaswag(*checkpoint.load_weights(out, 2), path, 4)
+    assert (record["hellaswag_acc"], record["hellaswag_acc_norm"]) == (pytest.approx(acc), pytest.approx(acc_norm))
