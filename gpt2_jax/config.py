@@ -67,8 +67,8 @@ class ModelConfig:
     remat: bool = False  # recompute each block's activations in the backward pass
     # Causal self-attention over a whole sequence: "xla" (ours: masked softmax, XLA-compiled), "cudnn" (cuDNN's
     # fused flash attention: NVIDIA GPU, bfloat16/float16, no attention dropout), "cpu_kernel" (cpu_kernels.py:
-    # one CPU device with AVX2 + FMA, AVX-512 or 64-bit ARM, float32, no attention dropout), or "auto" (the first of cudnn, cpu_kernel that
-    # can run, else xla).
+    # one CPU device with AVX2 + FMA, AVX-512 or 64-bit ARM, float32, no attention dropout), or "auto" (the first
+    # of cudnn, cpu_kernel that can run, else xla).
     attention: str = "auto"
     # Matmuls in float32 compute: "highest" is true float32 (PyTorch's default on GPUs, so logits match it);
     # "high"/"default" let XLA use TF32 on NVIDIA GPUs (about 5e-4 relative error, much faster) and fewer bf16
