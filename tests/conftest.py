@@ -145,10 +145,22 @@ def random_hf_model(seed=0, tie=True, activation="gelu_new", std=0.05, n_layer=2
 
 
 def hf_model(cfg, seed: int = 0):
-    """random_hf_model of a ModelConfig's shape, weights of GPT-2's init scale (std 0.02)."""
-    return random_hf_model(seed, std=0.02, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                           vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
-                           layer_norm_epsilon=cfg.layer_norm_eps)
+    """A transformers GPT-2 of a ModelConfig's shape with GPT-2's own init, its biases and LayerNorms perturbed
+    (GPT-2's init leaves them at 0 and 1) so that they are tested too."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 @pytest.fixture
