@@ -34,6 +34,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -46,6 +47,7 @@ from gpt2_jax.run import MainProcessFailed, Run, StepFailed, StopRequest, evalua
 from gpt2_jax.run_config import SAMPLE_PROMPT, check_samples, read_flags, read_hellaswag, resolve
 from gpt2_jax.sampling import context_length, generate, restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
+from gpt2_jax.training import update_ratios
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
 SETUP_ERRORS = (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError, LogError,
@@ -61,6 +63,11 @@ def speed_basis(run: Run) -> tuple[int, float, float]:
     say(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens:,} tokens a step; MFU against "
         f"{jax.device_count()} x {device_peak / 1e9:,.0f} GFLOP/s ({peak_source})")
     return tokens, flops, device_peak * jax.device_count()
+
+
+def health_step(cfg, step: int) -> bool:
+    """Whether step is an eval step whose update ratios --log_health logs."""
+    return cfg.log_health and (step % cfg.eval_interval == 0 or step == cfg.max_iters)
 
 
 def train(run: Run) -> int:
@@ -80,6 +87,8 @@ def train(run: Run) -> int:
         window_start, losses, stopping = time.perf_counter(), [], False
         while step < cfg.max_iters and not stopping:
             doing = f"step {step + 1}"
+            # The step donates the state: the params it updates are copied first, only where their ratios are logged.
+            before = jax.tree.map(jnp.copy, run.state.params) if health_step(cfg, step + 1) else None
             run.state, out = step_fn(run.state, x, y, run.rng)
             step += 1
             if step < cfg.max_iters:
@@ -104,6 +113,8 @@ def train(run: Run) -> int:
                     if not (math.isfinite(record["val_loss"]) and run.params_finite()):
                         return diverged(run, bar, f"the val loss is {record['val_loss']} after step {step}")
                     record.update(run.evaluate_hellaswag())
+                    if before is not None:
+                        record.update({k: float(v) for k, v in update_ratios(before, run.state.params).items()})
                 run.metrics.log(record)
                 if evaluating:
                     run.metrics.plot()

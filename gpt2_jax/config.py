@@ -183,6 +183,7 @@ class TrainConfig:
     eval_iters: int = 10
     eval_only: bool = False  # evaluate the starting weights (train and val loss) and exit; nothing is written
     log_interval: int = 10
+    log_health: bool = False  # add each parameter group's update:weight norm ratio to the eval steps' records
     keep_checkpoints: int = 3
     num_samples: int = 3  # samples printed at the end of training
     sample_tokens: int = 200

@@ -219,3 +219,24 @@ def make_eval_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable:
         return loss_sum / jnp.maximum(count, 1.0)
 
     return eval_step
+
+
+def param_group(path) -> str:
+    """A parameter's health group: wte, wpe, lm_head, ln (every LayerNorm) or its Linear, e.g. attn.c_attn."""
+    names = [str(getattr(k, "key", k)) for k in path]
+    if any(name.startswith("ln") for name in names):
+        return "ln"
+    return ".".join(names[1:3]) if names[0] == "h" else names[0]
+
+
+@jax.jit
+def update_ratios(old_params, new_params) -> dict:
+    """{"update_ratio/<group>": ||new - old|| / ||old||} over each param_group's parameters (float32 sums)."""
+    sums = {}
+    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(old_params), jax.tree.leaves(new_params),
+                                strict=True):
+        old32 = old.astype(jnp.float32)
+        update, weight = sums.get(param_group(path), (0.0, 0.0))
+        sums[param_group(path)] = (update + jnp.sum(jnp.square(new.astype(jnp.float32) - old32)),
+                                   weight + jnp.sum(jnp.square(old32)))
+    return {f"update_ratio/{group}": jnp.sqrt(update / weight) for group, (update, weight) in sums.items()}

@@ -24,6 +24,7 @@ from gpt2_jax.metrics import Figure, Metrics
 from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.run import Run, data_change, lock_out_dir
 from gpt2_jax.tokenizer import get_tokenizer
+from gpt2_jax.training import update_ratios
 
 VOCAB = 256
 # A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
@@ -824,3 +825,55 @@ def test_hellaswag_is_scored_on_a_mesh_of_the_runs_devices(tmp_path, data_dir, e
     (record,) = [r for r in records(out) if "val_loss" in r]
     acc, acc_norm = hand_hellaswag(*checkpoint.load_weights(out, 2), path, 4)
     assert (record["hellaswag_acc"], record["hellaswag_acc_norm"]) == (pytest.approx(acc), pytest.approx(acc_norm))
+
+
+def numpy_update_ratios(old, new, groups):
+    """The update:weight norm ratio of each group of flattened parameter names, in float64 numpy."""
+    flat_old, flat_new = (dict(jax.tree_util.tree_flatten_with_path(p)[0]) for p in (old, new))
+    ratios = {}
+    for group, member in groups.items():
+        keys = [k for k in flat_old if member(jax.tree_util.keystr(k))]
+        update = sum(np.sum((np.float64(flat_new[k]) - np.float64(flat_old[k])) ** 2) for k in keys)
+        ratios[f"update_ratio/{group}"] = np.sqrt(update / sum(np.sum(np.float64(flat_old[k]) ** 2) for k in keys))
+    return ratios
+
+
+HEALTH_GROUPS = {"wte": lambda k: k.startswith("['wte']"), "wpe": lambda k: k.startswith("['wpe']"),
+                 "ln": lambda k: "['ln" in k, "lm_head": lambda k: k.startswith("['lm_head']"),
+                 **{f"{a}.{b}": (lambda k, a=a, b=b: f"['{a}']['{b}']" in k)
+                    for a, b in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))}}
+
+
+def test_update_ratios_of_hand_made_params_are_numpys():
+    rng = np.random.default_rng(0)
+    shapes = {"wte": (5, 4), "wpe": (3, 4), "ln_f": {"weight": (4,), "bias": (4,)}, "lm_head": {"weight": (5, 4)},
+              "h": {"ln_1": {"weight": (2, 4)}, "ln_2": {"bias": (2, 4)},
+                    "attn": {"c_attn": {"weight": (2, 12, 4), "bias": (2, 12)}, "c_proj": {"weight": (2, 4, 4)}},
+                    "mlp": {"c_fc": {"weight": (2, 16, 4)}, "c_proj": {"weight": (2, 4, 16), "bias": (2, 4)}}}}
+    old = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                       is_leaf=lambda s: isinstance(s, tuple))
+    new = jax.tree.map(lambda a: a + rng.normal(scale=1e-2, size=a.shape).astype(np.float32), old)
+    logged = update_ratios(old, new)
+    expected = numpy_update_ratios(old, new, HEALTH_GROUPS)
+    assert sorted(logged) == sorted(expected)
+    for key, value in expected.items():
+        assert float(logged[key]) == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_log_health_logs_the_update_ratios_between_checkpoints(tie, tmp_path, data_dir, capsys):
+    """Each eval step's update_ratio/<group> is the norm ratio of the params its step changed, from the checkpoints
+    of that step and the one before (every step is an eval and a save)."""
+    out = tmp_path / "out"
+    argv = [*MODEL_FLAGS, f"--tie_embeddings={str(tie).lower()}", f"--data={data_dir}", f"--out_dir={out}",
+            "--log_health=true", "--max_iters=3", "--eval_interval=1", "--eval_iters=1", "--batch_size=4",
+            "--num_samples=0", "--keep_checkpoints=3"]
+    assert train.main(argv) == 0, capsys.readouterr()
+    logged = {r["step"]: r for r in records(out)}
+    groups = {g: m for g, m in HEALTH_GROUPS.items() if g != "lm_head" or not tie}
+    for step in (2, 3):
+        before, after = (checkpoint.load_weights(out, s)[1] for s in (step - 1, step))
+        expected = numpy_update_ratios(before, after, groups)
+        assert sorted(k for k in logged[step] if k.startswith("update_ratio/")) == sorted(expected)
+        for key, value in expected.items():
+            assert logged[step][key] == pytest.approx(value, rel=1e-5), (step, key)
