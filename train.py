@@ -13,16 +13,15 @@ TrainConfig and ModelConfig field is a --key=value flag (nanoGPT's names: out_di
 block_size, learning_rate, dtype, n_layer, ...). Ctrl-C saves a checkpoint and exits. One run at a time writes
 to an out_dir. A resumed run may change any TrainConfig flag but these: max_iters no lower than the checkpoint's
 step, and grad_clip on (> 0) or off (0) as it was (the optimizer state differs).
---hellaswag=FILE.jsonl scores HellaSwag at every eval (hellaswag_acc, hellaswag_acc_norm in metrics.jsonl);
---hellaswag_limit=N its first N examples, --hellaswag_batch_size=B examples a batch (default: the global batch).
+--hellaswag=FILE.jsonl scores HellaSwag at every eval (--hellaswag_limit=N, --hellaswag_batch_size=B), and
+--log_health=true logs each parameter group's update:weight ratio there (docs/training.md).
 --tensorboard=true writes TensorBoard event files to out_dir/tensorboard; --wandb_log=true (with --wandb_project,
 --wandb_run_name) logs to Weights & Biases, and a resumed run continues the same wandb run.
 
 --mesh=data:D,fsdp:F,tensor:N lays the devices out (default: all on data); batch_size is per process.
 Multi-host: run the same command on every host with --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; or --coordinator_address=auto
-on TPU pods and SLURM); --join_timeout=SECONDS (default 300) is how long to wait for all of them to start.
-docs/scaling.md has the details.
+on TPU pods and SLURM); --join_timeout=SECONDS (default 300) is how long to wait for all of them (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -34,20 +33,18 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import checkpoint, convert, data, sharding
 from gpt2_jax.config import ConfigError, plain_warnings
 from gpt2_jax.flops import flops_per_token, peak_flops
-from gpt2_jax.metrics import LogError, progress, say
+from gpt2_jax.metrics import LogError, eval_line, progress, say
 from gpt2_jax.model import count_params
 from gpt2_jax.run import MainProcessFailed, Run, StepFailed, StopRequest, evaluate_only, xla_failure
 from gpt2_jax.run_config import SAMPLE_PROMPT, check_samples, read_flags, read_hellaswag, resolve
 from gpt2_jax.sampling import context_length, generate, restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
-from gpt2_jax.training import update_ratios
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200  # nanoGPT's sample.py defaults
 SETUP_ERRORS = (ConfigError, data.DataError, checkpoint.CheckpointError, convert.WeightsError, OSError, LogError,
@@ -63,11 +60,6 @@ def speed_basis(run: Run) -> tuple[int, float, float]:
     say(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens:,} tokens a step; MFU against "
         f"{jax.device_count()} x {device_peak / 1e9:,.0f} GFLOP/s ({peak_source})")
     return tokens, flops, device_peak * jax.device_count()
-
-
-def health_step(cfg, step: int) -> bool:
-    """Whether step is an eval step whose update ratios --log_health logs."""
-    return cfg.log_health and (step % cfg.eval_interval == 0 or step == cfg.max_iters)
 
 
 def train(run: Run) -> int:
@@ -87,8 +79,7 @@ def train(run: Run) -> int:
         window_start, losses, stopping = time.perf_counter(), [], False
         while step < cfg.max_iters and not stopping:
             doing = f"step {step + 1}"
-            # The step donates the state: the params it updates are copied first, only where their ratios are logged.
-            before = jax.tree.map(jnp.copy, run.state.params) if health_step(cfg, step + 1) else None
+            before = run.params_before(step + 1)  # for --log_health (the step donates the state)
             run.state, out = step_fn(run.state, x, y, run.rng)
             step += 1
             if step < cfg.max_iters:
@@ -112,17 +103,12 @@ def train(run: Run) -> int:
                     record["val_loss"] = run.evaluate(eval_fn)
                     if not (math.isfinite(record["val_loss"]) and run.params_finite()):
                         return diverged(run, bar, f"the val loss is {record['val_loss']} after step {step}")
-                    record.update(run.evaluate_hellaswag())
-                    if before is not None:
-                        record.update({k: float(v) for k, v in update_ratios(before, run.state.params).items()})
+                    record.update(run.evaluate_hellaswag(), **run.update_ratios(before))
                 run.metrics.log(record)
                 if evaluating:
                     run.metrics.plot()
                     run.save(record["val_loss"])
-                    scored = (f", hellaswag acc {record['hellaswag_acc']:.4f} acc_norm "
-                              f"{record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc" in record else "")
-                    say(f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}{scored}; "
-                        "saving a checkpoint")
+                    say(f"{eval_line(step, record)}; saving a checkpoint")
                 window_start, losses = time.perf_counter(), []
             # Every process stops after the same step: on Ctrl-C, or when the main one cannot write its logs.
             stopping = sharding.any_process(stop.requested or run.metrics.error is not None)

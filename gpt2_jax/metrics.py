@@ -28,6 +28,13 @@ def progress(step: int, out: dict, grad_clip: float, seconds_per_step: float, to
             "ms_per_step": 1e3 * seconds_per_step, "mfu": flops_per_step / seconds_per_step / peak}
 
 
+def eval_line(step: int, record: dict) -> str:
+    """An eval step's losses (and HellaSwag scores) in one line."""
+    scored = (f", hellaswag acc {record['hellaswag_acc']:.4f} acc_norm {record['hellaswag_acc_norm']:.4f}"
+              if "hellaswag_acc" in record else "")
+    return f"step {step}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}{scored}"
+
+
 class LogError(Exception):
     """metrics.jsonl or loss.png could not be written (disk full, read-only file system)."""
 

@@ -16,6 +16,7 @@ from gpt2_jax import checkpoint, data, evaluate, sharding
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
 from gpt2_jax.dashboards import WandB, open_dashboards
 from gpt2_jax.metrics import LogError, Metrics, say
+from gpt2_jax.training import update_ratios
 
 
 class StepFailed(Exception):
@@ -270,6 +271,18 @@ class Run:
         if not self.hellaswag:
             return {}
         return hellaswag_metrics(self.model_cfg, self.state.params, self.hellaswag, self.hellaswag_size, self.mesh)
+
+    def params_before(self, step: int):
+        """A copy of the params before `step` where --log_health logs that step's update ratios (an eval step), else
+        None: the step donates the state, so the copy is made only where it is needed."""
+        cfg = self.cfg
+        if cfg.log_health and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
+            return jax.tree.map(jnp.copy, self.state.params)
+        return None
+
+    def update_ratios(self, before) -> dict:
+        """--log_health's update:weight ratio of each parameter group over the step since `before` ({} if None)."""
+        return {} if before is None else {k: float(v) for k, v in update_ratios(before, self.state.params).items()}
 
     def params_finite(self) -> bool:
         """True if no parameter is NaN or infinite (checked before a save, so that no diverged state is kept)."""
