@@ -6,6 +6,7 @@ ceiling: the bytes a decode step must read (all weights once, plus the filled pa
 copy bandwidth measured here. Prints a table, then one JSON line.
 
     python bench/sample.py            # about 3 minutes; check `uptime` first: other processes skew it
+    python bench/sample.py --dtypes=float32   # float32 only (torch's bfloat16 is very slow without AVX-512 BF16)
     python bench/sample.py --layouts  # ms per decode step: GPT2.apply vs sampling.decode_step on each matrix layout
     python bench/sample.py --compile_count   # compilations for 1,000 prompts of 1 to 1,016 tokens
 """
@@ -175,7 +176,7 @@ def compile_counts() -> None:
         print(f"batch_size {batch:>2}: {sampling.compile_count() - before} compilations for 1,000 prompts")
 
 
-def main() -> None:
+def main(dtypes: str) -> None:
     import torch
 
     load = os.getloadavg()[0]
@@ -184,7 +185,8 @@ def main() -> None:
     params32 = init_params(base, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     rows, result, compile_s = [], {}, []
-    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    for dtype in dtypes.split(","):
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         cfg = replace(base, dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(lambda a: a.astype(dtype), params32)
         model = torch_model(torch_dtype)
@@ -213,7 +215,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    mode = parse_flags(sys.argv[1:], {"layouts": False, "compile_count": False}, __doc__)  # a typo: no 3-minute run
+    mode = parse_flags(sys.argv[1:], {"layouts": False, "compile_count": False, "dtypes": "float32,bfloat16"},
+                       __doc__)  # a typo: no 3-minute run
     if mode["layouts"] and mode["compile_count"]:
         raise SystemExit("--layouts and --compile_count are two separate runs: pass one of them")
-    (layouts if mode["layouts"] else compile_counts if mode["compile_count"] else main)()
+    if set(mode["dtypes"].split(",")) - {"float32", "bfloat16"}:
+        raise SystemExit(f"--dtypes takes float32, bfloat16 or both (comma-separated); got {mode['dtypes']!r}")
+    if mode["layouts"] or mode["compile_count"]:
+        (layouts if mode["layouts"] else compile_counts)()
+    else:
+        main(mode["dtypes"])
