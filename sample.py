@@ -37,7 +37,7 @@ from gpt2_jax.batch_sampling import (Prompt, TextStream, done_samples, kept_samp
                                      out_problem, record, sample_key, sampling_failure, stop_check, weights_digest,
                                      write_lines)
 from gpt2_jax.config import DTYPES, ConfigError, FlagParser, ModelConfig, plain_warnings, ranged, replace, seed_error
-from gpt2_jax.sampling import Sampler, generate_batch, restrict_vocab
+from gpt2_jax.sampling import Sampler, generate_batch
 from gpt2_jax.tokenizer import get_tokenizer
 
 DEFAULT_NEW_TOKENS = 200
@@ -75,19 +75,6 @@ def parse_args(argv: list[str]):
     if problem:
         p.fail(problem)
     return args
-
-
-def load_model(path: str, dtype: str, n_head: int | None = None) -> tuple[ModelConfig, dict]:
-    """(config, params) from --init_from, with params and compute in dtype, and logits for the tokenizer's ids
-    only (a padded vocabulary's extra ids cannot be decoded)."""
-    from gpt2_jax import convert, layouts
-
-    # A step that an out_dir lacks (out/15) is left to convert.load, whose error names the steps it has.
-    if not layouts.weights_exist(path) and convert.orbax_source(Path(path)) is None:
-        raise FileNotFoundError(f"--init_from: {layouts.missing_message(path)}")
-    cfg, params = convert.load(path, dtype=jnp.dtype(dtype), n_head=n_head)
-    cfg = restrict_vocab(cfg, get_tokenizer().n_vocab)
-    return replace(cfg, dtype=dtype, param_dtype=dtype), params
 
 
 def report_nonfinite(records: list[dict], args) -> int:
@@ -178,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     """main after the arguments are parsed: load, read and check the prompts, then sample them."""
-    from gpt2_jax import checkpoint  # orbax (0.5 s to import): a damaged checkpoint is one line, not its tracebacks
+    from gpt2_jax import checkpoint, convert  # orbax (0.5 s): a damaged checkpoint is one line, not its tracebacks
 
     checkpoint.quiet_failed_io()
     sharding.order_host_collectives()
     try:
-        cfg, params = load_model(args.init_from, args.dtype, args.n_head)
+        cfg, params = convert.load_init_from(args.init_from, args.dtype, args.n_head)
         args.weights = weights_digest(params)
         if args.max_new_tokens is None:  # the default leaves room for a prompt in any model's context
             args.max_new_tokens = min(DEFAULT_NEW_TOKENS, max(1, cfg.block_size // 2))

@@ -60,6 +60,20 @@ def load(path: str | Path, dtype=jnp.float32, *, n_head: int | None = None,
     return replace(ckpt.config, param_dtype=np_dtype.name), params_from(ckpt, np_dtype)
 
 
+def load_init_from(path: str, dtype: str = "float32", n_head: int | None = None) -> tuple[ModelConfig, dict]:
+    """(config, params) for an --init_from flag: params and compute in dtype, logits for the tokenizer's ids
+    only (a padded vocabulary's extra ids cannot be decoded); a path that holds no weights names what it lacks."""
+    from gpt2_jax.sampling import restrict_vocab
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    # A step that an out_dir lacks (out/15) is left to load, whose error names the steps it has.
+    if not layouts.weights_exist(path) and orbax_source(Path(path)) is None:
+        raise FileNotFoundError(f"--init_from: {layouts.missing_message(path)}")
+    cfg, params = load(path, dtype=jnp.dtype(dtype), n_head=n_head)
+    cfg = restrict_vocab(cfg, get_tokenizer().n_vocab)
+    return replace(cfg, dtype=dtype, param_dtype=dtype), params
+
+
 def orbax_source(path: Path) -> tuple[Path, int | None] | None:
     """(out_dir, step or None for its latest) when path is an orbax out_dir or one of its step directories, else
     None. A step directory reaches the steps an out_dir keeps besides its latest, such as the best val loss (one

@@ -14,7 +14,6 @@ a few lengths, so a whole file compiles a handful of programs. --init_from takes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import sharding
-from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, plain_warnings, replace
+from gpt2_jax.config import DTYPES, ConfigError, FlagParser, ModelConfig, plain_warnings, ranged
 from gpt2_jax.model import GPT2, KVCache, output_logits
 from gpt2_jax.sampling import restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
@@ -36,6 +35,7 @@ from gpt2_jax.tokenizer import get_tokenizer
 N_ENDINGS = 4
 # Padded sequence lengths: at most 1.5x padding, and a whole file compiles a handful of programs.
 LENGTH_BUCKETS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+AT_LEAST_1 = ranged(int, lambda v: v >= 1, "an integer >= 1")
 PAD_TOKEN = 0  # right padding: causal attention never lets a real position see it
 
 
@@ -318,37 +318,24 @@ def hellaswag(config: ModelConfig, params, examples: Sequence[Example], batch_si
 
 def load_model(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict]:
     """(config, params) from anything gpt2_jax.convert.load reads, params and compute in dtype."""
-    from gpt2_jax import convert, layouts
+    from gpt2_jax import convert
 
-    if not layouts.weights_exist(path) and convert.orbax_source(Path(path)) is None:
-        raise FileNotFoundError(f"--init_from: {layouts.missing_message(path)}")
-    cfg, params = convert.load(path, dtype=jnp.dtype(dtype))
-    return replace(check_model(cfg), dtype=dtype, param_dtype=dtype), params
+    cfg, params = convert.load_init_from(path, dtype)
+    return check_model(cfg), params
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
-    return value
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gpt2_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str]):
+    p = FlagParser(prog="python -m gpt2_jax.evaluate", description=__doc__)
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     h = tasks.add_parser("hellaswag", help="HellaSwag, completion-style (llm.c's scoring)")
     h.add_argument("--init_from", required=True, help="a train.py out_dir or a weights file/directory")
     h.add_argument("--data", required=True, type=Path, help="HellaSwag JSONL (e.g. hellaswag_val.jsonl)")
-    h.add_argument("--limit", type=_positive, default=None, help="score only the first N examples")
-    h.add_argument("--batch_size", type=_positive, default=8, help="examples per batch (4 rows each)")
+    h.add_argument("--limit", type=AT_LEAST_1, default=None, help="score only the first N examples")
+    h.add_argument("--batch_size", type=AT_LEAST_1, default=8, help="examples per batch (4 rows each)")
     h.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
     h.add_argument("--mesh", default="", help="shard over this process's devices, e.g. data:8 (docs/scaling.md)")
-    h.add_argument("--skip_bad", action="store_true", help="skip (and count) bad lines instead of stopping")
-    h.add_argument("--json", action="store_true", help="end with one JSON line: acc, acc_norm, n, seconds")
+    h.add_flag("skip_bad", bool, default=False, help="skip (and count) bad lines instead of stopping")
+    h.add_flag("json", bool, default=False, help="end with one JSON line: acc, acc_norm, n, seconds")
     return p.parse_args(argv)
 
 

@@ -12,7 +12,6 @@ generate_until greedily with stop strings, through gpt2_jax.sampling. Tasks down
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -25,7 +24,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from gpt2_jax import evaluate, sharding
-from gpt2_jax.config import DTYPES, ConfigError, ModelConfig, plain_warnings
+from gpt2_jax.config import DTYPES, ConfigError, FlagParser, ModelConfig, plain_warnings
 from gpt2_jax.sampling import Sampler, generate_batch, row_key
 from gpt2_jax.tokenizer import EOT_TOKEN, get_tokenizer
 
@@ -153,13 +152,12 @@ class GPT2JaxLM(TemplateLM):
         return texts
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gpt2_jax.lm_eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str]):
+    p = FlagParser(prog="python -m gpt2_jax.lm_eval", description=__doc__)
     p.add_argument("--init_from", required=True, help="a train.py out_dir or a weights file/directory")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_gen_toks", type=int, default=256, help="new tokens for generate_until tasks")
+    p.add_argument("--batch_size", type=evaluate.AT_LEAST_1, default=8)
+    p.add_argument("--max_gen_toks", type=evaluate.AT_LEAST_1, default=256, help="new tokens for generate_until tasks")
     p.add_argument("--num_fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction, < 1)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -167,11 +165,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--include_path", help="a directory of extra task YAML files (lm-eval's --include_path)")
     p.add_argument("--output", help="write the harness's results JSON here")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_gen_toks"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
     if not [t for t in args.tasks.split(",") if t.strip()]:
-        p.error("--tasks names no task")
+        p.fail("--tasks names no task")
     return args
 
 

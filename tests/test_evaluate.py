@@ -131,7 +131,7 @@ def test_cli_errors_and_skips(tmp_path, hf_dir, capsys):
     assert "no such weights file or directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(["hellaswag", f"--init_from={path}", f"--data={data}", "--batch_size=0"])
-    assert "--batch_size: must be an integer >= 1; got '0'" in capsys.readouterr().err
+    assert "--batch_size: must be an integer >= 1; got 0" in capsys.readouterr().err
 
 
 MESH_SCRIPT = """
