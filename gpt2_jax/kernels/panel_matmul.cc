@@ -4,11 +4,14 @@
 // W is packed in panels [N / 48, K, 48]: panel p holds columns 48p..48p+47 of W, row after row, so each panel is
 // one contiguous stream. A register block is a whole row of a panel (kGroup vectors: three with AVX-512, six with
 // AVX2, twelve with NEON; simd.h) times kRows rows of x, as many as the registers hold with the accumulators: all 8
-// with AVX-512 (the panel's three weight vectors stay in registers), 2 with AVX2 (each weight vector read from
-// memory by the FMAs of both rows), 1 with NEON (whose FMAs take no memory operand: 8 registers for loads in
+// with AVX-512 (the panel's three weight vectors stay in registers), 2 with AVX2 (each weight vector loaded once
+// into a register for the FMAs of both rows: with the load folded into each FMA, the FMAs of blocks that find W in
+// the L1 cache wait on the load ports), 1 with NEON (whose FMAs take no memory operand: 8 registers for loads in
 // flight). Where the B rows of x need several blocks, the panel is walked kBlockRows rows of W at a time: the first
 // block reads them from memory, the others find them in the L1 cache, and each block's sums wait in y between turns
-// (added in the same order as in one pass).
+// (added in the same order as in one pass). Meanwhile every block prefetches its share of the next kBlockRows rows,
+// so that memory keeps streaming while the later blocks compute (the hardware prefetcher sees no misses then, and
+// stops at each 4 KB page).
 // The panels are shared out in chunks between the calling thread and one task on XLA's intra-op thread pool
 // (share_work.h).
 #include <algorithm>
@@ -32,17 +35,19 @@ using gpt2_jax::Vec;
 
 constexpr int64_t kWidth = 48;
 constexpr int kGroup = kWidth / kLanes;  // vectors in a row of a panel
-// Registers for weights on their way from memory to an FMA: x86 FMAs read one operand from memory; on ARM the
-// compiler keeps several loads in flight.
+// Registers for weights on their way from memory to the FMAs: one on x86 (out-of-order execution renames it); on ARM
+// the compiler keeps several loads in flight.
 #if GPT2_JAX_LANES == 4
 constexpr int kWeightRegisters = 8;
 #else
 constexpr int kWeightRegisters = 1;
 #endif
-// Rows of x in one register block: accumulators, weights in flight and a row value fit the registers.
+// Rows of x in one register block: accumulators, weights in flight and the rows' values fit the registers.
 constexpr int kRows = std::min(8, (gpt2_jax::kRegisters - kWeightRegisters - 1) / kGroup);
 constexpr bool kWeightsInRegisters = kRows * kGroup + kGroup + 1 <= gpt2_jax::kRegisters;
-constexpr int64_t kBlockRows = 128;  // rows of W walked at a time when several blocks take turns: 24 KB of float32
+// Rows of W walked at a time when several blocks take turns: 12 KB of float32, so that they and the next rows on
+// their way in fit a 32 KB L1 cache.
+constexpr int64_t kBlockRows = 64;
 static_assert(kWidth % kLanes == 0, "a panel row must hold whole vectors");
 static_assert(kRows >= 1, "a register block must fit the registers");
 
@@ -52,14 +57,16 @@ using PanelStackBf16 = ffi::Buffer<ffi::BF16, 3>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
 // y[r, 0 .. 48) += x[r, k] W[k, :] for r < R and k in [k0, k1): W one panel, x rows K apart, y rows N apart; the
-// sums start from zero when k0 is 0.
+// sums start from zero when k0 is 0. With `ahead`, the step for row k prefetches ahead + (k - k0) * ahead_step.
 template <int R, typename W>
-inline void Block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+inline void Block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1,
+                  const char* ahead, int64_t ahead_step) {
   Vec acc[R][kGroup];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kGroup; ++v) acc[r][v] = k0 == 0 ? Vec{} : Load(y + r * N + v * kLanes);
   for (int64_t k = k0; k < k1; ++k) {
     const W* row = w + k * kWidth;
+    if (ahead) __builtin_prefetch(ahead + (k - k0) * ahead_step);
     if constexpr (kWeightsInRegisters) {
       Vec wv[kGroup];
       for (int v = 0; v < kGroup; ++v) wv[v] = Load(row + v * kLanes);
@@ -71,7 +78,8 @@ inline void Block(const float* x, const W* w, float* y, int64_t K, int64_t N, in
       Vec xr[R];
       for (int r = 0; r < R; ++r) xr[r] = Splat(x[r * K + k]);
       for (int v = 0; v < kGroup; ++v) {
-        const Vec wv = Load(row + v * kLanes);
+        Vec wv = Load(row + v * kLanes);
+        GPT2_JAX_IN_REGISTER(wv);
         for (int r = 0; r < R; ++r) acc[r][v] = Fma(xr[r], wv, acc[r][v]);
       }
     }
@@ -80,20 +88,35 @@ inline void Block(const float* x, const W* w, float* y, int64_t K, int64_t N, in
     for (int v = 0; v < kGroup; ++v) Store(y + r * N + v * kLanes, acc[r][v]);
 }
 
-// Block for all B rows, kRows at a time.
+// Block for all B rows, kRows at a time, each prefetching the next share of `ahead`.
 template <int B, typename W>
-inline void RowBlocks(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+inline void RowBlocks(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1,
+                      const char* ahead, int64_t ahead_step) {
   constexpr int R = B < kRows ? B : kRows;
-  Block<R>(x, w, y, K, N, k0, k1);
-  if constexpr (B > R) RowBlocks<B - R>(x + R * K, w, y + R * N, K, N, k0, k1);
+  Block<R>(x, w, y, K, N, k0, k1, ahead, ahead_step);
+  if constexpr (B > R)
+    RowBlocks<B - R>(x + R * K, w, y + R * N, K, N, k0, k1, ahead ? ahead + (k1 - k0) * ahead_step : ahead,
+                     ahead_step);
 }
 
 template <int B, typename W>
 void Panels(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t first, int64_t last) {
-  const int64_t step = B <= kRows ? K : kBlockRows;
-  for (int64_t p = first; p < last; ++p)
-    for (int64_t k0 = 0; k0 < K; k0 += step)
-      RowBlocks<B>(x, w + p * K * kWidth, y + p * kWidth, K, N, k0, std::min(K, k0 + step));
+  constexpr int kBlocks = (B + kRows - 1) / kRows;
+  if constexpr (kBlocks == 1) {  // one pass over each panel: a stream that the hardware prefetcher follows
+    for (int64_t p = first; p < last; ++p)
+      RowBlocks<B>(x, w + p * K * kWidth, y + p * kWidth, K, N, 0, K, nullptr, 0);
+  } else {
+    // The panels are contiguous, so the rows after [k0, k1) are the next rows of W in memory, across panels.
+    const int64_t ahead_step = int64_t(kWidth * sizeof(W)) / kBlocks;
+    const W* end = w + last * K * kWidth;
+    for (int64_t p = first; p < last; ++p)
+      for (int64_t k0 = 0; k0 < K; k0 += kBlockRows) {
+        const int64_t k1 = std::min(K, k0 + kBlockRows);
+        const W* next = w + (p * K + k1) * kWidth;
+        const char* ahead = next < end ? reinterpret_cast<const char*>(next) : nullptr;
+        RowBlocks<B>(x, w + p * K * kWidth, y + p * kWidth, K, N, k0, k1, ahead, ahead_step);
+      }
+  }
 }
 
 template <typename W>

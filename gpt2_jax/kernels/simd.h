@@ -43,6 +43,10 @@ inline Vec Load(const float* p) {  // memcpy: an unaligned vector load
 inline Vec Load(const uint16_t* p) {  // bfloat16 is the top half of a float32
 #if GPT2_JAX_LANES == 4
   return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));  // GCC 12 widens a 4-lane vector lane by lane
+#elif GPT2_JAX_LANES == 8
+  // GCC 12 widens an 8-lane vector in two halves (four instructions where vpmovzxwd is one)
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 #else
   Halves h;
   std::memcpy(&h, p, sizeof h);
