@@ -2,9 +2,11 @@
 free port, start with the output going to a log file, wait, finish)."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,13 +71,35 @@ def run_train(*flags, out: Path, env) -> tuple[int, str]:
     return finish(start_train(*flags, out=out, env=env))
 
 
+XLA_CACHE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the run, in a new temporary directory, shared by the xdist workers
+    (which inherit the environment) and their subprocesses: a step that many tests and train.py runs compile
+    (the same HLO, jaxlib and XLA flags: the cache's key) compiles once. New for each run, so it never serves an
+    executable built by another jaxlib or for another CPU. A cache directory set by the caller is kept."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config.xla_cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
+    os.environ.update(XLA_CACHE, JAX_COMPILATION_CACHE_DIR=config.xla_cache_dir)
+    if "jax" in sys.modules:  # imported by a plugin before this hook: its config already read the environment
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", config.xla_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "xla_cache_dir", None):
+        shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The environment of train.py subprocesses: CPU, and a persistent XLA cache that a module's runs share (the
-    same tiny step is compiled once, not once per run)."""
-    cache = tmp_path_factory.mktemp("xla_cache")
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def env():
+    """The environment of train.py subprocesses: CPU, and the run's persistent XLA cache (pytest_configure)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 @pytest.fixture(scope="module")
