@@ -1,6 +1,8 @@
-"""Shared helpers: random PyTorch GPT-2s of each layout (torch imported only when used), and subprocesses (a
-free port, start with the output going to a log file, wait, finish)."""
+"""Shared helpers: random PyTorch GPT-2s of each layout (torch imported only when used), subprocesses (a free port,
+start with the output going to a log file, wait, finish), the tiny train.py run of the test_train_*.py files, and
+the run's persistent XLA compilation cache."""
 
+import json
 import os
 import shutil
 import socket
@@ -60,6 +62,49 @@ def finish_all(procs, timeout=600) -> list[tuple[int, str]]:
         return [finish(p, timeout) for p in procs]
     finally:
         stop_all(procs)
+
+
+VOCAB = 256
+# A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
+MODEL_FLAGS = ["--config=tiny", f"--vocab_size={VOCAB}", "--block_size=32", "--dropout=0.1"]
+RUN_FLAGS = ["--batch_size=8", "--gradient_accumulation_steps=2", "--max_iters=20", "--eval_interval=10",
+             "--log_interval=5", "--eval_iters=2", "--warmup_iters=5", "--lr_decay_iters=20", "--num_samples=0"]
+
+
+def records(out: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def resolve(argv: list[str]):
+    """train.py's (model config, train config, initial params) for these flags."""
+    from gpt2_jax import run_config
+
+    return run_config.resolve(run_config.read_flags(argv))
+
+
+def main_error(capsys, *argv) -> str:
+    """What train.main prints to stderr when it refuses these flags (exit status 2)."""
+    import train
+
+    assert train.main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def hand_loss(model_cfg, params, split, seed: int, batches: int, B: int) -> float:
+    """The mean cross entropy of the first `batches` batches of a split, computed here from the logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax.model import GPT2
+
+    losses = []
+    for i in range(batches):
+        x, y = split.batch(seed, i, B, model_cfg.block_size)
+        logits = GPT2(model_cfg).apply({"params": params}, jnp.asarray(x[0]), deterministic=True)
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        losses.append(-np.mean(np.take_along_axis(logp, y[0][..., None], axis=-1)))
+    return float(np.mean(losses))
 
 
 def start_train(*flags, out: Path, env, log_name=None) -> subprocess.Popen:
