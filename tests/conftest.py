@@ -124,6 +124,8 @@ def pytest_configure(config):
     (which inherit the environment) and their subprocesses: a step that many tests and train.py runs compile
     (the same HLO, jaxlib and XLA flags: the cache's key) compiles once. New for each run, so it never serves an
     executable built by another jaxlib or for another CPU. A cache directory set by the caller is kept."""
+    if hasattr(config.option, "loadscopereorder"):  # else xdist (>= 3.6) reorders the files by their test count
+        config.option.loadscopereorder = False
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
     config.xla_cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
@@ -134,6 +136,20 @@ def pytest_configure(config):
         jax.config.update("jax_compilation_cache_dir", config.xla_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+# The files that take longest, longest first (pytest --durations, -n 2 --dist loadfile, on a 2-core EPYC). xdist
+# hands out whole files in collection order (pytest_configure turns off its reordering by test count), so these start first
+# and the two workers finish together, not one waiting on a long file handed out last; the others follow by name.
+LONGEST_FIRST = ("test_multidevice.py", "test_train_script.py", "test_sample_script.py", "test_engine.py",
+                 "test_sampling.py", "test_train_failures.py", "test_cpu_kernels.py", "test_train_finetune.py",
+                 "test_convert.py", "test_lm_eval.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (LONGEST_FIRST); each file's tests keep their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_unconfigure(config):
