@@ -152,6 +152,11 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+def without_xla_cache(env) -> dict:
+    """env without the persistent XLA cache's settings."""
+    return {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR" and k not in XLA_CACHE}
+
+
 def pytest_unconfigure(config):
     if getattr(config, "xla_cache_dir", None):
         shutil.rmtree(config.xla_cache_dir, ignore_errors=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import (REPO, finish, finish_all, free_port, main_error, records, run_train, start, start_train, stop_all,
-                      tiny_param_count, wait_until)
+                      tiny_param_count, wait_until, without_xla_cache)
 from gpt2_jax import checkpoint
 
 WORKER = REPO / "tests" / "sharding_worker.py"
@@ -30,7 +30,8 @@ GPT2_PARAMS = 124_439_808  # GPT-2 small with tied embeddings, as Hugging Face c
 
 
 def cpu_env(**extra) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    """CPU, without the test run's persistent XLA cache (tests/sharding_worker.py compiles each program once)."""
+    return dict(without_xla_cache(os.environ), JAX_PLATFORMS="cpu", **extra)
 
 
 # ---- gpt2_jax.sharding on 8 simulated CPU devices (tests/sharding_worker.py) ----
@@ -269,8 +270,7 @@ def test_a_process_that_never_joins_is_named_after_join_timeout(tmp_path, data_d
 def start_two_processes(out, env, *flags) -> list:
     """train.py with these flags over 2 processes of 4 CPU devices."""
     address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
-           and k != "JAX_COMPILATION_CACHE_DIR"}  # each process compiles for itself
+    env = without_xla_cache(devices_env(env, 4))  # each process compiles for itself
     return [start_train(f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *flags,
                         out=out, env=env, log_name=f"{out.name}_process{i}") for i in range(2)]
 
