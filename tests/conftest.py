@@ -1,10 +1,14 @@
-"""Shared helpers: random PyTorch GPT-2s of each layout (torch imported only when used), and subprocesses (a
-free port, start with the output going to a log file, wait, finish)."""
+"""Shared helpers: random PyTorch GPT-2s of each layout (torch imported only when used), subprocesses (a free port,
+start with the output going to a log file, wait, finish), the tiny train.py run of the test_train_*.py files, and
+the run's persistent XLA compilation cache."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +64,49 @@ def finish_all(procs, timeout=600) -> list[tuple[int, str]]:
         stop_all(procs)
 
 
+VOCAB = 256
+# A small model and vocabulary so that each run compiles and steps in moments; dropout on, so the rng matters.
+MODEL_FLAGS = ["--config=tiny", f"--vocab_size={VOCAB}", "--block_size=32", "--dropout=0.1"]
+RUN_FLAGS = ["--batch_size=8", "--gradient_accumulation_steps=2", "--max_iters=20", "--eval_interval=10",
+             "--log_interval=5", "--eval_iters=2", "--warmup_iters=5", "--lr_decay_iters=20", "--num_samples=0"]
+
+
+def records(out: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def resolve(argv: list[str]):
+    """train.py's (model config, train config, initial params) for these flags."""
+    from gpt2_jax import run_config
+
+    return run_config.resolve(run_config.read_flags(argv))
+
+
+def main_error(capsys, *argv) -> str:
+    """What train.main prints to stderr when it refuses these flags (exit status 2)."""
+    import train
+
+    assert train.main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def hand_loss(model_cfg, params, split, seed: int, batches: int, B: int) -> float:
+    """The mean cross entropy of the first `batches` batches of a split, computed here from the logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax.model import GPT2
+
+    losses = []
+    for i in range(batches):
+        x, y = split.batch(seed, i, B, model_cfg.block_size)
+        logits = GPT2(model_cfg).apply({"params": params}, jnp.asarray(x[0]), deterministic=True)
+        logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        losses.append(-np.mean(np.take_along_axis(logp, y[0][..., None], axis=-1)))
+    return float(np.mean(losses))
+
+
 def start_train(*flags, out: Path, env, log_name=None) -> subprocess.Popen:
     """train.py with these flags and --out_dir=out, its log next to out."""
     return start(["train.py", *flags, f"--out_dir={out}"], out.parent / f"{log_name or out.name}.log", env=env)
@@ -69,13 +116,57 @@ def run_train(*flags, out: Path, env) -> tuple[int, str]:
     return finish(start_train(*flags, out=out, env=env))
 
 
+XLA_CACHE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the run, in a new temporary directory, shared by the xdist workers
+    (which inherit the environment) and their subprocesses: a step that many tests and train.py runs compile
+    (the same HLO, jaxlib and XLA flags: the cache's key) compiles once. New for each run, so it never serves an
+    executable built by another jaxlib or for another CPU. A cache directory set by the caller is kept."""
+    if hasattr(config.option, "loadscopereorder"):  # else xdist (>= 3.6) reorders the files by their test count
+        config.option.loadscopereorder = False
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config.xla_cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
+    os.environ.update(XLA_CACHE, JAX_COMPILATION_CACHE_DIR=config.xla_cache_dir)
+    if "jax" in sys.modules:  # imported by a plugin before this hook: its config already read the environment
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", config.xla_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+# The files that take longest, longest first (pytest --durations, -n 2 --dist loadfile, on a 2-core EPYC). xdist
+# hands out whole files in collection order (pytest_configure turns off its reordering by test count), so these start first
+# and the two workers finish together, not one waiting on a long file handed out last; the others follow by name.
+LONGEST_FIRST = ("test_multidevice.py", "test_training.py", "test_train_finetune.py", "test_train_script.py",
+                 "test_sample_script.py", "test_train_failures.py", "test_lm_eval.py", "test_cpu_kernels.py",
+                 "test_sampling.py", "test_engine.py", "test_model.py", "test_evaluate.py", "test_compare.py",
+                 "test_convert.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (LONGEST_FIRST); each file's tests keep their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def without_xla_cache(env) -> dict:
+    """env without the persistent XLA cache's settings."""
+    return {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR" and k not in XLA_CACHE}
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "xla_cache_dir", None):
+        shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The environment of train.py subprocesses: CPU, and a persistent XLA cache that a module's runs share (the
-    same tiny step is compiled once, not once per run)."""
-    cache = tmp_path_factory.mktemp("xla_cache")
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def env():
+    """The environment of train.py subprocesses: CPU, and the run's persistent XLA cache (pytest_configure)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 @pytest.fixture(scope="module")

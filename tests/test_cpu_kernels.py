@@ -298,20 +298,31 @@ def elf_machine(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[18:20], "little")
 
 
-@pytest.mark.skipif(CROSS_COMPILER is None, reason=NO_CROSS_COMPILER)
-def test_the_kernels_compile_for_64_bit_arm(tmp_path):
-    library = tmp_path / "kernels.so"
-    run = subprocess.run(cpu_kernels.compile_command([CROSS_COMPILER], library, march="armv8-a"),
-                         capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def arm_kernel_check(tmp_path_factory):
+    """tests/kernel_check.cc, which includes the three kernels' sources, cross-compiled for 64-bit ARM with the
+    library's own command (cpu_kernels.compile_command: -O3, -fPIC) made a static program (no ARM libraries needed
+    under qemu): one build serves both tests below. (run, program path)."""
+    if CROSS_COMPILER is None:
+        pytest.skip(NO_CROSS_COMPILER)
+    program = tmp_path_factory.mktemp("arm") / "kernel_check"
+    command = [arg for arg in cpu_kernels.compile_command([CROSS_COMPILER], program, march="armv8-a")
+               if not arg.endswith(".cc")]
+    command[command.index("-shared")] = "-static"
+    command[command.index("-o"):command.index("-o")] = [str(KERNEL_CHECK)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600), program
+
+
+def test_the_kernels_compile_for_64_bit_arm(arm_kernel_check):
+    run, program = arm_kernel_check
     assert run.returncode == 0, run.stderr[-3000:]
-    assert elf_machine(library) == ELF_MACHINE["aarch64"]
+    assert elf_machine(program) == ELF_MACHINE["aarch64"]
 
 
-@pytest.mark.skipif(CROSS_COMPILER is None, reason=NO_CROSS_COMPILER)
 @pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="no qemu-aarch64 (Debian: apt-get install qemu-user)")
-def test_the_kernels_compute_right_on_64_bit_arm_under_qemu(tmp_path):
-    program = tmp_path / "kernel_check"
-    compile_kernel_check(CROSS_COMPILER, "armv8-a", program, "-static")  # static: no ARM libraries needed
+def test_the_kernels_compute_right_on_64_bit_arm_under_qemu(arm_kernel_check):
+    build, program = arm_kernel_check
+    assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run(["qemu-aarch64", str(program)], capture_output=True, text=True, timeout=300)
     assert run.stdout.startswith("vectors of 4 floats, 32 registers"), run.stdout
     assert run.returncode == 0 and run.stdout.endswith("all ok\n"), run.stdout

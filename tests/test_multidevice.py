@@ -20,9 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-import train
-from conftest import (REPO, finish, finish_all, free_port, run_train, start, start_train, stop_all, tiny_param_count,
-                      wait_until)
+from conftest import (REPO, finish, finish_all, free_port, main_error, records, run_train, start, start_train, stop_all,
+                      tiny_param_count, wait_until, without_xla_cache)
 from gpt2_jax import checkpoint
 
 WORKER = REPO / "tests" / "sharding_worker.py"
@@ -31,7 +30,8 @@ GPT2_PARAMS = 124_439_808  # GPT-2 small with tied embeddings, as Hugging Face c
 
 
 def cpu_env(**extra) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    """CPU, without the test run's persistent XLA cache (tests/sharding_worker.py compiles each program once)."""
+    return dict(without_xla_cache(os.environ), JAX_PLATFORMS="cpu", **extra)
 
 
 # ---- gpt2_jax.sharding on 8 simulated CPU devices (tests/sharding_worker.py) ----
@@ -182,10 +182,6 @@ def devices_env(env, n: int) -> dict:
     return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0")
 
 
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_losses(out) -> dict:
     return {r["step"]: r["loss"] for r in records(out) if "loss" in r} if (out / "metrics.jsonl").exists() else {}
 
@@ -246,26 +242,21 @@ def test_a_checkpoint_resumes_on_another_mesh(tmp_path, one_device, tensor_paral
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
 
 
-def train_error(capsys, *argv) -> str:
-    assert train.main(list(argv)) == 2
-    return capsys.readouterr().err
-
-
 def test_the_mesh_is_checked_against_the_devices(tensor_parallel, capsys):
     # The mesh is saved with the run; a resume on other hardware must name a new one (the wording of the mesh's
     # own errors is test_sharding's).
     out = tensor_parallel[0]
-    error = train_error(capsys, "--init_from=resume", f"--out_dir={out}")
+    error = main_error(capsys, "--init_from=resume", f"--out_dir={out}")
     assert error.startswith("error: --mesh=data:4,tensor:2: ") and "needs 8 devices but there are 1" in error
     assert error.endswith("; a resumed run keeps the mesh it saved unless --mesh names another\n")
-    assert "'model:1'" in train_error(capsys, "--init_from=resume", f"--out_dir={out}", "--mesh=model:1")
-    assert "--num_processes" in train_error(capsys, "--num_processes=two")
-    assert "coordinator_address" in train_error(capsys, "--process_id=0")
+    assert "'model:1'" in main_error(capsys, "--init_from=resume", f"--out_dir={out}", "--mesh=model:1")
+    assert "--num_processes" in main_error(capsys, "--num_processes=two")
+    assert "coordinator_address" in main_error(capsys, "--process_id=0")
 
 
 def test_a_process_that_never_joins_is_named_after_join_timeout(tmp_path, data_dir, env, capsys):
     # Process 1 never starts. JAX would wait 300 s, then end process 0 with a C++ check failure and stack trace.
-    assert "join_timeout must be a number of seconds in (0, 604800] (a week); got inf" in train_error(
+    assert "join_timeout must be a number of seconds in (0, 604800] (a week); got inf" in main_error(
         capsys, "--join_timeout=inf")
     address = f"127.0.0.1:{free_port()}"
     began = time.monotonic()
@@ -279,8 +270,7 @@ def test_a_process_that_never_joins_is_named_after_join_timeout(tmp_path, data_d
 def start_two_processes(out, env, *flags) -> list:
     """train.py with these flags over 2 processes of 4 CPU devices."""
     address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in devices_env(env, 4).items() if not k.startswith("JAX_PERSISTENT_CACHE")
-           and k != "JAX_COMPILATION_CACHE_DIR"}  # each process compiles for itself
+    env = without_xla_cache(devices_env(env, 4))  # each process compiles for itself
     return [start_train(f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *flags,
                         out=out, env=env, log_name=f"{out.name}_process{i}") for i in range(2)]
 
