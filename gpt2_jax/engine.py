@@ -27,8 +27,8 @@ import numpy as np
 
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, is_integer
-from gpt2_jax.model import (IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, attention, forward_unrolled,
-                            outside)
+from gpt2_jax.model import (IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, by_row, chunked_attention,
+                            forward_unrolled, outside)
 
 EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
@@ -353,15 +353,17 @@ def decode_step(config: ModelConfig, weights: Weights, token_B, length_B, cache_
     """
     B, S = token_B.shape[0], cache_k[0].shape[2]
     rows_B, slot_B = jnp.arange(B), jnp.minimum(length_B, S - 1)
-    visible_B11S = (jnp.arange(S)[None, :] <= length_B[:, None])[:, None, None, :]
 
     def attend(k_BHSD, v_BHSD, qkv_B13HD):
         k_BHSD = k_BHSD.at[rows_B, :, slot_B].set(qkv_B13HD[:, 0, 1].astype(k_BHSD.dtype))
         v_BHSD = v_BHSD.at[rows_B, :, slot_B].set(qkv_B13HD[:, 0, 2].astype(v_BHSD.dtype))
-        return attention(config, qkv_B13HD[:, :, 0], [(k_BHSD, v_BHSD, visible_B11S)]), (k_BHSD, v_BHSD)
+        y_B1HD = by_row(functools.partial(chunked_attention, config), qkv_B13HD[:, :, 0], k_BHSD, v_BHSD,
+                        length_B[:, None])
+        return y_B1HD, (k_BHSD, v_BHSD)
 
     attends = [functools.partial(attend, k, v) for k, v in zip(cache_k, cache_v)]
-    logits_B1V, kv = forward_unrolled(config, weights, token_B[:, None], length_B[:, None], attends)
+    logits_B1V, kv = forward_unrolled(config, weights, token_B[:, None], length_B[:, None], attends,
+                                     row_by_row=True)
     return logits_B1V[:, 0], tuple(k for k, _ in kv), tuple(v for _, v in kv)
 
 
@@ -400,7 +402,7 @@ def _decode(config: ModelConfig, stop_tokens: tuple, logprobs: int, key_impl: st
         logits_BV, ks, vs = decode_step(config, weights, s["last"], s["length"], ks, vs)
         keys_B = jax.random.wrap_key_data(s["key"], impl=key_impl)
         keys_B = jax.vmap(jax.random.fold_in)(keys_B, s["count"])
-        token_B = sample_rows(logits_BV, keys_B, s["inverse_temperature"], s["top_k"], s["top_p"])
+        token_B = by_row(sample_rows, logits_BV, keys_B, s["inverse_temperature"], s["top_k"], s["top_p"])
         finite_B = jnp.all(jnp.isfinite(logits_BV), axis=-1)
         is_stop_B = jnp.isin(token_B, stops)
         kept_B = running_B & finite_B & ~is_stop_B
@@ -412,7 +414,8 @@ def _decode(config: ModelConfig, stop_tokens: tuple, logprobs: int, key_impl: st
                  length=s["length"] + running_B)
         new = {"token": token_B, "kept": kept_B}
         if logprobs:
-            new["logprob"], new["top_ids"], new["top_logprobs"] = logprob_outputs(logits_BV, token_B, K)
+            new["logprob"], new["top_ids"], new["top_logprobs"] = by_row(
+                functools.partial(logprob_outputs, K=K), logits_BV, token_B)
         out = {name: out[name].at[:, t].set(new[name]) for name in out}
         return t + 1, ks, vs, s, out, finished | jnp.any(running_B & (reason_B != RUNNING))
 
@@ -435,14 +438,13 @@ def _prefill(config: ModelConfig, logprobs: int, params, cache_k, cache_v, token
     t_C = jnp.arange(C)
     slot_C = jnp.where(t_C < n, start + t_C, S)  # padding goes past the end: dropped
     positions_1C = jnp.minimum(start + t_C, config.block_size - 1)[None]
-    visible_11CS = (jnp.arange(S)[None, :] <= (start + t_C)[:, None])[None, None]
 
     def attend(k_BHSD, v_BHSD, qkv_1C3HD):
         row_k = jax.lax.dynamic_index_in_dim(k_BHSD, row, keepdims=False)  # [H, S, D]
         row_v = jax.lax.dynamic_index_in_dim(v_BHSD, row, keepdims=False)
         row_k = row_k.at[:, slot_C].set(qkv_1C3HD[0, :, 1].swapaxes(0, 1).astype(row_k.dtype), mode="drop")
         row_v = row_v.at[:, slot_C].set(qkv_1C3HD[0, :, 2].swapaxes(0, 1).astype(row_v.dtype), mode="drop")
-        y = attention(config, qkv_1C3HD[:, :, 0], [(row_k[None], row_v[None], visible_11CS)])
+        y = chunked_attention(config, qkv_1C3HD[:, :, 0], row_k[None], row_v[None], (start + t_C)[None])
         k_BHSD = jax.lax.dynamic_update_index_in_dim(k_BHSD, row_k, row, axis=0)
         v_BHSD = jax.lax.dynamic_update_index_in_dim(v_BHSD, row_v, row, axis=0)
         return y, (k_BHSD, v_BHSD)
