@@ -20,13 +20,14 @@ import jax
 import numpy as np
 
 from gpt2_jax.config import ModelConfig, is_integer, replace, seed_error
-from gpt2_jax.engine import (EOT_TOKEN, IN_OUT, OUT_IN, PANELS, TRACE_COUNTS, Engine, Request, Sample, Sampler,
-                             _WEIGHTS_CACHE, check_prompt, compile_count, context_length, decode_step, draw,
-                             sample_rows, top_p_filter)
+from gpt2_jax.engine import (EOT_TOKEN, IN_OUT, OUT_IN, PANELS, TRACE_COUNTS, Engine, Request, Sample,
+                             _WEIGHTS_CACHE, check_prompt, compile_count, context_length, decode_step)
+from gpt2_jax.strategies import Sampler, draw, sample_rows, top_p_filter
 
 __all__ = ["EOT_TOKEN", "IN_OUT", "OUT_IN", "PANELS", "TRACE_COUNTS", "Completion", "Engine", "Request", "Sample",
            "Sampler", "_WEIGHTS_CACHE", "check_lengths", "compile_count", "context_length", "decode_step", "draw",
-           "generate", "generate_batch", "restrict_vocab", "row_key", "sample_logits", "top_p_filter"]
+           "generate", "generate_batch", "restrict_vocab", "row_key", "sample_logits", "sample_rows",
+           "top_p_filter"]
 
 
 def sample_logits(logits_BV, keys_B, sampler: Sampler):

@@ -4,14 +4,13 @@ and itself at other batch sizes and prompt orders (batch invariance)."""
 import functools
 import random
 
-import jax
 import numpy as np
 import pytest
 
 from conftest import hf_model, random_params
 from gpt2_jax import cpu_kernels, sampling
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.engine import TOP_K_STATIC
+from gpt2_jax.strategies import TOP_K_STATIC
 from gpt2_jax.sampling import Engine, Request, Sampler, row_key
 from test_sampling import random_prompts, uncached_greedy
 

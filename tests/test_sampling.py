@@ -11,7 +11,7 @@ import pytest
 from conftest import random_params
 from gpt2_jax import cpu_kernels, sampling
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, KVCache, abstract_params, arrange_weights, init_cache
+from gpt2_jax.model import GPT2, abstract_params, arrange_weights, init_cache
 from gpt2_jax.sampling import Sampler, generate, generate_batch, row_key, sample_logits
 
 
