@@ -129,7 +129,10 @@ def matmul(config: ModelConfig, x, m: Matrix, x_in: int = 1, float32: bool = Fal
     x = x.astype(config.dtype)
     out_type = jnp.float32 if float32 else None
     if m.layout == PANELS:  # float32 sums, rounded once to the compute dtype
-        y = cpu_kernels.panel_matmul(x.reshape(-1, math.prod(x.shape[len(lead):])), m.w, m.n_out)
+        x_BK = x.reshape(-1, math.prod(x.shape[len(lead):]))
+        # The kernel takes up to MAX_ROWS rows a call; each row's sums are its own, whatever the other rows.
+        y = jnp.concatenate([cpu_kernels.panel_matmul(x_BK[i:i + cpu_kernels.MAX_ROWS], m.w, m.n_out)
+                             for i in range(0, x_BK.shape[0], cpu_kernels.MAX_ROWS)])
         y = y.reshape(*lead, m.n_out)
         return y if float32 else y.astype(config.dtype)
     w = m.w.astype(config.dtype)
@@ -192,6 +195,44 @@ def attention(config: ModelConfig, q_BTHD, parts: Sequence[tuple], dropout: Call
     return sum(jnp.einsum("bhts,bhsd->bthd", dropout(p).astype(config.dtype), v.astype(config.dtype),
                           precision=config.precision)
                for p, (_, v, _) in zip(probs, parts))
+
+
+ATTENTION_CHUNK = 64  # key slots per step of chunked_attention
+
+
+def chunked_attention(config: ModelConfig, q_BTHD, k_BHSD, v_BHSD, last_BT):
+    """attention() over a cache where query t of row b sees slots 0..last_BT[b, t]: y [B, T, H, D].
+
+    The slots are taken ATTENTION_CHUNK at a time (online softmax, float32) and only as many chunks as the furthest
+    query needs, so the sums never depend on the cache's length: a chunk that no query sees would add exact zeros.
+    """
+    B, T, H, D = q_BTHD.shape
+    S = k_BHSD.shape[2]
+    n = min(ATTENTION_CHUNK, S)
+    scale = 1.0 / math.sqrt(config.head_dim)
+    q_BTHD = q_BTHD.astype(config.dtype)
+
+    def chunk(c, carry):
+        max_BHT, sum_BHT, acc_BHTD = carry
+        start = jnp.minimum(c * n, S - n)  # the last chunk may overlap the one before: those slots are masked
+        slot_N = start + jnp.arange(n)
+        k_BHND = jax.lax.dynamic_slice_in_dim(k_BHSD, start, n, axis=2).astype(config.dtype)
+        v_BHND = jax.lax.dynamic_slice_in_dim(v_BHSD, start, n, axis=2).astype(config.dtype)
+        scores_BHTN = scale * jnp.einsum("bthd,bhnd->bhtn", q_BTHD, k_BHND, preferred_element_type=jnp.float32,
+                                         precision=config.precision)
+        visible_BTN = (slot_N <= last_BT[..., None]) & (slot_N >= c * n)
+        scores_BHTN = jnp.where(visible_BTN[:, None], scores_BHTN, jnp.finfo(jnp.float32).min)
+        new_max_BHT = jnp.maximum(max_BHT, scores_BHTN.max(axis=-1))
+        probs_BHTN = jnp.exp(scores_BHTN - new_max_BHT[..., None])
+        rescale_BHT = jnp.exp(max_BHT - new_max_BHT)
+        y_BHTD = jnp.einsum("bhtn,bhnd->bhtd", probs_BHTN.astype(config.dtype), v_BHND,
+                            preferred_element_type=jnp.float32, precision=config.precision)
+        return (new_max_BHT, sum_BHT * rescale_BHT + probs_BHTN.sum(axis=-1),
+                acc_BHTD * rescale_BHT[..., None] + y_BHTD)
+
+    init = (jnp.full((B, H, T), -jnp.inf), jnp.zeros((B, H, T)), jnp.zeros((B, H, T, D)))
+    _, sum_BHT, acc_BHTD = jax.lax.fori_loop(0, jnp.max(last_BT) // n + 1, chunk, init)
+    return (acc_BHTD / sum_BHT[..., None]).transpose(0, 2, 1, 3).astype(config.dtype)
 
 
 def causal_attention_impl(config: ModelConfig, training: bool) -> str:
@@ -314,23 +355,37 @@ def mlp(config: ModelConfig, weights: dict, x_BTC, dropout: Callable = _no_dropo
     return dropout(dense(config, h, weights["c_proj"], (config.n_embd,), ("embed",)))
 
 
-def block(config: ModelConfig, layer: dict, x_BTC, attend: Callable, dropout: Callable = _no_dropout):
+def by_row(f: Callable, *args_B):
+    """f on each row of args_B alone (as a batch of 1), in a loop. XLA:CPU picks a reduction's loops by the shape
+    of the whole array, so a row's sums in a batched layer norm or softmax can change with the number of rows
+    (measured: a layer norm over 768 channels differs in the last bit between 1 and 8 rows)."""
+    return jax.lax.map(lambda row: jax.tree.map(lambda y: y[0], f(*(a[None] for a in row))), args_B)
+
+
+def block(config: ModelConfig, layer: dict, x_BTC, attend: Callable, dropout: Callable = _no_dropout,
+          row_by_row: bool = False):
     """One pre-LayerNorm transformer block on the residual stream: (x, what attend returned besides y).
 
     attend(qkv [B, T, 3, H, D]) -> (y [B, T, H, D], keys and values to keep or None): causal_attention,
-    cached_attention, or the decode loop's own.
+    cached_attention, or the decode loop's own. row_by_row: each row's layer norms computed alone (by_row), so
+    that they never depend on the batch.
     """
+    norm = _row_norm if row_by_row else layer_norm
     H, D, C = config.n_head, config.head_dim, config.n_embd
     x_BTC = _laid_out(x_BTC, "batch", None, None)
     attn = layer["attn"]
-    qkv_BT3HD = dense(config, layer_norm(config, x_BTC, **layer["ln_1"]), attn["c_attn"], (3, H, D),
+    qkv_BT3HD = dense(config, norm(config, x_BTC, **layer["ln_1"]), attn["c_attn"], (3, H, D),
                       (None, "heads", "head_dim"))
     y_BTHD, kv = attend(qkv_BT3HD)
     y_BTHD = _laid_out(y_BTHD, "batch", None, "heads", None)
     x_BTC = x_BTC + dropout(dense(config, y_BTHD, attn["c_proj"], (C,), ("embed",), x_in=2))
     x_BTC = _laid_out(x_BTC, "batch", None, None)
-    x_BTC = x_BTC + mlp(config, layer["mlp"], layer_norm(config, x_BTC, **layer["ln_2"]), dropout)
+    x_BTC = x_BTC + mlp(config, layer["mlp"], norm(config, x_BTC, **layer["ln_2"]), dropout)
     return _laid_out(x_BTC, "batch", None, None), kv
+
+
+def _row_norm(config: ModelConfig, x, weight, bias=None):
+    return by_row(lambda x: layer_norm(config, x, weight, bias), x)
 
 
 def tied_logits(x, w_VC, precision):
@@ -415,15 +470,16 @@ def arrange_weights(config: ModelConfig, params, layout: str = OUT_IN) -> Weight
     return Weights(wte=params["wte"], wpe=params["wpe"], layers=layers, ln_f=ln_f, head=head)
 
 
-def forward_unrolled(config: ModelConfig, weights: Weights, tokens_BT, positions_BT, attends: Sequence[Callable]):
+def forward_unrolled(config: ModelConfig, weights: Weights, tokens_BT, positions_BT, attends: Sequence[Callable],
+                     row_by_row: bool = False):
     """The model with a Python loop over the layers (no dropout): (float32 logits [B, T, vocab_size], what each
-    layer's attend returned besides y). attends: one per layer (see block)."""
+    layer's attend returned besides y). attends: one per layer (see block); row_by_row: as block's."""
     x_BTC = embed(config, weights.wte, weights.wpe, tokens_BT, positions_BT)
     kept = []
     for layer, attend in zip(weights.layers, attends, strict=True):
-        x_BTC, kv = block(config, layer, x_BTC, attend)
+        x_BTC, kv = block(config, layer, x_BTC, attend, row_by_row=row_by_row)
         kept.append(kv)
-    x_BTC = layer_norm(config, x_BTC, **weights.ln_f)
+    x_BTC = (_row_norm if row_by_row else layer_norm)(config, x_BTC, **weights.ln_f)
     return head_logits(config, x_BTC, weights.head), tuple(kept)
 
 
