@@ -11,7 +11,7 @@ copy bandwidth measured here. Prints a table, then one JSON line.
     python bench/sample.py --compile_count   # compilations for 1,000 prompts of 1 to 1,016 tokens
     python bench/sample.py --workload=mixed  # continuous batching: 200 prompts of mixed lengths, limits and stops
 
---workload=mixed (--prompts=N, default 200): prompts of 8-256 tokens cut from data/shakespeare (fixed seed), each
+--workload=mixed (--prompts=N, default 200; --batch=B, default 8): prompts of 8-256 tokens cut from data/shakespeare (fixed seed), each
 with its own max_new_tokens (8-128) and a stop string, greedy, gpt2 124M fp32 at batch 8: generated tokens/s (kept
 tokens: cut at the stop string) of the continuous Engine, of its length-bucketed schedule and of transformers'
 generate on length-sorted batches, plus slot occupancy. Random weights never write "\n\n": the default
@@ -221,7 +221,7 @@ def main(dtypes: str) -> None:
 
 
 # ---------------------------------------------------------------- --workload=mixed: continuous batching
-MIXED_BATCH, MIXED_SEED = 8, 0
+MIXED_SEED = 0
 
 
 def mixed_workload(n: int) -> list[tuple[list[int], int]]:
@@ -239,12 +239,12 @@ def mixed_workload(n: int) -> list[tuple[list[int], int]]:
     return work
 
 
-def frequent_token_stop(cfg: ModelConfig, params, work) -> str:
+def frequent_token_stop(cfg: ModelConfig, params, work, batch: int) -> str:
     """The text of the token that the model emits most often over the first 16 prompts (greedy, 16 new tokens):
     random weights never write "\\n\\n", so a stop string they do write makes the workload's lengths mixed."""
     from gpt2_jax.tokenizer import get_tokenizer
 
-    engine = sampling.Engine(cfg, params, batch_size=MIXED_BATCH)
+    engine = sampling.Engine(cfg, params, batch_size=batch)
     counts = collections.Counter(t for s in engine.run(mixed_requests(work[:16], [], cap=16)) for t in s.tokens)
     tokenizer = get_tokenizer()
     return next(tokenizer.decode([t]) for t, _ in counts.most_common() if tokenizer.decode([t]).strip())
@@ -270,12 +270,12 @@ def kept_tokens(new_tokens: dict[int, list[int]], stops: list[str]) -> dict:
     return dict(kept=kept, texts=texts, stopped=stopped)
 
 
-def run_engine(cfg: ModelConfig, params, work, stops: list[str], schedule: str) -> dict:
+def run_engine(cfg: ModelConfig, params, work, stops: list[str], schedule: str, batch: int) -> dict:
     """Seconds, kept tokens, texts and occupancy of one Engine run over the workload (after a warm-up run on the
     shortest and longest prompts, so that most compilations come before the clock starts)."""
-    engine = sampling.Engine(cfg, params, batch_size=MIXED_BATCH, schedule=schedule)
+    engine = sampling.Engine(cfg, params, batch_size=batch, schedule=schedule)
     by_length = sorted(work, key=lambda w: len(w[0]))
-    list(engine.run(mixed_requests(by_length[:MIXED_BATCH] + by_length[-MIXED_BATCH:], stops, cap=8)))
+    list(engine.run(mixed_requests(by_length[:batch] + by_length[-batch:], stops, cap=8)))
     compiled = sampling.compile_count()
     t = time.perf_counter()
     new = {s.request.id: s.tokens for s in engine.run(mixed_requests(work, stops))}
@@ -284,8 +284,8 @@ def run_engine(cfg: ModelConfig, params, work, stops: list[str], schedule: str) 
                 compiles_in_timed_run=sampling.compile_count() - compiled)
 
 
-def run_torch(model, work, stops: list[str]) -> dict:
-    """transformers' generate on length-sorted batches of MIXED_BATCH (left-padded): each row stops at its own
+def run_torch(model, work, stops: list[str], batch: int) -> dict:
+    """transformers' generate on length-sorted batches of batch rows (left-padded): each row stops at its own
     limit, <|endoftext|> or a stop string (a per-row StoppingCriteria; the batch runs until its last row stops)."""
     import torch
     import transformers
@@ -305,8 +305,8 @@ def run_torch(model, work, stops: list[str]) -> dict:
 
     order = sorted(range(len(work)), key=lambda i: len(work[i][0]))
     new, t = {}, time.perf_counter()
-    for b in range(0, len(order), MIXED_BATCH):
-        ids = order[b:b + MIXED_BATCH]
+    for b in range(0, len(order), batch):
+        ids = order[b:b + batch]
         P = max(len(work[i][0]) for i in ids)
         x = torch.tensor([[0] * (P - len(work[i][0])) + work[i][0] for i in ids])
         mask = torch.tensor([[0] * (P - len(work[i][0])) + [1] * len(work[i][0]) for i in ids])
@@ -322,7 +322,7 @@ def run_torch(model, work, stops: list[str]) -> dict:
     return dict(kept_tokens(new, stops), seconds=seconds)
 
 
-def mixed(n_prompts: int, stop: str) -> None:
+def mixed(n_prompts: int, stop: str, batch: int) -> None:
     """The mixed workload on gpt2 124M fp32 (random weights, the same in both frameworks): continuous engine,
     length-bucketed engine and transformers' generate, one after the other in this process."""
     import torch
@@ -334,19 +334,19 @@ def mixed(n_prompts: int, stop: str) -> None:
     cfg = ModelConfig.from_preset("gpt2")
     params = init_params(cfg, jax.random.PRNGKey(0))
     work = mixed_workload(n_prompts)
-    stops = [frequent_token_stop(cfg, params, work) if stop == "frequent" else stop]
+    stops = [frequent_token_stop(cfg, params, work, batch) if stop == "frequent" else stop]
     with tempfile.TemporaryDirectory() as tmp:
         convert.export_hf(cfg, params, tmp)
         model = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
     with torch.no_grad():  # warm up
         model.generate(torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False, pad_token_id=EOT_TOKEN)
-    runs = {"continuous": run_engine(cfg, params, work, stops, "continuous"),
-            "buckets": run_engine(cfg, params, work, stops, "buckets"), "transformers": run_torch(model, work, stops)}
+    runs = {name: run_engine(cfg, params, work, stops, name, batch) for name in ("continuous", "buckets")}
+    runs["transformers"] = run_torch(model, work, stops, batch)
     same = {name: sum(r["texts"][i] == runs["continuous"]["texts"][i] for i in range(len(work))) / len(work)
             for name, r in runs.items()}
     print(f"load average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}; {len(work)} prompts of "
           f"{min(len(p) for p, _ in work)}-{max(len(p) for p, _ in work)} tokens, limits 8-128, stop {stops[0]!r}, "
-          f"greedy, gpt2 124M float32 (random weights), batch {MIXED_BATCH}; torch threads {torch.get_num_threads()}")
+          f"greedy, gpt2 124M float32 (random weights), batch {batch}; torch threads {torch.get_num_threads()}")
     print(f"{'schedule':<14}{'kept tokens':>12}{'seconds':>9}{'tok/s':>9}{'occupancy':>11}{'same text':>11}")
     for name, r in runs.items():
         occupancy = f"{r['occupancy']:.3f}" if "occupancy" in r else "-"
@@ -358,7 +358,8 @@ def mixed(n_prompts: int, stop: str) -> None:
         "torch_tokens_per_s": round(tps["transformers"], 2), "occupancy": round(runs["continuous"]["occupancy"], 4),
         "buckets_occupancy": round(runs["buckets"]["occupancy"], 4),
         "continuous_over_buckets": round(tps["continuous"] / tps["buckets"], 3),
-        "continuous_over_torch": round(tps["continuous"] / tps["transformers"], 3), "prompts": len(work),
+        "continuous_over_torch": round(tps["continuous"] / tps["transformers"], 3), "prompts": len(work), "batch": batch,
+        "device": jax.devices()[0].device_kind,
         "stop": stops[0], "stopped_fraction": round(runs["continuous"]["stopped"] / len(work), 3),
         "same_text_as_continuous": {k: round(v, 3) for k, v in same.items() if k != "continuous"},
         "compiles_in_timed_runs": {k: r["compiles_in_timed_run"] for k, r in runs.items() if "occupancy" in r},
@@ -367,18 +368,19 @@ def mixed(n_prompts: int, stop: str) -> None:
 
 if __name__ == "__main__":
     mode = parse_flags(sys.argv[1:], {"layouts": False, "compile_count": False, "dtypes": "float32,bfloat16",
-                                      "workload": "fixed", "prompts": 200, "stop": "frequent"},
+                                      "workload": "fixed", "prompts": 200, "stop": "frequent", "batch": 8},
                        __doc__)  # a typo: no 3-minute run
     if mode["layouts"] + mode["compile_count"] + (mode["workload"] != "fixed") > 1:
         raise SystemExit("--layouts, --compile_count and --workload=mixed are separate runs: pass one of them")
     if set(mode["dtypes"].split(",")) - {"float32", "bfloat16"}:
         raise SystemExit(f"--dtypes takes float32, bfloat16 or both (comma-separated); got {mode['dtypes']!r}")
-    if mode["workload"] not in ("fixed", "mixed") or mode["prompts"] < 1 or not mode["stop"]:
-        raise SystemExit(f"--workload takes fixed or mixed, --prompts an integer >= 1 and --stop a non-empty string; "
-                         f"got {mode['workload']!r}, {mode['prompts']!r}, {mode['stop']!r}")
+    if mode["workload"] not in ("fixed", "mixed") or min(mode["prompts"], mode["batch"]) < 1 or not mode["stop"]:
+        raise SystemExit(f"--workload takes fixed or mixed, --prompts and --batch integers >= 1 and --stop a "
+                         f"non-empty string; got {mode['workload']!r}, {mode['prompts']!r}, {mode['batch']!r}, "
+                         f"{mode['stop']!r}")
     if mode["layouts"] or mode["compile_count"]:
         (layouts if mode["layouts"] else compile_counts)()
     elif mode["workload"] == "mixed":
-        mixed(mode["prompts"], mode["stop"])
+        mixed(mode["prompts"], mode["stop"], mode["batch"])
     else:
         main(mode["dtypes"])

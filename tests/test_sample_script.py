@@ -223,6 +223,7 @@ def test_text_stream_holds_back_partial_utf8_and_stop_strings():
     ("--top_p=1.5", r"argument --top_p: must be in (0, 1]"),
     ("--top_k=-1", "argument --top_k: must be an integer >= 0"),
     ("--num_samples=0", "argument --num_samples: must be an integer >= 1"),
+    ("--logprobs=21", "argument --logprobs: must be an integer in [0, 20]; got 21"),
     ("--seed=-1", "argument --seed: must be an integer in [0, 2**32)"),
     (f"--seed={2**32}", "argument --seed: must be an integer in [0, 2**32)"),
     ("--out=/nonexistent-dir/x.jsonl", "--out /nonexistent-dir/x.jsonl: the directory /nonexistent-dir does not exist"),
@@ -467,6 +468,15 @@ def test_resume_refuses_other_settings_and_ids_that_name_other_prompts(model, tm
     prompts.write_text("A\nB\n")
     assert sample.main(resume + ["--seed=1", "--stop=\n", "--num_samples=2"]) == 0  # more samples: allowed
     assert sorted((r["id"], r["sample"]) for r in read_jsonl(out)) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    jsonl = tmp_path / "prompts.jsonl"  # a line's own settings are what its lines must match
+    jsonl.write_text(json.dumps({"prompt": "A", "id": "a", "temperature": 0}) + "\n")
+    own = tmp_path / "own.jsonl"
+    assert sample.main(flags + [f"--prompts_file={jsonl}", f"--out={own}"]) == 0
+    jsonl.write_text(json.dumps({"prompt": "A", "id": "a", "temperature": 0.5, "n": 2}) + "\n")
+    capsys.readouterr()
+    assert sample.main(flags + [f"--prompts_file={jsonl}", f"--out={own}", "--resume"]) == 1
+    assert capsys.readouterr().err == (f"error: --resume: {own}:1 was made with --temperature=0.0; this run gives id "
+                                       "'a' --temperature=0.5 (use those settings, or choose another --out)\n")
     one = tmp_path / "one.jsonl"
     assert sample.main(flags + ["--prompt=Hello", f"--out={one}"]) == 0
     assert sample.main(flags + ["--prompt=Bye", f"--out={one}", "--resume"]) == 1  # --prompt is always id 0
