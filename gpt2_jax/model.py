@@ -129,7 +129,10 @@ def matmul(config: ModelConfig, x, m: Matrix, x_in: int = 1, float32: bool = Fal
     x = x.astype(config.dtype)
     out_type = jnp.float32 if float32 else None
     if m.layout == PANELS:  # float32 sums, rounded once to the compute dtype
-        y = cpu_kernels.panel_matmul(x.reshape(-1, math.prod(x.shape[len(lead):])), m.w, m.n_out)
+        x_BK = x.reshape(-1, math.prod(x.shape[len(lead):]))
+        # The kernel takes up to MAX_ROWS rows a call; each row's sums are its own, whatever the other rows.
+        y = jnp.concatenate([cpu_kernels.panel_matmul(x_BK[i:i + cpu_kernels.MAX_ROWS], m.w, m.n_out)
+                             for i in range(0, x_BK.shape[0], cpu_kernels.MAX_ROWS)])
         y = y.reshape(*lead, m.n_out)
         return y if float32 else y.astype(config.dtype)
     w = m.w.astype(config.dtype)

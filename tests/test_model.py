@@ -241,9 +241,8 @@ def test_every_matmul_of_forward_backward_and_decode_carries_the_precision(dtype
     assert len(train) >= 3 * 6 and set(train) == {expected}  # 6 matmuls a block, forward + 2 backward each
     weights = arrange_weights(cfg, params, OUT_IN)
     cache = init_cache(cfg, 2, 16)
-    block = tuple(k[:, :, :4] for k in cache.k)
     decode = jax.jit(functools.partial(sampling.decode_step, cfg)).lower(
-        weights, tokens[:, 0], jnp.zeros((2,), jnp.int32), jnp.ones((2, 16), bool), cache, block, block, 0)
+        weights, tokens[:, 0], jnp.zeros((2,), jnp.int32), cache.k, cache.v)
     precisions = _dot_precisions(decode.as_text())
     assert len(precisions) >= 6 * cfg.n_layer and set(precisions) == {expected}
 

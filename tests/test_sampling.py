@@ -325,11 +325,10 @@ def test_1000_mixed_length_prompts_compile_at_most_8_times():
     out = generate(cfg, params, prompts, max_new_tokens=8, temperature=0.0, batch_size=64, stop_tokens=())
     compiles = sampling.compile_count() - before
     assert [len(o) for o in out] == [8] * 1000
-    # By hand: sorted into batches of 64, each batch pads to the next power of two >= 16 (but <= 128 - 8 + 1: the
-    # last new token is never fed back).
-    longest = [max(b) for b in np.array_split(np.sort(lengths), range(64, 1000, 64))]
-    buckets = {min(max(16, 1 << int(n - 1).bit_length()), 121) for n in longest}
-    assert compiles == len(buckets) <= 8
+    # By hand: one decode program, and one prefill program per power of two >= 16 that a prompt's first
+    # len - 1 tokens pad to (the last token is the decode loop's first).
+    buckets = {max(16, 1 << int(n - 2).bit_length()) for n in lengths if n > 1}
+    assert compiles == len(buckets) + 1 <= 8
 
 
 def test_on_token_streams_every_token_in_order_without_recompiling():
@@ -342,7 +341,8 @@ def test_on_token_streams_every_token_in_order_without_recompiling():
         before = sampling.compile_count()
         out = generate_batch(cfg, params, prompts, keys, on_token=lambda t, w: seen.append((t.copy(), w.copy())),
                              **kw)
-        assert sampling.compile_count() - before == (1 if attempt == 0 else 0)
+        # At most one prefill program (both prompts pad to 32) and one decode program, then none.
+        assert sampling.compile_count() - before <= (2 if attempt == 0 else 0)
         assert len(seen) == 20
         for b in range(2):
             assert [int(t[b]) for t, w in seen if w[b]] == out[b].tokens
@@ -355,30 +355,26 @@ def test_on_token_streams_every_token_in_order_without_recompiling():
 ])
 @pytest.mark.parametrize("layout", [sampling.OUT_IN, sampling.IN_OUT, sampling.PANELS])
 def test_decode_step_matches_the_model_token_by_token(overrides, tol, layout):
-    # Blocks of 4 slots written to the cache after every 4th token, so that attention reads both the cache and the
-    # block (the decode loop's blocks have DECODE_BLOCK slots).
+    # Row 1 runs the same tokens 3 steps behind row 0: each row writes and reads the cache at its own length.
     cfg = ModelConfig.from_preset("tiny", **overrides)
     params = jax.tree.map(lambda a: a.astype(cfg.param_dtype), random_params(cfg, seed=2))
-    tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
-    ref = np.asarray(GPT2(cfg).apply({"params": params}, tokens), np.float32)
+    tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
+    ref = np.asarray(GPT2(cfg).apply({"params": params}, tokens), np.float32)[0]
     if layout == sampling.PANELS and not cpu_kernels.available():
         pytest.skip(f"no panel kernel here: {cpu_kernels.unavailable_reason()}")
     weights = arrange_weights(cfg, params, layout)
-    B, T, S, n = 2, tokens.shape[1], 16, 4
-    cache = init_cache(cfg, B, S)
+    T, S, lag = tokens.shape[1], 16, 3
+    cache = init_cache(cfg, 2, S)
+    k, v = cache.k, cache.v
     step = jax.jit(functools.partial(sampling.decode_step, cfg))
-    for t in range(T):
-        base = t - t % n
-        if t % n == 0:
-            block_k, block_v = (tuple(c[:, :, base:base + n] for c in kv) for kv in (cache.k, cache.v))
-        logits, block_k, block_v = step(weights, tokens[:, t], jnp.full((B,), t), jnp.ones((B, S), bool),
-                                        cache.replace(index=jnp.int32(t)), block_k, block_v, base)
-        assert logits.shape == (B, cfg.vocab_size) and logits.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(logits), ref[:, t], atol=tol, rtol=0)
-        if t % n == n - 1:
-            cache = KVCache(k=tuple(c.at[:, :, base:base + n].set(b) for c, b in zip(cache.k, block_k)),
-                            v=tuple(c.at[:, :, base:base + n].set(b) for c, b in zip(cache.v, block_v)),
-                            index=cache.index)
+    for t in range(T + lag):
+        length_B = jnp.asarray([min(t, T - 1), max(t - lag, 0)], jnp.int32)
+        logits, k, v = step(weights, tokens[0, length_B], length_B, k, v)
+        assert logits.shape == (2, cfg.vocab_size) and logits.dtype == jnp.float32
+        if t < T:
+            np.testing.assert_allclose(np.asarray(logits[0]), ref[t], atol=tol, rtol=0)
+        if t >= lag:
+            np.testing.assert_allclose(np.asarray(logits[1]), ref[t - lag], atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", [False, True])

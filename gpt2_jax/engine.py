@@ -1,0 +1,678 @@
+"""The decode engine: batch_size slots that decode together, each with its own prompt, length, settings and key.
+
+A slot's sample lives in its own row of the KV cache (per layer [B, H, S, D]), from slot 0, at position ids equal
+to its cache slots: nothing is padded to its neighbours. A prompt is prefilled alone (all but its last token, in
+chunks of a bucketed length that depends on its own length only) into the row of a free slot and copied to the
+rows of its other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
+the new keys and values straight into each row at the row's own length. Continuous scheduling refills a slot as
+soon as its sample finishes; "buckets" (today's length-sorted batches) refills only when the whole batch is done.
+
+Batch invariance: every row is computed by itself (attention, layer norms and sampling are row-wise; the decode
+matmuls are row by row with the CPU panel kernel), the prefill shape depends on the prompt alone, a sample's
+randomness comes from its own key folded with its own token count, and its sampler settings are its own row's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2_jax import cpu_kernels
+from gpt2_jax.config import ModelConfig, is_integer
+from gpt2_jax.model import (IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, attention, forward_unrolled,
+                            outside)
+
+EOT_TOKEN = 50256
+MIN_PROMPT_BUCKET = 16
+PREFILL_CHUNK = 256  # the longest prefill call: a longer prompt is prefilled in pieces of this many tokens
+DECODE_STEPS = 16  # decode steps per call at most (the host checks stop strings and refills slots in between)
+TOP_K_STATIC = 64  # top_k values up to this draw among lax.top_k's entries; larger ones from all V
+MAX_LOGPROBS = 20
+# How many compiled functions were traced, by name: jax.jit traces once per compilation.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def compile_count() -> int:
+    """How many times the prefill and decode functions have been compiled in this process."""
+    return sum(TRACE_COUNTS.values())
+
+
+# ---------------------------------------------------------------- how the next token is drawn
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How the next token is drawn: temperature 0 = greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        # An infinite temperature would silently sample uniformly; a string would fail in a comparison below.
+        if not isinstance(self.temperature, numbers.Real) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite; got {self.temperature!r}")
+        if not is_integer(self.top_k, 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off); got {self.top_k!r}")
+        if not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def row(self) -> tuple[float, int, float]:
+        """(1 / temperature, top_k, top_p) as a decode row takes them: 1 / temperature capped at 1e30 (float32
+        would make it inf, and 0 * inf is NaN: greedy for such values), 0 for greedy."""
+        inverse = 0.0 if self.greedy else min(1.0 / self.temperature, 1e30)
+        return inverse, int(self.top_k), float(self.top_p)
+
+
+def top_p_filter(logits_BK, top_p_B, weight_BK=None, iterations: int = 32):
+    """Keep the smallest set of most probable entries whose probability reaches top_p_B (per row); the rest become
+    -inf. weight_BK: how many entries of the same logit each one stands for (1 if None).
+
+    Without sorting (a full sort of 50,257 logits per row costs more than a decode step on a CPU): bisect for the
+    largest probability threshold t whose entries p >= t still hold top_p of the mass. Entries tied with the
+    last one kept (to within 2**-32 of the largest probability) are kept with it.
+    """
+    weight_BK = jnp.ones_like(logits_BK) if weight_BK is None else weight_BK
+    mass_BK = jax.nn.softmax(logits_BK + jnp.log(weight_BK), axis=-1)
+    probs_BK = mass_BK / weight_BK
+
+    def halve(_, bounds):
+        low_B, high_B = bounds
+        mid_B = (low_B + high_B) / 2
+        enough_B = jnp.sum(jnp.where(probs_BK >= mid_B[:, None], mass_BK, 0.0), axis=-1) >= top_p_B
+        return jnp.where(enough_B, mid_B, low_B), jnp.where(enough_B, high_B, mid_B)
+
+    low_B, _ = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros(probs_BK.shape[:1]), probs_BK.max(axis=-1)))
+    return jnp.where(probs_BK >= low_B[:, None], logits_BK, -jnp.inf)
+
+
+def draw(keys_B, logits_BK):
+    """One index per row from softmax(logits) by inverse CDF: one uniform number per row instead of the K Gumbel
+    numbers of jax.random.categorical (4x faster for 8 rows of 50,257 on a CPU). -inf entries are never drawn."""
+    probs_BK = jax.nn.softmax(logits_BK.astype(jnp.float32), axis=-1)
+    cdf_BK = jnp.cumsum(probs_BK, axis=-1)
+    u_B = jax.vmap(jax.random.uniform)(keys_B) * cdf_BK[:, -1]
+    index_B = jnp.sum(cdf_BK <= u_B[:, None], axis=-1)
+    # Rounding can put u at the very top of the CDF: fall back to the last entry that can be drawn.
+    K = logits_BK.shape[-1]
+    last_B = K - 1 - jnp.argmax((probs_BK > 0)[:, ::-1], axis=-1)
+    return jnp.minimum(index_B, last_B).astype(jnp.int32)
+
+
+def sample_rows(logits_BV, keys_B, inverse_temperature_B, top_k_B, top_p_B):
+    """One token per row from float logits [B, V], each row with its own key and settings (Sampler.row(); an
+    inverse temperature of 0 is greedy): int32 [B]. A row's token depends on its own logits, key and settings only.
+
+    Order of the filters (as in transformers): temperature, top-k, top-p, then a draw from the renormalised rest.
+    Top-k keeps every entry tied with the k-th largest (as transformers does: bfloat16 logits tie often), and a
+    top_k of V or more keeps every entry. Top-p keeps the entries tied with the last one it needs too, where
+    transformers keeps those that come first in its sort.
+    """
+    argmax_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = inverse_temperature_B == 0
+
+    def sampled(_):
+        # Shifted by the row's max first, so that a tiny temperature sends the rest towards -inf, not the max to inf.
+        x_BV = logits_BV.astype(jnp.float32)
+        x_BV = (x_BV - x_BV.max(axis=-1, keepdims=True)) * inverse_temperature_B[:, None]
+        V = x_BV.shape[-1]
+        few_B = ~greedy_B & (top_k_B > 0) & (top_k_B <= min(TOP_K_STATIC, V))
+        many_B = ~greedy_B & ~few_B
+        zeros_B = jnp.zeros_like(argmax_B)
+        few = jax.lax.cond(jnp.any(few_B), lambda: _sample_top_k(x_BV, keys_B, top_k_B, top_p_B, few_B),
+                           lambda: zeros_B)
+        many = jax.lax.cond(jnp.any(many_B), lambda: _sample_all(x_BV, keys_B, top_k_B, top_p_B, many_B),
+                            lambda: zeros_B)
+        return jnp.where(few_B, few, many)
+
+    return jnp.where(greedy_B, argmax_B, jax.lax.cond(jnp.any(~greedy_B), sampled, lambda _: argmax_B, None))
+
+
+def _sample_top_k(x_BV, keys_B, top_k_B, top_p_B, active_B):
+    """sample_rows for rows with 0 < top_k <= TOP_K_STATIC: filters and draws among the TOP_K_STATIC largest only
+    (a draw over all V entries costs 2-5x more per decode step at 8 rows on a CPU), with the entries beyond them
+    tied with the k-th counted in. Entries past a row's own k are -inf, which leaves its CDF as it was.
+
+    The tie group of the k-th largest in the top k carries the weight of all its tied entries; a draw that lands
+    in it picks one of them uniformly. Without ties this is a plain draw over the top k.
+    """
+    K = min(TOP_K_STATIC, x_BV.shape[-1])
+    values_BK, index_BK = jax.lax.top_k(x_BV, K)
+    in_k_BK = jnp.arange(K)[None, :] < top_k_B[:, None]
+    # A masked min, not a column picked by k: indexing the top k makes XLA:CPU sort every row (70 ms against 1.4).
+    kth_B = jnp.where(in_k_BK, values_BK, jnp.inf).min(axis=-1)
+    at_kth_BK = (values_BK == kth_B[:, None]) & in_k_BK
+    tied_BV = x_BV == kth_B[:, None]
+    tied_B, in_top_B = jnp.sum(tied_BV, axis=-1), jnp.sum(at_kth_BK, axis=-1)  # in all V, in the top k
+    weight_BK = jnp.where(at_kth_BK, (tied_B / jnp.maximum(in_top_B, 1))[:, None], 1.0)
+    values_BK = jnp.where(in_k_BK, values_BK, -jnp.inf)
+    filtered_BK = top_p_filter(values_BK, top_p_B, weight_BK)
+    values_BK = jnp.where((top_p_B < 1.0)[:, None], filtered_BK, values_BK)
+    choice_B = draw(keys_B, values_BK + jnp.log(weight_BK))
+    token_B = jnp.take_along_axis(index_BK, choice_B[:, None], axis=-1)[:, 0]
+    beyond_B = (jnp.take_along_axis(at_kth_BK, choice_B[:, None], axis=-1)[:, 0] & (tied_B > in_top_B)
+                & active_B)
+
+    def pick_tied(token_B):  # the r-th entry tied with the k-th, r uniform (a cumsum over V: only when needed)
+        r_B = jax.vmap(lambda key, n: jax.random.randint(jax.random.fold_in(key, 1), (), 0, n))(keys_B, tied_B)
+        tied_index_B = jnp.argmax(jnp.cumsum(tied_BV, axis=-1) > r_B[:, None], axis=-1)
+        return jnp.where(beyond_B, tied_index_B, token_B)
+
+    return jax.lax.cond(jnp.any(beyond_B), pick_tied, lambda t: t, token_B).astype(jnp.int32)
+
+
+def _kth_largest_key(key_BV, k_B):
+    """The k-th largest of each row of uint32 keys, exactly: bisection on the key's 32 bits."""
+    def halve(_, bounds):
+        low_B, high_B = bounds
+        gap_B = high_B - low_B
+        mid_B = low_B + gap_B // 2 + gap_B % 2
+        enough_B = jnp.sum(key_BV >= mid_B[:, None], axis=-1) >= k_B
+        return jnp.where(enough_B, mid_B, low_B), jnp.where(enough_B, high_B, mid_B - 1)
+
+    B = key_BV.shape[0]
+    low_B, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros(B, jnp.uint32), jnp.full(B, 2**32 - 1, jnp.uint32)))
+    return low_B
+
+
+def _sample_all(x_BV, keys_B, top_k_B, top_p_B, active_B):
+    """sample_rows for rows with top_k 0 or above TOP_K_STATIC: the filters over all V entries, then a draw."""
+    bits_BV = jax.lax.bitcast_convert_type(x_BV, jnp.int32)
+    # float32 order as unsigned integer order: negative floats have their bits reversed, the sign bit flipped.
+    key_BV = jax.lax.bitcast_convert_type(jnp.where(bits_BV < 0, ~bits_BV, bits_BV ^ jnp.int32(-2**31)),
+                                          jnp.uint32)
+    k_B = jnp.minimum(top_k_B, x_BV.shape[-1])
+    cut_B = active_B & (k_B > 0)
+
+    def top_k(x_BV):
+        kth_B = _kth_largest_key(key_BV, k_B)
+        return jnp.where(cut_B[:, None] & (key_BV < kth_B[:, None]), -jnp.inf, x_BV)
+
+    x_BV = jax.lax.cond(jnp.any(cut_B), top_k, lambda x: x, x_BV)
+    nucleus_B = active_B & (top_p_B < 1.0)
+    x_BV = jax.lax.cond(jnp.any(nucleus_B),
+                        lambda x: jnp.where(nucleus_B[:, None], top_p_filter(x, top_p_B), x), lambda x: x, x_BV)
+    return draw(keys_B, x_BV)
+
+
+def logprob_outputs(logits_BV, token_B, K: int):
+    """(log-probability of token [B], top-K token ids [B, K], their log-probabilities [B, K]): float32 log-softmax
+    of the raw logits, the most likely first."""
+    logprobs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    chosen_B = jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
+    top_lp_BK, top_ids_BK = jax.lax.top_k(logprobs_BV, K)
+    return chosen_B, top_ids_BK.astype(jnp.int32), top_lp_BK
+
+
+# ---------------------------------------------------------------- what a prompt and a sample are
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt and how to sample it: n = len(keys) samples (one PRNG key each) that share one prefill."""
+
+    id: object  # opaque, handed back in each Sample
+    tokens: tuple[int, ...]
+    keys: tuple
+    max_new_tokens: int
+    sampler: Sampler = Sampler()
+    is_finished: Callable[[list[int]], bool] | None = None  # a host-side test on the sample's new tokens
+
+
+@dataclasses.dataclass
+class Sample:
+    """One finished sample: its new tokens (stop token excluded) and, if asked for, their log-probabilities."""
+
+    request: Request
+    index: int  # which of the request's samples (0..n-1)
+    tokens: list[int]
+    # "stop" (a stop token or is_finished), "length" (max_new_tokens) or "nonfinite": the model's logits for the
+    # next token were NaN or infinite (float16 overflow, damaged weights); tokens holds those drawn before.
+    finish_reason: str
+    logprobs: list[float] | None = None  # per new token, float32 log-softmax of the raw logits
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per new token, the K most likely, best first
+    prompt_logprobs: list[float | None] | None = None  # echo: per prompt token, None for the first
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+def context_length(prompt: Sequence[int], max_new_tokens: int) -> int:
+    """Tokens the model reads to generate max_new_tokens after prompt: the last new token is never fed back
+    (as in transformers' generate), so a prompt of block_size tokens can still get one."""
+    return len(prompt) + max_new_tokens - 1
+
+
+def check_prompt(config: ModelConfig, name: str, prompt, max_new_tokens: int, sliding_window: bool) -> None:
+    """Raise a ValueError starting with name if prompt is empty, not a list of token ids, or does not fit with
+    max_new_tokens."""
+    if isinstance(prompt, (str, bytes)) or np.ndim(prompt) != 1:
+        raise ValueError(f"{name} must be a list of token ids; got {type(prompt).__name__} {prompt!r:.80}")
+    if len(prompt) == 0:
+        raise ValueError(f"{name} is empty; give at least one token (e.g. <|endoftext|> = {EOT_TOKEN})")
+    # Token ids land in an int32 array: a float or a bool would be silently truncated to an id.
+    ids = np.asarray(prompt)
+    if ids.dtype.kind not in "iu":  # ints beyond int64 make an object array: the range check below names them
+        bad = next((t for t in prompt if not is_integer(t)), None)
+        if bad is not None:
+            raise ValueError(f"{name} has {bad!r}, not an integer token id")
+    bad = outside(ids, config.vocab_size)
+    if bad.size:
+        raise ValueError(f"{name} has token id {int(bad[0])} outside [0, {config.vocab_size})")
+    if not sliding_window and context_length(prompt, max_new_tokens) > config.block_size:
+        raise ValueError(
+            f"{name} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} the model reads "
+            f"{context_length(prompt, max_new_tokens)}, more than block_size {config.block_size} "
+            "(shorten it, lower max_new_tokens, or ask for a sliding window)")
+
+
+def check_request(config: ModelConfig, request, sliding_window: bool) -> None:
+    """Raise a ValueError naming the request's id for anything the engine cannot take."""
+    if not isinstance(request, Request):
+        raise ValueError(f"the engine takes Request objects; got {type(request).__name__} {request!r:.80}")
+    name = f"request {request.id!r}"
+    if not is_integer(request.max_new_tokens, 1):
+        raise ValueError(f"{name}: max_new_tokens must be an integer >= 1; got {request.max_new_tokens!r}")
+    if not isinstance(request.sampler, Sampler):
+        raise ValueError(f"{name}: sampler must be a Sampler; got {type(request.sampler).__name__}")
+    if not isinstance(request.keys, (tuple, list)) or len(request.keys) < 1:
+        raise ValueError(f"{name}: keys must hold one PRNG key per sample, at least one (n >= 1); got "
+                         f"{request.keys!r:.80}")
+    if request.is_finished is not None and not callable(request.is_finished):
+        raise ValueError(f"{name}: is_finished must be callable or None; got {request.is_finished!r:.80}")
+    check_prompt(config, f"{name}: the prompt", request.tokens, request.max_new_tokens, sliding_window)
+
+
+def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    """The next power of two >= n (at least minimum): few distinct shapes, at most 2x padding."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def prefill_chunks(n: int) -> list[tuple[int, int, int]]:
+    """(start, tokens, padded length) of each prefill call for n tokens: PREFILL_CHUNK at a time, the rest padded
+    to a power of two. A function of n alone, so a prompt's prefill never depends on its neighbours."""
+    chunks, start = [], 0
+    while n - start > PREFILL_CHUNK:
+        chunks.append((start, PREFILL_CHUNK, PREFILL_CHUNK))
+        start += PREFILL_CHUNK
+    if n > start:
+        chunks.append((start, n - start, _bucket(n - start)))
+    return chunks
+
+
+# ---------------------------------------------------------------- the weights a decode step reads
+# A decode step reads every weight once per token, so its speed is memory traffic: it runs
+# model.forward_unrolled on per-layer 2-D matrices in the layout that reads fastest here (bench/sample.py --layouts).
+_copied_weights = jax.jit(arrange_weights, static_argnums=(0, 2))
+# The last copy made, so that a run over many batches of the same params makes it once:
+# (config, layout, the params' leaves, kept alive so that their ids stay theirs, the copy).
+_WEIGHTS_CACHE: list[tuple] = []
+
+
+def kept_weights(config: ModelConfig, params, batch_size: int) -> Weights | None:
+    """On CPU, the per-layer copy of params for batches of batch_size rows (made once, reused while the params and
+    the layout are the same); else None (slices of the params are taken inside the jitted loop)."""
+    if jax.default_backend() != "cpu":
+        return None
+    leaves = jax.tree.leaves(params)
+    layout = cpu_layout(config, leaves, batch_size)
+    if _WEIGHTS_CACHE:
+        cached_config, cached_layout, cached_leaves, weights = _WEIGHTS_CACHE[0]
+        if (cached_config, cached_layout) == (config, layout) and len(cached_leaves) == len(leaves) and all(
+                a is b for a, b in zip(cached_leaves, leaves)):
+            return weights
+    _WEIGHTS_CACHE.clear()  # drop the old copy before making the new one
+    weights = _copied_weights(config, params, layout)
+    _WEIGHTS_CACHE.append((config, layout, leaves, weights))
+    return weights
+
+
+def cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
+    """The matrix layout a decode step on CPU reads: the panel kernel where it runs (row by row, in groups of its
+    MAX_ROWS rows, so that a row's result never depends on the batch); else XLA's matrix-vector product on
+    [out, in] for one row and its GEMM on [in, out] for several."""
+    # The kernel runs on one device's memory: sharded params keep XLA's matmuls.
+    one_device = all(len(leaf.sharding.device_set) == 1 for leaf in leaves if hasattr(leaf, "sharding"))
+    if jnp.dtype(config.dtype) in (jnp.float32, jnp.bfloat16) and one_device and cpu_kernels.available():
+        return PANELS
+    return OUT_IN if batch_size == 1 else IN_OUT
+
+
+# ---------------------------------------------------------------- the jitted programs
+def decode_step(config: ModelConfig, weights: Weights, token_B, length_B, cache_k: tuple, cache_v: tuple):
+    """One token per row through model.forward_unrolled: (float32 logits [B, vocab_size], cache_k, cache_v).
+
+    Row b's token goes in at position length_B[b]; its key and value are written into every layer's cache
+    (per layer [B, H, S, D]) at slot length_B[b], and it attends to the row's slots 0..length_B[b].
+    """
+    B, S = token_B.shape[0], cache_k[0].shape[2]
+    rows_B, slot_B = jnp.arange(B), jnp.minimum(length_B, S - 1)
+    visible_B11S = (jnp.arange(S)[None, :] <= length_B[:, None])[:, None, None, :]
+
+    def attend(k_BHSD, v_BHSD, qkv_B13HD):
+        k_BHSD = k_BHSD.at[rows_B, :, slot_B].set(qkv_B13HD[:, 0, 1].astype(k_BHSD.dtype))
+        v_BHSD = v_BHSD.at[rows_B, :, slot_B].set(qkv_B13HD[:, 0, 2].astype(v_BHSD.dtype))
+        return attention(config, qkv_B13HD[:, :, 0], [(k_BHSD, v_BHSD, visible_B11S)]), (k_BHSD, v_BHSD)
+
+    attends = [functools.partial(attend, k, v) for k, v in zip(cache_k, cache_v)]
+    logits_B1V, kv = forward_unrolled(config, weights, token_B[:, None], length_B[:, None], attends)
+    return logits_B1V[:, 0], tuple(k for k, _ in kv), tuple(v for _, v in kv)
+
+
+# The slots' small state, host-side numpy between calls: name -> dtype.
+SLOT_FIELDS = {"last": np.int32, "length": np.int32, "count": np.int32, "limit": np.int32, "key": np.uint32,
+               "inverse_temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "reason": np.int32}
+RUNNING, STOP, LENGTH, NONFINITE, IDLE = 0, 1, 2, 3, 4
+REASONS = {STOP: "stop", LENGTH: "length", NONFINITE: "nonfinite"}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "stop_tokens", "logprobs", "key_impl"),
+                   donate_argnames=("cache_k", "cache_v"))
+def _decode(config: ModelConfig, stop_tokens: tuple, logprobs: int, key_impl: str, params,
+            weights: Weights | None, cache_k, cache_v, slots: dict, max_steps, exit_on_finish):
+    """Decode every running slot a token per step for up to max_steps (at most DECODE_STEPS) steps; stop early
+    when a slot finishes (if exit_on_finish) or a running slot's cache is full (sliding window: re-prefill it).
+    Returns (cache_k, cache_v, slots, outputs [B, DECODE_STEPS, ...], steps run)."""
+    TRACE_COUNTS["decode"] += 1
+    if weights is None:
+        weights = arrange_weights(config, params)
+    B, S, N, K = slots["last"].shape[0], cache_k[0].shape[2], DECODE_STEPS, max(logprobs, 1)
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    outputs = {"token": jnp.zeros((B, N), jnp.int32), "kept": jnp.zeros((B, N), bool)}
+    if logprobs:
+        outputs.update(logprob=jnp.zeros((B, N)), top_ids=jnp.zeros((B, N, K), jnp.int32),
+                       top_logprobs=jnp.zeros((B, N, K)))
+
+    def going(carry):
+        t, _, _, s, _, finished = carry
+        full = jnp.any((s["reason"] == RUNNING) & (s["length"] >= S))
+        return (t < max_steps) & ~(finished & exit_on_finish) & jnp.any(s["reason"] == RUNNING) & ~full
+
+    def step(carry):
+        t, ks, vs, s, out, finished = carry
+        running_B = s["reason"] == RUNNING
+        logits_BV, ks, vs = decode_step(config, weights, s["last"], s["length"], ks, vs)
+        keys_B = jax.random.wrap_key_data(s["key"], impl=key_impl)
+        keys_B = jax.vmap(jax.random.fold_in)(keys_B, s["count"])
+        token_B = sample_rows(logits_BV, keys_B, s["inverse_temperature"], s["top_k"], s["top_p"])
+        finite_B = jnp.all(jnp.isfinite(logits_BV), axis=-1)
+        is_stop_B = jnp.isin(token_B, stops)
+        kept_B = running_B & finite_B & ~is_stop_B
+        count_B = s["count"] + kept_B
+        reason_B = jnp.where(~finite_B, NONFINITE, jnp.where(is_stop_B, STOP, jnp.where(
+            count_B >= s["limit"], LENGTH, RUNNING)))
+        reason_B = jnp.where(running_B, reason_B, s["reason"])
+        s = dict(s, count=count_B, reason=reason_B, last=jnp.where(kept_B, token_B, s["last"]),
+                 length=s["length"] + running_B)
+        new = {"token": token_B, "kept": kept_B}
+        if logprobs:
+            new["logprob"], new["top_ids"], new["top_logprobs"] = logprob_outputs(logits_BV, token_B, K)
+        out = {name: out[name].at[:, t].set(new[name]) for name in out}
+        return t + 1, ks, vs, s, out, finished | jnp.any(running_B & (reason_B != RUNNING))
+
+    slots = {name: jnp.asarray(value) for name, value in slots.items()}
+    t, cache_k, cache_v, slots, outputs, _ = jax.lax.while_loop(
+        going, step, (jnp.int32(0), cache_k, cache_v, slots, outputs, jnp.bool_(False)))
+    return cache_k, cache_v, slots, outputs, t
+
+
+@functools.partial(jax.jit, static_argnames=("config", "logprobs"), donate_argnames=("cache_k", "cache_v"))
+def _prefill(config: ModelConfig, logprobs: int, params, cache_k, cache_v, tokens_C, targets_C, start, n, row):
+    """Write the keys and values of tokens_C (its first n real, the rest padding) into the cache's row at slots
+    start..start+n, each attending to the row's slots before it. The padding is never written.
+
+    Returns (cache_k, cache_v, echo) where echo holds, with logprobs > 0, the log-probability of targets_C (the
+    token after each) and the top entries at every position."""
+    TRACE_COUNTS["prefill"] += 1
+    weights = arrange_weights(config, params)
+    C, S = tokens_C.shape[0], cache_k[0].shape[2]
+    t_C = jnp.arange(C)
+    slot_C = jnp.where(t_C < n, start + t_C, S)  # padding goes past the end: dropped
+    positions_1C = jnp.minimum(start + t_C, config.block_size - 1)[None]
+    visible_11CS = (jnp.arange(S)[None, :] <= (start + t_C)[:, None])[None, None]
+
+    def attend(k_BHSD, v_BHSD, qkv_1C3HD):
+        row_k = jax.lax.dynamic_index_in_dim(k_BHSD, row, keepdims=False)  # [H, S, D]
+        row_v = jax.lax.dynamic_index_in_dim(v_BHSD, row, keepdims=False)
+        row_k = row_k.at[:, slot_C].set(qkv_1C3HD[0, :, 1].swapaxes(0, 1).astype(row_k.dtype), mode="drop")
+        row_v = row_v.at[:, slot_C].set(qkv_1C3HD[0, :, 2].swapaxes(0, 1).astype(row_v.dtype), mode="drop")
+        y = attention(config, qkv_1C3HD[:, :, 0], [(row_k[None], row_v[None], visible_11CS)])
+        k_BHSD = jax.lax.dynamic_update_index_in_dim(k_BHSD, row_k, row, axis=0)
+        v_BHSD = jax.lax.dynamic_update_index_in_dim(v_BHSD, row_v, row, axis=0)
+        return y, (k_BHSD, v_BHSD)
+
+    attends = [functools.partial(attend, k, v) for k, v in zip(cache_k, cache_v)]
+    logits_1CV, kv = forward_unrolled(config, weights, tokens_C[None], positions_1C, attends)
+    echo = logprob_outputs(logits_1CV[0], targets_C, logprobs) if logprobs else None
+    return tuple(k for k, _ in kv), tuple(v for _, v in kv), echo
+
+
+@functools.partial(jax.jit, donate_argnames=("cache_k", "cache_v"))
+def _copy_row(cache_k, cache_v, source, target):
+    """The cache with row source copied to row target (the samples of one prompt share its prefill)."""
+    TRACE_COUNTS["copy_row"] += 1
+
+    def copy(c):
+        return jax.lax.dynamic_update_index_in_dim(c, jax.lax.dynamic_index_in_dim(c, source), target, axis=0)
+    return tuple(map(copy, cache_k)), tuple(map(copy, cache_v))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache_k", "cache_v"))
+def _clear_row(cache_k, cache_v, row):
+    """The cache with row's keys and values zeroed."""
+    TRACE_COUNTS["clear_row"] += 1
+
+    def clear(c):
+        return jax.lax.dynamic_update_index_in_dim(c, jnp.zeros_like(c[0]), row, axis=0)
+    return tuple(map(clear, cache_k)), tuple(map(clear, cache_v))
+
+
+# ---------------------------------------------------------------- the engine
+@dataclasses.dataclass
+class _Slot:
+    """What the host knows of a busy slot."""
+
+    request: Request
+    index: int
+    context: list[int]  # prompt + new tokens (all of them, also those before a sliding window's restart)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top: list = dataclasses.field(default_factory=list)
+    echo: tuple | None = None
+
+
+class Engine:
+    """batch_size slots decoding together; run(requests) yields each Sample as soon as it finishes.
+
+    schedule="continuous" refills a slot as soon as its sample finishes; "buckets" sorts the prompts by length and
+    refills only when every slot is done (the schedule of length-bucketed batches, for comparison).
+    logprobs=K (0..20, 0 = off) adds each new token's log-probability and the K most likely; echo the prompt's.
+    """
+
+    def __init__(self, config: ModelConfig, params, *, batch_size: int = 8, stop_tokens=(EOT_TOKEN,),
+                 logprobs: int = 0, echo: bool = False, sliding_window: bool = False, schedule: str = "continuous",
+                 check_every: int = DECODE_STEPS, on_token: Callable | None = None):
+        if not is_integer(batch_size, 1):
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        if not is_integer(logprobs, 0) or logprobs > MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0 = off); got {logprobs!r}")
+        if not isinstance(echo, bool):
+            raise ValueError(f"echo must be True or False; got {echo!r}")
+        if schedule not in ("continuous", "buckets"):
+            raise ValueError(f"schedule must be 'continuous' or 'buckets'; got {schedule!r}")
+        if isinstance(stop_tokens, (int, np.integer)) or not all(is_integer(t, 0) for t in stop_tokens):
+            raise ValueError(f"stop_tokens must be a sequence of token ids, e.g. ({stop_tokens},); got {stop_tokens!r}")
+        if not is_integer(check_every, 1):
+            raise ValueError(f"check_every must be an integer >= 1; got {check_every!r}")
+        self.config, self.params, self.batch_size = config, params, batch_size
+        self.stop_tokens = tuple(int(t) for t in stop_tokens)
+        self.logprobs, self.echo, self.sliding_window, self.schedule = logprobs, echo, sliding_window, schedule
+        self.check_every, self.on_token = check_every, on_token
+        self.occupancy = 0.0  # after run: the fraction of slot-steps that produced a kept token
+
+    def cache_slots(self, requests: Sequence[Request]) -> int:
+        """S, the cache slots of every row: block_size with a sliding window, else the longest context any
+        request reads, rounded up to 16."""
+        T = self.config.block_size
+        if self.sliding_window:
+            return T
+        longest = max(context_length(r.tokens, r.max_new_tokens) for r in requests)
+        return min(T, -(-longest // 16) * 16)
+
+    def run(self, requests: Iterable[Request]) -> Iterator[Sample]:
+        """Every sample of every request, each yielded as soon as it finishes (in no fixed order)."""
+        requests = list(requests)
+        for request in requests:
+            check_request(self.config, request, self.sliding_window)
+        if not requests:
+            return
+        if self.schedule == "buckets":
+            requests = sorted(requests, key=lambda r: len(r.tokens))
+        yield from _Run(self, requests).samples()
+
+
+def _key_data(key) -> tuple[np.ndarray, str]:
+    """(the key's raw uint32 words, its implementation's name) of a typed or a raw (legacy) PRNG key."""
+    if jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(key)), str(jax.random.key_impl(key))
+    return np.asarray(key, np.uint32), str(jax.random.key_impl(jax.random.key(0)))
+
+
+class _Run:
+    """One Engine.run: the host's view of the slots, and the calls that prefill and decode them."""
+
+    def __init__(self, engine: Engine, requests: list[Request]):
+        self.engine, self.config = engine, engine.config
+        B, cfg = engine.batch_size, engine.config
+        self.S = engine.cache_slots(requests)
+        self.pending = collections.deque((r, i) for r in requests for i in range(len(r.keys)))
+        self.slots: list[_Slot | None] = [None] * B
+        words, self.key_impl = _key_data(requests[0].keys[0])
+        self.state = {name: np.zeros(B, dtype) for name, dtype in SLOT_FIELDS.items()}
+        self.state["key"] = np.zeros((B, *words.shape), np.uint32)
+        self.state["reason"][:] = IDLE
+        shape = (B, cfg.n_head, self.S, cfg.head_dim)
+        self.cache_k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer))
+        self.cache_v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer))
+        self.weights = kept_weights(cfg, engine.params, B)
+        self.echo_k = max(engine.logprobs, 1) if engine.echo else 0
+        self.kept = self.slot_steps = 0
+
+    def samples(self) -> Iterator[Sample]:
+        engine = self.engine
+        steps = 1 if engine.on_token is not None else min(DECODE_STEPS, engine.check_every)
+        continuous = engine.schedule == "continuous"
+        while True:
+            if continuous or all(s is None for s in self.slots):
+                self._admit()
+            if all(s is None for s in self.slots):
+                break
+            self.cache_k, self.cache_v, state, outputs, t = _decode(
+                self.config, engine.stop_tokens, engine.logprobs, self.key_impl, engine.params, self.weights,
+                self.cache_k, self.cache_v, self.state, np.int32(steps), continuous)
+            yield from self._harvest(jax.device_get(state), jax.device_get(outputs), int(t))
+        engine.occupancy = self.kept / self.slot_steps if self.slot_steps else 0.0
+
+    def _admit(self) -> None:
+        """Prefill the next pending samples into the free slots, one prefill per request and slot group."""
+        free = [b for b, s in enumerate(self.slots) if s is None]
+        while free and self.pending:
+            request, _ = self.pending[0]
+            group = []
+            while free and self.pending and self.pending[0][0] is request:
+                group.append((free.pop(0), self.pending.popleft()[1]))
+            context = list(request.tokens)
+            if len(context) > self.config.block_size:  # only with a sliding window
+                context = context[-(self.config.block_size // 2):]
+            first, _ = group[0]
+            echo = self._prefill(first, context, self.echo_k > 0)
+            if echo is not None:
+                echo = self._prompt_echo(request, context, echo)
+            for b, index in group:
+                if b != first:
+                    self.cache_k, self.cache_v = _copy_row(self.cache_k, self.cache_v, np.int32(first), np.int32(b))
+                self._start(b, request, index, context, echo)
+
+    def _start(self, b: int, request: Request, index: int, context: list[int], echo) -> None:
+        state = self.state
+        state["last"][b], state["length"][b] = context[-1], len(context) - 1
+        state["count"][b], state["limit"][b], state["reason"][b] = 0, request.max_new_tokens, RUNNING
+        state["key"][b] = _key_data(request.keys[index])[0]
+        state["inverse_temperature"][b], state["top_k"][b], state["top_p"][b] = request.sampler.row()
+        self.slots[b] = _Slot(request, index, list(request.tokens), echo=echo)
+
+    def _prefill(self, b: int, context: list[int], echo: bool):
+        """Prefill all but the last token of context into row b; with echo, (logprobs, top ids, top logprobs) of
+        each prompt token after the first, as numpy arrays."""
+        prefix, pieces = context[:-1], []
+        for start, n, C in prefill_chunks(len(prefix)):
+            tokens_C, targets_C = np.zeros(C, np.int32), np.zeros(C, np.int32)
+            tokens_C[:n], targets_C[:n] = prefix[start:start + n], context[start + 1:start + n + 1]
+            self.cache_k, self.cache_v, out = _prefill(
+                self.config, self.echo_k if echo else 0, self.engine.params, self.cache_k, self.cache_v,
+                tokens_C, targets_C, np.int32(start), np.int32(n), np.int32(b))
+            if echo:
+                pieces.append([np.asarray(a)[:n] for a in out])
+        if not echo:
+            return None
+        if not pieces:
+            return np.zeros(0, np.float32), np.zeros((0, self.echo_k), np.int32), np.zeros((0, self.echo_k))
+        return tuple(np.concatenate(parts) for parts in zip(*pieces))
+
+    def _prompt_echo(self, request: Request, context: list[int], echo):
+        """(prompt_logprobs, prompt_top_logprobs) of the request: None for the first token and any that a sliding
+        window cut off."""
+        logprob, top_ids, top_lp = echo
+        skipped = len(request.tokens) - len(context) + 1
+        lps = [None] * skipped + [float(x) for x in logprob]
+        tops = None
+        if self.engine.logprobs:
+            tops = [None] * skipped + [list(zip(map(int, i), map(float, p))) for i, p in zip(top_ids, top_lp)]
+        return lps, tops
+
+    def _harvest(self, state: dict, out: dict, steps: int) -> Iterator[Sample]:
+        """Take the new tokens of a decode call; yield the samples that finished and free their slots."""
+        self.state = {name: np.array(value) for name, value in state.items()}
+        self.slot_steps += steps * len(self.slots)
+        if self.engine.on_token is not None:
+            for t in range(steps):
+                self.engine.on_token(out["token"][:, t], out["kept"][:, t])
+        for b, slot in enumerate(self.slots):
+            if slot is None:
+                continue
+            kept = out["kept"][b, :steps]
+            new = out["token"][b, :steps][kept].tolist()
+            slot.tokens += new
+            slot.context += new
+            self.kept += len(new)
+            if self.engine.logprobs:
+                slot.logprobs += out["logprob"][b, :steps][kept].tolist()
+                slot.top += [list(zip(i.tolist(), p.tolist())) for i, p in
+                             zip(out["top_ids"][b, :steps][kept, :self.engine.logprobs],
+                                 out["top_logprobs"][b, :steps][kept, :self.engine.logprobs])]
+            reason = int(self.state["reason"][b])
+            stop = slot.request.is_finished
+            if reason == RUNNING and new and stop is not None and stop(list(slot.tokens)):
+                reason = STOP
+            if reason != RUNNING:
+                self.state["reason"][b], self.slots[b] = IDLE, None
+                if reason == NONFINITE:  # its NaN keys and values would reach the next sample (0 * NaN)
+                    self.cache_k, self.cache_v = _clear_row(self.cache_k, self.cache_v, np.int32(b))
+                yield self._sample(slot, REASONS[reason])
+            elif self.state["length"][b] >= self.S:  # a sliding window's restart, from this row's tokens alone
+                window = slot.context[-(self.config.block_size // 2):]
+                self._prefill(b, window, False)
+                self.state["length"][b] = len(window) - 1
+
+    def _sample(self, slot: _Slot, reason: str) -> Sample:
+        logprobs = self.engine.logprobs > 0
+        prompt_lps, prompt_tops = slot.echo if slot.echo is not None else (None, None)
+        return Sample(slot.request, slot.index, slot.tokens, reason,
+                      logprobs=slot.logprobs if logprobs else None, top_logprobs=slot.top if logprobs else None,
+                      prompt_logprobs=prompt_lps, prompt_top_logprobs=prompt_tops)
