@@ -271,11 +271,13 @@ def kept_tokens(new_tokens: dict[int, list[int]], stops: list[str]) -> dict:
 
 
 def run_engine(cfg: ModelConfig, params, work, stops: list[str], schedule: str, batch: int) -> dict:
-    """Seconds, kept tokens, texts and occupancy of one Engine run over the workload (after a warm-up run on the
-    shortest and longest prompts, so that most compilations come before the clock starts)."""
+    """Seconds, kept tokens, texts and occupancy of one Engine run over the workload, after a warm-up run."""
     engine = sampling.Engine(cfg, params, batch_size=batch, schedule=schedule)
-    by_length = sorted(work, key=lambda w: len(w[0]))
-    list(engine.run(mixed_requests(by_length[:batch] + by_length[-batch:], stops, cap=8)))
+    # One prompt of each power-of-two length (the prefill shapes), 8 new tokens each, and the longest context whole
+    # (the KV cache is sized from it): the timed run then compiles little or nothing (compiles_in_timed_runs).
+    one_each = {(len(p) - 1).bit_length(): (p, 8) for p, _ in work}
+    longest = max(work, key=lambda w: len(w[0]) + w[1])
+    list(engine.run(mixed_requests(list(one_each.values()) + [longest], stops)))
     compiled = sampling.compile_count()
     t = time.perf_counter()
     new = {s.request.id: s.tokens for s in engine.run(mixed_requests(work, stops))}
@@ -334,14 +336,20 @@ def mixed(n_prompts: int, stop: str, batch: int) -> None:
     cfg = ModelConfig.from_preset("gpt2")
     params = init_params(cfg, jax.random.PRNGKey(0))
     work = mixed_workload(n_prompts)
+    t = time.perf_counter()
     stops = [frequent_token_stop(cfg, params, work, batch) if stop == "frequent" else stop]
+    print(f"stop string {stops[0]!r} ({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         convert.export_hf(cfg, params, tmp)
         model = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
     with torch.no_grad():  # warm up
         model.generate(torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False, pad_token_id=EOT_TOKEN)
-    runs = {name: run_engine(cfg, params, work, stops, name, batch) for name in ("continuous", "buckets")}
-    runs["transformers"] = run_torch(model, work, stops, batch)
+    runs = {}
+    for name in ("continuous", "buckets", "transformers"):
+        t = time.perf_counter()
+        runs[name] = (run_torch(model, work, stops, batch) if name == "transformers" else
+                      run_engine(cfg, params, work, stops, name, batch))
+        print(f"{name}: {time.perf_counter() - t:.1f} s in all", file=sys.stderr, flush=True)
     same = {name: sum(r["texts"][i] == runs["continuous"]["texts"][i] for i in range(len(work))) / len(work)
             for name, r in runs.items()}
     print(f"load average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}; {len(work)} prompts of "
