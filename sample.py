@@ -1,23 +1,22 @@
-"""Sample from a trained or converted GPT-2: one prompt streamed to the terminal, or a file of prompts in batches.
+"""Sample from a trained or converted GPT-2: one prompt streamed to the terminal, or a file of prompts.
 
     python sample.py --init_from=out --prompt="ROMEO:"                    # streams the completion as it is decoded
     python sample.py --init_from=gpt2.safetensors --prompts_file=prompts.jsonl --out=samples.jsonl --batch_size=16
     python sample.py --init_from=out --prompts_file=prompts.txt --out=samples.jsonl --resume    # after a Ctrl-C
 
 --init_from: a train.py out_dir (orbax: its latest step, or out_dir/STEP for another) or any weights
-gpt2_jax.convert.load reads (Hugging Face/OpenAI, nanoGPT ckpt.pt, llm.c .bin, the reference PyTorch layout,
-OpenAI's TensorFlow checkpoint). A prompts file holds one prompt per line, or is JSONL (.jsonl / .json) with a
-"prompt" field and an optional "id" per line (other fields are ignored, with a warning: settings come from the flags
-only); blank lines and a UTF-8 byte order mark are ignored. A prompt without an "id" (every prompt of a text file)
-has its line number as id, blank lines counted. Prompts are sorted by length into batches; each finished batch is
-appended to --out at once, one JSON line per sample: id, sample, prompt, completion, prompt_tokens,
-completion_tokens, finish_reason ("stop": <|endoftext|> or a --stop string; "length": --max_new_tokens; "nonfinite":
-the model's logits became NaN or infinite, reported as an error too) and settings (the flags that shape a sample,
-and a SHA-256 of the weights). A bad prompt is reported with its line number and skipped; the others are written and
-the exit status is 1. --resume refuses an --out made with other settings or weights, or one that gave an id another
-prompt. A sample's random numbers depend only on --seed, its prompt id and its sample number, never on --batch_size
-or its batch neighbours. Those change a sample only through floating-point rounding (XLA rounds products of matrices
-with different numbers of rows differently), which now and then tips a sampled token the other way.
+gpt2_jax.convert.load reads. A prompts file holds one prompt per line, or is JSONL (.jsonl / .json) with a "prompt"
+field, an optional "id" and optional settings of its own (max_new_tokens, temperature, top_k, top_p, stop, seed, n:
+they replace the flags for that line; other fields are warned about); blank lines and a UTF-8 byte order mark are
+ignored. A prompt without an "id" has its line number as id. A file's prompts run in a continuous batch (a finished
+sample's slot takes the next prompt at once; --schedule=buckets: length-sorted batches that run until their longest
+sample is done), and each sample is appended to --out as it finishes, one JSON line: id, sample, prompt,
+completion, prompt_tokens, completion_tokens, finish_reason ("stop", "length" or "nonfinite"), settings (the
+line's effective settings, the run's flags that shape a sample and a SHA-256 of the weights) and, with
+--logprobs=K, OpenAI-style logprobs (--echo: of the prompt's tokens too). A bad prompt is reported with its line
+number and skipped; the others are written and the exit status is 1. --resume writes every missing sample once,
+and refuses an --out made with other settings or weights, or one that gave an id another prompt. A sample's random
+numbers depend only on its seed, its prompt id and its sample number (docs/sampling.md: batch invariance).
 """
 
 from __future__ import annotations
@@ -33,11 +32,11 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from gpt2_jax import sharding
-from gpt2_jax.batch_sampling import (Prompt, TextStream, done_samples, kept_samples, load_prompts, nonfinite_errors,
-                                     out_problem, record, sample_key, sampling_failure, stop_check, weights_digest,
-                                     write_lines)
+from gpt2_jax.batch_sampling import (MAX_LOGPROBS, Prompt, TextStream, done_samples, engine_requests, kept_samples,
+                                     load_prompts, nonfinite_errors, out_problem, record, requests, sample_key,
+                                     sampling_failure, stop_check, weights_digest, write_lines)
 from gpt2_jax.config import DTYPES, ConfigError, FlagParser, ModelConfig, plain_warnings, ranged, replace, seed_error
-from gpt2_jax.sampling import Sampler, generate_batch
+from gpt2_jax.sampling import Engine, generate_batch
 from gpt2_jax.tokenizer import get_tokenizer
 
 DEFAULT_NEW_TOKENS = 200
@@ -66,6 +65,12 @@ def parse_args(argv: list[str]):
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); <|endoftext|> always")
     p.add_flag("sliding_window", bool, default=False,
                help="go past block_size: a context that outgrows it restarts from its last block_size // 2")
+    p.add_argument("--logprobs", type=ranged(int, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, "
+                                             f"{MAX_LOGPROBS}]"), default=None,
+                   help="add each token's log-probability and the K most likely tokens' to every line")
+    p.add_flag("echo", bool, default=False, help="put the prompt before the completion (and its logprobs first)")
+    p.add_argument("--schedule", choices=("continuous", "buckets"), default="continuous",
+                   help="a prompts file: refill each finished slot (continuous) or length-sorted batches (buckets)")
     p.add_argument("--out", type=Path, help="append one JSON line per sample to this file")
     p.add_flag("resume", bool, default=False, help="continue --out, skipping the samples it already has")
     p.add_argument("--mesh", default="", help="shard the weights over this process's devices, e.g. fsdp:8 "
@@ -88,11 +93,11 @@ def report_nonfinite(records: list[dict], args) -> int:
 def run_one(cfg, params, prompt: Prompt, args, out_file, skip: set[tuple]) -> int:
     """Stream each sample of one prompt to stdout as its tokens are decoded (at the end, on a --mesh); returns
     how many samples hit non-finite logits."""
-    sampler, failed = Sampler(args.temperature, args.top_k, args.top_p), 0
-    for k in range(args.num_samples):
+    own, failed = prompt.settings, 0
+    for k in range(own.n):
         if (prompt.id, k) in skip:
             continue
-        stream, closed = TextStream(args.stop), []
+        stream, closed = TextStream(own.stop), []
         print(prompt.text, end="", flush=True)
 
         def show(tokens_B, wrote_B):
@@ -102,11 +107,11 @@ def run_one(cfg, params, prompt: Prompt, args, out_file, skip: set[tuple]) -> in
                 except BrokenPipeError as e:  # raised inside XLA's callback it would become an XLA error
                     closed.append(e)
 
-        done = generate_batch(cfg, params, [prompt.tokens], [sample_key(args.seed, prompt.id, k)],
-                              max_new_tokens=args.max_new_tokens, sampler=sampler,
+        done = generate_batch(cfg, params, [prompt.tokens], [sample_key(own.seed, prompt.id, k)],
+                              max_new_tokens=own.max_new_tokens, sampler=own.sampler,
                               on_token=None if args.mesh else show,
-                              is_finished=stop_check(args.stop), sliding_window=args.sliding_window)[0]
-        line = record(prompt, k, done, args)
+                              is_finished=stop_check(own.stop), sliding_window=args.sliding_window)[0]
+        line = record(prompt, k, done.tokens, done.finish_reason, args)
         if out_file is not None:
             write_lines(out_file, [line])
         if closed:
@@ -120,34 +125,31 @@ def run_one(cfg, params, prompt: Prompt, args, out_file, skip: set[tuple]) -> in
 
 
 def run_file(cfg, params, prompts: list[Prompt], args, out_file, skip: set[tuple]) -> int:
-    """Generate every (prompt, sample) not in skip, in length-sorted batches; write each batch when done. Returns
-    how many samples hit non-finite logits."""
-    jobs = [(p, k) for p in sorted(prompts, key=lambda p: len(p.tokens)) for k in range(args.num_samples)
-            if (p.id, k) not in skip]
+    """Generate every (prompt, sample) not in skip on the Engine; write each sample as it finishes. Returns how many
+    samples hit non-finite logits."""
+    jobs = requests(prompts, skip)
+    total = sum(len(ks) for _, ks in jobs)
     if not jobs:
         print(f"every sample is already in {args.out}: nothing to do", file=sys.stderr)
         return 0
-    sampler, check = Sampler(args.temperature, args.top_k, args.top_p), stop_check(args.stop)
-    B = min(args.batch_size, max(1, len(jobs)))
+    # --logprobs=0 still wants each token's own log-probability: ask the engine for one and keep none of the top.
+    engine = Engine(cfg, params, batch_size=min(args.batch_size, total), sliding_window=args.sliding_window,
+                    logprobs=0 if args.logprobs is None else max(1, args.logprobs), echo=args.echo,
+                    schedule=args.schedule)
     start, made, failed = time.perf_counter(), 0, 0
-    with tqdm(total=len(jobs), unit="sample", file=sys.stderr) as bar:
-        for i in range(0, len(jobs), B):
-            batch = jobs[i:i + B]
-            done = generate_batch(cfg, params, [p.tokens for p, _ in batch],
-                                  [sample_key(args.seed, p.id, k) for p, k in batch], batch_size=B,
-                                  max_new_tokens=args.max_new_tokens, sampler=sampler, is_finished=check,
-                                  sliding_window=args.sliding_window)
-            records = [record(p, k, c, args) for (p, k), c in zip(batch, done)]
+    with tqdm(total=total, unit="sample", file=sys.stderr) as bar:
+        for sample in engine.run(engine_requests(jobs)):
+            prompt, ks = jobs[sample.request.id]
+            line = record(prompt, ks[sample.index], sample.tokens, sample.finish_reason, args, sample)
             if out_file is not None:
-                write_lines(out_file, records)
+                write_lines(out_file, [line])
             else:
-                for r in records:
-                    tqdm.write(json.dumps(r, ensure_ascii=False), file=sys.stdout)
-                sys.stdout.flush()  # a batch at a time down a pipe, as into --out
-            failed += report_nonfinite(records, args)
-            made += sum(len(c.tokens) for c in done)
+                tqdm.write(json.dumps(line, ensure_ascii=False), file=sys.stdout)
+                sys.stdout.flush()  # a line at a time down a pipe, as into --out
+            failed += report_nonfinite([line], args)
+            made += len(sample.tokens)
             bar.set_postfix_str(f"{made / (time.perf_counter() - start):.1f} tok/s")
-            bar.update(len(batch))
+            bar.update(1)
     return failed
 
 
@@ -195,7 +197,7 @@ def run(args) -> int:
         return 1
     try:
         failed = 0
-        if args.prompt is not None and prompts:
+        if args.prompt is not None and prompts and args.logprobs is None and not args.echo:
             failed = run_one(cfg, params, prompts[0], args, out_file, skip)
         elif prompts:
             failed = run_file(cfg, params, prompts, args, out_file, skip)

@@ -9,13 +9,22 @@ copy bandwidth measured here. Prints a table, then one JSON line.
     python bench/sample.py --dtypes=float32   # float32 only (torch's bfloat16 is very slow without AVX-512 BF16)
     python bench/sample.py --layouts  # ms per decode step: GPT2.apply vs sampling.decode_step on each matrix layout
     python bench/sample.py --compile_count   # compilations for 1,000 prompts of 1 to 1,016 tokens
+    python bench/sample.py --workload=mixed  # continuous batching: 200 prompts of mixed lengths, limits and stops
+
+--workload=mixed (--prompts=N, default 200; --batch=B, default 8): prompts of 8-256 tokens cut from data/shakespeare (fixed seed), each
+with its own max_new_tokens (8-128) and a stop string, greedy, gpt2 124M fp32 at batch 8: generated tokens/s (kept
+tokens: cut at the stop string) of the continuous Engine, of its length-bucketed schedule and of transformers'
+generate on length-sorted batches, plus slot occupancy. Random weights never write "\n\n": the default
+--stop=frequent uses the token the model writes most often (a few minutes; --stop=$'\n\n' for the literal).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +38,7 @@ from flags import parse_flags  # noqa: E402  (bench/flags.py)
 from gpt2_jax.config import ModelConfig, replace  # noqa: E402
 from gpt2_jax.model import GPT2, abstract_params, arrange_weights, count_params, init_cache, init_params  # noqa: E402
 from gpt2_jax import cpu_kernels, sampling  # noqa: E402
-from gpt2_jax.sampling import Sampler, decode_step, generate, generate_batch, row_key  # noqa: E402
+from gpt2_jax.sampling import EOT_TOKEN, Sampler, decode_step, generate, generate_batch, row_key  # noqa: E402
 
 PROMPT, NEW, REPEATS = 32, 128, 2
 
@@ -127,17 +136,14 @@ def step_ms(batch: int, steps: int = 16) -> dict:
         return jax.lax.fori_loop(0, steps, body, (cache, token_B))[1]
 
     @jax.jit
-    def decode_path(weights, token_B):  # the decode loop's steps: one block of `steps` slots, the cache read-only
-        mask_BS = jnp.ones((batch, S), bool)
-
+    def decode_path(weights, token_B):  # the decode loop's steps: one token per row into its slot of the cache
         def body(i, carry):
-            block_k, block_v, token_B = carry
-            logits, block_k, block_v = decode_step(cfg, weights, token_B, jnp.full((batch,), start + i), mask_BS,
-                                                   cache.replace(index=start + i), block_k, block_v, start)
-            return block_k, block_v, jnp.argmax(logits, -1).astype(jnp.int32)
-        cache = init_cache(cfg, batch, S)
-        block = tuple(jnp.zeros((batch, cfg.n_head, steps, cfg.head_dim)) for _ in range(cfg.n_layer))
-        return jax.lax.fori_loop(0, steps, body, (block, block, token_B))[2]
+            cache_k, cache_v, token_B = carry
+            logits, cache_k, cache_v = decode_step(cfg, weights, token_B, jnp.full((batch,), start + i, jnp.int32),
+                                                   cache_k, cache_v)
+            return cache_k, cache_v, jnp.argmax(logits, -1).astype(jnp.int32)
+        kv = tuple(jnp.zeros((batch, cfg.n_head, S, cfg.head_dim)) for _ in range(cfg.n_layer))
+        return jax.lax.fori_loop(0, steps, body, (kv, kv, token_B))[2]
 
     copy = jax.jit(arrange_weights, static_argnums=(0, 2))
     paths = {"GPT2.apply (scan over stacked weights)": (model_path, params),
@@ -214,14 +220,175 @@ def main(dtypes: str) -> None:
     print(json.dumps(result))
 
 
+# ---------------------------------------------------------------- --workload=mixed: continuous batching
+MIXED_SEED = 0
+
+
+def mixed_workload(n: int) -> list[tuple[list[int], int]]:
+    """n (prompt, max_new_tokens): prompts of 8-256 tokens cut from data/shakespeare at seeded random places,
+    limits drawn from 8-128."""
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    text = (Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "shakespeare.txt").read_text()
+    tokens = get_tokenizer().encode(text[:400_000])
+    rng = np.random.default_rng(MIXED_SEED)
+    work = []
+    for length, limit in zip(rng.integers(8, 257, n), rng.integers(8, 129, n)):
+        start = int(rng.integers(0, len(tokens) - length))
+        work.append((tokens[start:start + length], int(limit)))
+    return work
+
+
+def frequent_token_stop(cfg: ModelConfig, params, work, batch: int) -> str:
+    """The text of the token that the model emits most often over the first 16 prompts (greedy, 16 new tokens):
+    random weights never write "\\n\\n", so a stop string they do write makes the workload's lengths mixed."""
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    engine = sampling.Engine(cfg, params, batch_size=batch)
+    counts = collections.Counter(t for s in engine.run(mixed_requests(work[:16], [], cap=16)) for t in s.tokens)
+    tokenizer = get_tokenizer()
+    return next(tokenizer.decode([t]) for t, _ in counts.most_common() if tokenizer.decode([t]).strip())
+
+
+def mixed_requests(work, stops: list[str], cap: int | None = None) -> list:
+    from gpt2_jax.batch_sampling import stop_check
+
+    return [sampling.Request(id=i, tokens=tuple(p), keys=(row_key(MIXED_SEED, i),),
+                             max_new_tokens=min(limit, cap or limit), sampler=Sampler(0.0),
+                             is_finished=stop_check(stops)) for i, (p, limit) in enumerate(work)]
+
+
+def kept_tokens(new_tokens: dict[int, list[int]], stops: list[str]) -> dict:
+    """Tokens kept (each sample cut at its stop string as sample.py counts completion_tokens), the kept texts by
+    id, and how many samples a stop string ended."""
+    from gpt2_jax.batch_sampling import finish
+
+    texts, kept, stopped = {}, 0, 0
+    for i, tokens in new_tokens.items():
+        texts[i], n, reason = finish(tokens, "length", stops)
+        kept, stopped = kept + n, stopped + (reason == "stop")
+    return dict(kept=kept, texts=texts, stopped=stopped)
+
+
+def run_engine(cfg: ModelConfig, params, work, stops: list[str], schedule: str, batch: int) -> dict:
+    """Seconds, kept tokens, texts and occupancy of one Engine run over the workload, after a warm-up run."""
+    engine = sampling.Engine(cfg, params, batch_size=batch, schedule=schedule)
+    # One prompt of each power-of-two length (the prefill shapes), 8 new tokens each, and the longest context whole
+    # (the KV cache is sized from it): the timed run then compiles little or nothing (compiles_in_timed_runs).
+    one_each = {(len(p) - 1).bit_length(): (p, 8) for p, _ in work}
+    longest = max(work, key=lambda w: len(w[0]) + w[1])
+    list(engine.run(mixed_requests(list(one_each.values()) + [longest], stops)))
+    compiled = sampling.compile_count()
+    t = time.perf_counter()
+    new = {s.request.id: s.tokens for s in engine.run(mixed_requests(work, stops))}
+    seconds = time.perf_counter() - t
+    return dict(kept_tokens(new, stops), seconds=seconds, occupancy=engine.occupancy,
+                compiles_in_timed_run=sampling.compile_count() - compiled)
+
+
+def run_torch(model, work, stops: list[str], batch: int) -> dict:
+    """transformers' generate on length-sorted batches of batch rows (left-padded): each row stops at its own
+    limit, <|endoftext|> or a stop string (a per-row StoppingCriteria; the batch runs until its last row stops)."""
+    import torch
+    import transformers
+
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+
+    class RowStops(transformers.StoppingCriteria):
+        def __init__(self, limits, start):
+            self.limits, self.start = limits, start
+
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids[:, self.start:]
+            return torch.tensor([new.shape[1] >= limit or any(s in tokenizer.decode(row.tolist()) for s in stops)
+                                 for row, limit in zip(new, self.limits)])
+
+    order = sorted(range(len(work)), key=lambda i: len(work[i][0]))
+    new, t = {}, time.perf_counter()
+    for b in range(0, len(order), batch):
+        ids = order[b:b + batch]
+        P = max(len(work[i][0]) for i in ids)
+        x = torch.tensor([[0] * (P - len(work[i][0])) + work[i][0] for i in ids])
+        mask = torch.tensor([[0] * (P - len(work[i][0])) + [1] * len(work[i][0]) for i in ids])
+        limits = [work[i][1] for i in ids]
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=mask, max_new_tokens=max(limits), do_sample=False,
+                                 pad_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
+                                 stopping_criteria=transformers.StoppingCriteriaList([RowStops(limits, P)]))
+        for i, row, limit in zip(ids, out[:, P:].tolist(), limits):
+            row = row[:limit]
+            new[i] = row[:row.index(EOT_TOKEN)] if EOT_TOKEN in row else row
+    seconds = time.perf_counter() - t
+    return dict(kept_tokens(new, stops), seconds=seconds)
+
+
+def mixed(n_prompts: int, stop: str, batch: int) -> None:
+    """The mixed workload on gpt2 124M fp32 (random weights, the same in both frameworks): continuous engine,
+    length-bucketed engine and transformers' generate, one after the other in this process."""
+    import torch
+    import transformers
+
+    from gpt2_jax import convert
+
+    load = os.getloadavg()[0]
+    cfg = ModelConfig.from_preset("gpt2")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    work = mixed_workload(n_prompts)
+    t = time.perf_counter()
+    stops = [frequent_token_stop(cfg, params, work, batch) if stop == "frequent" else stop]
+    print(f"stop string {stops[0]!r} ({time.perf_counter() - t:.1f} s)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        convert.export_hf(cfg, params, tmp)
+        model = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
+    with torch.no_grad():  # warm up
+        model.generate(torch.tensor([work[0][0]]), max_new_tokens=4, do_sample=False, pad_token_id=EOT_TOKEN)
+    runs = {}
+    for name in ("continuous", "buckets", "transformers"):
+        t = time.perf_counter()
+        runs[name] = (run_torch(model, work, stops, batch) if name == "transformers" else
+                      run_engine(cfg, params, work, stops, name, batch))
+        print(f"{name}: {time.perf_counter() - t:.1f} s in all", file=sys.stderr, flush=True)
+    same = {name: sum(r["texts"][i] == runs["continuous"]["texts"][i] for i in range(len(work))) / len(work)
+            for name, r in runs.items()}
+    print(f"load average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}; {len(work)} prompts of "
+          f"{min(len(p) for p, _ in work)}-{max(len(p) for p, _ in work)} tokens, limits 8-128, stop {stops[0]!r}, "
+          f"greedy, gpt2 124M float32 (random weights), batch {batch}; torch threads {torch.get_num_threads()}")
+    print(f"{'schedule':<14}{'kept tokens':>12}{'seconds':>9}{'tok/s':>9}{'occupancy':>11}{'same text':>11}")
+    for name, r in runs.items():
+        occupancy = f"{r['occupancy']:.3f}" if "occupancy" in r else "-"
+        print(f"{name:<14}{r['kept']:>12}{r['seconds']:>9.1f}{r['kept'] / r['seconds']:>9.1f}{occupancy:>11}"
+              f"{same[name]:>11.3f}")
+    tps = {name: r["kept"] / r["seconds"] for name, r in runs.items()}
+    print(json.dumps({
+        "continuous_tokens_per_s": round(tps["continuous"], 2), "buckets_tokens_per_s": round(tps["buckets"], 2),
+        "torch_tokens_per_s": round(tps["transformers"], 2), "occupancy": round(runs["continuous"]["occupancy"], 4),
+        "buckets_occupancy": round(runs["buckets"]["occupancy"], 4),
+        "continuous_over_buckets": round(tps["continuous"] / tps["buckets"], 3),
+        "continuous_over_torch": round(tps["continuous"] / tps["transformers"], 3), "prompts": len(work), "batch": batch,
+        "device": jax.devices()[0].device_kind,
+        "stop": stops[0], "stopped_fraction": round(runs["continuous"]["stopped"] / len(work), 3),
+        "same_text_as_continuous": {k: round(v, 3) for k, v in same.items() if k != "continuous"},
+        "compiles_in_timed_runs": {k: r["compiles_in_timed_run"] for k, r in runs.items() if "occupancy" in r},
+        "load_average": round(load, 2)}))
+
+
 if __name__ == "__main__":
-    mode = parse_flags(sys.argv[1:], {"layouts": False, "compile_count": False, "dtypes": "float32,bfloat16"},
+    mode = parse_flags(sys.argv[1:], {"layouts": False, "compile_count": False, "dtypes": "float32,bfloat16",
+                                      "workload": "fixed", "prompts": 200, "stop": "frequent", "batch": 8},
                        __doc__)  # a typo: no 3-minute run
-    if mode["layouts"] and mode["compile_count"]:
-        raise SystemExit("--layouts and --compile_count are two separate runs: pass one of them")
+    if mode["layouts"] + mode["compile_count"] + (mode["workload"] != "fixed") > 1:
+        raise SystemExit("--layouts, --compile_count and --workload=mixed are separate runs: pass one of them")
     if set(mode["dtypes"].split(",")) - {"float32", "bfloat16"}:
         raise SystemExit(f"--dtypes takes float32, bfloat16 or both (comma-separated); got {mode['dtypes']!r}")
+    if mode["workload"] not in ("fixed", "mixed") or min(mode["prompts"], mode["batch"]) < 1 or not mode["stop"]:
+        raise SystemExit(f"--workload takes fixed or mixed, --prompts and --batch integers >= 1 and --stop a "
+                         f"non-empty string; got {mode['workload']!r}, {mode['prompts']!r}, {mode['batch']!r}, "
+                         f"{mode['stop']!r}")
     if mode["layouts"] or mode["compile_count"]:
         (layouts if mode["layouts"] else compile_counts)()
+    elif mode["workload"] == "mixed":
+        mixed(mode["prompts"], mode["stop"], mode["batch"])
     else:
         main(mode["dtypes"])

@@ -66,7 +66,6 @@ def test_prompts_file_with_bad_lines_writes_the_good_ones(model, tmp_path, capsy
         assert f"prompts.jsonl:{line}: {what}" in err
     rows = read_jsonl(out)
     assert sorted(str(r["id"]) for r in rows) == ["7", "8", "r"]
-    assert [r["prompt_tokens"] for r in rows] == sorted(r["prompt_tokens"] for r in rows)  # length-sorted batches
     for r in rows:
         assert set(r) == FIELDS
         text, done = reference(cfg, params, r["prompt"], r["id"])
@@ -123,7 +122,7 @@ OUT_OF_MEMORY = "RESOURCE_EXHAUSTED: Out of memory allocating 825017348840 bytes
     (KeyboardInterrupt(), 130,  # Ctrl-C
      "error: interrupted; the samples written to {out} are kept: add --resume to make the rest\n"),
 ])
-def test_a_batch_that_fails_or_is_interrupted_keeps_the_finished_ones_for_resume(model, tmp_path, capsys,
+def test_a_run_that_fails_or_is_interrupted_keeps_the_finished_samples_for_resume(model, tmp_path, capsys,
                                                                                   monkeypatch, failure, status,
                                                                                   message):
     _, _, ckpt = model
@@ -132,21 +131,21 @@ def test_a_batch_that_fails_or_is_interrupted_keeps_the_finished_ones_for_resume
     flags = [f"--init_from={ckpt}", f"--prompts_file={prompts}", "--max_new_tokens=4", "--batch_size=2"]
     full = tmp_path / "full.jsonl"
     assert sample.main(flags + [f"--out={full}"]) == 0
-    original, calls = sample.generate_batch, []
 
-    def fail_on_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise failure
-        return original(*args, **kwargs)
+    class FailsAfterTwoSamples(sample.Engine):
+        def run(self, requests):
+            for i, done in enumerate(super().run(requests)):
+                if i == 2:
+                    raise failure
+                yield done
 
-    monkeypatch.setattr(sample, "generate_batch", fail_on_the_second_batch)
+    monkeypatch.setattr(sample, "Engine", FailsAfterTwoSamples)
     out = tmp_path / "out.jsonl"
     assert sample.main(flags + [f"--out={out}"]) == status
     err = capsys.readouterr().err
     assert err[err.index("error: "):] == message.format(out=out)
-    assert read_jsonl(out) == read_jsonl(full)[:2]
-    monkeypatch.setattr(sample, "generate_batch", original)
+    assert read_jsonl(out) == read_jsonl(full)[:2]  # each sample written as it finished, in the same order
+    monkeypatch.undo()
     assert sample.main(flags + [f"--out={out}", "--resume"]) == 0
     key = lambda r: (r["id"], r["sample"])  # noqa: E731
     assert sorted(read_jsonl(out), key=key) == sorted(read_jsonl(full), key=key)
@@ -224,6 +223,7 @@ def test_text_stream_holds_back_partial_utf8_and_stop_strings():
     ("--top_p=1.5", r"argument --top_p: must be in (0, 1]"),
     ("--top_k=-1", "argument --top_k: must be an integer >= 0"),
     ("--num_samples=0", "argument --num_samples: must be an integer >= 1"),
+    ("--logprobs=21", "argument --logprobs: must be an integer in [0, 20]; got 21"),
     ("--seed=-1", "argument --seed: must be an integer in [0, 2**32)"),
     (f"--seed={2**32}", "argument --seed: must be an integer in [0, 2**32)"),
     ("--out=/nonexistent-dir/x.jsonl", "--out /nonexistent-dir/x.jsonl: the directory /nonexistent-dir does not exist"),
@@ -394,24 +394,41 @@ def test_byte_order_mark_crlf_and_blank_lines_are_not_prompts(model, tmp_path, c
     assert f"--prompts_file {tmp_path / 'blank.txt'}: no prompts (the file is blank)" in capsys.readouterr().err
 
 
-def test_jsonl_fields_sample_py_does_not_read_are_named_in_one_warning(model, tmp_path, capsys):
+def test_a_jsonl_line_s_own_settings_replace_the_flags_and_other_fields_are_named(model, tmp_path, capsys):
     cfg, params, ckpt = model
-    # Per-prompt settings look supported; they are not, and must not pass silently.
+    greedy = {"prompt": "Hello", "id": "a", "max_new_tokens": 7, "temperature": 0}
+    text = reference(cfg, params, "ROMEO:", "d", n=20, temperature=0)[0]
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # a stop string the greedy completion reaches
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "Hello", "id": "a", "max_new_tokens": 2, "temperature": 0},
+        greedy,
         {"prompt": "World", "id": "b"},
-        {"prompt": "Again", "id": "c", "max_new_tokens": 3, "source": "web"},
+        {"prompt": "Again", "id": "c", "seed": 5, "n": 2, "top_k": 10, "top_p": 0.9, "source": "web"},
+        {"prompt": "ROMEO:", "id": "d", "temperature": 0, "max_new_tokens": 20, "stop": ["\u2603\u2603", stop]},
     ]) + "\n")
     out = tmp_path / "out.jsonl"
     assert sample.main([f"--init_from={ckpt}", f"--prompts_file={prompts}", f"--out={out}",
                         "--max_new_tokens=4"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: {prompts}: only 'prompt' and 'id' are read; ignored: \"max_new_tokens\" (line 1 "
-                        "and 1 more), \"source\" (line 3), \"temperature\" (line 1). Every prompt is sampled with the "
-                        "command-line settings (there are no per-prompt settings)"]
-    for r in read_jsonl(out):  # sampled with the flags
-        assert r["completion"] == reference(cfg, params, r["prompt"], r["id"], n=4)[0]
+    assert warnings == [f"warning: {prompts}: ignored: \"source\" (line 3). A line's fields are 'prompt', 'id' and "
+                        "its own settings: max_new_tokens, temperature, top_k, top_p, stop, seed, n"]
+    rows = {(r["id"], r["sample"]): r for r in read_jsonl(out)}
+    assert sorted(rows) == [("a", 0), ("b", 0), ("c", 0), ("c", 1), ("d", 0)]
+    # The greedy line, run next to sampled ones, is what a greedy run of it alone gives.
+    alone = tmp_path / "alone.jsonl"
+    assert sample.main([f"--init_from={ckpt}", "--prompt=Hello", "--temperature=0", "--max_new_tokens=7",
+                        f"--out={alone}"]) == 0
+    [single] = read_jsonl(alone)
+    assert rows["a", 0]["completion"] == single["completion"] and rows["a", 0]["completion_tokens"] == 7
+    assert rows["a", 0]["settings"] == dict(single["settings"], max_new_tokens=7, temperature=0.0)
+    assert rows["b", 0]["completion"] == reference(cfg, params, "World", "b", n=4)[0]
+    for k in (0, 1):
+        assert rows["c", k]["completion"] == reference(cfg, params, "Again", "c", k, seed=5, n=4, top_k=10,
+                                                       top_p=0.9)[0]
+        assert {key: rows["c", k]["settings"][key] for key in ("seed", "top_k", "top_p")} == {
+            "seed": 5, "top_k": 10, "top_p": 0.9}
+    assert rows["d", 0]["completion"] == text[:text.find(stop)] and rows["d", 0]["finish_reason"] == "stop"
+    assert rows["d", 0]["settings"]["stop"] == ["\u2603\u2603", stop]
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"prompt": "Hello", "id": "a"}) + "\n")
     assert sample.main([f"--init_from={ckpt}", f"--prompts_file={plain}", "--max_new_tokens=2"]) == 0
@@ -435,13 +452,13 @@ def test_resume_refuses_other_settings_and_ids_that_name_other_prompts(model, tm
     made_with = read_jsonl(out)[0]["settings"]
     assert re.fullmatch("[0-9a-f]{16}", made_with.pop("weights"))
     assert made_with == {"seed": 1, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "max_new_tokens": 4,
-                         "stop": ["\n"], "sliding_window": False, "dtype": "float32"}
+                         "stop": ["\n"], "sliding_window": False, "dtype": "float32", "logprobs": None, "echo": False}
     capsys.readouterr()
     resume = flags + [f"--prompts_file={prompts}", f"--out={out}", "--resume"]
     assert sample.main(resume + ["--seed=2", "--max_new_tokens=5"]) == 1
     assert capsys.readouterr().err == (f"error: --resume: {out}:1 was made with --max_new_tokens=4 --seed=1 --stop="
-                                       '["\\n"]; this run has --max_new_tokens=5 --seed=2 --stop=[] (use those '
-                                       "settings, or choose another --out)\n")
+                                       '["\\n"]; this run gives id 1 --max_new_tokens=5 --seed=2 --stop=[] (use '
+                                       "those settings, or choose another --out)\n")
     assert out.read_bytes() == before
     prompts.write_text("new first line\nA\nB\n")  # every id (a line number) now names another prompt
     assert sample.main(resume + ["--seed=1", "--stop=\n"]) == 1
@@ -451,6 +468,15 @@ def test_resume_refuses_other_settings_and_ids_that_name_other_prompts(model, tm
     prompts.write_text("A\nB\n")
     assert sample.main(resume + ["--seed=1", "--stop=\n", "--num_samples=2"]) == 0  # more samples: allowed
     assert sorted((r["id"], r["sample"]) for r in read_jsonl(out)) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    jsonl = tmp_path / "prompts.jsonl"  # a line's own settings are what its lines must match
+    jsonl.write_text(json.dumps({"prompt": "A", "id": "a", "temperature": 0}) + "\n")
+    own = tmp_path / "own.jsonl"
+    assert sample.main(flags + [f"--prompts_file={jsonl}", f"--out={own}"]) == 0
+    jsonl.write_text(json.dumps({"prompt": "A", "id": "a", "temperature": 0.5, "n": 2}) + "\n")
+    capsys.readouterr()
+    assert sample.main(flags + [f"--prompts_file={jsonl}", f"--out={own}", "--resume"]) == 1
+    assert capsys.readouterr().err == (f"error: --resume: {own}:1 was made with --temperature=0.0; this run gives id "
+                                       "'a' --temperature=0.5 (use those settings, or choose another --out)\n")
     one = tmp_path / "one.jsonl"
     assert sample.main(flags + ["--prompt=Hello", f"--out={one}"]) == 0
     assert sample.main(flags + ["--prompt=Bye", f"--out={one}", "--resume"]) == 1  # --prompt is always id 0
@@ -578,3 +604,115 @@ def test_stdout_closed_early_ends_quietly(model, tmp_path):
         assert proc.wait() == 1 and "Traceback" not in err and "error" not in err, err
     assert read_jsonl(out)[0]["completion_tokens"] == 60  # the sample is in --out all the same
 
+
+
+def test_bad_settings_of_a_line_name_the_line_and_the_others_run(model, tmp_path, capsys):
+    _, _, ckpt = model
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "fine", "id": "ok", "max_new_tokens": 3},
+        {"prompt": "A", "temperature": -1},
+        {"prompt": "B", "top_k": 1.5},
+        {"prompt": "C", "top_p": "0.9"},
+        {"prompt": "D", "n": 0},
+        {"prompt": "E", "stop": ["x", ""]},
+        {"prompt": "F", "seed": 2**32},
+        {"prompt": "G", "max_new_tokens": True},
+        {"prompt": "word " * 30, "max_new_tokens": 40},  # 31 tokens + 40 - 1 > block_size 64
+    ]))
+    out = tmp_path / "out.jsonl"
+    assert sample.main([f"--init_from={ckpt}", f"--prompts_file={prompts}", f"--out={out}",
+                        "--max_new_tokens=4"]) == 1
+    err = capsys.readouterr().err
+    for line, what in [(2, "'temperature' must be a finite number >= 0 (0 = greedy); got -1"),
+                       (3, "'top_k' must be an integer >= 0 (0 = off); got 1.5"),
+                       (4, "'top_p' must be a number in (0, 1] (1 = off); got \"0.9\""),
+                       (5, "'n' must be an integer >= 1; got 0"),
+                       (6, "'stop' must be a non-empty string or a list of them; got [\"x\", \"\"]"),
+                       (7, f"'seed' must be an integer in [0, 2**32); got {2**32}"),
+                       (8, "'max_new_tokens' must be an integer >= 1; got true"),
+                       (9, "prompt has 31 tokens; with this line's max_new_tokens=40 that exceeds block_size 64")]:
+        assert f"prompts.jsonl:{line}: {what}" in err
+    assert "8 prompt(s) skipped" in err
+    assert [(r["id"], r["completion_tokens"]) for r in read_jsonl(out)] == [("ok", 3)]
+
+
+def test_logprobs_and_echo_match_transformers(model, tmp_path):
+    """--logprobs=5 --echo against transformers' log-softmax of its logits for the same weights (exported)."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from gpt2_jax import convert
+
+    cfg, params, ckpt = model
+    convert.export_hf(cfg, params, tmp_path / "hf")
+    torch_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompt = "na\u00efve \u2603 \U0001F99C end"  # the snowman and the parrot are split across byte-level tokens
+    out = tmp_path / "out.jsonl"
+    assert sample.main([f"--init_from={ckpt}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=6",
+                        "--logprobs=5", "--echo", f"--out={out}"]) == 0
+    [line] = read_jsonl(out)
+    lp = line["logprobs"]
+    tok = get_tokenizer()
+    prompt_ids = tok.encode(prompt)
+    ids = lp["token_ids"]
+    assert ids[:len(prompt_ids)] == prompt_ids and len(ids) == len(prompt_ids) + 6
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([ids])).logits[0].float()
+    reference_lp = torch.log_softmax(logits, dim=-1).numpy()
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and lp["top_token_ids"][0] is None
+    for i in range(1, len(ids)):
+        row = reference_lp[i - 1]
+        np.testing.assert_allclose(lp["token_logprobs"][i], row[ids[i]], atol=2e-4)
+        top = lp["top_token_ids"][i]
+        values = list(lp["top_logprobs"][i].values())
+        assert len(top) == 5 and values == sorted(values, reverse=True)
+        np.testing.assert_allclose(values, row[top], atol=2e-4)
+        assert min(values) >= np.sort(row)[-5] - 2e-4  # the 5 most likely, up to rounding ties
+        if i >= len(prompt_ids):  # greedy: each new token is the most likely one
+            assert ids[i] == top[0]
+    # b" \xe2\x98" b"\x83" (the snowman), b" \xf0\x9f" b"\xa6" b"\x9c" (the parrot): not whole UTF-8 characters,
+    # so written as OpenAI does, every byte escaped
+    assert lp["tokens"][:len(prompt_ids)] == ["na", "\u00efve", "bytes:\\x20\\xe2\\x98", "bytes:\\x83",
+                                              "bytes:\\x20\\xf0\\x9f", "bytes:\\xa6", "bytes:\\x9c", " end"]
+    assert lp["text_offset"][:len(prompt_ids)] == [0, 2, 5, 6, 7, 8, 8, 9]  # where its text begins (a space first)
+    assert line["completion"].startswith(prompt) and len(line["completion"]) > len(prompt)
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][-1] < len(line["completion"])
+    whole = [i for i in range(len(ids)) if not lp["tokens"][i].startswith("bytes:")]
+    for i in whole:  # a token that is whole characters sits at its text_offset in the text
+        assert line["completion"][lp["text_offset"][i]:].startswith(lp["tokens"][i])
+
+
+def test_resume_after_kill_9_writes_every_sample_once(model, tmp_path):
+    """kill -9 in the middle of a 200-prompt run, then --resume: the same (id, sample) set and texts as a run that
+    was never interrupted, nothing twice."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    _, _, ckpt = model
+    root = Path(__file__).resolve().parents[1]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{'word ' * (i % 17)}prompt {i}\n" for i in range(200)))
+    flags = [f"--init_from={ckpt}", f"--prompts_file={prompts}", "--temperature=0", "--max_new_tokens=5",
+             "--batch_size=8"]
+    killed = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen([sys.executable, str(root / "sample.py"), *flags, f"--out={killed}"], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while (not killed.exists() or killed.read_bytes().count(b"\n") < 40) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no 40 samples written in 120 s"
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs, possibly mid-line
+    assert proc.wait() == -9, proc.stderr.read().decode()
+    written = killed.read_bytes().count(b"\n")
+    assert 40 <= written < 200
+    assert sample.main(flags + [f"--out={killed}", "--resume"]) == 0
+    full = tmp_path / "full.jsonl"
+    assert sample.main(flags + [f"--out={full}"]) == 0
+    resumed, uninterrupted = read_jsonl(killed), read_jsonl(full)
+    key = lambda r: (r["id"], r["sample"])  # noqa: E731
+    assert len(resumed) == len({key(r) for r in resumed}) == 200
+    assert sorted(resumed, key=key) == sorted(uninterrupted, key=key)
