@@ -28,16 +28,14 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from gpt2_jax import sharding
 from gpt2_jax.batch_sampling import (MAX_LOGPROBS, Prompt, TextStream, done_samples, engine_requests, kept_samples,
                                      load_prompts, nonfinite_errors, out_problem, record, requests, sample_key,
                                      sampling_failure, stop_check, weights_digest, write_lines)
-from gpt2_jax.config import DTYPES, ConfigError, FlagParser, ModelConfig, plain_warnings, ranged, replace, seed_error
+from gpt2_jax.config import DTYPES, ConfigError, FlagParser, plain_warnings, ranged, seed_error
 from gpt2_jax.sampling import Engine, generate_batch
-from gpt2_jax.tokenizer import get_tokenizer
 
 DEFAULT_NEW_TOKENS = 200
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
