@@ -25,8 +25,8 @@ import numpy as np
 
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, is_integer
-from gpt2_jax.model import (IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, by_row, chunked_attention,
-                            forward_unrolled, outside)
+from gpt2_jax.model import (ATTENTION_CHUNK, IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, by_row,
+                            chunked_attention, forward_unrolled, outside)
 from gpt2_jax.strategies import Sampler, logprob_outputs, sample_rows
 
 EOT_TOKEN = 50256
@@ -349,12 +349,13 @@ class Engine:
 
     def cache_slots(self, requests: Sequence[Request]) -> int:
         """S, the cache slots of every row: block_size with a sliding window, else the longest context any
-        request reads, rounded up to 16."""
+        request reads, rounded up to whole attention chunks (so that the chunks, and a row's sums, are the same
+        whatever the other requests)."""
         T = self.config.block_size
         if self.sliding_window:
             return T
         longest = max(context_length(r.tokens, r.max_new_tokens) for r in requests)
-        return min(T, -(-longest // 16) * 16)
+        return min(T, -(-longest // ATTENTION_CHUNK) * ATTENTION_CHUNK)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Sample]:
         """Every sample of every request, each yielded as soon as it finishes (in no fixed order)."""

@@ -197,7 +197,7 @@ def attention(config: ModelConfig, q_BTHD, parts: Sequence[tuple], dropout: Call
                for p, (_, v, _) in zip(probs, parts))
 
 
-ATTENTION_CHUNK = 64  # key slots per step of chunked_attention
+ATTENTION_CHUNK = 256  # key slots per step of chunked_attention (bench/sample.py: 64 and 128 were slower)
 
 
 def chunked_attention(config: ModelConfig, q_BTHD, k_BHSD, v_BHSD, last_BT):
