@@ -486,10 +486,11 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         raise DataError(f"no input files in {', '.join(map(str, inputs))}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_temporaries(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir, os.getpid()), dir=out_dir.parent))
-    lock = lock_directory(tmp)  # held until this prepare ends, however it ends: the next one knows a dead one's by it
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
-    try:
+    tmp, lock = None, None
+    try:  # from its creation on: a Ctrl-C or SIGTERM that lands right after it must remove it too
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir, os.getpid()), dir=out_dir.parent))
+        lock = lock_directory(tmp)  # held until this prepare ends, however it ends: the next one knows a dead one's
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
         with open(tmp / "all.raw", "wb") as raw_file:
             documents = _tokenize_into(raw_file, files, num_threads or os.cpu_count() or 1, text_field)
         if not documents:
@@ -510,7 +511,8 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         raise DataError(f"the disk of {out_dir.parent} is full (prepare needs about 2 bytes a token, plus one "
                         f"shard of {shard_tokens:,} tokens, while it writes); nothing was written") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if lock is not None:
             os.close(lock)
     return summary
