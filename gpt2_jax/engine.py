@@ -25,8 +25,9 @@ import numpy as np
 
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, is_integer
+from gpt2_jax.checks import outside
 from gpt2_jax.model import (ATTENTION_CHUNK, IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, by_row,
-                            chunked_attention, forward_unrolled, outside)
+                            chunked_attention, forward_unrolled)
 from gpt2_jax.strategies import Sampler, logprob_outputs, sample_rows
 
 EOT_TOKEN = 50256
