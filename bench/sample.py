@@ -142,8 +142,8 @@ def step_ms(batch: int, steps: int = 16) -> dict:
             logits, cache_k, cache_v = decode_step(cfg, weights, token_B, jnp.full((batch,), start + i, jnp.int32),
                                                    cache_k, cache_v)
             return cache_k, cache_v, jnp.argmax(logits, -1).astype(jnp.int32)
-        kv = tuple(jnp.zeros((batch, cfg.n_head, S, cfg.head_dim)) for _ in range(cfg.n_layer))
-        return jax.lax.fori_loop(0, steps, body, (kv, kv, token_B))[2]
+        cache = init_cache(cfg, batch, S)
+        return jax.lax.fori_loop(0, steps, body, (cache.k, cache.v, token_B))[2]
 
     copy = jax.jit(arrange_weights, static_argnums=(0, 2))
     paths = {"GPT2.apply (scan over stacked weights)": (model_path, params),

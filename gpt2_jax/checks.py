@@ -68,16 +68,20 @@ def validate_inputs(config: ModelConfig, tokens, positions=None, attn_mask=None,
 
 
 def _check_cache(config: ModelConfig, tokens, cache) -> None:
-    """The cache must hold n_layer keys and values [batch, heads, slots, head_dim] for tokens' rows."""
+    """The cache must hold n_layer keys [batch, heads, head_dim, slots] and values [batch, heads, slots, head_dim]
+    for tokens' rows (model.KVCache)."""
     k, v = cache.k, cache.v
-    shapes = [tuple(np.shape(a)) for a in (*k, *v)] if isinstance(k, tuple) and isinstance(v, tuple) else []
-    S = shapes[0][2] if shapes and len(shapes[0]) == 4 else None
-    expected = (tokens.shape[0], config.n_head, S, config.head_dim)
-    if len(shapes) != 2 * config.n_layer or set(shapes) != {expected}:
-        got = (f"{len(k)} and {len(v)} arrays of shapes {sorted(set(shapes))}" if shapes
-               else f"{type(k).__name__} and {type(v).__name__}")
-        raise ValueError(f"cache keys and values must be tuples of n_layer={config.n_layer} arrays [batch, heads, "
-                         f"slots, head_dim] = {expected} for tokens of shape {tuple(tokens.shape)}; got {got}")
+    k_shapes, v_shapes = ([[tuple(np.shape(a)) for a in part] for part in (k, v)]
+                          if isinstance(k, tuple) and isinstance(v, tuple) else ([], []))
+    S = v_shapes[0][2] if v_shapes and len(v_shapes[0]) == 4 else None
+    B, H, D = tokens.shape[0], config.n_head, config.head_dim
+    if (len(k_shapes), len(v_shapes)) != (config.n_layer,) * 2 or set(k_shapes) != {(B, H, D, S)} or set(
+            v_shapes) != {(B, H, S, D)}:
+        got = (f"{len(k)} and {len(v)} arrays of shapes {sorted(set(k_shapes))} and {sorted(set(v_shapes))}"
+               if v_shapes else f"{type(k).__name__} and {type(v).__name__}")
+        raise ValueError(f"cache keys and values must be tuples of n_layer={config.n_layer} arrays: keys [batch, "
+                         f"heads, head_dim, slots] = {(B, H, D, S)} and values [batch, heads, slots, head_dim] = "
+                         f"{(B, H, S, D)} for tokens of shape {tuple(tokens.shape)}; got {got}")
 
 
 def _check_shape(name: str, x, shape: tuple[int, ...], what: str) -> None:

@@ -1,6 +1,6 @@
 """The decode engine: batch_size slots that decode together, each with its own prompt, length, settings and key.
 
-A slot's sample lives in its own row of the KV cache (per layer [B, H, S, D]), from slot 0, at position ids equal
+A slot's sample lives in its own row of the KV cache (model.KVCache's layout), from slot 0, at position ids equal
 to its cache slots: nothing is padded to its neighbours. A prompt is prefilled alone (all but its last token, in
 chunks of a bucketed length that depends on its own length only) into the row of a free slot and copied to the
 rows of its other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
@@ -26,9 +26,9 @@ import numpy as np
 from gpt2_jax import cpu_kernels
 from gpt2_jax.config import ModelConfig, is_integer
 from gpt2_jax.checks import outside
-from gpt2_jax.model import (ATTENTION_CHUNK, IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, by_row,
-                            chunked_attention, forward_unrolled)
-from gpt2_jax.strategies import Sampler, logprob_outputs, sample_rows
+from gpt2_jax.model import (ATTENTION_CHUNK, IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, chunked_attention,
+                            forward_unrolled, init_cache, keys_last)
+from gpt2_jax.strategies import Sampler, by_row, logprob_outputs, sample_rows
 
 EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
@@ -146,8 +146,10 @@ _WEIGHTS_CACHE: list[tuple] = []
 
 
 def kept_weights(config: ModelConfig, params, batch_size: int) -> Weights | None:
-    """On CPU, the per-layer copy of params for batches of batch_size rows (made once, reused while the params and
-    the layout are the same); else None (slices of the params are taken inside the jitted loop)."""
+    """On CPU, the per-layer copy of params that the decode steps of batch_size rows and the prefills read (made
+    once, reused while the params and the layout are the same); else None (slices of the params are taken inside
+    the jitted functions). Slices taken inside jit copy every matrix on every call: a 32-token prefill spent 3/4
+    of its time so."""
     if jax.default_backend() != "cpu":
         return None
     leaves = jax.tree.leaves(params)
@@ -179,21 +181,20 @@ def decode_step(config: ModelConfig, weights: Weights, token_B, length_B, cache_
     """One token per row through model.forward_unrolled: (float32 logits [B, vocab_size], cache_k, cache_v).
 
     Row b's token goes in at position length_B[b]; its key and value are written into every layer's cache
-    (per layer [B, H, S, D]) at slot length_B[b], and it attends to the row's slots 0..length_B[b].
+    (model.KVCache's layout) at slot length_B[b], and it attends to the row's slots 0..length_B[b].
     """
-    B, S = token_B.shape[0], cache_k[0].shape[2]
+    B, S = token_B.shape[0], cache_v[0].shape[2]
     rows_B, slot_B = jnp.arange(B), jnp.minimum(length_B, S - 1)
 
-    def attend(k_BHSD, v_BHSD, qkv_B13HD):
-        k_BHSD = k_BHSD.at[rows_B, :, slot_B].set(qkv_B13HD[:, 0, 1].astype(k_BHSD.dtype))
+    def attend(k_BHDS, v_BHSD, qkv_B13HD):
+        k_BHDS = k_BHDS.at[rows_B, :, :, slot_B].set(qkv_B13HD[:, 0, 1].astype(k_BHDS.dtype))
         v_BHSD = v_BHSD.at[rows_B, :, slot_B].set(qkv_B13HD[:, 0, 2].astype(v_BHSD.dtype))
-        y_B1HD = by_row(functools.partial(chunked_attention, config), qkv_B13HD[:, :, 0], k_BHSD, v_BHSD,
-                        length_B[:, None])
-        return y_B1HD, (k_BHSD, v_BHSD)
+        y_B1HD = chunked_attention(config, qkv_B13HD[:, :, 0], k_BHDS, v_BHSD, length_B[:, None])
+        return y_B1HD, (k_BHDS, v_BHSD)
 
     attends = [functools.partial(attend, k, v) for k, v in zip(cache_k, cache_v)]
     logits_B1V, kv = forward_unrolled(config, weights, token_B[:, None], length_B[:, None], attends,
-                                     row_by_row=True)
+                                     batch_invariant=True)
     return logits_B1V[:, 0], tuple(k for k, _ in kv), tuple(v for _, v in kv)
 
 
@@ -214,7 +215,7 @@ def _decode(config: ModelConfig, stop_tokens: tuple, logprobs: int, key_impl: st
     TRACE_COUNTS["decode"] += 1
     if weights is None:
         weights = arrange_weights(config, params)
-    B, S, N, K = slots["last"].shape[0], cache_k[0].shape[2], DECODE_STEPS, max(logprobs, 1)
+    B, S, N, K = slots["last"].shape[0], cache_v[0].shape[2], DECODE_STEPS, max(logprobs, 1)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     outputs = {"token": jnp.zeros((B, N), jnp.int32), "kept": jnp.zeros((B, N), bool)}
     if logprobs:
@@ -232,7 +233,7 @@ def _decode(config: ModelConfig, stop_tokens: tuple, logprobs: int, key_impl: st
         logits_BV, ks, vs = decode_step(config, weights, s["last"], s["length"], ks, vs)
         keys_B = jax.random.wrap_key_data(s["key"], impl=key_impl)
         keys_B = jax.vmap(jax.random.fold_in)(keys_B, s["count"])
-        token_B = by_row(sample_rows, logits_BV, keys_B, s["inverse_temperature"], s["top_k"], s["top_p"])
+        token_B = sample_rows(logits_BV, keys_B, s["inverse_temperature"], s["top_k"], s["top_p"])
         finite_B = jnp.all(jnp.isfinite(logits_BV), axis=-1)
         is_stop_B = jnp.isin(token_B, stops)
         kept_B = running_B & finite_B & ~is_stop_B
@@ -256,28 +257,30 @@ def _decode(config: ModelConfig, stop_tokens: tuple, logprobs: int, key_impl: st
 
 
 @functools.partial(jax.jit, static_argnames=("config", "logprobs"), donate_argnames=("cache_k", "cache_v"))
-def _prefill(config: ModelConfig, logprobs: int, params, cache_k, cache_v, tokens_C, targets_C, start, n, row):
+def _prefill(config: ModelConfig, logprobs: int, params, weights: Weights | None, cache_k, cache_v, tokens_C,
+             targets_C, start, n, row):
     """Write the keys and values of tokens_C (its first n real, the rest padding) into the cache's row at slots
     start..start+n, each attending to the row's slots before it. The padding is never written.
 
     Returns (cache_k, cache_v, echo) where echo holds, with logprobs > 0, the log-probability of targets_C (the
     token after each) and the top entries at every position."""
     TRACE_COUNTS["prefill"] += 1
-    weights = arrange_weights(config, params)
-    C, S = tokens_C.shape[0], cache_k[0].shape[2]
+    if weights is None:
+        weights = arrange_weights(config, params)
+    C, S = tokens_C.shape[0], cache_v[0].shape[2]
     t_C = jnp.arange(C)
     slot_C = jnp.where(t_C < n, start + t_C, S)  # padding goes past the end: dropped
     positions_1C = jnp.minimum(start + t_C, config.block_size - 1)[None]
 
-    def attend(k_BHSD, v_BHSD, qkv_1C3HD):
-        row_k = jax.lax.dynamic_index_in_dim(k_BHSD, row, keepdims=False)  # [H, S, D]
-        row_v = jax.lax.dynamic_index_in_dim(v_BHSD, row, keepdims=False)
-        row_k = row_k.at[:, slot_C].set(qkv_1C3HD[0, :, 1].swapaxes(0, 1).astype(row_k.dtype), mode="drop")
+    def attend(k_BHDS, v_BHSD, qkv_1C3HD):
+        row_k = jax.lax.dynamic_index_in_dim(k_BHDS, row, keepdims=False)  # [H, D, S]
+        row_v = jax.lax.dynamic_index_in_dim(v_BHSD, row, keepdims=False)  # [H, S, D]
+        row_k = row_k.at[:, :, slot_C].set(keys_last(qkv_1C3HD[:, :, 1])[0].astype(row_k.dtype), mode="drop")
         row_v = row_v.at[:, slot_C].set(qkv_1C3HD[0, :, 2].swapaxes(0, 1).astype(row_v.dtype), mode="drop")
         y = chunked_attention(config, qkv_1C3HD[:, :, 0], row_k[None], row_v[None], (start + t_C)[None])
-        k_BHSD = jax.lax.dynamic_update_index_in_dim(k_BHSD, row_k, row, axis=0)
+        k_BHDS = jax.lax.dynamic_update_index_in_dim(k_BHDS, row_k, row, axis=0)
         v_BHSD = jax.lax.dynamic_update_index_in_dim(v_BHSD, row_v, row, axis=0)
-        return y, (k_BHSD, v_BHSD)
+        return y, (k_BHDS, v_BHSD)
 
     attends = [functools.partial(attend, k, v) for k, v in zip(cache_k, cache_v)]
     logits_1CV, kv = forward_unrolled(config, weights, tokens_C[None], positions_1C, attends)
@@ -390,9 +393,8 @@ class _Run:
         self.state = {name: np.zeros(B, dtype) for name, dtype in SLOT_FIELDS.items()}
         self.state["key"] = np.zeros((B, *words.shape), np.uint32)
         self.state["reason"][:] = IDLE
-        shape = (B, cfg.n_head, self.S, cfg.head_dim)
-        self.cache_k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer))
-        self.cache_v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer))
+        cache = init_cache(cfg, B, self.S)
+        self.cache_k, self.cache_v = cache.k, cache.v
         self.weights = kept_weights(cfg, engine.params, B)
         self.echo_k = max(engine.logprobs, 1) if engine.echo else 0
         self.kept = self.slot_steps = 0
@@ -448,7 +450,8 @@ class _Run:
             tokens_C, targets_C = np.zeros(C, np.int32), np.zeros(C, np.int32)
             tokens_C[:n], targets_C[:n] = prefix[start:start + n], context[start + 1:start + n + 1]
             self.cache_k, self.cache_v, out = _prefill(
-                self.config, self.echo_k if echo else 0, self.engine.params, self.cache_k, self.cache_v,
+                self.config, self.echo_k if echo else 0, self.engine.params, self.weights, self.cache_k,
+                self.cache_v,
                 tokens_C, targets_C, np.int32(start), np.int32(n), np.int32(b))
             if echo:
                 pieces.append([np.asarray(a)[:n] for a in out])

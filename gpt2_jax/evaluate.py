@@ -28,7 +28,7 @@ import numpy as np
 
 from gpt2_jax import sharding
 from gpt2_jax.config import DTYPES, ConfigError, FlagParser, ModelConfig, plain_warnings, ranged
-from gpt2_jax.model import GPT2, KVCache, output_logits
+from gpt2_jax.model import GPT2, KVCache, empty_cache, output_logits
 from gpt2_jax.sampling import restrict_vocab
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -201,9 +201,8 @@ def choice_scores(config: ModelConfig, params, prefix_BP, prefix_len_B, inputs_R
     model = GPT2(config)
     (B, P), E = prefix_BP.shape, inputs_RE.shape[1]
     slot_S = jnp.arange(P + E)
-    # Built directly, not by init_cache: the padded P + E may pass block_size (positions are clipped below).
-    zeros = tuple(jnp.zeros((B, config.n_head, P + E, config.head_dim), config.dtype) for _ in range(config.n_layer))
-    cache = KVCache(k=zeros, v=zeros, index=jnp.zeros((), jnp.int32))
+    # Not init_cache: the padded P + E may pass block_size (positions are clipped below).
+    cache = empty_cache(config, B, P + E)
     # The prefill's logits are unused, so XLA drops the output layer from it.
     _, cache = model.apply({"params": params}, prefix_BP, attn_mask=slot_S < prefix_len_B[:, None], cache=cache)
     cache = KVCache(k=tuple(jnp.repeat(k, N_ENDINGS, axis=0) for k in cache.k),

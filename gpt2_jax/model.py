@@ -38,17 +38,18 @@ from gpt2_jax.checks import causal_attention_impl, validate_inputs
 class KVCache:
     """Keys and values of every layer for B rows and S slots; `index` is how many slots are filled.
 
-    One array per layer, [B, H, S, D]: a decode step reads each layer's cache as a whole operand (a slice of a
-    stacked [L, ...] array would be copied on every step), and attention over it is a plain batched matmul.
+    One array per layer: a decode step reads each layer's cache as a whole operand (a slice of a stacked [L, ...]
+    array would be copied on every step). Keys are [B, H, D, S], slots last, so that q.k sums over a major axis
+    as p.v does: XLA:CPU then sums each score in one order whatever the number of rows (design.md).
     """
 
-    k: tuple  # per layer [B, H, S, D]
+    k: tuple  # per layer [B, H, D, S]
     v: tuple  # per layer [B, H, S, D]
     index: jax.Array  # int32 scalar
 
     @property
     def slots(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
@@ -58,10 +59,15 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     if max_len > config.block_size:
         raise ValueError(f"cache length {max_len} exceeds block_size {config.block_size}")
-    shape = (batch_size, config.n_head, max_len, config.head_dim)
+    return empty_cache(config, batch_size, max_len, dtype)
+
+
+def empty_cache(config: ModelConfig, batch_size: int, slots: int, dtype=None) -> KVCache:
+    """init_cache without its checks (a cache may be longer than block_size where positions are clipped)."""
     dtype = dtype or config.dtype
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in zeros), index=jnp.zeros((), jnp.int32))
+    B, H, D, L = batch_size, config.n_head, config.head_dim, config.n_layer
+    return KVCache(k=tuple(jnp.zeros((B, H, D, slots), dtype) for _ in range(L)),
+                   v=tuple(jnp.zeros((B, H, slots, D), dtype) for _ in range(L)), index=jnp.zeros((), jnp.int32))
 
 
 # How activations are laid out on a device mesh while a step is traced: set by sharding.with_activation_layout
@@ -146,12 +152,27 @@ def matmul(config: ModelConfig, x, m: Matrix, x_in: int = 1, float32: bool = Fal
 
 
 # ---------------------------------------------------------------- the model's arithmetic
-def layer_norm(config: ModelConfig, x, weight, bias=None):
+def pairwise_sum(x):
+    """x summed over its last axis in an order that the axis alone fixes: halves added elementwise, zeros padding
+    it to a power of 2. XLA:CPU orders a reduction over the minor axis by the shape of the whole array, so a row's
+    jnp.sum can change with the number of rows (a 768-channel layer norm does, between 1 and 8 rows)."""
+    n = x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (n - 1).bit_length()) - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def layer_norm(config: ModelConfig, x, weight, bias=None, batch_invariant: bool = False):
     """torch.nn.LayerNorm over the last axis: biased variance of (x - mean), computed in float32; the result in
-    the compute dtype."""
+    the compute dtype. batch_invariant: each row's sums in a fixed order (pairwise_sum), whatever the batch."""
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+
+    def average(y):
+        return (pairwise_sum(y) / y.shape[-1])[..., None] if batch_invariant else y.mean(-1, keepdims=True)
+    mean = average(x32)
+    var = average(jnp.square(x32 - mean))
     y = (x32 - mean) * jax.lax.rsqrt(var + config.layer_norm_eps) * weight
     if bias is not None:
         y = y + bias
@@ -178,37 +199,30 @@ def _no_dropout(x):
     return x
 
 
-def attention(config: ModelConfig, q_BTHD, parts: Sequence[tuple], dropout: Callable = _no_dropout):
-    """softmax(q k^T / sqrt(D)) v over the key slots of every (k [B, H, S, D], v [B, H, S, D], visible) part
-    together; visible broadcasts to [B, H, T, S]. Float32 scores, probabilities in the compute dtype; a query
-    that sees no slot gets the mean of the values instead of NaN (padding rows)."""
+def attention(config: ModelConfig, q_BTHD, k_BHDS, v_BHSD, visible, dropout: Callable = _no_dropout):
+    """softmax(q k / sqrt(D)) v over the key slots that visible (broadcast to [B, H, T, S]) allows: y [B, T, H, D].
+    Float32 scores, probabilities in the compute dtype; a query that sees no slot gets the mean of the values
+    instead of NaN (padding rows)."""
     scale = 1.0 / math.sqrt(config.head_dim)
-    scores = [jnp.where(visible, scale * jnp.einsum("bthd,bhsd->bhts", q_BTHD, k.astype(config.dtype),
-                                                    preferred_element_type=jnp.float32,
-                                                    precision=config.precision),
-                        jnp.finfo(jnp.float32).min)
-              for k, _, visible in parts]
-    if len(scores) == 1:
-        probs = [jax.nn.softmax(scores[0], axis=-1)]
-    else:  # one softmax over all slots, split back into the parts
-        cuts = np.cumsum([s.shape[-1] for s in scores])[:-1]
-        probs = jnp.split(jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1), cuts, axis=-1)
-    return sum(jnp.einsum("bhts,bhsd->bthd", dropout(p).astype(config.dtype), v.astype(config.dtype),
-                          precision=config.precision)
-               for p, (_, v, _) in zip(probs, parts))
+    scores = scale * jnp.einsum("bthd,bhds->bhts", q_BTHD, k_BHDS.astype(config.dtype),
+                                preferred_element_type=jnp.float32, precision=config.precision)
+    probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhts,bhsd->bthd", dropout(probs).astype(config.dtype), v_BHSD.astype(config.dtype),
+                      precision=config.precision)
 
 
 ATTENTION_CHUNK = 256  # key slots per step of chunked_attention (bench/sample.py: 64 and 128 were slower)
 
 
-def chunked_attention(config: ModelConfig, q_BTHD, k_BHSD, v_BHSD, last_BT):
+def chunked_attention(config: ModelConfig, q_BTHD, k_BHDS, v_BHSD, last_BT):
     """attention() over a cache where query t of row b sees slots 0..last_BT[b, t]: y [B, T, H, D].
 
     The slots are taken ATTENTION_CHUNK at a time (online softmax, float32) and only as many chunks as the furthest
     query needs, so the sums never depend on the cache's length: a chunk that no query sees would add exact zeros.
+    Nor on the batch: the matmuls sum over a major axis and the softmax's sum is pairwise_sum.
     """
     B, T, H, D = q_BTHD.shape
-    S = k_BHSD.shape[2]
+    S = v_BHSD.shape[2]
     n = min(ATTENTION_CHUNK, S)
     scale = 1.0 / math.sqrt(config.head_dim)
     q_BTHD = q_BTHD.astype(config.dtype)
@@ -217,9 +231,9 @@ def chunked_attention(config: ModelConfig, q_BTHD, k_BHSD, v_BHSD, last_BT):
         max_BHT, sum_BHT, acc_BHTD = carry
         start = jnp.minimum(c * n, S - n)  # the last chunk may overlap the one before: those slots are masked
         slot_N = start + jnp.arange(n)
-        k_BHND = jax.lax.dynamic_slice_in_dim(k_BHSD, start, n, axis=2).astype(config.dtype)
+        k_BHDN = jax.lax.dynamic_slice_in_dim(k_BHDS, start, n, axis=3).astype(config.dtype)
         v_BHND = jax.lax.dynamic_slice_in_dim(v_BHSD, start, n, axis=2).astype(config.dtype)
-        scores_BHTN = scale * jnp.einsum("bthd,bhnd->bhtn", q_BTHD, k_BHND, preferred_element_type=jnp.float32,
+        scores_BHTN = scale * jnp.einsum("bthd,bhdn->bhtn", q_BTHD, k_BHDN, preferred_element_type=jnp.float32,
                                          precision=config.precision)
         visible_BTN = (slot_N <= last_BT[..., None]) & (slot_N >= c * n)
         scores_BHTN = jnp.where(visible_BTN[:, None], scores_BHTN, jnp.finfo(jnp.float32).min)
@@ -228,12 +242,17 @@ def chunked_attention(config: ModelConfig, q_BTHD, k_BHSD, v_BHSD, last_BT):
         rescale_BHT = jnp.exp(max_BHT - new_max_BHT)
         y_BHTD = jnp.einsum("bhtn,bhnd->bhtd", probs_BHTN.astype(config.dtype), v_BHND,
                             preferred_element_type=jnp.float32, precision=config.precision)
-        return (new_max_BHT, sum_BHT * rescale_BHT + probs_BHTN.sum(axis=-1),
+        return (new_max_BHT, sum_BHT * rescale_BHT + pairwise_sum(probs_BHTN),
                 acc_BHTD * rescale_BHT[..., None] + y_BHTD)
 
     init = (jnp.full((B, H, T), -jnp.inf), jnp.zeros((B, H, T)), jnp.zeros((B, H, T, D)))
     _, sum_BHT, acc_BHTD = jax.lax.fori_loop(0, jnp.max(last_BT) // n + 1, chunk, init)
     return (acc_BHTD / sum_BHT[..., None]).transpose(0, 2, 1, 3).astype(config.dtype)
+
+
+def keys_last(k_BTHD):
+    """Keys as the cache and attention() take them: [B, H, D, T]."""
+    return k_BTHD.transpose(0, 2, 3, 1)
 
 
 def _heads_first(x_BTHD):
@@ -249,32 +268,32 @@ def causal_attention(config: ModelConfig, qkv_BT3HD, training: bool = False, dro
     if impl == "cpu_kernel":
         return cpu_kernels.causal_attention(qkv_BT3HD)
     # Queries of the first half never see keys of the second half: that quarter of the scores is not computed.
-    k_BHTD, v_BHTD = _heads_first(k_BTHD), _heads_first(v_BTHD)
+    k_BHDT, v_BHTD = keys_last(k_BTHD), _heads_first(v_BTHD)
     T = q_BTHD.shape[1]
     cuts = (0, T // 2, T) if T >= 2 else (0, T)
     chunks = []
     for t0, t1 in zip(cuts[:-1], cuts[1:]):
         visible_TS = jnp.arange(t0, t1)[:, None] >= jnp.arange(t1)[None, :]
-        chunks.append(attention(config, q_BTHD[:, t0:t1], [(k_BHTD[:, :, :t1], v_BHTD[:, :, :t1], visible_TS)],
-                                dropout))
+        chunks.append(attention(config, q_BTHD[:, t0:t1], k_BHDT[..., :t1], v_BHTD[:, :, :t1], visible_TS, dropout))
     return jnp.concatenate(chunks, axis=1)
 
 
-def cached_attention(config: ModelConfig, qkv_BT3HD, k_BHSD, v_BHSD, index, visible_BTS,
+def cached_attention(config: ModelConfig, qkv_BT3HD, k_BHDS, v_BHSD, index, visible_BTS,
                      dropout: Callable = _no_dropout):
     """Write qkv's keys and values into one layer's cache at slot index, then attend over its visible slots:
     (y [B, T, H, D], (k, v) of the cache)."""
-    start = (0, 0, index, 0)
-    k_BHSD = jax.lax.dynamic_update_slice(k_BHSD, _heads_first(qkv_BT3HD[:, :, 1]).astype(k_BHSD.dtype), start)
-    v_BHSD = jax.lax.dynamic_update_slice(v_BHSD, _heads_first(qkv_BT3HD[:, :, 2]).astype(v_BHSD.dtype), start)
-    y_BTHD = attention(config, qkv_BT3HD[:, :, 0], [(k_BHSD, v_BHSD, visible_BTS[:, None])], dropout)
-    return y_BTHD, (k_BHSD, v_BHSD)
+    k_BHDS = jax.lax.dynamic_update_slice(k_BHDS, keys_last(qkv_BT3HD[:, :, 1]).astype(k_BHDS.dtype),
+                                          (0, 0, 0, index))
+    v_BHSD = jax.lax.dynamic_update_slice(v_BHSD, _heads_first(qkv_BT3HD[:, :, 2]).astype(v_BHSD.dtype),
+                                          (0, 0, index, 0))
+    y_BTHD = attention(config, qkv_BT3HD[:, :, 0], k_BHDS, v_BHSD, visible_BTS[:, None], dropout)
+    return y_BTHD, (k_BHDS, v_BHSD)
 
 
 def masked_attention(config: ModelConfig, qkv_BT3HD, visible_BTS, dropout: Callable = _no_dropout):
     """Self-attention over qkv's own T tokens where visible_BTS allows: y [B, T, H, D]."""
-    k_BHTD, v_BHTD = _heads_first(qkv_BT3HD[:, :, 1]), _heads_first(qkv_BT3HD[:, :, 2])
-    return attention(config, qkv_BT3HD[:, :, 0], [(k_BHTD, v_BHTD, visible_BTS[:, None])], dropout)
+    return attention(config, qkv_BT3HD[:, :, 0], keys_last(qkv_BT3HD[:, :, 1]), _heads_first(qkv_BT3HD[:, :, 2]),
+                     visible_BTS[:, None], dropout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -309,22 +328,14 @@ def mlp(config: ModelConfig, weights: dict, x_BTC, dropout: Callable = _no_dropo
     return dropout(dense(config, h, weights["c_proj"], (config.n_embd,), ("embed",)))
 
 
-def by_row(f: Callable, *args_B):
-    """f on each row of args_B alone (as a batch of 1), in a loop. XLA:CPU picks a reduction's loops by the shape
-    of the whole array, so a row's sums in a batched layer norm or softmax can change with the number of rows
-    (measured: a layer norm over 768 channels differs in the last bit between 1 and 8 rows)."""
-    return jax.lax.map(lambda row: jax.tree.map(lambda y: y[0], f(*(a[None] for a in row))), args_B)
-
-
 def block(config: ModelConfig, layer: dict, x_BTC, attend: Callable, dropout: Callable = _no_dropout,
-          row_by_row: bool = False):
+          batch_invariant: bool = False):
     """One pre-LayerNorm transformer block on the residual stream: (x, what attend returned besides y).
 
     attend(qkv [B, T, 3, H, D]) -> (y [B, T, H, D], keys and values to keep or None): causal_attention,
-    cached_attention, or the decode loop's own. row_by_row: each row's layer norms computed alone (by_row), so
-    that they never depend on the batch.
+    cached_attention, or the decode loop's own. batch_invariant: the layer norms' as layer_norm's.
     """
-    norm = _row_norm if row_by_row else layer_norm
+    norm = functools.partial(layer_norm, batch_invariant=batch_invariant)
     H, D, C = config.n_head, config.head_dim, config.n_embd
     x_BTC = _laid_out(x_BTC, "batch", None, None)
     attn = layer["attn"]
@@ -336,10 +347,6 @@ def block(config: ModelConfig, layer: dict, x_BTC, attend: Callable, dropout: Ca
     x_BTC = _laid_out(x_BTC, "batch", None, None)
     x_BTC = x_BTC + mlp(config, layer["mlp"], norm(config, x_BTC, **layer["ln_2"]), dropout)
     return _laid_out(x_BTC, "batch", None, None), kv
-
-
-def _row_norm(config: ModelConfig, x, weight, bias=None):
-    return by_row(lambda x: layer_norm(config, x, weight, bias), x)
 
 
 def tied_logits(x, w_VC, precision):
@@ -425,15 +432,15 @@ def arrange_weights(config: ModelConfig, params, layout: str = OUT_IN) -> Weight
 
 
 def forward_unrolled(config: ModelConfig, weights: Weights, tokens_BT, positions_BT, attends: Sequence[Callable],
-                     row_by_row: bool = False):
+                     batch_invariant: bool = False):
     """The model with a Python loop over the layers (no dropout): (float32 logits [B, T, vocab_size], what each
-    layer's attend returned besides y). attends: one per layer (see block); row_by_row: as block's."""
+    layer's attend returned besides y). attends: one per layer (see block); batch_invariant: as block's."""
     x_BTC = embed(config, weights.wte, weights.wpe, tokens_BT, positions_BT)
     kept = []
     for layer, attend in zip(weights.layers, attends, strict=True):
-        x_BTC, kv = block(config, layer, x_BTC, attend, row_by_row=row_by_row)
+        x_BTC, kv = block(config, layer, x_BTC, attend, batch_invariant=batch_invariant)
         kept.append(kv)
-    x_BTC = (_row_norm if row_by_row else layer_norm)(config, x_BTC, **weights.ln_f)
+    x_BTC = layer_norm(config, x_BTC, **weights.ln_f, batch_invariant=batch_invariant)
     return head_logits(config, x_BTC, weights.head), tuple(kept)
 
 

@@ -218,11 +218,13 @@ def check_batch_size(mesh: Mesh, batch_size: int) -> None:
 
 
 def cache_shardings(model_cfg: ModelConfig, mesh: Mesh, batch_size: int, max_len: int) -> KVCache:
-    """Shardings of a KVCache (per layer [B, H, S, D]): rows like the batch, heads like the attention weights."""
-    shape = (batch_size, model_cfg.n_head, max_len, model_cfg.head_dim)
-    spec, _ = logical_to_mesh_spec(P("batch", "heads", None, "head_dim"), shape, mesh)
-    kv = (NamedSharding(mesh, spec),) * model_cfg.n_layer
-    return KVCache(k=kv, v=kv, index=replicated(mesh))
+    """Shardings of a KVCache (per layer k [B, H, D, S], v [B, H, S, D]): rows like the batch, heads like the
+    attention weights."""
+    B, H, D, L = batch_size, model_cfg.n_head, model_cfg.head_dim, model_cfg.n_layer
+    k_spec, _ = logical_to_mesh_spec(P("batch", "heads", "head_dim", None), (B, H, D, max_len), mesh)
+    v_spec, _ = logical_to_mesh_spec(P("batch", "heads", None, "head_dim"), (B, H, max_len, D), mesh)
+    return KVCache(k=(NamedSharding(mesh, k_spec),) * L, v=(NamedSharding(mesh, v_spec),) * L,
+                   index=replicated(mesh))
 
 
 _COLLECTIVE = re.compile(r"=\s+(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"

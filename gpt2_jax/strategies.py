@@ -80,9 +80,17 @@ def draw(keys_B, logits_BK):
     return jnp.minimum(index_B, last_B).astype(jnp.int32)
 
 
+def by_row(f, *args_B):
+    """f on each row of args_B alone (as a batch of 1), in a loop: a row's result can then never depend on the
+    others. XLA:CPU orders a reduction over the minor axis by the whole array's shape (a cumsum over V does
+    change with the number of rows); the loop costs little beside the decode step's matmuls."""
+    return jax.lax.map(lambda row: jax.tree.map(lambda y: y[0], f(*(a[None] for a in row))), args_B)
+
+
 def sample_rows(logits_BV, keys_B, inverse_temperature_B, top_k_B, top_p_B):
     """One token per row from float logits [B, V], each row with its own key and settings (Sampler.row(); an
-    inverse temperature of 0 is greedy): int32 [B]. A row's token depends on its own logits, key and settings only.
+    inverse temperature of 0 is greedy): int32 [B]. A row's token depends on its own logits, key and settings only:
+    the argmax is exact, and the sampled rows are drawn one at a time (by_row).
 
     Order of the filters (as in transformers): temperature, top-k, top-p, then a draw from the renormalised rest.
     Top-k keeps every entry tied with the k-th largest (as transformers does: bfloat16 logits tie often), and a
@@ -93,20 +101,26 @@ def sample_rows(logits_BV, keys_B, inverse_temperature_B, top_k_B, top_p_B):
     greedy_B = inverse_temperature_B == 0
 
     def sampled(_):
-        # Shifted by the row's max first, so that a tiny temperature sends the rest towards -inf, not the max to inf.
-        x_BV = logits_BV.astype(jnp.float32)
-        x_BV = (x_BV - x_BV.max(axis=-1, keepdims=True)) * inverse_temperature_B[:, None]
-        V = x_BV.shape[-1]
-        few_B = ~greedy_B & (top_k_B > 0) & (top_k_B <= min(TOP_K_STATIC, V))
-        many_B = ~greedy_B & ~few_B
-        zeros_B = jnp.zeros_like(argmax_B)
-        few = jax.lax.cond(jnp.any(few_B), lambda: _sample_top_k(x_BV, keys_B, top_k_B, top_p_B, few_B),
-                           lambda: zeros_B)
-        many = jax.lax.cond(jnp.any(many_B), lambda: _sample_all(x_BV, keys_B, top_k_B, top_p_B, many_B),
-                            lambda: zeros_B)
-        return jnp.where(few_B, few, many)
+        return by_row(_sample_filtered, logits_BV, keys_B, inverse_temperature_B, top_k_B, top_p_B)
 
     return jnp.where(greedy_B, argmax_B, jax.lax.cond(jnp.any(~greedy_B), sampled, lambda _: argmax_B, None))
+
+
+def _sample_filtered(logits_BV, keys_B, inverse_temperature_B, top_k_B, top_p_B):
+    """sample_rows after the greedy rows are set aside (a greedy row gets 0 here)."""
+    greedy_B = inverse_temperature_B == 0
+    # Shifted by the row's max first, so that a tiny temperature sends the rest towards -inf, not the max to inf.
+    x_BV = logits_BV.astype(jnp.float32)
+    x_BV = (x_BV - x_BV.max(axis=-1, keepdims=True)) * inverse_temperature_B[:, None]
+    V = x_BV.shape[-1]
+    few_B = ~greedy_B & (top_k_B > 0) & (top_k_B <= min(TOP_K_STATIC, V))
+    many_B = ~greedy_B & ~few_B
+    zeros_B = jnp.zeros(greedy_B.shape, jnp.int32)
+    few = jax.lax.cond(jnp.any(few_B), lambda: _sample_top_k(x_BV, keys_B, top_k_B, top_p_B, few_B),
+                       lambda: zeros_B)
+    many = jax.lax.cond(jnp.any(many_B), lambda: _sample_all(x_BV, keys_B, top_k_B, top_p_B, many_B),
+                        lambda: zeros_B)
+    return jnp.where(few_B, few, many)
 
 
 def _sample_top_k(x_BV, keys_B, top_k_B, top_p_B, active_B):

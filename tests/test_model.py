@@ -187,8 +187,9 @@ def test_bad_tokens_raise_before_compute(tokens, message):
     (dict(attn_mask=np.ones((3, 4), bool)), r"attn_mask must have shape \[batch, time\] = \(2, 4\); got \(3, 4\)"),
     (dict(attn_mask=np.ones((2, 4), bool), cache=(2, 8, 0)),
      r"attn_mask must have shape \[batch, cache length\] = \(2, 8\); got \(2, 4\)"),
-    (dict(cache=(3, 8, 0)), r"cache keys and values must be tuples of n_layer=2 arrays \[batch, heads, slots, "
-                            r"head_dim\] = \(2, 2, 8, 16\) for tokens of shape \(2, 4\)"),
+    (dict(cache=(3, 8, 0)), r"cache keys and values must be tuples of n_layer=2 arrays: keys \[batch, heads, "
+                            r"head_dim, slots\] = \(2, 2, 16, 8\) and values \[batch, heads, slots, head_dim\] = "
+                            r"\(2, 2, 8, 16\) for tokens of shape \(2, 4\)"),
     (dict(cache=(2, 8, 6)), "cache overflow: 4 tokens at cache.index 6 do not fit in 8 slots"),  # XLA clamped it
 ])
 def test_bad_positions_masks_and_caches_raise_before_compute(kwargs, message):
@@ -318,3 +319,30 @@ def test_cudnn_attention_is_chosen_only_where_it_can_run(monkeypatch):
     wide = ModelConfig.from_preset("tiny", dtype="bfloat16", n_head=1, n_embd=256, attention="cudnn")
     with pytest.raises(ConfigError, match="head size that is a multiple of 8 up to 128"):
         causal_attention_impl(wide, training=False)
+
+
+def test_pairwise_sum_is_the_sum_and_batch_invariant_parts_sum_each_row_alone():
+    """pairwise_sum adds halves elementwise (a hand computation for 3 numbers: (a + c) + b), and a batch-invariant
+    layer norm and chunked_attention give each row what it gets alone, bitwise, at any number of rows."""
+    from gpt2_jax.model import chunked_attention, layer_norm, pairwise_sum
+    x = np.float32([1e8, 1.0, -1e8])
+    assert float(pairwise_sum(jnp.asarray(x))) == float((x[0] + x[2]) + x[1]) == 1.0
+    cfg = ModelConfig.from_preset("gpt2")
+    rng = np.random.default_rng(0)
+    x_B1C = jnp.asarray(rng.normal(size=(16, 1, cfg.n_embd)), jnp.float32)
+    w, b = (jnp.asarray(rng.normal(size=cfg.n_embd), jnp.float32) for _ in range(2))
+    H, D, S = cfg.n_head, cfg.head_dim, 512
+    q = jnp.asarray(rng.normal(size=(16, 1, H, D)), jnp.float32)
+    k, v = jnp.asarray(rng.normal(size=(16, H, D, S)), jnp.float32), jnp.asarray(rng.normal(size=(16, H, S, D)),
+                                                                                  jnp.float32)
+    last = jnp.asarray(rng.integers(1, S, (16, 1)), jnp.int32)
+    norm = jax.jit(lambda x: layer_norm(cfg, x, w, b, batch_invariant=True))
+    attend = jax.jit(lambda *a: chunked_attention(cfg, *a))
+    x64 = np.asarray(x_B1C, np.float64)
+    want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + cfg.layer_norm_eps)
+    np.testing.assert_allclose(norm(x_B1C), want * np.asarray(w) + np.asarray(b), rtol=1e-5, atol=1e-5)
+    alone = [(norm(x_B1C[r:r + 1]), attend(q[r:r + 1], k[r:r + 1], v[r:r + 1], last[r:r + 1])) for r in range(16)]
+    for B in (3, 8, 16):
+        rows = norm(x_B1C[:B]), attend(q[:B], k[:B], v[:B], last[:B])
+        for r in range(B):
+            assert all(np.array_equal(got[r:r + 1], ref) for got, ref in zip(rows, alone[r])), (B, r)
