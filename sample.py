@@ -33,8 +33,8 @@ from tqdm import tqdm
 from gpt2_jax import sharding
 from gpt2_jax.batch_sampling import (MAX_LOGPROBS, Prompt, TextStream, done_samples, engine_requests, kept_samples,
                                      load_prompts, nonfinite_errors, out_problem, record, requests, sample_key,
-                                     sampling_failure, stop_check, weights_digest, write_lines)
-from gpt2_jax.config import DTYPES, ConfigError, FlagParser, plain_warnings, ranged, seed_error
+                                     sampling_failure, setting_flag, stop_check, weights_digest, write_lines)
+from gpt2_jax.config import DTYPES, ConfigError, FlagParser, plain_warnings, ranged
 from gpt2_jax.sampling import Engine, generate_batch
 
 DEFAULT_NEW_TOKENS = 200
@@ -48,14 +48,13 @@ def parse_args(argv: list[str]):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt; its completion is printed as it is decoded")
     source.add_argument("--prompts_file", type=Path, help="text (one prompt a line) or JSONL with a 'prompt' field")
-    p.add_argument("--num_samples", type=AT_LEAST_1, default=1)
-    p.add_argument("--max_new_tokens", type=AT_LEAST_1, default=None,
+    p.add_argument("--num_samples", type=setting_flag("n"), default=1)
+    p.add_argument("--max_new_tokens", type=setting_flag("max_new_tokens"), default=None,
                    help=f"default {DEFAULT_NEW_TOKENS}, or block_size // 2 for a model with a shorter context")
-    p.add_argument("--temperature", type=ranged(float, lambda v: 0 <= v < float("inf"),
-                                                "a finite number >= 0 (0 = greedy)"), default=0.8)
-    p.add_argument("--top_k", type=ranged(int, lambda v: v >= 0, "an integer >= 0 (0 = off)"), default=200)
-    p.add_argument("--top_p", type=ranged(float, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"), default=1.0)
-    p.add_argument("--seed", type=ranged(int, lambda v: not seed_error(v), "an integer in [0, 2**32)"), default=1337)
+    p.add_argument("--temperature", type=setting_flag("temperature"), default=0.8)
+    p.add_argument("--top_k", type=setting_flag("top_k"), default=200)
+    p.add_argument("--top_p", type=setting_flag("top_p"), default=1.0)
+    p.add_argument("--seed", type=setting_flag("seed"), default=1337)
     p.add_argument("--batch_size", type=AT_LEAST_1, default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter and compute dtype")
     p.add_argument("--n_head", type=AT_LEAST_1, default=None,

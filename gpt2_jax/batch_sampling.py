@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from gpt2_jax import sharding
-from gpt2_jax.config import ModelConfig, is_integer, seed_error
+from gpt2_jax.config import ModelConfig, is_integer, ranged, seed_error
 from gpt2_jax.sampling import Request, Sampler, context_length, row_key
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -49,16 +49,30 @@ def _stop_error(value) -> str | None:
     return None
 
 
-# Each JSONL setting: (why a value is wrong, or None). Messages say what was expected, as the flags' do.
-_SETTING_CHECKS = {
-    "max_new_tokens": lambda v: None if is_integer(v, 1) else "an integer >= 1",
-    "temperature": lambda v: None if _is_real(v) and 0 <= v < math.inf else "a finite number >= 0 (0 = greedy)",
-    "top_k": lambda v: None if is_integer(v, 0) else "an integer >= 0 (0 = off)",
-    "top_p": lambda v: None if _is_real(v) and 0 < v <= 1 else "a number in (0, 1] (1 = off)",
-    "stop": _stop_error,
-    "seed": lambda v: None if not seed_error(v) else "an integer in [0, 2**32)",
-    "n": lambda v: None if is_integer(v, 1) else "an integer >= 1",
+# Each numeric setting: (the type a flag's text is read as, whether a value is allowed, what is expected). sample.py's
+# flags (setting_flag) and the JSONL fields (line_settings) are checked by this one table.
+SETTING_RULES = {
+    "max_new_tokens": (int, lambda v: is_integer(v, 1), "an integer >= 1"),
+    "temperature": (float, lambda v: _is_real(v) and 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+    "top_k": (int, lambda v: is_integer(v, 0), "an integer >= 0 (0 = off)"),
+    "top_p": (float, lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "seed": (int, lambda v: not seed_error(v), "an integer in [0, 2**32)"),
+    "n": (int, lambda v: is_integer(v, 1), "an integer >= 1"),
 }
+SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "n")  # what a JSONL line may set
+
+
+def setting_flag(name: str):
+    """The argparse type of the flag that sets `name` (SETTING_RULES)."""
+    return ranged(*SETTING_RULES[name])
+
+
+def _setting_error(name: str, value) -> str | None:
+    """What a JSONL line's `name` was expected to be, or None when value is allowed."""
+    if name == "stop":
+        return _stop_error(value)
+    _, ok, expected = SETTING_RULES[name]
+    return None if ok(value) else expected
 
 
 def _is_real(value) -> bool:
@@ -68,8 +82,8 @@ def _is_real(value) -> bool:
 def line_settings(record: dict) -> tuple[dict, str | None]:
     """(the settings a JSONL line gives, in Settings' types; why one of them is wrong, or None)."""
     given = {}
-    for name in sorted(record.keys() & _SETTING_CHECKS.keys()):
-        value, expected = record[name], _SETTING_CHECKS[name](record[name])
+    for name in sorted(record.keys() & set(SETTINGS)):
+        value, expected = record[name], _setting_error(name, record[name])
         if expected:
             return {}, f"'{name}' must be {expected}; got {json.dumps(value, ensure_ascii=False)}"
         if name == "stop":
@@ -130,7 +144,7 @@ def read_prompts(path: Path) -> tuple[list[tuple[int, str | int, str, dict]], li
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             errors.append((line_no, "expected a JSON object with a string 'prompt' field"))
             continue
-        for field in record.keys() - {"prompt", "id"} - _SETTING_CHECKS.keys():
+        for field in record.keys() - {"prompt", "id"} - set(SETTINGS):
             ignored.setdefault(field, []).append(line_no)
         pid = record.get("id", line_no)
         given, problem = line_settings(record)
@@ -156,7 +170,7 @@ def ignored_fields_warning(path: Path, ignored: dict[str, list[int]]) -> str | N
                        + (f" and {len(lines) - 1} more)" if len(lines) > 1 else ")")
                        for name, lines in sorted(ignored.items()))
     return (f"warning: {path}: ignored: {fields}. A line's fields are 'prompt', 'id' and its own settings: "
-            f"{', '.join(_SETTING_CHECKS)}")
+            f"{', '.join(SETTINGS)}")
 
 
 def utf8_error(text: str) -> str | None:
