@@ -8,6 +8,7 @@ import jax
 import pytest
 
 import sample
+from conftest import host_devices
 from gpt2_jax import checkpoint
 from gpt2_jax.batch_sampling import TextStream, sample_key
 from gpt2_jax.config import ModelConfig
@@ -259,7 +260,7 @@ def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path):
     cfg, params, ckpt = model
     flags = ["--init_from", ckpt, "--prompt", "ROMEO:", "--temperature", "0", "--max_new_tokens", "12"]
     assert sample.main(flags + ["--out", str(tmp_path / "one.jsonl")]) == 0
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = host_devices(os.environ, 8)
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "sample.py"), *flags, "--mesh", "fsdp:8",
                            "--out", str(tmp_path / "eight.jsonl")], env=env, cwd=root, capture_output=True, text=True)
