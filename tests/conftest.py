@@ -2,6 +2,7 @@
 start with the output going to a log file, wait, finish), the tiny train.py run of the test_train_*.py files, and
 the run's persistent XLA compilation cache."""
 
+import functools
 import json
 import os
 import shutil
@@ -91,17 +92,31 @@ def main_error(capsys, *argv) -> str:
     return capsys.readouterr().err
 
 
+@functools.cache
+def _jitted_forward():
+    import jax
+
+    from gpt2_jax.model import GPT2
+
+    return jax.jit(lambda cfg, params, tokens: GPT2(cfg).apply({"params": params}, tokens, deterministic=True),
+                   static_argnums=0)
+
+
+def forward(model_cfg, params, tokens):
+    """GPT2(model_cfg)'s logits of tokens [B, T], jitted (run op by op, each call re-traces and compiles its
+    layer scan: about a second a call)."""
+    return _jitted_forward()(model_cfg, params, tokens)
+
+
 def hand_loss(model_cfg, params, split, seed: int, batches: int, B: int) -> float:
     """The mean cross entropy of the first `batches` batches of a split, computed here from the logits."""
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax.model import GPT2
-
     losses = []
     for i in range(batches):
         x, y = split.batch(seed, i, B, model_cfg.block_size)
-        logits = GPT2(model_cfg).apply({"params": params}, jnp.asarray(x[0]), deterministic=True)
+        logits = forward(model_cfg, params, jnp.asarray(x[0]))
         logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
         losses.append(-np.mean(np.take_along_axis(logp, y[0][..., None], axis=-1)))
     return float(np.mean(losses))
@@ -117,15 +132,27 @@ def run_train(*flags, out: Path, env) -> tuple[int, str]:
 
 
 XLA_CACHE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+# XLA's cheapest backend optimisation: the suite's models are tiny, so compiling is most of its time and this
+# roughly halves it (test_training.py: 206 s -> 122 s on the 2-core EPYC); it changes no result beyond rounding,
+# and every comparison a test makes is between programs built with the same flags or within a tolerance.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def host_devices(env, n: int) -> dict:
+    """env, with XLA splitting the host CPU into n devices (keeping env's other XLA flags)."""
+    return dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip())
 
 
 def pytest_configure(config):
-    """One persistent XLA compilation cache for the run, in a new temporary directory, shared by the xdist workers
+    """XLA's fast compile (FAST_COMPILE) unless the caller's XLA_FLAGS choose a level, and one persistent XLA
+    compilation cache for the run, in a new temporary directory, shared by the xdist workers
     (which inherit the environment) and their subprocesses: a step that many tests and train.py runs compile
     (the same HLO, jaxlib and XLA flags: the cache's key) compiles once. New for each run, so it never serves an
     executable built by another jaxlib or for another CPU. A cache directory set by the caller is kept."""
     if hasattr(config.option, "loadscopereorder"):  # else xdist (>= 3.6) reorders the files by their test count
         config.option.loadscopereorder = False
+    if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # read when the backend starts
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
     config.xla_cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
@@ -138,13 +165,14 @@ def pytest_configure(config):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-# The files that take longest, longest first (pytest --durations, -n 2 --dist loadfile, on a 2-core EPYC). xdist
-# hands out whole files in collection order (pytest_configure turns off its reordering by test count), so these start first
-# and the two workers finish together, not one waiting on a long file handed out last; the others follow by name.
-LONGEST_FIRST = ("test_multidevice.py", "test_training.py", "test_train_finetune.py", "test_train_script.py",
-                 "test_sample_script.py", "test_train_failures.py", "test_lm_eval.py", "test_cpu_kernels.py",
-                 "test_sampling.py", "test_engine.py", "test_model.py", "test_evaluate.py", "test_compare.py",
-                 "test_convert.py")
+# The files that take longest, longest first (each file alone, `pytest -n 0 --durations`, on the 2-core EPYC: 370,
+# 259, 248, 133, 122, 113, 92, 90, 76, 72, 67, 64, 50, 42 and 37 s). xdist hands out whole files in collection order
+# (pytest_configure turns off its reordering by test count), so these start first and the two workers finish
+# together, not one waiting on a long file handed out last; the others (under 10 s each) follow by name.
+LONGEST_FIRST = ("test_multidevice.py", "test_sampling.py", "test_sample_script.py", "test_train_finetune.py",
+                 "test_training.py", "test_engine.py", "test_cpu_kernels.py", "test_train_script.py", "test_model.py",
+                 "test_convert.py", "test_evaluate.py", "test_compare.py", "test_train_failures.py", "test_lm_eval.py",
+                 "test_checkpoint.py")
 
 
 def pytest_collection_modifyitems(config, items):

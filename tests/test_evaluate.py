@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import host_devices
 from gpt2_jax import convert, evaluate
 from gpt2_jax.tokenizer import get_tokenizer
 
@@ -151,7 +152,7 @@ def test_mesh_gives_the_same_losses(tmp_path, hf_dir):
     _, path = hf_dir
     data = tmp_path / "val.jsonl"
     data.write_text("\n".join(synthetic_lines(6)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = host_devices(dict(os.environ, JAX_PLATFORMS="cpu"), 4)
     done = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(path), str(data)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -125,14 +125,19 @@ metric_list:
 """
 
 
-def test_command_runs_a_local_task_as_hflm_scores_it(models, tmp_path, capsys):
+def test_command_runs_a_local_task_as_hflm_scores_it(models, tmp_path, capsys, monkeypatch):
     import json
 
     import lm_eval
+    import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
     from gpt2_jax import lm_eval as ours_module
 
+    # Indexing the harness's thousands of built-in task files takes each side's TaskManager tens of seconds, and
+    # this task is in --include_path alone: both sides index only that directory.
+    local_only = lambda include_path: TaskManager(include_path=include_path, include_defaults=False)  # noqa: E731
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", local_only)
     ours, hf = models
     rows = [{"ctx": f"Item {i}: the {w} is", "endings": [" red", " on the table", " gone.", " 東京"], "label": i % 4}
             for i, w in enumerate(["cup", "cat", "book", "Zoë's pen", "sky", "café"])]
@@ -145,7 +150,7 @@ def test_command_runs_a_local_task_as_hflm_scores_it(models, tmp_path, capsys):
                              f"--output={tmp_path / 'results.json'}", "--batch_size=3"]) == 0
     got = json.loads((tmp_path / "results.json").read_text())["results"]["tiny_local"]
     expected = lm_eval.simple_evaluate(model=hf, tasks=["tiny_local"],
-                                       task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+                                       task_manager=local_only(str(tmp_path / "tasks")))
     expected = expected["results"]["tiny_local"]
     assert (got["acc,none"], got["acc_norm,none"]) == (expected["acc,none"], expected["acc_norm,none"])
     assert "tiny_local" in capsys.readouterr().out  # the harness's table

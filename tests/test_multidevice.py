@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (REPO, finish, finish_all, free_port, main_error, records, run_train, start, start_train, stop_all,
-                      tiny_param_count, wait_until, without_xla_cache)
+from conftest import (REPO, finish, finish_all, free_port, host_devices, main_error, records, run_train, start,
+                      start_train, stop_all, tiny_param_count, wait_until, without_xla_cache)
 from gpt2_jax import checkpoint
 
 WORKER = REPO / "tests" / "sharding_worker.py"
@@ -177,11 +177,6 @@ FLAGS = ["--config=tiny", f"--vocab_size={VOCAB}", "--block_size=32", "--dropout
          "--eval_iters=2", "--warmup_iters=5", "--lr_decay_iters=20", "--num_samples=0"]
 
 
-def devices_env(env, n: int) -> dict:
-    """The environment of a train.py that sees n CPU devices (and compiles with XLA's cheapest optimisation)."""
-    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={n} --xla_backend_optimization_level=0")
-
-
 def train_losses(out) -> dict:
     return {r["step"]: r["loss"] for r in records(out) if "loss" in r} if (out / "metrics.jsonl").exists() else {}
 
@@ -210,7 +205,7 @@ def tensor_parallel(tmp_path_factory, data_dir, env):
     """Steps 1-10 of the reference run on --mesh=data:4,tensor:2 (one process, 8 devices), checkpointed at 10."""
     out = tmp_path_factory.mktemp("runs") / "data4_tensor2"
     rc, log = run_train(*FLAGS, f"--data={data_dir}", "--mesh=data:4,tensor:2", "--max_iters=10", out=out,
-                        env=devices_env(env, 8))
+                        env=host_devices(env, 8))
     assert rc == 0, log
     return out, log
 
@@ -229,7 +224,7 @@ def test_a_mesh_with_a_replicated_vocab_trains_like_one_device(one_device, tenso
 def test_a_checkpoint_resumes_on_another_mesh(tmp_path, one_device, tensor_parallel, env):
     out = tmp_path / "resumed"
     shutil.copytree(tensor_parallel[0], out)
-    rc, log = run_train("--init_from=resume", "--mesh=fsdp:4", "--max_iters=20", out=out, env=devices_env(env, 4))
+    rc, log = run_train("--init_from=resume", "--mesh=fsdp:4", "--max_iters=20", out=out, env=host_devices(env, 4))
     assert rc == 0, log
     assert f"resumed {out} at step 10" in log and "mesh data:1,fsdp:4,tensor:1 over 4 device(s)" in log
     assert_close(train_losses(out), train_losses(one_device), range(1, 21))
@@ -270,7 +265,7 @@ def test_a_process_that_never_joins_is_named_after_join_timeout(tmp_path, data_d
 def start_two_processes(out, env, *flags) -> list:
     """train.py with these flags over 2 processes of 4 CPU devices."""
     address = f"127.0.0.1:{free_port()}"
-    env = without_xla_cache(devices_env(env, 4))  # each process compiles for itself
+    env = without_xla_cache(host_devices(env, 4))  # each process compiles for itself
     return [start_train(f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}", *flags,
                         out=out, env=env, log_name=f"{out.name}_process{i}") for i in range(2)]
 

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 import sample
+from conftest import host_devices
 from gpt2_jax import checkpoint
 from gpt2_jax.batch_sampling import TextStream, sample_key
 from gpt2_jax.config import ModelConfig
@@ -249,7 +250,7 @@ def test_missing_weights_and_empty_prompt_are_clear(model, tmp_path, capsys):
         assert capsys.readouterr().err == f"error: --prompts_file {path}: {why}\n"
 
 
-def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path):
+def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path, capsys):
     """--mesh=fsdp:8 on 8 simulated CPU devices (a subprocess: the flag must precede jax) equals one device."""
     import os
     import subprocess
@@ -259,7 +260,7 @@ def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path):
     cfg, params, ckpt = model
     flags = ["--init_from", ckpt, "--prompt", "ROMEO:", "--temperature", "0", "--max_new_tokens", "12"]
     assert sample.main(flags + ["--out", str(tmp_path / "one.jsonl")]) == 0
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = host_devices(os.environ, 8)
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "sample.py"), *flags, "--mesh", "fsdp:8",
                            "--out", str(tmp_path / "eight.jsonl")], env=env, cwd=root, capture_output=True, text=True)
@@ -267,9 +268,9 @@ def test_mesh_sharded_weights_sample_the_same_tokens(model, tmp_path):
     one, eight = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "eight.jsonl")
     assert one[0]["completion_tokens"] == 12 and one == eight
     assert "ROMEO:" + one[0]["completion"] in proc.stdout
-    bad = subprocess.run([sys.executable, str(root / "sample.py"), *flags, "--mesh", "data:3"], env=env, cwd=root,
-                         capture_output=True, text=True)
-    assert bad.returncode == 1 and "needs 3 devices but there are 8" in bad.stderr
+    capsys.readouterr()
+    assert sample.main(flags + ["--mesh", "data:3"]) == 1  # here, on this process's one device
+    assert "needs 3 devices but there are 1" in capsys.readouterr().err
 
 
 def test_bf16_top_k_top_p_samples_do_not_depend_on_the_batch_size(model, tmp_path):

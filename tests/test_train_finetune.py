@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import train
-from conftest import MODEL_FLAGS, VOCAB, hand_loss, main_error, records, resolve, run_train
+from conftest import MODEL_FLAGS, VOCAB, forward, hand_loss, host_devices, main_error, records, resolve, run_train
 from gpt2_jax import checkpoint, cpu_kernels, data
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
 from gpt2_jax.flops import peak_flops
@@ -169,7 +169,7 @@ def hand_hellaswag(model_cfg: ModelConfig, params, path: Path, n: int) -> tuple[
         for ending in r["endings"]:
             cont = tok.encode(" " + ending)
             row = np.array([context + cont])
-            logits = GPT2(model_cfg).apply({"params": params}, jnp.asarray(row[:, :-1]))[0, :, :tok.n_vocab]
+            logits = forward(model_cfg, params, jnp.asarray(row[:, :-1]))[0, :, :tok.n_vocab]
             logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
             total = -sum(logp[len(context) - 1 + k, t] for k, t in enumerate(cont))
             losses.append((total, total / len(cont)))
@@ -239,7 +239,7 @@ def test_the_curve_draws_the_hellaswag_scores_of_the_eval_steps(tmp_path, monkey
 def test_hellaswag_is_scored_on_a_mesh_of_the_runs_devices(tmp_path, data_dir, env):
     # Four CPU devices, params split over fsdp: the scores are those of the saved weights, computed here whole.
     path = hellaswag_file(tmp_path / "hellaswag.jsonl", 4)
-    mesh_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+    mesh_env = host_devices(env, 4)
     flags = ["--config=tiny", "--vocab_size=50257", f"--data={data_dir}", "--max_iters=2", "--eval_interval=2",
              "--eval_iters=1", "--batch_size=4", "--num_samples=0", "--mesh=data:2,fsdp:2", f"--hellaswag={path}"]
     rc, log = run_train(*flags, "--hellaswag_batch_size=6", out=tmp_path / "odd", env=mesh_env)

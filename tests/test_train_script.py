@@ -49,8 +49,9 @@ def test_resume_after_kill_9_is_bitwise_identical_to_a_straight_run(tmp_path, da
     common = [*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--tensorboard=true", "--wandb_log=true"]
     env = dict(env, WANDB_MODE="offline", WANDB_SILENT="true")
     killed = tmp_path / "killed"
-    # Many eval batches make the step-20 eval long, so the kill lands between the two checkpoints.
-    proc = start_train(*common, "--eval_iters=3000", out=killed, env=env)
+    # Many eval batches (2 x 400, seconds) make the step-20 eval long, so the kill lands between the two checkpoints;
+    # the step-10 eval is as long (3000 made it 20 s), so no more than that.
+    proc = start_train(*common, "--eval_iters=400", out=killed, env=env)
     wait_until(lambda: 10 in checkpoint._steps(killed), proc, "the step-10 checkpoint")
     wait_until(lambda: 15 in [r["step"] for r in records(killed)], proc, "the step-15 log line")
     os.kill(proc.pid, signal.SIGKILL)
@@ -144,7 +145,7 @@ def test_checkpoint_meta_holds_the_configs_rng_commit_and_val_loss(straight):
     assert meta["val_loss"] == records(out)[-1]["val_loss"]
 
 
-def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_path, data_dir, env):
+def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_path, data_dir, env, capsys):
     out = tmp_path / "run"
     # max_iters is not part of the compiled step, so this run reuses the straight run's cached executable.
     proc = start_train(*MODEL_FLAGS, *RUN_FLAGS, f"--data={data_dir}", "--max_iters=100000", "--num_samples=1",
@@ -160,18 +161,19 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
     assert "-" * 60 not in log  # stopped means stopped: no samples after the save
     before = checkpoint.load_weights(out)[1]
 
-    # An absurd learning rate: the first resumed step's update overflows, so the next step's loss is NaN.
-    rc, log = run_train("--init_from=resume", "--lr_schedule=constant", "--warmup_iters=0", "--learning_rate=1e30",
-                        out=out, env=env)
-    assert rc == 1, log
+    # An absurd learning rate: the first resumed step's update overflows, so the next step's loss is NaN. (These
+    # runs need no process of their own: in this one they skip importing jax, torch and the rest again.)
+    overflow = ["--init_from=resume", "--lr_schedule=constant", "--warmup_iters=0", "--learning_rate=1e30",
+                f"--out_dir={out}"]
+    assert train.main(overflow) == 1
+    log = capsys.readouterr().err
     assert f"the loss is nan at step {saved[0] + 2}" in log
     assert checkpoint._steps(out) == saved
     assert_bitwise_equal(checkpoint.load_weights(out)[1], before)
     # The same overflow on a step that evaluates and saves (the last one): its train loss was computed before the
     # update, so the val loss is the first to show it, and the diverged parameters are not saved.
-    rc, log = run_train("--init_from=resume", "--lr_schedule=constant", "--warmup_iters=0", "--learning_rate=1e30",
-                        f"--max_iters={saved[0] + 1}", out=out, env=env)
-    assert rc == 1, log
+    assert train.main([*overflow, f"--max_iters={saved[0] + 1}"]) == 1
+    log = capsys.readouterr().err
     assert re.search(rf"the val loss is (nan|inf) after step {saved[0] + 1}; stopping without saving", log), log
     assert checkpoint._steps(out) == saved
     assert_bitwise_equal(checkpoint.load_weights(out)[1], before)
