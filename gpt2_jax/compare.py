@@ -382,7 +382,7 @@ def _norm(arrays) -> float:
 def _rel_diff(ours: np.ndarray, torch_: np.ndarray) -> float:
     """||ours - torch|| / ||torch||, in float64."""
     diff = ours.astype(np.float64) - torch_
-    return _norm([diff]) / max(_norm([torch_]), np.finfo(np.float32).tiny)
+    return float(_norm([diff]) / max(_norm([torch_]), float(np.finfo(np.float32).tiny)))
 
 
 def _lr_factor(train_cfg: TrainConfig, it: int) -> float:

@@ -138,6 +138,21 @@ XLA_CACHE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
+def ran_at_full_optimisation(request) -> bool:
+    """For a test of bitwise results: where this process compiles with FAST_COMPILE, run the test again in a pytest
+    subprocess at XLA's default level (what users' programs get: level 0 emits other loops) and return True once
+    it passed there; False where this process compiles at another level (the caller then runs the test itself)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FAST_COMPILE not in flags:
+        return False
+    env = dict(os.environ, XLA_FLAGS=flags.replace(FAST_COMPILE, "--xla_backend_optimization_level=3"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+                           request.node.nodeid], cwd=request.config.rootpath, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, f"at XLA's default optimisation level:\n{done.stdout[-6000:]}{done.stderr[-2000:]}"
+    return True
+
+
 def host_devices(env, n: int) -> dict:
     """env, with XLA splitting the host CPU into n devices (keeping env's other XLA flags)."""
     return dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip())

@@ -177,6 +177,8 @@ def test_training_that_decays_biases_is_caught_and_the_parameter_named(random_re
     assert set(report["train_params_beyond_tolerance"]) == biases - {"trf_blocks.0.attention.W_Key.bias",
                                                                       "trf_blocks.1.attention.W_Key.bias"}
     assert report["param_elements_left_out"]["trf_blocks.0.attention.W_Key.bias"] == ref_cfg["emb_dim"]
+    assert report["param_rel_diff"]["trf_blocks.0.attention.W_Key.bias"] == 0.0  # all left out: --json writes it
+    json.dumps(report)
     # The command on the same batches: its jitted programs are those just compiled (the persistent XLA cache).
     assert compare.main([str(tmp_path / "model.pt"), "--train_steps", "3", "--batch_size", "2", "--block_size", "16",
                          "--steps", "1"]) == 1
