@@ -451,8 +451,7 @@ class _Run:
             tokens_C[:n], targets_C[:n] = prefix[start:start + n], context[start + 1:start + n + 1]
             self.cache_k, self.cache_v, out = _prefill(
                 self.config, self.echo_k if echo else 0, self.engine.params, self.weights, self.cache_k,
-                self.cache_v,
-                tokens_C, targets_C, np.int32(start), np.int32(n), np.int32(b))
+                self.cache_v, tokens_C, targets_C, np.int32(start), np.int32(n), np.int32(b))
             if echo:
                 pieces.append([np.asarray(a)[:n] for a in out])
         if not echo:
