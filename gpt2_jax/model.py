@@ -156,11 +156,22 @@ def pairwise_sum(x):
     """x summed over its last axis in an order that the axis alone fixes: halves added elementwise, zeros padding
     it to a power of 2. XLA:CPU orders a reduction over the minor axis by the shape of the whole array, so a row's
     jnp.sum can change with the number of rows (a 768-channel layer norm does, between 1 and 8 rows)."""
+    return _pairwise(jnp.add, 0.0, x)
+
+
+def pairwise_max(x):
+    """x's maximum over its last axis, as pairwise_sum takes it. The maximum is exact in any order; what this avoids
+    is XLA:CPU's reduce: from some size on it runs it with the ops after it in one YNNPACK fusion, whose exp differs
+    from XLA's own in the last bit, so that a row's softmax changed with the number of rows."""
+    return _pairwise(jnp.maximum, -jnp.inf, x)
+
+
+def _pairwise(combine, fill, x):
     n = x.shape[-1]
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (n - 1).bit_length()) - n)])
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (n - 1).bit_length()) - n)], constant_values=fill)
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
+        x = combine(x[..., :half], x[..., half:])
     return x[..., 0]
 
 
@@ -217,37 +228,35 @@ ATTENTION_CHUNK = 256  # key slots per step of chunked_attention (64 and 128 wer
 def chunked_attention(config: ModelConfig, q_BTHD, k_BHDS, v_BHSD, last_BT):
     """attention() over a cache where query t of row b sees slots 0..last_BT[b, t]: y [B, T, H, D].
 
-    The slots are taken ATTENTION_CHUNK at a time (online softmax, float32) and only as many chunks as the furthest
-    query needs, so the sums never depend on the cache's length: a chunk that no query sees would add exact zeros.
-    Nor on the batch: the matmuls sum over a major axis and the softmax's sum is pairwise_sum.
+    Every sum is in an order that neither the batch nor the cache's length changes, so that a row gets what it
+    gets alone: q.k sums over the major axis D; each ATTENTION_CHUNK slots are a matmul of their own, their
+    softmax sums and maximum pairwise; the chunks are added pairwise (those no query sees add exact zeros). The
+    cache is read in place: slicing out only the chunks in use copied them, which took longer than the matmuls.
     """
     B, T, H, D = q_BTHD.shape
     S = v_BHSD.shape[2]
     n = min(ATTENTION_CHUNK, S)
-    scale = 1.0 / math.sqrt(config.head_dim)
+    C = -(-S // n)
+    if C * n != S:  # only for a block_size that is not a whole number of chunks
+        k_BHDS = jnp.pad(k_BHDS, [(0, 0), (0, 0), (0, 0), (0, C * n - S)])
+        v_BHSD = jnp.pad(v_BHSD, [(0, 0), (0, 0), (0, C * n - S), (0, 0)])
     q_BTHD = q_BTHD.astype(config.dtype)
-
-    def chunk(c, carry):
-        max_BHT, sum_BHT, acc_BHTD = carry
-        start = jnp.minimum(c * n, S - n)  # the last chunk may overlap the one before: those slots are masked
-        slot_N = start + jnp.arange(n)
-        k_BHDN = jax.lax.dynamic_slice_in_dim(k_BHDS, start, n, axis=3).astype(config.dtype)
-        v_BHND = jax.lax.dynamic_slice_in_dim(v_BHSD, start, n, axis=2).astype(config.dtype)
-        scores_BHTN = scale * jnp.einsum("bthd,bhdn->bhtn", q_BTHD, k_BHDN, preferred_element_type=jnp.float32,
-                                         precision=config.precision)
-        visible_BTN = (slot_N <= last_BT[..., None]) & (slot_N >= c * n)
-        scores_BHTN = jnp.where(visible_BTN[:, None], scores_BHTN, jnp.finfo(jnp.float32).min)
-        new_max_BHT = jnp.maximum(max_BHT, scores_BHTN.max(axis=-1))
-        probs_BHTN = jnp.exp(scores_BHTN - new_max_BHT[..., None])
-        rescale_BHT = jnp.exp(max_BHT - new_max_BHT)
-        y_BHTD = jnp.einsum("bhtn,bhnd->bhtd", probs_BHTN.astype(config.dtype), v_BHND,
-                            preferred_element_type=jnp.float32, precision=config.precision)
-        return (new_max_BHT, sum_BHT * rescale_BHT + pairwise_sum(probs_BHTN),
-                acc_BHTD * rescale_BHT[..., None] + y_BHTD)
-
-    init = (jnp.full((B, H, T), -jnp.inf), jnp.zeros((B, H, T)), jnp.zeros((B, H, T, D)))
-    _, sum_BHT, acc_BHTD = jax.lax.fori_loop(0, jnp.max(last_BT) // n + 1, chunk, init)
-    return (acc_BHTD / sum_BHT[..., None]).transpose(0, 2, 1, 3).astype(config.dtype)
+    k_BHDCN = k_BHDS.astype(config.dtype).reshape(B, H, D, C, n)
+    v_BHCND = v_BHSD.astype(config.dtype).reshape(B, H, C, n, D)
+    dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32, precision=config.precision)
+    scale = 1.0 / math.sqrt(config.head_dim)
+    if T == 1:  # a decode step: one matmul over every slot, whose sums over D XLA:CPU orders alike for any S
+        scores_BHTCN = dot("bthd,bhdcn->bhtcn", q_BTHD, k_BHDCN)
+    else:  # with 16 queries and 768 slots it does not: a matmul per chunk (a prefill's row is small to slice)
+        scores_BHTCN = jnp.stack([dot("bthd,bhdn->bhtn", q_BTHD, k_BHDCN[:, :, :, c]) for c in range(C)], axis=3)
+    visible_BTCN = (jnp.arange(C * n) <= last_BT[..., None]).reshape(B, T, C, n)
+    scores_BHTCN = jnp.where(visible_BTCN[:, None], scale * scores_BHTCN, jnp.finfo(jnp.float32).min)
+    max_BHT = pairwise_max(pairwise_max(scores_BHTCN))
+    probs_BHTCN = jnp.exp(scores_BHTCN - max_BHT[..., None, None])
+    sum_BHT = pairwise_sum(pairwise_sum(probs_BHTCN))
+    y_BHCTD = dot("bhtcn,bhcnd->bhctd", probs_BHTCN.astype(config.dtype), v_BHCND)
+    y_BHTD = pairwise_sum(y_BHCTD.transpose(0, 1, 3, 4, 2))
+    return (y_BHTD / sum_BHT[..., None]).transpose(0, 2, 1, 3).astype(config.dtype)
 
 
 def keys_last(k_BTHD):

@@ -349,3 +349,17 @@ def test_pairwise_sum_is_the_sum_and_batch_invariant_parts_sum_each_row_alone(re
         rows = norm(x_B1C[:B]), attend(q[:B], k[:B], v[:B], last[:B])
         for r in range(B):
             assert all(np.array_equal(got[r:r + 1], ref) for got, ref in zip(rows, alone[r])), (B, r)
+    # Against float64 by hand, and the same bits in a longer cache (its other slots hold values no query sees).
+    k64, v64, q64 = (np.asarray(a, np.float64) for a in (k, v, q))
+    scores = np.einsum("bhd,bhds->bhs", q64[:, 0], k64) / np.sqrt(D)
+    scores = np.where(np.arange(S) <= np.asarray(last)[:, :, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhs,bhsd->bhd", probs / probs.sum(-1, keepdims=True), v64)
+    np.testing.assert_allclose(rows[1][:, 0], want, rtol=1e-5, atol=1e-5)
+    longer_k = jnp.concatenate([k, k[::-1]], axis=3)
+    longer_v = jnp.concatenate([v, v[::-1]], axis=2)
+    assert np.array_equal(attend(q, longer_k, longer_v, last), rows[1])
+    # A prefill's 16 queries (one row, slots 0..t visible to query t) see the same in 256 and 768 slots.
+    q16, t = jnp.asarray(rng.normal(size=(1, 16, H, D)), jnp.float32), jnp.arange(100, 116)[None]
+    short = attend(q16, k[:1, :, :, :256], v[:1, :, :256], t)
+    assert np.array_equal(short, attend(q16, longer_k[:1, :, :, :768], longer_v[:1, :, :768], t))
