@@ -76,7 +76,7 @@ def ours_worker(cfg, flags) -> dict:
     import jax.numpy as jnp
 
     from gpt2_jax.config import TrainConfig
-    from gpt2_jax.model import causal_attention_impl
+    from gpt2_jax.checks import causal_attention_impl
     from gpt2_jax.training import init_train_state, make_train_step
 
     tokens = batch(cfg, flags)

@@ -116,7 +116,7 @@ def compiled_step(cfg, flags: dict, state, x, y, rng):
 
 
 def ours_worker(flags: dict, attention: str, unroll: int, check: bool) -> dict:
-    from gpt2_jax.model import causal_attention_impl
+    from gpt2_jax.checks import causal_attention_impl
     from gpt2_jax.flops import flops_per_token
 
     cfg, state, x, y, rng = step_inputs(flags, attention, unroll)

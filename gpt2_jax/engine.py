@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import cpu_kernels
+from gpt2_jax.attention import ATTENTION_CHUNK, chunked_attention, keys_last
 from gpt2_jax.config import ModelConfig, is_integer
 from gpt2_jax.checks import outside
-from gpt2_jax.model import (ATTENTION_CHUNK, IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, chunked_attention,
-                            forward_unrolled, init_cache, keys_last)
+from gpt2_jax.model import IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, forward_unrolled, init_cache
 from gpt2_jax.strategies import Sampler, by_row, logprob_outputs, sample_rows
 
 EOT_TOKEN = 50256

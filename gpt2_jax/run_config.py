@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from gpt2_jax import checkpoint, convert, evaluate, layouts
 from gpt2_jax.config import ConfigError, FlagParser, ModelConfig, PRESETS, TrainConfig, replace
 from gpt2_jax.metrics import say
-from gpt2_jax.model import causal_attention_impl
+from gpt2_jax.checks import causal_attention_impl
 from gpt2_jax.sharding import CLUSTER_FLAGS
 from gpt2_jax.tokenizer import get_tokenizer
 

@@ -13,7 +13,8 @@ import pytest
 
 from gpt2_jax import cpu_kernels, sampling
 from gpt2_jax.config import ConfigError, ModelConfig, replace
-from gpt2_jax.model import GPT2, causal_attention_impl, init_params
+from gpt2_jax.checks import causal_attention_impl
+from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.sampling import Sampler, generate_batch, row_key
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")

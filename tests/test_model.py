@@ -294,7 +294,7 @@ def test_matmul_precision_and_attention_are_checked():
 
 def test_cudnn_attention_is_chosen_only_where_it_can_run(monkeypatch):
     from gpt2_jax.config import ConfigError
-    from gpt2_jax.model import causal_attention_impl
+    from gpt2_jax.checks import causal_attention_impl
 
     bf16 = ModelConfig.from_preset("tiny", dtype="bfloat16", dropout=0.1)
     assert jax.default_backend() == "cpu"
@@ -327,7 +327,8 @@ def test_pairwise_sum_is_the_sum_and_batch_invariant_parts_sum_each_row_alone(re
     compiled as users' are)."""
     if ran_at_full_optimisation(request):
         return
-    from gpt2_jax.model import chunked_attention, layer_norm, pairwise_sum
+    from gpt2_jax.attention import chunked_attention, pairwise_sum
+    from gpt2_jax.model import layer_norm
     x = np.float32([1e8, 1.0, -1e8])
     assert float(pairwise_sum(jnp.asarray(x))) == float((x[0] + x[2]) + x[1]) == 1.0
     cfg = ModelConfig.from_preset("gpt2")
