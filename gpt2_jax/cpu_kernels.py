@@ -7,6 +7,8 @@ bandwidth; the packed panels are one contiguous stream each.
 causal_attention is the causal self-attention of a training step, forward and backward, in float32
 (kernels/causal_attention.cc): each (batch row, head) in cache-sized buffers, blocks above the diagonal skipped,
 q, k and v read straight from the fused qkv projection.
+decode_attention is the attention of a decode step over the KV cache, float32 (kernels/decode_attention.cc): each
+(row, head) reads only its own row's slots, where XLA reads every slot of every row.
 adamw_update is one AdamW step of a float32 parameter in place, in one pass over memory (kernels/adamw.cc):
 optim.fused_update's arithmetic, which XLA:CPU computes in three passes that read the gradient three times.
 The kernels are written once in vectors as wide as the CPU's (kernels/simd.h: AVX-512, AVX2 + FMA, or 64-bit ARM
@@ -37,12 +39,13 @@ PANEL_WIDTH = 48
 MAX_ROWS = 8
 ATTENTION_HEAD_SIZES = (16, 32, 48, 64)
 _SOURCES = [Path(__file__).parent / "kernels" / name for name in ("panel_matmul.cc", "causal_attention.cc",
-                                                                   "adamw.cc")]
+                                                                   "decode_attention.cc", "adamw.cc")]
 _HEADERS = [Path(__file__).parent / "kernels" / name for name in ("share_work.h", "simd.h")]
 _TARGETS = {jnp.dtype(jnp.float32): ("gpt2_jax_panel_matmul", "PanelMatmul"),
             jnp.dtype(jnp.bfloat16): ("gpt2_jax_panel_matmul_bf16", "PanelMatmulBf16"),
             "attention_forward": ("gpt2_jax_causal_attention_fwd", "CausalAttentionForward"),
             "attention_backward": ("gpt2_jax_causal_attention_bwd", "CausalAttentionBackward"),
+            "decode_attention": ("gpt2_jax_decode_attention", "DecodeAttention"),
             "adamw": ("gpt2_jax_adamw", "AdamW")}
 _state: dict = {}  # "error": why the kernel is unavailable, or "loaded": True
 
@@ -199,6 +202,25 @@ def causal_attention(qkv_BT3HD):
     if qkv_BT3HD.dtype != jnp.float32:
         raise ValueError(f"causal_attention takes float32 qkv; got {qkv_BT3HD.dtype}")
     return _attention(qkv_BT3HD)
+
+
+def decode_attention(q_BHD, k_BHDS, v_BHSD, last_B):
+    """softmax(q k / sqrt(D)) v over slots 0..last_B[b] of each row's cache: y [B, H, D] float32, for q [B, H, D],
+    keys [B, H, D, S] and values [B, H, S, D] (model.KVCache's layout), all float32, D in ATTENTION_HEAD_SIZES."""
+    if not available():
+        raise RuntimeError(f"the decode attention kernel cannot run here: {unavailable_reason()}")
+    B, H, D = q_BHD.shape
+    if (D not in ATTENTION_HEAD_SIZES or k_BHDS.shape[:3] != (B, H, D) or
+            v_BHSD.shape != (B, H, k_BHDS.shape[3], D) or last_B.shape != (B,)):
+        raise ValueError(f"decode_attention needs q [B, H, D] with D in {ATTENTION_HEAD_SIZES}, keys [B, H, D, S], "
+                         f"values [B, H, S, D] and last [B]; got {q_BHD.shape}, {k_BHDS.shape}, {v_BHSD.shape} and "
+                         f"{last_B.shape}")
+    if any(a.dtype != jnp.float32 for a in (q_BHD, k_BHDS, v_BHSD)):
+        raise ValueError(f"decode_attention takes float32 q, keys and values; got "
+                         f"{[a.dtype.name for a in (q_BHD, k_BHDS, v_BHSD)]}")
+    out = jax.ShapeDtypeStruct((B, H, D), jnp.float32)
+    call = jax.ffi.ffi_call(_TARGETS["decode_attention"][0], out, vmap_method="sequential")
+    return call(q_BHD, k_BHDS, v_BHSD, last_B.astype(jnp.int32))
 
 
 ADAMW_HYPER = ("scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "correction1", "correction2", "eps",

@@ -176,6 +176,13 @@ def cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
     return OUT_IN if batch_size == 1 else IN_OUT
 
 
+def uses_attention_kernel(config: ModelConfig, weights: Weights | None, cache_dtype) -> bool:
+    """Whether a decode step's attention runs cpu_kernels.decode_attention: where its matmuls run the panel kernel
+    (one CPU device) on a float32 cache, with a head size the kernel takes."""
+    return (weights is not None and weights.head["weight"].layout == PANELS and jnp.dtype(cache_dtype) == jnp.float32
+            and config.head_dim in cpu_kernels.ATTENTION_HEAD_SIZES)
+
+
 # ---------------------------------------------------------------- the jitted programs
 def decode_step(config: ModelConfig, weights: Weights, token_B, length_B, cache_k: tuple, cache_v: tuple):
     """One token per row through model.forward_unrolled: (float32 logits [B, vocab_size], cache_k, cache_v).
@@ -185,12 +192,17 @@ def decode_step(config: ModelConfig, weights: Weights, token_B, length_B, cache_
     """
     B, S = token_B.shape[0], cache_v[0].shape[2]
     rows_B, slot_B = jnp.arange(B), jnp.minimum(length_B, S - 1)
+    kernel = uses_attention_kernel(config, weights, cache_v[0].dtype)
 
     def attend(k_BHDS, v_BHSD, qkv_B13HD):
         k_BHDS = k_BHDS.at[rows_B, :, :, slot_B].set(qkv_B13HD[:, 0, 1].astype(k_BHDS.dtype))
         v_BHSD = v_BHSD.at[rows_B, :, slot_B].set(qkv_B13HD[:, 0, 2].astype(v_BHSD.dtype))
-        y_B1HD = chunked_attention(config, qkv_B13HD[:, :, 0], k_BHDS, v_BHSD, length_B[:, None])
-        return y_B1HD, (k_BHDS, v_BHSD)
+        if kernel:
+            q_BHD = qkv_B13HD[:, 0, 0].astype(jnp.float32)
+            y_B1HD = cpu_kernels.decode_attention(q_BHD, k_BHDS, v_BHSD, length_B)[:, None]
+        else:
+            y_B1HD = chunked_attention(config, qkv_B13HD[:, :, 0], k_BHDS, v_BHSD, length_B[:, None])
+        return y_B1HD.astype(config.dtype), (k_BHDS, v_BHSD)
 
     attends = [functools.partial(attend, k, v) for k, v in zip(cache_k, cache_v)]
     logits_B1V, kv = forward_unrolled(config, weights, token_B[:, None], length_B[:, None], attends,

@@ -1,5 +1,6 @@
 // The kernels' arithmetic without XLA, against references computed here: the panel matmul (float32 and bfloat16
-// weights, 1 to 8 rows) and causal attention forward and backward (D = 16 to 64) against double precision, and
+// weights, 1 to 8 rows), causal attention forward and backward and a decode step's attention (D = 16 to 64) against
+// double precision, and
 // the AdamW update bit for bit against the same float32 operations one element at a time. Built by
 // tests/test_cpu_kernels.py for the machine at hand and, with a cross compiler, for 64-bit ARM to run under
 // qemu. Prints one line per check and exits with 1 if any fails.
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "../gpt2_jax/kernels/causal_attention.cc"
+#include "../gpt2_jax/kernels/decode_attention.cc"
 #include "../gpt2_jax/kernels/panel_matmul.cc"
 #include "../gpt2_jax/kernels/adamw.cc"  // last: its no-contraction pragma holds to the end of this file
 
@@ -155,6 +157,28 @@ bool CheckAdamW(int64_t n, float decay) {
 
 }  // namespace
 
+// A decode step's attention for one (row, head) over the first n of S cache slots, against double precision.
+template <int D>
+bool CheckDecodeAttention(int64_t S, int64_t n) {
+  std::vector<float> q = Random(D, 2.0f), k = Random(D * S), v = Random(S * D), y(D), p(S + gpt2_jax::kLanes);
+  DecodeHead<D>(q.data(), k.data(), v.data(), S, n, 1.0f / std::sqrt(float(D)), p.data(), y.data());
+  std::vector<double> e(n);
+  double max = -INFINITY, sum = 0, error = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    for (int d = 0; d < D; ++d) e[s] += double(q[d]) * k[d * S + s] / std::sqrt(double(D));
+    max = std::max(max, e[s]);
+  }
+  for (int64_t s = 0; s < n; ++s) sum += e[s] = std::exp(e[s] - max);
+  for (int d = 0; d < D; ++d) {
+    double ref = 0;
+    for (int64_t s = 0; s < n; ++s) ref += e[s] / sum * v[s * D + d];
+    error = std::max(error, std::fabs(y[d] - ref));
+  }
+  char what[80];
+  std::snprintf(what, sizeof what, "decode attention D=%d, %lld of %lld slots", D, (long long)n, (long long)S);
+  return Report(what, error, 2e-6);
+}
+
 int main() {
   std::printf("vectors of %d floats, %d registers\n", gpt2_jax::kLanes, gpt2_jax::kRegisters);
   bool ok = true;
@@ -165,6 +189,10 @@ int main() {
   ok &= CheckAttention<48>(1, 64, 2);
   ok &= CheckAttention<64>(1, 100, 2);
   ok &= CheckAttention<64>(1, 1, 1);
+  ok &= CheckDecodeAttention<16>(64, 1);
+  ok &= CheckDecodeAttention<32>(100, 37);
+  ok &= CheckDecodeAttention<48>(256, 256);
+  ok &= CheckDecodeAttention<64>(512, 301);
   for (float decay : {0.0f, 0.1f}) ok &= CheckAdamW(1000 + gpt2_jax::kLanes / 2, decay);
   std::printf("%s\n", ok ? "all ok" : "FAILED");
   return ok ? 0 : 1;

@@ -220,6 +220,47 @@ def test_the_attention_kernel_is_taken_only_where_it_can_run(monkeypatch):
         causal_attention_impl(ModelConfig.from_preset("tiny", attention="cpu_kernel"), training=True)
 
 
+def decode_attention_numpy(q, k, v, last):
+    """Each row's attention over its slots 0..last[b], by hand in float64: y [B, H, D]."""
+    D, S = q.shape[2], k.shape[3]
+    scores = np.einsum("bhd,bhds->bhs", q.astype(np.float64), k) / np.sqrt(D)
+    scores = np.where(np.arange(S) <= last[:, None, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhs,bhsd->bhd", p / p.sum(-1, keepdims=True), v)
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, H, D, S", [(3, 2, 16, 64), (2, 3, 32, 100), (1, 2, 48, 256), (4, 12, 64, 512)])
+def test_decode_attention_matches_numpy_and_reads_only_its_rows_slots(B, H, D, S):
+    rng = np.random.default_rng(S)
+    q = (2 * rng.standard_normal((B, H, D))).astype(np.float32)
+    k, v = rng.standard_normal((B, H, D, S)).astype(np.float32), rng.standard_normal((B, H, S, D)).astype(np.float32)
+    last = np.array([0, S - 1, 37, S + 5][:B], np.int32)  # one slot, all of them, a vector's tail, past the end
+    attend = jax.jit(cpu_kernels.decode_attention)
+    y = np.asarray(attend(q, k, v, last))
+    want = decode_attention_numpy(q, k, v, np.minimum(last, S - 1))
+    np.testing.assert_allclose(y, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    # The same bits for a row alone, and with NaN in the slots it does not see (its own and a longer cache's).
+    row = B - 1 if last[B - 1] < S - 1 else 0
+    n = min(int(last[row]), S - 1) + 1
+    k_nan = np.concatenate([k[row:row + 1], np.full((1, H, D, 64), np.nan, np.float32)], axis=3)
+    v_nan = np.concatenate([v[row:row + 1], np.full((1, H, 64, D), np.nan, np.float32)], axis=2)
+    k_nan[..., n:], v_nan[:, :, n:] = np.nan, np.nan
+    assert np.array_equal(np.asarray(attend(q[row:row + 1], k_nan, v_nan, last[row:row + 1])), y[row:row + 1])
+
+
+@needs_kernel
+def test_decode_attention_names_bad_input():
+    q, k, v, last = jnp.zeros((2, 3, 16)), jnp.zeros((2, 3, 16, 8)), jnp.zeros((2, 3, 8, 16)), jnp.zeros(2, jnp.int32)
+    with pytest.raises(ValueError, match=r"keys \[B, H, D, S\], values \[B, H, S, D\] and last \[B\]; got "
+                                         r"\(2, 3, 16\), \(2, 3, 16, 8\), \(2, 3, 16, 8\) and \(2,\)"):
+        cpu_kernels.decode_attention(q, k, k, last)
+    with pytest.raises(ValueError, match=r"D in \(16, 32, 48, 64\)"):
+        cpu_kernels.decode_attention(q[..., :8], k[:, :, :8], v[..., :8], last)
+    with pytest.raises(ValueError, match=r"float32 q, keys and values; got \['float32', 'bfloat16', 'float32'\]"):
+        cpu_kernels.decode_attention(q, k.astype(jnp.bfloat16), v, last)
+
+
 def adamw_by_hand(g, m, v, p, h):
     """optim.fused_update's arithmetic in numpy float32, one operation at a time (IEEE, no fused multiply-add)."""
     scale, b1, c1, b2, c2, bc1, bc2, eps, lr, decay = (np.float32(x) for x in h)

@@ -125,6 +125,23 @@ inline float ReduceMax(Vec v) {
   return m;
 }
 
+// exp(x) for x <= 0 to about 1e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, Taylor series of degree 7, times 2^n.
+// n is rounded to nearest by adding and subtracting 1.5 * 2^23, and 2^n applied in two halves so that the result
+// rounds once even where it is subnormal (n >= -150), as AVX-512's scalef does.
+inline Vec Exp(Vec x) {
+  x = Max(x, Splat(-104.0f));
+  const Vec t = x * Splat(1.44269504088896341f), magic = Splat(12582912.0f);
+  const Vec n = (t + magic) - magic;
+  Vec r = Fma(-n, Splat(0.693145751953125f), x);
+  r = Fma(-n, Splat(1.428606765330187e-06f), r);
+  Vec p = Splat(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = Fma(p, r, Splat(c));
+  const Mask ni = __builtin_convertvector(n, Mask), half = ni >> 1;
+  const Vec scale_a = reinterpret_cast<Vec>((half + 127) << 23);
+  const Vec scale_b = reinterpret_cast<Vec>((ni - half + 127) << 23);
+  return p * scale_a * scale_b;
+}
+
 // While waiting for other threads' work items.
 inline void Pause() {
 #if GPT2_JAX_LANES == 4
