@@ -1,9 +1,10 @@
-"""Attention, the one idea behind four entry points, and the fixed-order sums that keep a row's result its own.
+"""Attention over a sequence or a KV cache, and the fixed-order sums that keep a row's result its own.
 
-causal_attention (training and prefill without a cache: XLA, cuDNN or the CPU kernel), cached_attention (GPT2.apply
-with a KVCache), masked_attention (padded batches) and chunked_attention (the engine's prefill and decode over
-per-row cache slots) all compute attention(); the cache holds keys [B, H, D, S] and values [B, H, S, D].
-pairwise_sum and pairwise_max reduce in an order that the axis alone fixes, whatever the batch.
+attention() is softmax(q k / sqrt(D)) v over the slots a mask leaves visible; causal_attention (training and
+evaluation: XLA, cuDNN or the CPU kernel), cached_attention (GPT2.apply with a KVCache) and masked_attention
+(padded batches) call it. chunked_attention is the engine's prefill and decode over per-row cache slots, with every
+sum in an order that neither the batch nor the cache's length changes. The cache holds keys [B, H, D, S] and
+values [B, H, S, D]. pairwise_sum and pairwise_max reduce in an order that the axis alone fixes.
 """
 
 from __future__ import annotations
