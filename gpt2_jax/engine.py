@@ -1,14 +1,15 @@
 """The decode engine: batch_size slots that decode together, each with its own prompt, length, settings and key.
 
 A slot's sample lives in its own row of the KV cache (model.KVCache's layout), from slot 0, at position ids equal
-to its cache slots: nothing is padded to its neighbours. A prompt is prefilled alone (all but its last token, in
-chunks of a bucketed length that depends on its own length only) into the row of a free slot and copied to the
-rows of its other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
+to its cache slots: nothing is padded to its neighbours. A prompt is prefilled (all but its last token, in chunks of
+a bucketed length that depends on its own length only) into the row of a free slot, together with the prompts of
+other free slots where they have the same chunks (off the CPU: CPU_PREFILL_ROWS), and copied to the rows of its
+other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
 the new keys and values straight into each row at the row's own length. Continuous scheduling refills a slot as
 soon as its sample finishes; "buckets" (today's length-sorted batches) refills only when the whole batch is done.
 
 Batch invariance: every row is computed by itself (attention, layer norms and sampling are row-wise; the decode
-matmuls are row by row with the CPU panel kernel), the prefill shape depends on the prompt alone, a sample's
+matmuls are row by row with the CPU panel kernel), a prompt's prefill chunks depend on the prompt alone, a sample's
 randomness comes from its own key folded with its own token count, and its sampler settings are its own row's.
 """
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import cpu_kernels
-from gpt2_jax.attention import ATTENTION_CHUNK, chunked_attention, keys_last
+from gpt2_jax.attention import ATTENTION_CHUNK, chunked_attention
 from gpt2_jax.config import ModelConfig, is_integer
 from gpt2_jax.checks import outside
 from gpt2_jax.model import IN_OUT, OUT_IN, PANELS, Weights, arrange_weights, forward_unrolled, init_cache
@@ -34,6 +35,10 @@ EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
 PREFILL_CHUNK = 256  # the longest prefill call: a longer prompt is prefilled in pieces of this many tokens
 DECODE_STEPS = 16  # decode steps per call at most (the host checks stop strings and refills slots in between)
+# Prompts per prefill call on CPU (elsewhere: batch_size, padded). On CPU several are no faster (a prefill's matmuls
+# are compute-bound there, and the panel kernel reads the weights once per 8 rows either way), and XLA's GEMM rows
+# would differ in the last bit with their number where the panel kernel does not run.
+CPU_PREFILL_ROWS = 1
 MAX_LOGPROBS = 20
 # How many compiled functions were traced, by name: jax.jit traces once per compilation.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -269,34 +274,37 @@ def _decode(config: ModelConfig, stop_tokens: tuple, logprobs: int, key_impl: st
 
 
 @functools.partial(jax.jit, static_argnames=("config", "logprobs"), donate_argnames=("cache_k", "cache_v"))
-def _prefill(config: ModelConfig, logprobs: int, params, weights: Weights | None, cache_k, cache_v, tokens_C,
-             targets_C, start, n, row):
-    """Write the keys and values of tokens_C (its first n real, the rest padding) into the cache's row at slots
-    start..start+n, each attending to the row's slots before it. The padding is never written.
+def _prefill(config: ModelConfig, logprobs: int, params, weights: Weights | None, cache_k, cache_v, tokens_RC,
+             targets_RC, start_R, n_R, rows_R):
+    """Write the keys and values of each row r of tokens_RC (its first n_R[r] real, the rest padding) into cache row
+    rows_R[r] at slots start_R[r].., each token attending to its row's slots before it. Padding tokens, and rows
+    whose rows_R is past the cache's rows (padding rows), are never written; every sum is the row's own.
 
-    Returns (cache_k, cache_v, echo) where echo holds, with logprobs > 0, the log-probability of targets_C (the
+    Returns (cache_k, cache_v, echo) where echo holds, with logprobs > 0, the log-probability of targets_RC (the
     token after each) and the top entries at every position."""
     TRACE_COUNTS["prefill"] += 1
     if weights is None:
         weights = arrange_weights(config, params)
-    C, S = tokens_C.shape[0], cache_v[0].shape[2]
-    t_C = jnp.arange(C)
-    slot_C = jnp.where(t_C < n, start + t_C, S)  # padding goes past the end: dropped
-    positions_1C = jnp.minimum(start + t_C, config.block_size - 1)[None]
+    R, C = tokens_RC.shape
+    S = cache_v[0].shape[2]
+    last_RC = start_R[:, None] + jnp.arange(C)
+    slot_RC = jnp.where(jnp.arange(C) < n_R[:, None], last_RC, S)  # padding goes past the end: dropped
+    r_R1 = jnp.arange(R)[:, None]
 
-    def attend(k_BHDS, v_BHSD, qkv_1C3HD):
-        row_k = jax.lax.dynamic_index_in_dim(k_BHDS, row, keepdims=False)  # [H, D, S]
-        row_v = jax.lax.dynamic_index_in_dim(v_BHSD, row, keepdims=False)  # [H, S, D]
-        row_k = row_k.at[:, :, slot_C].set(keys_last(qkv_1C3HD[:, :, 1])[0].astype(row_k.dtype), mode="drop")
-        row_v = row_v.at[:, slot_C].set(qkv_1C3HD[0, :, 2].swapaxes(0, 1).astype(row_v.dtype), mode="drop")
-        y = chunked_attention(config, qkv_1C3HD[:, :, 0], row_k[None], row_v[None], (start + t_C)[None])
-        k_BHDS = jax.lax.dynamic_update_index_in_dim(k_BHDS, row_k, row, axis=0)
-        v_BHSD = jax.lax.dynamic_update_index_in_dim(v_BHSD, row_v, row, axis=0)
-        return y, (k_BHDS, v_BHSD)
+    def attend(k_BHDS, v_BHSD, qkv_RC3HD):
+        k_RHDS = k_BHDS.at[rows_R].get(mode="clip")
+        v_RHSD = v_BHSD.at[rows_R].get(mode="clip")
+        k_RHDS = k_RHDS.at[r_R1, :, :, slot_RC].set(qkv_RC3HD[:, :, 1].astype(k_RHDS.dtype), mode="drop")
+        v_RHSD = v_RHSD.at[r_R1, :, slot_RC].set(qkv_RC3HD[:, :, 2].astype(v_RHSD.dtype), mode="drop")
+        y = chunked_attention(config, qkv_RC3HD[:, :, 0], k_RHDS, v_RHSD, last_RC)
+        return y, (k_BHDS.at[rows_R].set(k_RHDS, mode="drop"), v_BHSD.at[rows_R].set(v_RHSD, mode="drop"))
 
     attends = [functools.partial(attend, k, v) for k, v in zip(cache_k, cache_v)]
-    logits_1CV, kv = forward_unrolled(config, weights, tokens_C[None], positions_1C, attends)
-    echo = logprob_outputs(logits_1CV[0], targets_C, logprobs) if logprobs else None
+    positions_RC = jnp.minimum(last_RC, config.block_size - 1)
+    logits_RCV, kv = forward_unrolled(config, weights, tokens_RC, positions_RC, attends, batch_invariant=True)
+    echo = None
+    if logprobs:  # row by row: a log-softmax over V sums in an order that the number of rows can change
+        echo = jax.lax.map(lambda row: logprob_outputs(*row, logprobs), (logits_RCV, targets_RC))
     return tuple(k for k, _ in kv), tuple(v for _, v in kv), echo
 
 
@@ -408,6 +416,7 @@ class _Run:
         cache = init_cache(cfg, B, self.S)
         self.cache_k, self.cache_v = cache.k, cache.v
         self.weights = kept_weights(cfg, engine.params, B)
+        self.prefill_rows = B if self.weights is None else min(B, CPU_PREFILL_ROWS)
         self.echo_k = max(engine.logprobs, 1) if engine.echo else 0
         self.kept = self.slot_steps = 0
 
@@ -427,8 +436,10 @@ class _Run:
         engine.occupancy = self.kept / self.slot_steps if self.slot_steps else 0.0
 
     def _admit(self) -> None:
-        """Prefill the next pending samples into the free slots, one prefill per request and slot group."""
+        """Prefill the next pending samples into the free slots: one prefill per request (its other samples copy
+        its cache row), several requests per call where prefill_rows allows."""
         free = [b for b, s in enumerate(self.slots) if s is None]
+        starting = []
         while free and self.pending:
             request, _ = self.pending[0]
             group = []
@@ -437,10 +448,12 @@ class _Run:
             context = list(request.tokens)
             if len(context) > self.config.block_size:  # only with a sliding window
                 context = context[-(self.config.block_size // 2):]
-            first, _ = group[0]
-            echo = self._prefill(first, context, self.echo_k > 0)
+            starting.append((request, group, context))
+        echoes = self._prefill([(group[0][0], context) for _, group, context in starting], self.echo_k > 0)
+        for (request, group, context), echo in zip(starting, echoes):
             if echo is not None:
                 echo = self._prompt_echo(request, context, echo)
+            first, _ = group[0]
             for b, index in group:
                 if b != first:
                     self.cache_k, self.cache_v = _copy_row(self.cache_k, self.cache_v, np.int32(first), np.int32(b))
@@ -454,23 +467,36 @@ class _Run:
         state["inverse_temperature"][b], state["top_k"][b], state["top_p"][b] = request.sampler.row()
         self.slots[b] = _Slot(request, index, list(request.tokens), echo=echo)
 
-    def _prefill(self, b: int, context: list[int], echo: bool):
-        """Prefill all but the last token of context into row b; with echo, (logprobs, top ids, top logprobs) of
-        each prompt token after the first, as numpy arrays."""
-        prefix, pieces = context[:-1], []
-        for start, n, C in prefill_chunks(len(prefix)):
-            tokens_C, targets_C = np.zeros(C, np.int32), np.zeros(C, np.int32)
-            tokens_C[:n], targets_C[:n] = prefix[start:start + n], context[start + 1:start + n + 1]
-            self.cache_k, self.cache_v, out = _prefill(
-                self.config, self.echo_k if echo else 0, self.engine.params, self.weights, self.cache_k,
-                self.cache_v, tokens_C, targets_C, np.int32(start), np.int32(n), np.int32(b))
-            if echo:
-                pieces.append([np.asarray(a)[:n] for a in out])
+    def _prefill(self, jobs: list[tuple[int, list[int]]], echo: bool) -> list:
+        """Prefill all but the last token of each (row, context) of jobs into its cache row: contexts whose chunks
+        (prefill_chunks) have the same lengths go together, prefill_rows rows a call (padded). Per job, with echo,
+        (logprobs, top ids, top logprobs) of each prompt token after the first as numpy arrays, else None."""
+        plans = [prefill_chunks(len(context) - 1) for _, context in jobs]
+        alike = collections.defaultdict(list)
+        for j, plan in enumerate(plans):
+            alike[tuple(C for _, _, C in plan)].append(j)
+        R, pieces = self.prefill_rows, [[] for _ in jobs]
+        for shape, members in alike.items():
+            for batch in (members[i:i + R] for i in range(0, len(members), R)):
+                for c, C in enumerate(shape):
+                    tokens, targets = np.zeros((R, C), np.int32), np.zeros((R, C), np.int32)
+                    start, n = np.zeros(R, np.int32), np.zeros(R, np.int32)
+                    rows = np.full(R, len(self.slots), np.int32)  # past the cache's rows: padding, never written
+                    for r, j in enumerate(batch):
+                        (row, context), (start[r], n[r], _) = jobs[j], plans[j][c]
+                        span = slice(start[r], start[r] + n[r])
+                        tokens[r, :n[r]], targets[r, :n[r]], rows[r] = context[span], context[1:][span], row
+                    self.cache_k, self.cache_v, out = _prefill(
+                        self.config, self.echo_k if echo else 0, self.engine.params, self.weights, self.cache_k,
+                        self.cache_v, tokens, targets, start, n, rows)
+                    if echo:
+                        out = [np.asarray(a) for a in out]
+                        for r, j in enumerate(batch):
+                            pieces[j].append([a[r, :n[r]] for a in out])
         if not echo:
-            return None
-        if not pieces:
-            return np.zeros(0, np.float32), np.zeros((0, self.echo_k), np.int32), np.zeros((0, self.echo_k))
-        return tuple(np.concatenate(parts) for parts in zip(*pieces))
+            return [None] * len(jobs)
+        empty = [np.zeros(0, np.float32), np.zeros((0, self.echo_k), np.int32), np.zeros((0, self.echo_k))]
+        return [tuple(np.concatenate(parts) for parts in zip(*(p or [empty]))) for p in pieces]
 
     def _prompt_echo(self, request: Request, context: list[int], echo):
         """(prompt_logprobs, prompt_top_logprobs) of the request: None for the first token and any that a sliding
@@ -514,7 +540,7 @@ class _Run:
                 yield self._sample(slot, REASONS[reason])
             elif self.state["length"][b] >= self.S:  # a sliding window's restart, from this row's tokens alone
                 window = slot.context[-(self.config.block_size // 2):]
-                self._prefill(b, window, False)
+                self._prefill([(b, window)], False)
                 self.state["length"][b] = len(window) - 1
 
     def _sample(self, slot: _Slot, reason: str) -> Sample:

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import hf_model, ran_at_full_optimisation, random_params
 from gpt2_jax import cpu_kernels, sampling
+from gpt2_jax import engine as engine_module
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.strategies import TOP_K_STATIC
 from gpt2_jax.sampling import Engine, Request, Sampler, row_key
@@ -87,20 +88,29 @@ def mixed_requests(cfg):
 
 
 def outputs(engine, requests):
-    return {(s.request.id, s.index): (s.tokens, s.logprobs, s.top_logprobs, s.finish_reason)
-            for s in engine.run(requests)}
+    return {(s.request.id, s.index): (s.tokens, s.logprobs, s.top_logprobs, s.finish_reason, s.prompt_logprobs,
+                                      s.prompt_top_logprobs) for s in engine.run(requests)}
 
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_samples_do_not_depend_on_batch_size_slot_or_neighbours(kernel, monkeypatch, request):
-    """With the panel kernel every decode matmul is row by row: tokens and log-probabilities are bitwise equal at
-    batch 1, 8 and 16 in any order. With XLA's matmuls (whose GEMM differs from its matrix-vector product) greedy
-    tokens are equal. Checked in programs compiled as users' are (ran_at_full_optimisation)."""
+    """With the panel kernel every decode matmul is row by row: tokens and log-probabilities, the prompts' too, are
+    bitwise equal at batch 1, 8 and 16 in any order, with prompts prefilled alone (batch 1) or up to 4 a call. With
+    XLA's matmuls (whose GEMM differs from its matrix-vector product) greedy tokens are equal. Checked in programs
+    compiled as users' are (ran_at_full_optimisation)."""
     if kernel and not cpu_kernels.available():
         pytest.skip(f"no panel kernel here: {cpu_kernels.unavailable_reason()}")
     if ran_at_full_optimisation(request):
         return
-    if not kernel:
+    prefill, prompts_a_call = engine_module._prefill, []
+
+    def counted_prefill(*args):  # the last two arguments: each row's tokens (0: a padding row) and cache row
+        prompts_a_call.append(int(np.count_nonzero(args[-2])))
+        return prefill(*args)
+    if kernel:
+        monkeypatch.setattr(engine_module, "CPU_PREFILL_ROWS", 4)
+        monkeypatch.setattr(engine_module, "_prefill", counted_prefill)
+    else:
         monkeypatch.setattr(cpu_kernels, "_state", {"error": "switched off by the test"})
     cfg = ModelConfig.from_preset("tiny", block_size=128)
     params = random_params(cfg, seed=5)
@@ -108,13 +118,15 @@ def test_samples_do_not_depend_on_batch_size_slot_or_neighbours(kernel, monkeypa
     if not kernel:
         requests = [r for r in requests if r.sampler.greedy]
     shuffled = random.Random(0).sample(requests, len(requests))
-    runs = [outputs(Engine(cfg, params, batch_size=b, stop_tokens=(), logprobs=2), rs)
+    runs = [outputs(Engine(cfg, params, batch_size=b, stop_tokens=(), logprobs=2, echo=True), rs)
             for b, rs in ((1, requests), (8, shuffled), (16, requests), (3, shuffled))]
     assert len(runs[0]) == (len(requests) + 2 if kernel else len(requests))
     if kernel:
         assert runs[0] == runs[1] == runs[2] == runs[3]
-        # The test has power: the three samples of r1 differ, and so do the settings' outputs.
+        # The test has power: the three samples of r1 differ, and so do the settings' outputs; prompts were
+        # prefilled alone and together.
         assert len({tuple(runs[0]["r1", j][0]) for j in range(3)}) == 3
+        assert min(prompts_a_call) == 1 and max(prompts_a_call) >= 3
     else:
         for run in runs[1:]:
             assert {k: v[0] for k, v in run.items()} == {k: v[0] for k, v in runs[0].items()}
