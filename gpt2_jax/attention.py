@@ -60,7 +60,7 @@ def attention(config: ModelConfig, q_BTHD, k_BHDS, v_BHSD, visible, dropout: Cal
                       precision=config.precision)
 
 
-ATTENTION_CHUNK = 256  # key slots per step of chunked_attention (64 and 128 were no faster: docs/benchmarks.md)
+ATTENTION_CHUNK = 256  # key slots per matmul of chunked_attention, and the cache's slots come in whole chunks
 
 
 def chunked_attention(config: ModelConfig, q_BTHD, k_BHDS, v_BHSD, last_BT):

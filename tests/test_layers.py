@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gpt2_jax"
 # STYLE.md's layout, top to bottom; tf_checkpoint and torch_ref sit beside the layer that reads them.
-ORDER = ["config", "tokenizer", "cpu_kernels", "checks", "model", "data", "optim", "training", "strategies",
+ORDER = ["config", "tokenizer", "cpu_kernels", "checks", "attention", "model", "data", "optim", "training", "strategies",
          "engine", "sampling", "sharding", "weight_files", "tf_checkpoint", "layouts", "checkpoint", "torch_ref",
          "convert", "compare", "evaluate", "lm_eval", "flops", "dashboards", "metrics", "run_config", "run",
          "batch_sampling"]
