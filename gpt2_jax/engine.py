@@ -2,9 +2,9 @@
 
 A slot's sample lives in its own row of the KV cache (model.KVCache's layout), from slot 0, at position ids equal
 to its cache slots: nothing is padded to its neighbours. A prompt is prefilled (all but its last token, in chunks of
-a bucketed length that depends on its own length only) into the row of a free slot, together with the prompts of
-other free slots where they have the same chunks (off the CPU: CPU_PREFILL_ROWS), and copied to the rows of its
-other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
+a bucketed length that depends on its own length only) into the row of a free slot (off the CPU in one call with
+the prompts of other free slots whose chunks have the same lengths; on CPU, CPU_PREFILL_ROWS a call), and copied to
+the rows of its other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
 the new keys and values straight into each row at the row's own length. Continuous scheduling refills a slot as
 soon as its sample finishes; "buckets" (today's length-sorted batches) refills only when the whole batch is done.
 
