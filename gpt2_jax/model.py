@@ -513,8 +513,14 @@ class GPT2(nn.Module):
 
 def init_params(config: ModelConfig, rng, batch_size: int = 1):
     """Freshly initialised parameters as a plain pytree (logical-axis boxes removed)."""
-    tokens = jnp.zeros((batch_size, 1), jnp.int32)
-    return nn.unbox(GPT2(config).init(rng, tokens)["params"])
+    return _init_program(config, batch_size)(rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(config: ModelConfig, batch_size: int):
+    # Compiled: run op by op, the init's forward pass took 3.4 s for the tiny preset (1.7 s compiled, and nothing
+    # from XLA's persistent cache).
+    return jax.jit(lambda rng: nn.unbox(GPT2(config).init(rng, jnp.zeros((batch_size, 1), jnp.int32))["params"]))
 
 
 @functools.lru_cache(maxsize=16)

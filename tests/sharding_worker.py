@@ -4,8 +4,9 @@
     python tests/sharding_worker.py OUT.json --coordinator_address=127.0.0.1:PORT --process_id=I
 
 The first form (8 devices, one process): the reference is the plain, unsharded path (init_train_state +
-jax.jit(make_train_step) on one device); each mesh runs the same five steps through gpt2_jax.sharding. The test
-compares the numbers. The "memory" section holds the per-device bytes of the real presets (computed from shapes,
+jax.jit(make_train_step) on one device); each mesh runs the same five steps through gpt2_jax.sharding, and the mesh
+with all three axes also decodes. The test compares the numbers. (Plain data parallelism is train.py's data:4 axis
+in tests/test_multidevice.py; here only its layout is read, from the abstract state.) The "memory" section holds the per-device bytes of the real presets (computed from shapes,
 nothing allocated) quoted in docs/scaling.md. The second form is one of 2 processes of 2 devices each (gloo
 collectives): the same five steps on data:2,fsdp:2, each process feeding only its rows of every batch, then greedy
 sampling.generate on the parameters spread over both; process 0 alone writes OUT.json.
@@ -37,7 +38,8 @@ from gpt2_jax.model import GPT2, init_cache  # noqa: E402
 from gpt2_jax.sampling import generate  # noqa: E402
 from gpt2_jax.training import init_train_state, make_train_step  # noqa: E402
 
-MESHES = ("data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
+MESHES = ("fsdp:8", "data:2,fsdp:2,tensor:2")
+DECODES = "data:2,fsdp:2,tensor:2"  # greedy decoding on sharded params: on the mesh that splits the most
 STEPS, ACCUM, BATCH, SEQ = 5, 2, 8, 32
 PROMPTS = np.array([[464, 329, 318, 257], [40, 88, 284, 111]], np.int32)  # two 4-token prompts
 NEW_TOKENS = 12
@@ -141,8 +143,7 @@ def run_mesh(spec, x, y, rng):
                          "c_attn_spec": str(state.params["h"]["attn"]["c_attn"]["weight"].sharding.spec),
                          "c_fc_spec": str(state.params["h"]["mlp"]["c_fc"]["weight"].sharding.spec),
                          "mu_wte_spec": str(state.opt_state[1][0].mu["wte"].sharding.spec),
-                         "whole_batch_collectives": sh.whole_batch_collectives(step.as_text(), BATCH, SEQ),
-                         "tokens": greedy_generate(state.params)}
+                         "whole_batch_collectives": sh.whole_batch_collectives(step.as_text(), BATCH, SEQ)}
 
 
 def memory_table() -> dict:
@@ -174,8 +175,11 @@ def main(out_path: str) -> None:
         result["max_param_diff"] = max_diff(state.params, ref_params)
         result["max_opt_diff"] = max_diff(state.opt_state, ref_state.opt_state)
         report["meshes"][spec] = result
-        if spec == "data:2,fsdp:2,tensor:2":
+        if spec == DECODES:
+            result["tokens"] = greedy_generate(state.params)
             result["cached_tokens"] = greedy_cached(state.params, PROMPTS, mesh)
+    data8 = sh.abstract_state(MODEL, TRAIN, sh.make_mesh("data:8"))
+    report["data:8"] = {"bytes": sh.state_bytes_per_device(data8), "wte_spec": str(data8.params["wte"].sharding.spec)}
     report["memory"] = memory_table()
     report["mesh_minus_one"] = dict(sh.make_mesh("data:-1,tensor:2").shape)
     Path(out_path).write_text(json.dumps(report, indent=1))

@@ -95,12 +95,12 @@ def outputs(engine, requests):
 @pytest.mark.parametrize("kernel", [True, False])
 def test_samples_do_not_depend_on_batch_size_slot_or_neighbours(kernel, monkeypatch, request):
     """With the panel kernel every decode matmul is row by row: tokens and log-probabilities, the prompts' too, are
-    bitwise equal at batch 1, 8 and 16 in any order, with prompts prefilled alone (batch 1) or up to 4 a call. With
-    XLA's matmuls (whose GEMM differs from its matrix-vector product) greedy tokens are equal. Checked in programs
-    compiled as users' are (ran_at_full_optimisation)."""
+    bitwise equal at batch 1, 8 and 16 in any order, with prompts prefilled alone (batch 1) or up to 4 a call,
+    checked in programs compiled as users' are (ran_at_full_optimisation). With XLA's matmuls (whose GEMM differs
+    from its matrix-vector product) greedy tokens are equal."""
     if kernel and not cpu_kernels.available():
         pytest.skip(f"no panel kernel here: {cpu_kernels.unavailable_reason()}")
-    if ran_at_full_optimisation(request):
+    if kernel and ran_at_full_optimisation(request):
         return
     prefill, prompts_a_call = engine_module._prefill, []
 
@@ -119,10 +119,10 @@ def test_samples_do_not_depend_on_batch_size_slot_or_neighbours(kernel, monkeypa
         requests = [r for r in requests if r.sampler.greedy]
     shuffled = random.Random(0).sample(requests, len(requests))
     runs = [outputs(Engine(cfg, params, batch_size=b, stop_tokens=(), logprobs=2, echo=True), rs)
-            for b, rs in ((1, requests), (8, shuffled), (16, requests), (3, shuffled))]
+            for b, rs in ((1, requests), (8, shuffled), (16, requests))]
     assert len(runs[0]) == (len(requests) + 2 if kernel else len(requests))
     if kernel:
-        assert runs[0] == runs[1] == runs[2] == runs[3]
+        assert runs[0] == runs[1] == runs[2]
         # The test has power: the three samples of r1 differ, and so do the settings' outputs; prompts were
         # prefilled alone and together.
         assert len({tuple(runs[0]["r1", j][0]) for j in range(3)}) == 3
