@@ -1,15 +1,15 @@
 """Shared helpers: random PyTorch GPT-2s of each layout (torch imported only when used), subprocesses (a free port,
 start with the output going to a log file, wait, finish), the tiny train.py run of the test_train_*.py files, and
-the run's persistent XLA compilation cache."""
+the suite's persistent XLA compilation cache."""
 
 import functools
+import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -159,25 +159,44 @@ def host_devices(env, n: int) -> dict:
 
 
 def pytest_configure(config):
-    """XLA's fast compile (FAST_COMPILE) unless the caller's XLA_FLAGS choose a level, and one persistent XLA
-    compilation cache for the run, in a new temporary directory, shared by the xdist workers
-    (which inherit the environment) and their subprocesses: a step that many tests and train.py runs compile
-    (the same HLO, jaxlib and XLA flags: the cache's key) compiles once. New for each run, so it never serves an
-    executable built by another jaxlib or for another CPU. A cache directory set by the caller is kept."""
+    """XLA's fast compile (FAST_COMPILE) unless the caller's XLA_FLAGS choose a level, and the suite's persistent
+    XLA compilation cache (xla_cache_dir), shared by the xdist workers (which inherit the environment) and their
+    subprocesses: a program that many tests and train.py runs compile compiles once, and a rerun compiles only
+    what changed. A cache directory set by the caller is kept."""
     if hasattr(config.option, "loadscopereorder"):  # else xdist (>= 3.6) reorders the files by their test count
         config.option.loadscopereorder = False
     if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # read when the backend starts
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
-    config.xla_cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
-    os.environ.update(XLA_CACHE, JAX_COMPILATION_CACHE_DIR=config.xla_cache_dir)
-    if "jax" in sys.modules:  # imported by a plugin before this hook: its config already read the environment
+    cache = xla_cache_dir()
+    os.environ.update(XLA_CACHE, JAX_COMPILATION_CACHE_DIR=str(cache))
+    if "jax" in sys.modules:  # imported by a plugin or by xla_cache_dir: its config already read the environment
         import jax
 
-        jax.config.update("jax_compilation_cache_dir", config.xla_cache_dir)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+XLA_CACHE_LIMIT = 2**30
+
+
+def xla_cache_dir() -> Path:
+    """The user's cache directory's xla-tests/<key>: one per jaxlib version and CPU, as the kernels' library is
+    keyed (XLA's cache key holds neither the CPU's features nor, usefully, a bound on its size: a directory past
+    XLA_CACHE_LIMIT bytes is emptied first). About half of the suite's time is compiling its programs."""
+    import jaxlib
+
+    from gpt2_jax import cpu_kernels
+
+    cpu = cpu_kernels._cpu_description(cpu_kernels._cpuinfo())
+    key = hashlib.sha256(f"{jaxlib.__version__}\0{cpu}".encode()).hexdigest()[:16]
+    cache = cpu_kernels._cache_dir() / "xla-tests" / key
+    if cache.is_dir() and sum(f.stat().st_size for f in cache.iterdir() if f.is_file()) > XLA_CACHE_LIMIT:
+        shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
 
 
 # The files that take longest, longest first (each file alone, `pytest -n 0 --durations`, on the 2-core EPYC: 370,
@@ -199,11 +218,6 @@ def pytest_collection_modifyitems(config, items):
 def without_xla_cache(env) -> dict:
     """env without the persistent XLA cache's settings."""
     return {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR" and k not in XLA_CACHE}
-
-
-def pytest_unconfigure(config):
-    if getattr(config, "xla_cache_dir", None):
-        shutil.rmtree(config.xla_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

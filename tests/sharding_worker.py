@@ -6,10 +6,11 @@
 The first form (8 devices, one process): the reference is the plain, unsharded path (init_train_state +
 jax.jit(make_train_step) on one device); each mesh runs the same five steps through gpt2_jax.sharding, and the mesh
 with all three axes also decodes. The test compares the numbers. (Plain data parallelism is train.py's data:4 axis
-in tests/test_multidevice.py; here only its layout is read, from the abstract state.) The "memory" section holds the per-device bytes of the real presets (computed from shapes,
-nothing allocated) quoted in docs/scaling.md. The second form is one of 2 processes of 2 devices each (gloo
-collectives): the same five steps on data:2,fsdp:2, each process feeding only its rows of every batch, then greedy
-sampling.generate on the parameters spread over both; process 0 alone writes OUT.json.
+in tests/test_multidevice.py; here only its layout is read, from the abstract state.) The "memory" section holds the
+per-device bytes of the real presets (computed from shapes, nothing allocated) quoted in docs/scaling.md. The second
+form is one of 2 processes of 2 devices each (gloo collectives): the same five steps on data:2,fsdp:2, each process
+feeding only its rows of every batch, then greedy sampling.generate on the parameters spread over both; process 0
+alone writes OUT.json.
 """
 
 from __future__ import annotations

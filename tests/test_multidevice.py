@@ -30,8 +30,8 @@ GPT2_PARAMS = 124_439_808  # GPT-2 small with tied embeddings, as Hugging Face c
 
 
 def cpu_env(**extra) -> dict:
-    """CPU, without the test run's persistent XLA cache (tests/sharding_worker.py compiles each program once)."""
-    return dict(without_xla_cache(os.environ), JAX_PLATFORMS="cpu", **extra)
+    """CPU, with the suite's persistent XLA cache (one process: its programs are keyed by its 8 devices)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", **extra)
 
 
 # ---- gpt2_jax.sharding on 8 simulated CPU devices (tests/sharding_worker.py) ----
@@ -112,8 +112,9 @@ def test_fallbacks_are_reported_for_gpt2_xl_heads(eight_devices):
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pair")
     address = f"127.0.0.1:{free_port()}"
+    env = without_xla_cache(cpu_env())  # each process compiles for itself
     procs = [start([WORKER, tmp / f"process{i}.json", f"--coordinator_address={address}", f"--process_id={i}"],
-                   tmp / f"process{i}.log", env=cpu_env()) for i in range(2)]
+                   tmp / f"process{i}.log", env=env) for i in range(2)]
     results = finish_all(procs)
     assert all(rc == 0 for rc, _ in results), "\n".join(log[-3000:] for _, log in results)
     return tmp, [log for _, log in results]
