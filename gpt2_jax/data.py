@@ -486,9 +486,9 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         raise DataError(f"no input files in {', '.join(map(str, inputs))}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_temporaries(out_dir)
-    tmp, lock = None, None
+    tmp, lock, prefix = None, None, _temporary_prefix(out_dir, os.getpid())
     try:  # from its creation on: a Ctrl-C or SIGTERM that lands right after it must remove it too
-        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir, os.getpid()), dir=out_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
         lock = lock_directory(tmp)  # held until this prepare ends, however it ends: the next one knows a dead one's
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
         with open(tmp / "all.raw", "wb") as raw_file:
@@ -511,8 +511,10 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         raise DataError(f"the disk of {out_dir.parent} is full (prepare needs about 2 bytes a token, plus one "
                         f"shard of {shard_tokens:,} tokens, while it writes); nothing was written") from None
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # By its prefix: a signal that lands inside mkdtemp, after it made the directory, leaves tmp None.
+        for path in out_dir.parent.iterdir():
+            if path.name.startswith(prefix):
+                shutil.rmtree(path, ignore_errors=True)
         if lock is not None:
             os.close(lock)
     return summary

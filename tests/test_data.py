@@ -346,6 +346,20 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]  # no output, no temporary directory
 
 
+def test_a_signal_inside_mkdtemp_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    # SIGTERM can land after mkdtemp made the directory and before prepare holds its name (seen once in CI).
+    (tmp_path / "t.txt").write_text("Hello world")
+    mkdtemp = data.tempfile.mkdtemp
+
+    def made_then_interrupted(**kwargs):
+        mkdtemp(**kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data.tempfile, "mkdtemp", made_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare([tmp_path / "t.txt"], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
 def test_stopped_prepare_command_leaves_nothing(tmp_path):
     corpus = (data.SHAKESPEARE_TEXT.read_text() + "\n") * 4  # 20 MB: seconds of tokenizing
     (tmp_path / "big.txt").write_text(corpus)
