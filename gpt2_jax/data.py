@@ -34,11 +34,11 @@ import json
 import lzma
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -486,11 +486,12 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         raise DataError(f"no input files in {', '.join(map(str, inputs))}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_temporaries(out_dir)
-    tmp, lock, prefix = None, None, _temporary_prefix(out_dir, os.getpid())
+    tmp, lock = None, None
     try:  # from its creation on: a Ctrl-C or SIGTERM that lands right after it must remove it too
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+        # Named before it is made: with mkdtemp, a signal landing inside it, after the directory exists, left it.
+        tmp = out_dir.parent / (_temporary_prefix(out_dir, os.getpid()) + secrets.token_hex(8))
+        tmp.mkdir()
         lock = lock_directory(tmp)  # held until this prepare ends, however it ends: the next one knows a dead one's
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
         with open(tmp / "all.raw", "wb") as raw_file:
             documents = _tokenize_into(raw_file, files, num_threads or os.cpu_count() or 1, text_field)
         if not documents:
@@ -511,10 +512,8 @@ def prepare(inputs, out_dir, val_fraction: float = 0.1, shard_tokens: int = 100_
         raise DataError(f"the disk of {out_dir.parent} is full (prepare needs about 2 bytes a token, plus one "
                         f"shard of {shard_tokens:,} tokens, while it writes); nothing was written") from None
     finally:
-        # By its prefix: a signal that lands inside mkdtemp, after it made the directory, leaves tmp None.
-        for path in out_dir.parent.iterdir():
-            if path.name.startswith(prefix):
-                shutil.rmtree(path, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if lock is not None:
             os.close(lock)
     return summary
@@ -545,7 +544,7 @@ def _remove_abandoned_temporaries(out_dir: Path) -> None:
     with this host name, has a pid this process cannot see)."""
     ours = _temporary_prefix(out_dir, 0).removesuffix("0-")
     for tmp in out_dir.parent.glob(glob.escape(ours) + "*"):
-        # HOST-PID-RANDOM, and mkdtemp's RANDOM has no '-': read from the right, so that host 'a' never takes
+        # HOST-PID-RANDOM, and RANDOM (hex) has no '-': read from the right, so that host 'a' never takes
         # the directory of host 'a-7' (a shared filesystem) for one of its own pid 7's.
         head, pid, _ = (tmp.name.rsplit("-", 2) + ["", ""])[:3]
         if (f"{head}-" == ours and pid.isdigit() and tmp.is_dir() and not _process_alive(int(pid))

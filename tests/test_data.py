@@ -346,15 +346,16 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]  # no output, no temporary directory
 
 
-def test_a_signal_inside_mkdtemp_leaves_no_temporary_directory(tmp_path, monkeypatch):
-    # SIGTERM can land after mkdtemp made the directory and before prepare holds its name (seen once in CI).
+def test_a_signal_as_the_temporary_directory_is_made_leaves_nothing(tmp_path, monkeypatch):
+    # SIGTERM landed inside tempfile.mkdtemp once (in CI), after the directory existed and before prepare had its name.
     (tmp_path / "t.txt").write_text("Hello world")
-    mkdtemp = data.tempfile.mkdtemp
+    mkdir = os.mkdir
 
-    def made_then_interrupted(**kwargs):
-        mkdtemp(**kwargs)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(data.tempfile, "mkdtemp", made_then_interrupted)
+    def made_then_interrupted(path, *args, **kwargs):
+        mkdir(path, *args, **kwargs)
+        if ".tmp-" in os.fspath(path):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "mkdir", made_then_interrupted)
     with pytest.raises(KeyboardInterrupt):
         data.prepare([tmp_path / "t.txt"], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
