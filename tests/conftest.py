@@ -222,7 +222,7 @@ def without_xla_cache(env) -> dict:
 
 @pytest.fixture(scope="module")
 def env():
-    """The environment of train.py subprocesses: CPU, and the run's persistent XLA cache (pytest_configure)."""
+    """The environment of train.py subprocesses: CPU, and the suite's persistent XLA cache (pytest_configure)."""
     return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
