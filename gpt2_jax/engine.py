@@ -484,8 +484,9 @@ class _Run:
                     rows = np.full(R, len(self.slots), np.int32)  # past the cache's rows: padding, never written
                     for r, j in enumerate(batch):
                         (row, context), (start[r], n[r], _) = jobs[j], plans[j][c]
-                        span = slice(start[r], start[r] + n[r])
-                        tokens[r, :n[r]], targets[r, :n[r]], rows[r] = context[span], context[1:][span], row
+                        first, end = start[r], start[r] + n[r]
+                        tokens[r, :n[r]], targets[r, :n[r]] = context[first:end], context[first + 1:end + 1]
+                        rows[r] = row
                     self.cache_k, self.cache_v, out = _prefill(
                         self.config, self.echo_k if echo else 0, self.engine.params, self.weights, self.cache_k,
                         self.cache_v, tokens, targets, start, n, rows)
