@@ -1,12 +1,15 @@
-"""The decode kernel alone: cpu_kernels' panel matmul on gpt2's matrices at 1 and 8 rows, in microseconds a call,
-GB/s of weights read (against the copy bandwidth measured here) and GFLOP/s.
+"""The decode kernel alone: cpu_kernels' panel matmul on gpt2's matrices at 1 and 8 rows (a decode step) or more
+(a prefill), in microseconds a call, GB/s of weights read (against the copy bandwidth measured here) and GFLOP/s.
 
-    python bench/panel_matmul.py [--baseline=REV] [--dtype=float32] [--rows=1,8] [--reps=10] [--copies=12]
+    python bench/panel_matmul.py [--baseline=REV] [--baseline_rows=0] [--dtype=float32] [--rows=1,8] [--reps=10]
+                                 [--copies=12]
 
 Each matrix shape (768x2304, 768x768, 768x3072, 3072x768 and the 768x50257 head) is held in `copies` copies
 (the head in 2), more than the L3 cache holds, and one jitted call multiplies by all of them in a chain: as in a
 decode step, every weight comes from memory. With --baseline=REV, kernels/panel_matmul.cc and its headers at git
-revision REV are built too, and the two kernels are timed in alternation in this process (same load, same memory).
+revision REV are built too, and the two kernels are timed in alternation in this process (same load, same memory);
+--baseline_rows=8 calls the baseline on 8 rows at a time, as model.matmul called kernels that took at most 8 (up to
+f96dc95).
 Times are each call's best of `reps`. Check `uptime` first: other processes skew it. The last line is JSON.
 """
 
@@ -30,7 +33,7 @@ from gpt2_jax import cpu_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257)]  # K, N: qkv, proj, fc, fc proj, head
-DEFAULTS = {"baseline": "", "dtype": "float32", "rows": "1,8", "reps": 10, "copies": 12}
+DEFAULTS = {"baseline": "", "baseline_rows": 0, "dtype": "float32", "rows": "1,8", "reps": 10, "copies": 12}
 
 
 def copy_bandwidth(n_bytes: int = 1 << 28) -> float:
@@ -64,9 +67,14 @@ def baseline_target(rev: str, dtype) -> str:
     return target
 
 
-def chain(target: str, B: int, n_padded: int):
-    """jit(x, [panels...]): x @ W for every W, each call's input depending on the one before."""
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((B, n_padded), jnp.float32))
+def chain(target: str, B: int, n_padded: int, rows_a_call: int = 0):
+    """jit(x, [panels...]): x @ W for every W, each call's input depending on the one before; rows_a_call > 0:
+    that many rows of x a kernel call."""
+    step = rows_a_call or B
+
+    def call(x_BK, w_PKW):
+        return jnp.concatenate([jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((len(x), n_padded), jnp.float32))(
+            x, w_PKW) for x in (x_BK[i:i + step] for i in range(0, B, step))])
 
     def run(x_BK, panels):
         firsts = []
@@ -95,7 +103,8 @@ def measure(flags: dict) -> dict:
         n_padded = panels[0].shape[0] * cpu_kernels.PANEL_WIDTH
         for B in map(int, flags["rows"].split(",")):
             x = jnp.asarray(rng.standard_normal((B, K), np.float32))
-            fns = {name: chain(target, B, n_padded) for name, target in targets.items()}
+            fns = {name: chain(target, B, n_padded, flags["baseline_rows"] if name == "baseline" else 0)
+                   for name, target in targets.items()}
             outs = {name: np.asarray(f(x, panels)) for name, f in fns.items()}
             best = {name: float("inf") for name in fns}
             for _ in range(flags["reps"]):

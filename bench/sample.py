@@ -210,7 +210,7 @@ def main(dtypes: str) -> None:
     print(f"load average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; torch threads {torch.get_num_threads()}; jax {jax.__version__}")
     kernel = cpu_kernels.unavailable_reason() or "built"
-    print("decode matmuls of up to 8 rows: " + ("panel kernel" if kernel == "built" else f"XLA (no kernel: {kernel})"))
+    print("decode and prefill matmuls: " + ("panel kernel" if kernel == "built" else f"XLA (no kernel: {kernel})"))
     print(f"{'dtype':<9}{'B':>3}{'ours tok/s':>12}{'torch tok/s':>13}{'ratio':>7}{'ceiling':>9}{'of ceil':>9}"
           f"{'compile s':>11}")
     for dtype, batch, o, t, r, c, f, comp in rows:

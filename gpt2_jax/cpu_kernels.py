@@ -1,9 +1,10 @@
 """Hand-written CPU kernels, built on first use; XLA is the fallback.
 
-panel_matmul computes x [B, K] @ W for B <= 8 rows with W packed by pack_panels into panels [N / 48, K, 48]
-(kernels/panel_matmul.cc); W is float32 or bfloat16, the sums and the result float32. In a decode step every
-weight is read once per token, and XLA:CPU's GEMM with 8 rows reads the weights at about half the machine's
-bandwidth; the packed panels are one contiguous stream each.
+panel_matmul computes x [B, K] @ W with W packed by pack_panels into panels [N / 48, K, 48]
+(kernels/panel_matmul.cc); W is float32 or bfloat16, the sums and the result float32, each row's sums its own
+whatever the other rows. In a decode step every weight is read once per token, and XLA:CPU's GEMM with 8 rows
+reads the weights at about half the machine's bandwidth; the packed panels are one contiguous stream each. A
+prefill's many rows read each part of a panel once for all of them.
 causal_attention is the causal self-attention of a training step, forward and backward, in float32
 (kernels/causal_attention.cc): each (batch row, head) in cache-sized buffers, blocks above the diagonal skipped,
 q, k and v read straight from the fused qkv projection.
@@ -36,7 +37,6 @@ import jax.numpy as jnp
 import jaxlib
 
 PANEL_WIDTH = 48
-MAX_ROWS = 8
 ATTENTION_HEAD_SIZES = (16, 32, 48, 64)
 _SOURCES = [Path(__file__).parent / "kernels" / name for name in ("panel_matmul.cc", "causal_attention.cc",
                                                                    "decode_attention.cc", "adamw.cc")]
@@ -152,12 +152,12 @@ def pack_panels(w_KN):
 
 
 def panel_matmul(x_BK, w_PKW, n_out: int):
-    """x [B, K] @ W [K, n_out] for 1 <= B <= 8, with W given as pack_panels(W); float32 result."""
+    """x [B, K] @ W [K, n_out] for B >= 1, with W given as pack_panels(W); float32 result, row by row."""
     if not available():
         raise RuntimeError(f"the panel kernel cannot run here: {unavailable_reason()}")
     B, K = x_BK.shape
-    if not 1 <= B <= MAX_ROWS or w_PKW.shape[1:] != (K, PANEL_WIDTH) or n_out > w_PKW.shape[0] * PANEL_WIDTH:
-        raise ValueError(f"panel_matmul needs x [B <= {MAX_ROWS}, K], panels [P, K, {PANEL_WIDTH}] and n_out <= "
+    if B < 1 or w_PKW.shape[1:] != (K, PANEL_WIDTH) or n_out > w_PKW.shape[0] * PANEL_WIDTH:
+        raise ValueError(f"panel_matmul needs x [B >= 1, K], panels [P, K, {PANEL_WIDTH}] and n_out <= "
                          f"{PANEL_WIDTH}P; got {x_BK.shape}, {w_PKW.shape} and {n_out}")
     if jnp.dtype(w_PKW.dtype) not in (jnp.float32, jnp.bfloat16):
         raise ValueError(f"panel_matmul takes float32 or bfloat16 panels (see pack_panels); got {w_PKW.dtype}")

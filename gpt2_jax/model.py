@@ -109,7 +109,7 @@ class Matrix:
     """A weight W and how it is stored; matmul(config, x, m) is x @ W.T in every layout.
 
     OUT_IN: as the params keep it, [*out, *in] with n_in input axes (torch layout, head axes possibly split).
-    IN_OUT: [in, out]. PANELS: cpu_kernels.pack_panels of [in, out], n_out columns, for up to MAX_ROWS rows.
+    IN_OUT: [in, out]. PANELS: cpu_kernels.pack_panels of [in, out], n_out columns.
     """
 
     w: jax.Array
@@ -138,10 +138,7 @@ def matmul(config: ModelConfig, x, m: Matrix, x_in: int = 1, float32: bool = Fal
     out_type = jnp.float32 if float32 else None
     if m.layout == PANELS:  # float32 sums, rounded once to the compute dtype
         x_BK = x.reshape(-1, math.prod(x.shape[len(lead):]))
-        # The kernel takes up to MAX_ROWS rows a call; each row's sums are its own, whatever the other rows.
-        y = jnp.concatenate([cpu_kernels.panel_matmul(x_BK[i:i + cpu_kernels.MAX_ROWS], m.w, m.n_out)
-                             for i in range(0, x_BK.shape[0], cpu_kernels.MAX_ROWS)])
-        y = y.reshape(*lead, m.n_out)
+        y = cpu_kernels.panel_matmul(x_BK, m.w, m.n_out).reshape(*lead, m.n_out)  # each row's sums its own
         return y if float32 else y.astype(config.dtype)
     w = m.w.astype(config.dtype)
     if m.layout == IN_OUT:

@@ -1,5 +1,5 @@
-// y[B, N] = x[B, K] @ W for the few rows of a decode step (B <= 8): x and y float32, W float32 or bfloat16
-// (widened to float32 as it is read; float32 sums either way).
+// y[B, N] = x[B, K] @ W: the few rows of a decode step (B <= 8) and the many of a prefill; x and y float32, W
+// float32 or bfloat16 (widened to float32 as it is read; float32 sums either way).
 //
 // W is packed in panels [N / 48, K, 48]: panel p holds columns 48p..48p+47 of W, row after row, so each panel is
 // one contiguous stream. A register block is a whole row of a panel (kGroup vectors: three with AVX-512, six with
@@ -11,7 +11,9 @@
 // block reads them from memory, the others find them in the L1 cache, and each block's sums wait in y between turns
 // (added in the same order as in one pass). Meanwhile every block prefetches its share of the next kBlockRows rows,
 // so that memory keeps streaming while the later blocks compute (the hardware prefetcher sees no misses then, and
-// stops at each 4 KB page).
+// stops at each 4 KB page). Past 8 rows, each panel serves every group of 8 rows of x in turn, so the weights are
+// read from memory once a call, not once per 8 rows. A row's sums are the same in every case: its own, in the order
+// of k.
 // The panels are shared out in chunks between the calling thread and one task on XLA's intra-op thread pool
 // (share_work.h).
 #include <algorithm>
@@ -123,23 +125,37 @@ template <typename W>
 constexpr decltype(&Panels<1, W>) kPanels[] = {Panels<1, W>, Panels<2, W>, Panels<3, W>, Panels<4, W>,
                                                Panels<5, W>, Panels<6, W>, Panels<7, W>, Panels<8, W>};
 
+// Panels for B > 8 rows: each panel, once in the L2 cache, goes through every group of 8 rows of x in turn.
+template <typename W>
+void ManyRowPanels(const float* x, const W* w, float* y, int64_t B, int64_t K, int64_t N, int64_t first,
+                   int64_t last) {
+  for (int64_t p = first; p < last; ++p)
+    for (int64_t r = 0; r < B; r += 8)
+      kPanels<W>[std::min<int64_t>(8, B - r) - 1](x + r * K, w, y + r * N, K, N, p, p + 1);
+}
+
 template <typename WeightBuffer>
 ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, WeightBuffer w, MatrixResult y) {
   using W = std::remove_const_t<std::remove_pointer_t<decltype(w.typed_data())>>;
   const int64_t B = x.dimensions()[0], K = x.dimensions()[1];
   const int64_t num_panels = w.dimensions()[0], N = num_panels * kWidth;
-  if (B < 1 || B > 8) return ffi::Error::InvalidArgument("panel_matmul: x must have 1 to 8 rows");
+  if (B < 1) return ffi::Error::InvalidArgument("panel_matmul: x must have at least one row");
   if (w.dimensions()[1] != K || w.dimensions()[2] != kWidth)
     return ffi::Error::InvalidArgument("panel_matmul: w must be [N / 48, K, 48] for x [B, K]");
   if (y->dimensions()[0] != B || y->dimensions()[1] != N)
     return ffi::Error::InvalidArgument("panel_matmul: y must be [B, N]");
-  const auto panels = kPanels<W>[B - 1];
   const float* xp = x.typed_data();
   const W* wp = w.typed_data();
   float* yp = y->typed_data();
   const int64_t chunk = num_panels >= 32 ? 4 : 1, num_chunks = (num_panels + chunk - 1) / chunk;
   gpt2_jax::ShareWork(pool, num_chunks, num_chunks > 1 ? 1 : 0, [=] {
-    return [=](int64_t c) { panels(xp, wp, yp, K, N, c * chunk, std::min(c * chunk + chunk, num_panels)); };
+    return [=](int64_t c) {
+      const int64_t first = c * chunk, last = std::min(c * chunk + chunk, num_panels);
+      if (B <= 8)
+        kPanels<W>[B - 1](xp, wp, yp, K, N, first, last);
+      else
+        ManyRowPanels(xp, wp, yp, B, K, N, first, last);
+    };
   });
   return ffi::Error::Success();
 }
