@@ -2,7 +2,7 @@
 
 A slot's sample lives in its own row of the KV cache (model.KVCache's layout), from slot 0, at position ids equal
 to its cache slots: nothing is padded to its neighbours. A prompt is prefilled (all but its last token, in chunks of
-a bucketed length that depends on its own length only) into the row of a free slot (off the CPU in one call with
+power-of-two lengths that depend on its own length only: prefill_chunks) into the row of a free slot (off the CPU in one call with
 the prompts of other free slots whose chunks have the same lengths; on CPU, CPU_PREFILL_ROWS a call), and copied to
 the rows of its other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
 the new keys and values straight into each row at the row's own length. Continuous scheduling refills a slot as
@@ -35,9 +35,9 @@ EOT_TOKEN = 50256
 MIN_PROMPT_BUCKET = 16
 PREFILL_CHUNK = 256  # the longest prefill call: a longer prompt is prefilled in pieces of this many tokens
 DECODE_STEPS = 16  # decode steps per call at most (the host checks stop strings and refills slots in between)
-# Prompts per prefill call on CPU (elsewhere: batch_size, padded). On CPU several are no faster (a prefill's matmuls
-# are compute-bound there, and the panel kernel reads the weights once per 8 rows either way), and XLA's GEMM rows
-# would differ in the last bit with their number where the panel kernel does not run.
+# Prompts per prefill call on CPU (elsewhere: batch_size, padded). On CPU a prefill's matmuls are compute-bound,
+# continuous batching frees slots mostly one at a time, and XLA's GEMM rows would differ in the last bit with their
+# number where the panel kernel does not run.
 CPU_PREFILL_ROWS = 1
 MAX_LOGPROBS = 20
 # How many compiled functions were traced, by name: jax.jit traces once per compilation.
@@ -124,20 +124,20 @@ def check_request(config: ModelConfig, request, sliding_window: bool) -> None:
     check_prompt(config, f"{name}: the prompt", request.tokens, request.max_new_tokens, sliding_window)
 
 
-def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
-    """The next power of two >= n (at least minimum): few distinct shapes, at most 2x padding."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 def prefill_chunks(n: int) -> list[tuple[int, int, int]]:
-    """(start, tokens, padded length) of each prefill call for n tokens: PREFILL_CHUNK at a time, the rest padded
-    to a power of two. A function of n alone, so a prompt's prefill never depends on its neighbours."""
+    """(start, tokens, padded length) of each prefill call for n tokens: PREFILL_CHUNK at a time, then the rest
+    rounded up to a multiple of MIN_PROMPT_BUCKET in power-of-two pieces, longest first, so that a prompt pads fewer
+    than MIN_PROMPT_BUCKET tokens and the calls have few distinct shapes. A function of n alone, so a prompt's
+    prefill never depends on its neighbours."""
     chunks, start = [], 0
     while n - start > PREFILL_CHUNK:
         chunks.append((start, PREFILL_CHUNK, PREFILL_CHUNK))
         start += PREFILL_CHUNK
-    if n > start:
-        chunks.append((start, n - start, _bucket(n - start)))
+    padded = -((start - n) // MIN_PROMPT_BUCKET) * MIN_PROMPT_BUCKET  # n - start rounded up
+    for bit in reversed(range(padded.bit_length())):
+        if padded >> bit & 1:
+            chunks.append((start, min(1 << bit, n - start), 1 << bit))
+            start += 1 << bit
     return chunks
 
 
@@ -171,8 +171,8 @@ def kept_weights(config: ModelConfig, params, batch_size: int) -> Weights | None
 
 
 def cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
-    """The matrix layout a decode step on CPU reads: the panel kernel where it runs (row by row, in groups of its
-    MAX_ROWS rows, so that a row's result never depends on the batch); else XLA's matrix-vector product on
+    """The matrix layout a decode step on CPU reads: the panel kernel where it runs (row by row, so that a row's
+    result never depends on the batch); else XLA's matrix-vector product on
     [out, in] for one row and its GEMM on [in, out] for several."""
     # The kernel runs on one device's memory: sharded params keep XLA's matmuls.
     one_device = all(len(leaf.sharding.device_set) == 1 for leaf in leaves if hasattr(leaf, "sharding"))
