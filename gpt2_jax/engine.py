@@ -2,14 +2,15 @@
 
 A slot's sample lives in its own row of the KV cache (model.KVCache's layout), from slot 0, at position ids equal
 to its cache slots: nothing is padded to its neighbours. A prompt is prefilled (all but its last token, in chunks of
-power-of-two lengths that depend on its own length only: prefill_chunks) into the row of a free slot (off the CPU in one call with
-the prompts of other free slots whose chunks have the same lengths; on CPU, CPU_PREFILL_ROWS a call), and copied to
-the rows of its other samples; then one jitted lax.while_loop decodes every slot a token per step, each step writing
-the new keys and values straight into each row at the row's own length. Continuous scheduling refills a slot as
-soon as its sample finishes; "buckets" (today's length-sorted batches) refills only when the whole batch is done.
+power-of-two lengths that depend on its own length only: prefill_chunks) into the row of a free slot (off the CPU
+in one call with the prompts of other free slots whose chunks have the same lengths; on CPU, CPU_PREFILL_ROWS a
+call), and copied to the rows of its other samples; then one jitted lax.while_loop decodes every slot a token per
+step, each step writing the new keys and values straight into each row at the row's own length. Continuous
+scheduling refills a slot as soon as its sample finishes; "buckets" (today's length-sorted batches) refills only
+when the whole batch is done.
 
 Batch invariance: every row is computed by itself (attention, layer norms and sampling are row-wise; the decode
-matmuls are row by row with the CPU panel kernel), a prompt's prefill chunks depend on the prompt alone, a sample's
+and prefill matmuls are row by row with the CPU panel kernel), a prompt's prefill chunks depend on the prompt alone, a sample's
 randomness comes from its own key folded with its own token count, and its sampler settings are its own row's.
 """
 
@@ -172,8 +173,8 @@ def kept_weights(config: ModelConfig, params, batch_size: int) -> Weights | None
 
 def cpu_layout(config: ModelConfig, leaves, batch_size: int) -> str:
     """The matrix layout a decode step on CPU reads: the panel kernel where it runs (row by row, so that a row's
-    result never depends on the batch); else XLA's matrix-vector product on
-    [out, in] for one row and its GEMM on [in, out] for several."""
+    result never depends on the batch); else XLA's matrix-vector product on [out, in] for one row and its GEMM on
+    [in, out] for several."""
     # The kernel runs on one device's memory: sharded params keep XLA's matmuls.
     one_device = all(len(leaf.sharding.device_set) == 1 for leaf in leaves if hasattr(leaf, "sharding"))
     if jnp.dtype(config.dtype) in (jnp.float32, jnp.bfloat16) and one_device and cpu_kernels.available():
