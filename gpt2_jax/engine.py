@@ -10,8 +10,9 @@ scheduling refills a slot as soon as its sample finishes; "buckets" (today's len
 when the whole batch is done.
 
 Batch invariance: every row is computed by itself (attention, layer norms and sampling are row-wise; the decode
-and prefill matmuls are row by row with the CPU panel kernel), a prompt's prefill chunks depend on the prompt alone, a sample's
-randomness comes from its own key folded with its own token count, and its sampler settings are its own row's.
+and prefill matmuls are row by row with the CPU panel kernel), a prompt's prefill chunks depend on the prompt
+alone, a sample's randomness comes from its own key folded with its own token count, and its sampler settings are
+its own row's.
 """
 
 from __future__ import annotations
