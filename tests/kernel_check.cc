@@ -47,14 +47,10 @@ bool CheckMatmul(int B, int64_t K, int64_t N, bool bf16) {
       packed16[((n / kWidth) * K + k) * kWidth + n % kWidth] = uint16_t(bits >> 16);
     }
   std::vector<float> y(B * P * kWidth);
-  if (bf16 && B <= 8)
-    kPanels<uint16_t>[B - 1](x.data(), packed16.data(), y.data(), K, P * kWidth, 0, P);
-  else if (bf16)
-    ManyRowPanels<uint16_t>(x.data(), packed16.data(), y.data(), B, K, P * kWidth, 0, P);
-  else if (B <= 8)
-    kPanels<float>[B - 1](x.data(), packed.data(), y.data(), K, P * kWidth, 0, P);
+  if (bf16)
+    PanelRange(x.data(), packed16.data(), y.data(), B, K, P * kWidth, 0, P);
   else
-    ManyRowPanels<float>(x.data(), packed.data(), y.data(), B, K, P * kWidth, 0, P);
+    PanelRange(x.data(), packed.data(), y.data(), B, K, P * kWidth, 0, P);
   double error = 0, largest = 0;
   for (int b = 0; b < B; ++b)
     for (int64_t n = 0; n < N; ++n) {

@@ -134,6 +134,15 @@ void ManyRowPanels(const float* x, const W* w, float* y, int64_t B, int64_t K, i
       kPanels<W>[std::min<int64_t>(8, B - r) - 1](x + r * K, w, y + r * N, K, N, p, p + 1);
 }
 
+// y's columns of panels [first, last) for all B rows of x.
+template <typename W>
+void PanelRange(const float* x, const W* w, float* y, int64_t B, int64_t K, int64_t N, int64_t first, int64_t last) {
+  if (B <= 8)
+    kPanels<W>[B - 1](x, w, y, K, N, first, last);
+  else
+    ManyRowPanels(x, w, y, B, K, N, first, last);
+}
+
 template <typename WeightBuffer>
 ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, WeightBuffer w, MatrixResult y) {
   using W = std::remove_const_t<std::remove_pointer_t<decltype(w.typed_data())>>;
@@ -149,13 +158,7 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, Matrix x, WeightBuffer w, Matri
   float* yp = y->typed_data();
   const int64_t chunk = num_panels >= 32 ? 4 : 1, num_chunks = (num_panels + chunk - 1) / chunk;
   gpt2_jax::ShareWork(pool, num_chunks, num_chunks > 1 ? 1 : 0, [=] {
-    return [=](int64_t c) {
-      const int64_t first = c * chunk, last = std::min(c * chunk + chunk, num_panels);
-      if (B <= 8)
-        kPanels<W>[B - 1](xp, wp, yp, K, N, first, last);
-      else
-        ManyRowPanels(xp, wp, yp, B, K, N, first, last);
-    };
+    return [=](int64_t c) { PanelRange(xp, wp, yp, B, K, N, c * chunk, std::min(c * chunk + chunk, num_panels)); };
   });
   return ffi::Error::Success();
 }
