@@ -32,6 +32,11 @@ import os
 import sys
 import time
 
+from gpt2_jax.huge_pages import reexec_with_huge_pages
+
+if __name__ == "__main__":
+    reexec_with_huge_pages()  # glibc reads its tunables when a process starts: before jax allocates anything
+
 import jax
 import numpy as np
 from tqdm import tqdm
@@ -53,10 +58,9 @@ SETUP_ERRORS = (ConfigError, data.DataError, checkpoint.CheckpointError, convert
 
 def speed_basis(run: Run) -> tuple[int, float, float]:
     """(tokens a step, FLOPs a step, peak FLOP/s of all devices) for the progress bar's throughput and MFU."""
-    model_cfg = run.model_cfg
-    device_peak, peak_source = peak_flops(model_cfg)
-    tokens = run.cfg.gradient_accumulation_steps * run.batches.global_batch * model_cfg.block_size
-    flops = flops_per_token(model_cfg, run.state.params) * tokens
+    device_peak, peak_source = peak_flops(run.model_cfg)
+    tokens = run.cfg.gradient_accumulation_steps * run.batches.global_batch * run.model_cfg.block_size
+    flops = flops_per_token(run.model_cfg, run.state.params) * tokens
     say(f"{count_params(run.state.params) / 1e6:.2f}M parameters, {tokens:,} tokens a step; MFU against "
         f"{jax.device_count()} x {device_peak / 1e9:,.0f} GFLOP/s ({peak_source})")
     return tokens, flops, device_peak * jax.device_count()
@@ -149,8 +153,7 @@ def diverged(run: Run, bar, what: str) -> int:
 
 
 def interrupted_again(run: Run) -> int:
-    """Stop a run that a second Ctrl-C interrupted: the save in flight (of a step already done) completes, as its
-    work would otherwise be lost; the steps since it are not saved. One line names the last complete checkpoint."""
+    """After a second Ctrl-C: the save in flight (of a step done) completes; the steps since it are not saved."""
     try:
         run.close_after_failure()
     except KeyboardInterrupt:  # a third Ctrl-C: leave the save in flight to orbax's temporary directory
@@ -158,9 +161,8 @@ def interrupted_again(run: Run) -> int:
     print(f"interrupted again: stopped without saving the steps since the last save; {run.last_complete()}",
           file=sys.stderr, flush=True)
     if jax.process_count() > 1:
-        # The other processes may wait in a collective that this one left (a Ctrl-C that reached it alone), and
-        # this one at jax.distributed's shutdown for them: both until its timeout, then a C++ stack trace. Leave
-        # now, so that their collective fails and they stop like after a lost process.
+        # The others may wait in a collective this one left (a Ctrl-C that reached it alone), and this one for them
+        # at jax.distributed's shutdown, until a C++ stack trace: leave now, so they stop as after a lost process.
         sys.stdout.flush()
         os._exit(130)
     return 130
@@ -173,8 +175,7 @@ def step_failed(run: Run, error: StepFailed) -> int:
         run.close_after_failure()
     print(f"error: {error}; {run.last_complete()}", file=sys.stderr, flush=True)
     if not alone:
-        # A save in flight cannot finish without the lost process, and jax.distributed's shutdown would wait
-        # for it (100 s of heartbeats), then abort with a C++ stack trace: leave now.
+        # The save in flight needs the lost process, and jax.distributed's shutdown would wait 100 s, then abort.
         sys.stdout.flush()
         os._exit(1)
     return 1
@@ -223,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted before training started; no checkpoint was written", file=sys.stderr)
         return 130
     except jax.errors.JaxRuntimeError as e:  # placing the state on the mesh: out of memory, or a stopped process
-        # No save is in flight: a plain return lets jax.distributed's shutdown meet a process that stopped with
-        # an error of its own at its shutdown barrier (os._exit here would abort that one with a C++ stack trace).
+        # No save in flight: return, so a process that failed on its own meets this one at the shutdown barrier.
         print(f"error: {xla_failure(e, 'setting up the run')}; training did not start", file=sys.stderr)
         return 1
     try:

@@ -16,13 +16,11 @@ Speeds use each side's best step; medians are printed too.
 FLOPs per token follow nanoGPT's estimate_mfu: 6 * N + 12 * L * C * T (N = parameters without wpe; the
 second term is attention's QK^T and AV, forward and backward, as if not causal). The last line is JSON.
 
-Both workers run in the environment this script was started in (--hugetlb=none, the default), as `python
-train.py` does: the benchmark measures what a user gets. --hugetlb=ours or both sets
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for that side's worker: malloc then asks for transparent huge pages, so the
-large buffers XLA allocates afresh every step fault in per 2 MB instead of per 4 KB. Measured on a 2-core AMD EPYC
-(AVX2): our gpt2 step 5.5-5.9 s -> 4.8-4.9 s; PyTorch's got slower (5.5-6.2 s -> 6.2-7.0 s). The tunable must be set
-before a process starts, so train.py would have to re-execute itself to get it; it does not, and by default
-neither side of this benchmark gets it.
+Each side runs as its users run it: ours as `python train.py` does, which re-executes itself with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 where glibc and the kernel allow it (gpt2_jax/huge_pages.py), torch in the
+environment this script was started in (--hugetlb=ours, the default). --hugetlb=none runs both sides plain, and
+both gives both the setting. With it, glibc's malloc asks for transparent huge pages, so the large buffers XLA
+allocates afresh every step fault in per 2 MB instead of per 4 KB (docs/design.md, "Huge pages").
 """
 
 from __future__ import annotations
@@ -42,8 +40,10 @@ from flags import parse_flags  # bench/flags.py
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpt2_jax.huge_pages import huge_pages_env  # noqa: E402 (after the path)
+
 DEFAULTS = {"model": "gpt2", "batch_size": 4, "block_size": 256, "steps": 3, "rounds": 2, "dtype": "float32",
-            "hugetlb": "none", "attention": "auto", "worker": ""}
+            "hugetlb": "ours", "attention": "auto", "worker": ""}
 HUGETLB = {"ours": ("ours",), "both": ("ours", "torch"), "none": ()}
 
 
@@ -151,7 +151,7 @@ def run_worker(side: str, flags: dict) -> dict:
     args = [f"--{k}={v}" for k, v in flags.items() if k != "worker"] + [f"--worker={side}"]
     env = dict(os.environ)
     if side in HUGETLB[flags["hugetlb"]]:
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
+        env = huge_pages_env(env) or env  # None: set already, or this machine cannot
     out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"the {side} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")

@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gpt2_jax"
 # STYLE.md's layout, top to bottom; tf_checkpoint and torch_ref sit beside the layer that reads them.
 ORDER = ["config", "tokenizer", "cpu_kernels", "checks", "attention", "model", "data", "optim", "training", "strategies",
          "engine", "sampling", "sharding", "weight_files", "tf_checkpoint", "layouts", "checkpoint", "torch_ref",
-         "convert", "compare", "evaluate", "lm_eval", "flops", "dashboards", "metrics", "run_config", "run",
-         "batch_sampling"]
+         "convert", "compare", "evaluate", "lm_eval", "flops", "dashboards", "metrics", "run_config", "huge_pages",
+         "run", "batch_sampling"]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -19,6 +20,7 @@ from conftest import (MODEL_FLAGS, REPO, RUN_FLAGS, VOCAB, finish, hand_loss, ma
                       start_train, wait_until)
 from gpt2_jax import checkpoint, data
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
+from gpt2_jax.huge_pages import THP_MODE, huge_pages_env
 from gpt2_jax.run import data_change
 
 
@@ -152,6 +154,9 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
                        "--sample_tokens=8", out=out, env=env)
     wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text(), proc,
                "the first logged step")
+    # train.py re-executed itself with malloc on huge pages where it can (same pid: the SIGINT below reaches it)
+    environ = dict(v.split("=", 1) for v in Path(f"/proc/{proc.pid}/environ").read_text().split("\0") if "=" in v)
+    assert environ.get("GLIBC_TUNABLES") == (huge_pages_env(env) or env).get("GLIBC_TUNABLES")
     os.kill(proc.pid, signal.SIGINT)
     rc, log = finish(proc, timeout=120)
     assert rc == 0, log
@@ -177,6 +182,24 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
     assert re.search(rf"the val loss is (nan|inf) after step {saved[0] + 1}; stopping without saving", log), log
     assert checkpoint._steps(out) == saved
     assert_bitwise_equal(checkpoint.load_weights(out)[1], before)
+
+
+MALLOC_PROBE = """import ctypes, re
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+ctypes.memset(libc.malloc(64 << 20), 1, 64 << 20)
+print(re.search(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps_rollup").read()).group(1))"""
+
+
+def test_train_py_s_malloc_setting_puts_a_large_buffer_on_huge_pages(env):
+    huge = huge_pages_env(env)
+    if huge is None:
+        pytest.skip("glibc older than 2.35, transparent huge pages off, or GLIBC_TUNABLES set by the caller")
+    kb = {name: int(subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=e, capture_output=True, text=True,
+                                   check=True).stdout) for name, e in (("plain", env), ("huge", huge))}
+    assert kb["huge"] >= 32 << 10  # of the 64 MB malloc'd and written, at least half in 2 MB pages
+    if "[madvise]" in THP_MODE.read_text():  # else ("always") the kernel uses them for plain malloc too
+        assert kb["plain"] < 2 << 10
 
 
 def test_inputs_are_checked_before_training(tmp_path, data_dir, straight, capsys):
