@@ -27,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from gpt2_jax.huge_pages import reexec_with_huge_pages
+
+if __name__ == "__main__":
+    reexec_with_huge_pages()  # glibc reads its tunables when a process starts: before jax allocates anything
+
 import jax
 from tqdm import tqdm
 

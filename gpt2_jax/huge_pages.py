@@ -1,7 +1,8 @@
 """Transparent huge pages for the large buffers XLA:CPU allocates afresh every step (docs/design.md, "Huge pages").
 
 glibc's malloc asks the kernel for 2 MB pages when GLIBC_TUNABLES holds glibc.malloc.hugetlb=1 (glibc >= 2.35), and
-reads its tunables only when a process starts: train.py re-executes itself with the setting before importing jax.
+reads its tunables only when a process starts: train.py and sample.py re-execute themselves with the setting before
+importing jax.
 """
 
 from __future__ import annotations

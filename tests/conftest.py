@@ -40,6 +40,11 @@ def start(argv, log_path: Path, env=None) -> subprocess.Popen:
     return proc
 
 
+def process_environ(pid: int) -> dict:
+    """The environment a running process started with (/proc/PID/environ)."""
+    return dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+
+
 def stop_all(procs) -> None:
     """Kill each process still running (after a failed wait, so that no test leaves one behind)."""
     for p in procs:

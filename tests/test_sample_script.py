@@ -1,6 +1,7 @@
 """sample.py end to end on a tiny checkpoint: JSONL output, bad lines, --resume, streaming, stop strings, flags."""
 
 import json
+import os
 import re
 import shutil
 
@@ -8,10 +9,11 @@ import jax
 import pytest
 
 import sample
-from conftest import host_devices
+from conftest import host_devices, process_environ
 from gpt2_jax import checkpoint
 from gpt2_jax.batch_sampling import TextStream, sample_key
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.huge_pages import huge_pages_env
 from gpt2_jax.model import init_params
 from gpt2_jax.sampling import Sampler, generate_batch
 from gpt2_jax.tokenizer import get_tokenizer
@@ -706,6 +708,9 @@ def test_resume_after_kill_9_writes_every_sample_once(model, tmp_path):
     while (not killed.exists() or killed.read_bytes().count(b"\n") < 40) and proc.poll() is None:
         assert time.monotonic() < deadline, "no 40 samples written in 120 s"
         time.sleep(0.05)
+    # sample.py re-executed itself with malloc on huge pages where it can (same pid: the kill below reaches it)
+    assert process_environ(proc.pid).get("GLIBC_TUNABLES") == (huge_pages_env(os.environ) or os.environ).get(
+        "GLIBC_TUNABLES")
     proc.kill()  # SIGKILL: no handler runs, possibly mid-line
     assert proc.wait() == -9, proc.stderr.read().decode()
     written = killed.read_bytes().count(b"\n")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import train
-from conftest import (MODEL_FLAGS, REPO, RUN_FLAGS, VOCAB, finish, hand_loss, main_error, records, resolve, run_train,
-                      start_train, wait_until)
+from conftest import (MODEL_FLAGS, REPO, RUN_FLAGS, VOCAB, finish, hand_loss, main_error, process_environ, records,
+                      resolve, run_train, start_train, wait_until)
 from gpt2_jax import checkpoint, data
 from gpt2_jax.config import ConfigError, ModelConfig, TrainConfig
 from gpt2_jax.huge_pages import THP_MODE, huge_pages_env
@@ -155,8 +155,7 @@ def test_ctrl_c_saves_and_a_nan_loss_stops_without_touching_the_checkpoint(tmp_p
     wait_until(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text(), proc,
                "the first logged step")
     # train.py re-executed itself with malloc on huge pages where it can (same pid: the SIGINT below reaches it)
-    environ = dict(v.split("=", 1) for v in Path(f"/proc/{proc.pid}/environ").read_text().split("\0") if "=" in v)
-    assert environ.get("GLIBC_TUNABLES") == (huge_pages_env(env) or env).get("GLIBC_TUNABLES")
+    assert process_environ(proc.pid).get("GLIBC_TUNABLES") == (huge_pages_env(env) or env).get("GLIBC_TUNABLES")
     os.kill(proc.pid, signal.SIGINT)
     rc, log = finish(proc, timeout=120)
     assert rc == 0, log
