@@ -40,7 +40,7 @@ from flags import parse_flags  # bench/flags.py
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gpt2_jax.huge_pages import huge_pages_env  # noqa: E402 (after the path)
+from gpt2_jax.huge_pages import TUNABLE, huge_pages_env  # noqa: E402 (after the path)
 
 DEFAULTS = {"model": "gpt2", "batch_size": 4, "block_size": 256, "steps": 3, "rounds": 2, "dtype": "float32",
             "hugetlb": "ours", "attention": "auto", "worker": ""}
@@ -147,12 +147,18 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> dict:
     return {name: 2 * n**3 / s for name, s in best.items()}
 
 
-def run_worker(side: str, flags: dict) -> dict:
-    args = [f"--{k}={v}" for k, v in flags.items() if k != "worker"] + [f"--worker={side}"]
+def worker_env(side: str, flags: dict) -> dict:
+    """The environment of side's worker: huge pages where --hugetlb names the side and the machine allows them."""
     env = dict(os.environ)
     if side in HUGETLB[flags["hugetlb"]]:
         env = huge_pages_env(env) or env  # None: set already, or this machine cannot
-    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True)
+    return env
+
+
+def run_worker(side: str, flags: dict) -> dict:
+    args = [f"--{k}={v}" for k, v in flags.items() if k != "worker"] + [f"--worker={side}"]
+    out = subprocess.run([sys.executable, __file__, *args], env=worker_env(side, flags), capture_output=True,
+                         text=True)
     if out.returncode:
         raise SystemExit(f"the {side} worker failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -187,6 +193,8 @@ def main(flags: dict) -> dict:
         "model": flags["model"], "batch_size": flags["batch_size"], "block_size": flags["block_size"],
         "dtype": flags["dtype"], "threads": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
         "ours_attention": ours_attention, "torch_attention": attention, "hugetlb": flags["hugetlb"],
+        "huge_pages_for": [side for side in ("ours", "torch")  # what the workers got, not only what was asked
+                           if f"{TUNABLE}=1" in worker_env(side, flags).get("GLIBC_TUNABLES", "").split(":")],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "matmul_peak_gflops": round(peak / 1e9, 1),
@@ -208,9 +216,10 @@ def main(flags: dict) -> dict:
 
 
 def print_table(r: dict) -> None:
+    huge = ", ".join(r["huge_pages_for"]) or "neither side"
     print(f"{r['model']} B={r['batch_size']} T={r['block_size']} {r['dtype']}, {r['threads']} threads, "
           f"load {r['load_avg_1m_before']} -> {r['load_avg_1m_after']}, jax {r['jax']}, torch {r['torch']} "
-          f"({r['torch_attention']} attention; ours: {r['ours_attention']}), huge pages for: {r['hugetlb']}")
+          f"({r['torch_attention']} attention; ours: {r['ours_attention']}), huge pages for: {huge}")
     print(f"matmul peak {r['matmul_peak_gflops']} GFLOP/s (XLA {r['jax_matmul_gflops']}, "
           f"torch {r['torch_matmul_gflops']}); {r['flops_per_token'] / 1e6:.1f} MFLOP per token")
     print(f"{'':6s} {'tokens/s best':>14s} {'median':>8s} {'GFLOP/s':>8s} {'of peak':>8s}  step seconds")
